@@ -1,0 +1,309 @@
+//! The daemon config (`modvisor.toml`): strict parsing, validated once into [`Config`].
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::manifest::units::parse_duration;
+use crate::manifest::{ManifestError, Mode};
+use crate::policy::Policy;
+
+pub const DEFAULT_CONFIG: &str = "/etc/modvisor/modvisor.toml";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NativeBackendChoice {
+    Auto,
+    Systemd,
+    Direct,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BusChoice {
+    /// The system bus when it lets us own `org.modvisor1`, else the embedded bus.
+    Auto,
+    System,
+    /// A private dbus-daemon the daemon starts, at `RUNTIME/bus`.
+    Embedded,
+}
+
+/// Validated daemon settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub modules: Vec<PathBuf>,
+    pub state: PathBuf,
+    pub runtime: PathBuf,
+    pub policy: Policy,
+    pub container_socket: String,
+    pub native_backend: NativeBackendChoice,
+    pub monitor_interval: Duration,
+    pub ram_warn_percent: u8,
+    pub vram_warn_percent: u8,
+    pub nvml_library: String,
+    pub module_log_dir: Option<PathBuf>,
+    /// Rotate per-module log files at this size.
+    pub module_log_max_bytes: u64,
+    pub bus: BusChoice,
+    pub bus_address: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            modules: vec![
+                "/usr/lib/modvisor/modules.d".into(),
+                "/etc/modvisor/modules.d".into(),
+                "/run/modvisor/modules.d".into(),
+            ],
+            state: "/var/lib/modvisor".into(),
+            runtime: "/run/modvisor".into(),
+            policy: Policy::default(),
+            container_socket: String::new(),
+            native_backend: NativeBackendChoice::Auto,
+            monitor_interval: Duration::from_secs(5),
+            ram_warn_percent: 85,
+            vram_warn_percent: 85,
+            nvml_library: String::new(),
+            module_log_dir: None,
+            module_log_max_bytes: 10 << 20,
+            bus: BusChoice::Auto,
+            bus_address: None,
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    paths: Option<RawPaths>,
+    runtime: Option<RawRuntime>,
+    monitor: Option<RawMonitor>,
+    logging: Option<RawLogging>,
+    dbus: Option<RawDbus>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPaths {
+    modules: Option<Vec<String>>,
+    state: Option<String>,
+    runtime: Option<String>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum RawMode {
+    Native,
+    Container,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawBackend {
+    Auto,
+    Systemd,
+    Direct,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRuntime {
+    default_mode: Option<RawMode>,
+    allowed_modes: Option<Vec<RawMode>>,
+    docker_enabled: Option<bool>,
+    native_enabled: Option<bool>,
+    container_socket: Option<String>,
+    native_backend: Option<RawBackend>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMonitor {
+    interval: Option<Spanned<String>>,
+    ram_warn_percent: Option<Spanned<u8>>,
+    vram_warn_percent: Option<Spanned<u8>>,
+    nvml_library: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLogging {
+    module_log_dir: Option<String>,
+    module_log_max_bytes: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawBus {
+    Auto,
+    System,
+    Embedded,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDbus {
+    bus: Option<RawBus>,
+    address: Option<String>,
+}
+
+fn mode(m: RawMode) -> Mode {
+    match m {
+        RawMode::Native => Mode::Native,
+        RawMode::Container => Mode::Container,
+    }
+}
+
+impl Config {
+    /// Reads a config file. A missing file at the default path means defaults; any other
+    /// missing or broken file is an error naming file:line:col.
+    pub fn load(path: Option<&Path>) -> Result<Config, ManifestError> {
+        let (path, required) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG), false),
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(src) => Config::parse(&path, &src),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => Ok(Config::default()),
+            Err(e) => Err(ManifestError { path, line: 0, column: 0, message: format!("cannot read: {e}") }),
+        }
+    }
+
+    pub fn parse(path: &Path, src: &str) -> Result<Config, ManifestError> {
+        let raw: RawConfig = toml::from_str(src).map_err(|e| {
+            ManifestError::at(path, src, e.span().map(|s| s.start).unwrap_or(0), e.message().trim().to_string())
+        })?;
+        let mut c = Config::default();
+        let base = path.parent().unwrap_or(Path::new("/"));
+        // Relative paths in a config file are relative to the file (so a checkout's config/
+        // works from anywhere).
+        let resolve = |p: &str| -> PathBuf {
+            let p = PathBuf::from(p);
+            if p.is_absolute() { p } else { base.join(p) }
+        };
+        if let Some(p) = raw.paths {
+            if let Some(m) = p.modules {
+                c.modules = m.iter().map(|s| resolve(s)).collect();
+            }
+            if let Some(s) = p.state {
+                c.state = resolve(&s);
+            }
+            if let Some(r) = p.runtime {
+                c.runtime = resolve(&r);
+            }
+        }
+        if let Some(r) = raw.runtime {
+            if let Some(d) = r.default_mode {
+                c.policy.default_mode = mode(d);
+            }
+            if let Some(a) = r.allowed_modes {
+                c.policy.allowed_modes = a.into_iter().map(mode).collect();
+            }
+            if let Some(b) = r.docker_enabled {
+                c.policy.docker_enabled = b;
+            }
+            if let Some(b) = r.native_enabled {
+                c.policy.native_enabled = b;
+            }
+            if let Some(s) = r.container_socket {
+                c.container_socket = s;
+            }
+            if let Some(b) = r.native_backend {
+                c.native_backend = match b {
+                    RawBackend::Auto => NativeBackendChoice::Auto,
+                    RawBackend::Systemd => NativeBackendChoice::Systemd,
+                    RawBackend::Direct => NativeBackendChoice::Direct,
+                };
+            }
+        }
+        if let Some(m) = raw.monitor {
+            if let Some(i) = m.interval {
+                c.monitor_interval = parse_duration(i.get_ref())
+                    .map_err(|e| ManifestError::at(path, src, i.span().start, format!("monitor.interval: {e}")))?;
+            }
+            for (v, slot, key) in [
+                (m.ram_warn_percent, &mut c.ram_warn_percent, "monitor.ram_warn_percent"),
+                (m.vram_warn_percent, &mut c.vram_warn_percent, "monitor.vram_warn_percent"),
+            ] {
+                if let Some(p) = v {
+                    if !(1..=100).contains(p.get_ref()) {
+                        return Err(ManifestError::at(path, src, p.span().start, format!("{key}: expected 1 to 100")));
+                    }
+                    *slot = *p.get_ref();
+                }
+            }
+            if let Some(n) = m.nvml_library {
+                c.nvml_library = n;
+            }
+        }
+        if let Some(l) = raw.logging {
+            if let Some(d) = l.module_log_dir.filter(|d| !d.is_empty()) {
+                c.module_log_dir = Some(resolve(&d));
+            }
+            if let Some(n) = l.module_log_max_bytes {
+                c.module_log_max_bytes = n.max(4096);
+            }
+        }
+        if let Some(d) = raw.dbus {
+            if let Some(b) = d.bus {
+                c.bus = match b {
+                    RawBus::Auto => BusChoice::Auto,
+                    RawBus::System => BusChoice::System,
+                    RawBus::Embedded => BusChoice::Embedded,
+                };
+            }
+            c.bus_address = d.address.filter(|a| !a.is_empty());
+        }
+        Ok(c)
+    }
+
+    /// The socket path of the embedded bus.
+    pub fn embedded_bus_path(&self) -> PathBuf {
+        self.runtime.join("bus")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_contract_example() {
+        let src = r#"
+[paths]
+modules = ["/a", "rel"]
+state = "/var/lib/modvisor"
+runtime = "/run/modvisor"
+[runtime]
+default_mode = "native"
+allowed_modes = ["native"]
+docker_enabled = false
+native_backend = "direct"
+[monitor]
+interval = "2s"
+ram_warn_percent = 90
+[logging]
+module_log_dir = "/var/log/modvisor"
+"#;
+        let c = Config::parse(Path::new("/etc/x/modvisor.toml"), src).expect("valid");
+        assert_eq!(c.modules, vec![PathBuf::from("/a"), PathBuf::from("/etc/x/rel")]);
+        assert_eq!(c.policy.default_mode, Mode::Native);
+        assert!(!c.policy.docker_enabled);
+        assert_eq!(c.native_backend, NativeBackendChoice::Direct);
+        assert_eq!(c.monitor_interval, Duration::from_secs(2));
+        assert_eq!(c.ram_warn_percent, 90);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_with_position() {
+        let e = Config::parse(Path::new("c.toml"), "[runtime]\nnative_backnd = \"x\"\n").expect_err("invalid");
+        assert_eq!((e.line, e.column), (2, 1));
+        assert!(e.message.contains("unknown field `native_backnd`"), "{}", e.message);
+    }
+
+    #[test]
+    fn missing_default_file_is_defaults_but_missing_given_file_is_error() {
+        assert!(Config::load(Some(Path::new("/nonexistent/modvisor.toml"))).is_err());
+    }
+}

@@ -1,0 +1,236 @@
+//! Module manifests: strict parsing into raw types, validation into the trusted [`Module`]
+//! type, and loading from the drop-in directories with precedence and masking.
+
+mod load;
+mod raw;
+pub mod units;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use load::{LoadResult, ManifestSource, load_dirs, scan_dirs};
+pub use validate::{parse_manifest, validate_name};
+
+/// An execution mode of a module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Native,
+    Container,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Native => "native",
+            Mode::Container => "container",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Mode> {
+        match s {
+            "native" => Some(Mode::Native),
+            "container" => Some(Mode::Container),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the native mode runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NativeExec {
+    /// A command modvisor starts itself (direct child or transient unit).
+    Command {
+        argv: Vec<String>,
+        environment: BTreeMap<String, String>,
+        working_directory: Option<PathBuf>,
+        user: Option<String>,
+    },
+    /// An existing systemd unit, started/stopped/observed, never duplicated.
+    Unit(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Gpus {
+    All,
+    Count(u32),
+    Ids(Vec<String>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pull {
+    Never,
+    Missing,
+}
+
+/// A published port: host address, host port, container port, protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortMap {
+    pub host_ip: String,
+    pub host_port: u16,
+    pub container_port: u16,
+    pub protocol: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Volume {
+    pub source: PathBuf,
+    pub target: PathBuf,
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerSpec {
+    pub image: String,
+    pub command: Vec<String>,
+    pub ports: Vec<PortMap>,
+    pub volumes: Vec<Volume>,
+    pub environment: BTreeMap<String, String>,
+    pub gpus: Option<Gpus>,
+    pub pull: Pull,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelSpec {
+    pub default: Option<PathBuf>,
+    pub directory: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    Http { url: String, expect: Option<String> },
+    Tcp { address: String },
+    Exec { argv: Vec<String> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthSpec {
+    pub probe: Option<Probe>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub start_timeout: Duration,
+    pub failures: u32,
+    pub successes: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Resources {
+    pub memory_max: Option<u64>,
+    pub vram: Option<u64>,
+    pub ram_warn_percent: Option<u8>,
+    pub vram_warn_percent: Option<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartPolicy {
+    No,
+    OnFailure,
+    Always,
+}
+
+impl RestartPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartPolicy::No => "no",
+            RestartPolicy::OnFailure => "on-failure",
+            RestartPolicy::Always => "always",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestartSpec {
+    pub policy: RestartPolicy,
+    pub delay: Duration,
+    pub max: u32,
+    pub window: Duration,
+}
+
+/// A validated module: everything downstream of `manifest` works with this type only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Module {
+    pub name: String,
+    pub description: String,
+    pub enabled: bool,
+    pub trusted: bool,
+    /// The modes the module can run as, `preferred` first.
+    pub modes: Vec<Mode>,
+    pub preferred: Option<Mode>,
+    pub stop_timeout: Duration,
+    pub native: Option<NativeExec>,
+    pub container: Option<ContainerSpec>,
+    pub model: Option<ModelSpec>,
+    pub health: HealthSpec,
+    pub resources: Resources,
+    pub restart: RestartSpec,
+    /// The file the module came from.
+    pub source: PathBuf,
+}
+
+impl Module {
+    /// True when what the module runs differs (a restart is needed); description-only or
+    /// `enabled` changes do not restart a running module.
+    pub fn run_spec_differs(&self, other: &Module) -> bool {
+        self.modes != other.modes
+            || self.native != other.native
+            || self.container != other.container
+            || self.model != other.model
+            || self.resources.memory_max != other.resources.memory_max
+            || self.trusted != other.trusted
+    }
+}
+
+/// A manifest error with its position. Displayed as `FILE:LINE:COL: MESSAGE`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestError {
+    pub path: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.path.display(),
+            self.line,
+            self.column,
+            self.message
+        )
+    }
+}
+
+impl std::error::Error for ManifestError {}
+
+impl ManifestError {
+    pub fn at(path: &Path, src: &str, offset: usize, message: impl Into<String>) -> Self {
+        let (line, column) = line_col(src, offset);
+        ManifestError {
+            path: path.to_path_buf(),
+            line,
+            column,
+            message: message.into(),
+        }
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+pub fn line_col(src: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(src.len());
+    let before = src.get(..offset).unwrap_or(src);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}

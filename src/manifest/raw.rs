@@ -1,0 +1,130 @@
+//! The manifest exactly as written: strict (`deny_unknown_fields`) serde types with spans, so
+//! that validation can point at the line and column of a bad value. Nothing outside
+//! `manifest` sees these types; they become a [`super::Module`] in `validate`.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawManifest {
+    pub name: Option<Spanned<String>>,
+    pub description: Option<String>,
+    pub enabled: Option<bool>,
+    pub trusted: Option<bool>,
+    pub runtime: Option<Spanned<RawRuntime>>,
+    pub native: Option<Spanned<RawNative>>,
+    pub container: Option<Spanned<RawContainer>>,
+    pub model: Option<Spanned<RawModel>>,
+    pub health: Option<Spanned<RawHealth>>,
+    pub resources: Option<RawResources>,
+    pub restart: Option<RawRestart>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RawMode {
+    Native,
+    Container,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRuntime {
+    pub modes: Option<Spanned<Vec<Spanned<RawMode>>>>,
+    pub preferred: Option<Spanned<RawMode>>,
+    pub stop_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNative {
+    pub command: Option<Spanned<Vec<String>>>,
+    pub environment: Option<Spanned<BTreeMap<String, String>>>,
+    pub working_directory: Option<Spanned<String>>,
+    pub user: Option<Spanned<String>>,
+    pub unit: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawGpus {
+    Word(String),
+    Count(i64),
+    List(Vec<RawGpuId>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawGpuId {
+    Index(i64),
+    Uuid(String),
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RawPull {
+    Never,
+    Missing,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawContainer {
+    pub image: Option<Spanned<String>>,
+    pub command: Option<Vec<String>>,
+    pub ports: Option<Vec<Spanned<String>>>,
+    pub volumes: Option<Vec<Spanned<String>>>,
+    pub environment: Option<Spanned<BTreeMap<String, String>>>,
+    pub gpus: Option<Spanned<RawGpus>>,
+    pub pull: Option<RawPull>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    pub default: Option<Spanned<String>>,
+    pub directory: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    pub http: Option<Spanned<String>>,
+    pub tcp: Option<Spanned<String>>,
+    pub exec: Option<Spanned<Vec<String>>>,
+    pub expect: Option<String>,
+    pub interval: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+    pub start_timeout: Option<Spanned<String>>,
+    pub failures: Option<Spanned<i64>>,
+    pub successes: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawResources {
+    pub memory_max: Option<Spanned<String>>,
+    pub vram: Option<Spanned<String>>,
+    pub ram_warn_percent: Option<Spanned<i64>>,
+    pub vram_warn_percent: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum RawRestartPolicy {
+    No,
+    OnFailure,
+    Always,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRestart {
+    pub policy: Option<RawRestartPolicy>,
+    pub delay: Option<Spanned<String>>,
+    pub max: Option<Spanned<i64>>,
+    pub window: Option<Spanned<String>>,
+}
