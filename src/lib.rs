@@ -4,3 +4,7 @@
 pub mod manifest;
 pub mod config;
 pub mod policy;
+pub mod journal;
+pub mod reaper;
+pub mod runtime;
+pub mod health;

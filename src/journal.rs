@@ -1,0 +1,178 @@
+//! Where modules' output goes: the journal's native protocol (with `MODVISOR_MODULE=NAME`),
+//! per-module log files with rotation when configured, stderr otherwise.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+pub const JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";
+
+/// A connection to journald's native socket.
+#[derive(Debug)]
+pub struct Journal {
+    sock: UnixDatagram,
+    path: PathBuf,
+}
+
+impl Journal {
+    /// Connects to journald, or `None` when no journal runs here.
+    pub fn connect() -> Option<Journal> {
+        Journal::connect_at(Path::new(JOURNAL_SOCKET))
+    }
+
+    pub fn connect_at(path: &Path) -> Option<Journal> {
+        let sock = UnixDatagram::unbound().ok()?;
+        // Probe: an empty datagram is ignored by journald but tells us the socket answers.
+        sock.send_to(b"", path).ok()?;
+        Some(Journal { sock, path: path.to_path_buf() })
+    }
+
+    /// Sends one entry. Values may hold newlines (binary field encoding is used for them).
+    pub fn send(&self, fields: &[(&str, &str)]) -> io::Result<()> {
+        let mut buf = Vec::with_capacity(256);
+        for (k, v) in fields {
+            buf.extend_from_slice(k.as_bytes());
+            if v.contains('\n') {
+                buf.push(b'\n');
+                buf.extend_from_slice(&(v.len() as u64).to_le_bytes());
+                buf.extend_from_slice(v.as_bytes());
+                buf.push(b'\n');
+            } else {
+                buf.push(b'=');
+                buf.extend_from_slice(v.as_bytes());
+                buf.push(b'\n');
+            }
+        }
+        self.sock.send_to(&buf, &self.path).map(|_| ())
+    }
+}
+
+/// A per-module log file, rotated at `max_bytes` (NAME.log -> NAME.log.1 -> ... .3).
+#[derive(Debug)]
+pub struct RotatingFile {
+    path: PathBuf,
+    file: File,
+    size: u64,
+    max_bytes: u64,
+}
+
+const KEEP: u32 = 3;
+
+impl RotatingFile {
+    pub fn open(dir: &Path, name: &str, max_bytes: u64) -> io::Result<RotatingFile> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(format!("{name}.log"));
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let size = file.metadata()?.len();
+        Ok(RotatingFile { path, file, size, max_bytes })
+    }
+
+    pub fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
+        if self.size + line.len() as u64 + 1 > self.max_bytes && self.size > 0 {
+            self.rotate()?;
+        }
+        self.file.write_all(line)?;
+        self.file.write_all(b"\n")?;
+        self.size += line.len() as u64 + 1;
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        let numbered = |i: u32| PathBuf::from(format!("{}.{i}", self.path.display()));
+        for i in (1..KEEP).rev() {
+            let from = numbered(i);
+            if from.exists() {
+                std::fs::rename(&from, numbered(i + 1))?;
+            }
+        }
+        std::fs::rename(&self.path, numbered(1))?;
+        self.file = OpenOptions::new().create(true).append(true).open(&self.path)?;
+        self.size = 0;
+        Ok(())
+    }
+}
+
+/// Where one module's output lines go. Cheap to clone; shared by its stdout and stderr readers.
+#[derive(Clone)]
+pub struct OutputSink {
+    module: Arc<str>,
+    journal: Option<Arc<Journal>>,
+    file: Option<Arc<Mutex<RotatingFile>>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+impl OutputSink {
+    pub fn new(module: &str, journal: Option<Arc<Journal>>, log_dir: Option<&Path>, max_bytes: u64) -> OutputSink {
+        let file = log_dir.and_then(|d| match RotatingFile::open(d, module, max_bytes) {
+            Ok(f) => Some(Arc::new(Mutex::new(f))),
+            Err(e) => {
+                tracing::warn!(modvisor_module = module, "cannot open module log file in {}: {e}", d.display());
+                None
+            }
+        });
+        OutputSink { module: module.into(), journal, file }
+    }
+
+    pub fn line(&self, stream: Stream, line: &[u8]) {
+        let text = String::from_utf8_lossy(line);
+        let text = text.trim_end_matches(['\r', '\n']);
+        if let Some(f) = &self.file {
+            let mut f = f.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = f.write_line(text.as_bytes()) {
+                tracing::warn!(modvisor_module = &*self.module, "module log file: {e}");
+            }
+        }
+        let (stream_name, priority) = match stream {
+            Stream::Stdout => ("stdout", "6"),
+            Stream::Stderr => ("stderr", "4"),
+        };
+        let sent = self.journal.as_ref().is_some_and(|j| {
+            j.send(&[
+                ("MESSAGE", text),
+                ("PRIORITY", priority),
+                ("SYSLOG_IDENTIFIER", &self.module),
+                ("MODVISOR_MODULE", &self.module),
+                ("MODVISOR_STREAM", stream_name),
+            ])
+            .is_ok()
+        });
+        if !sent && self.file.is_none() {
+            eprintln!("{}[{stream_name}]: {text}", self.module);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotation_keeps_three() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let mut f = RotatingFile::open(t.path(), "m", 100).expect("open");
+        for i in 0..50 {
+            f.write_line(format!("line {i:04} ..........").as_bytes()).expect("write");
+        }
+        let names: Vec<String> = {
+            let mut v: Vec<String> = std::fs::read_dir(t.path())
+                .expect("read")
+                .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names, vec!["m.log", "m.log.1", "m.log.2", "m.log.3"]);
+        for n in &names {
+            assert!(std::fs::metadata(t.path().join(n)).expect("stat").len() <= 100);
+        }
+        let last = std::fs::read_to_string(t.path().join("m.log")).expect("read");
+        assert!(last.contains("line 0049"));
+    }
+}
