@@ -165,14 +165,26 @@ impl Config {
         };
         match std::fs::read_to_string(&path) {
             Ok(src) => Config::parse(&path, &src),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => Ok(Config::default()),
-            Err(e) => Err(ManifestError { path, line: 0, column: 0, message: format!("cannot read: {e}") }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+                Ok(Config::default())
+            }
+            Err(e) => Err(ManifestError {
+                path,
+                line: 0,
+                column: 0,
+                message: format!("cannot read: {e}"),
+            }),
         }
     }
 
     pub fn parse(path: &Path, src: &str) -> Result<Config, ManifestError> {
         let raw: RawConfig = toml::from_str(src).map_err(|e| {
-            ManifestError::at(path, src, e.span().map(|s| s.start).unwrap_or(0), e.message().trim().to_string())
+            ManifestError::at(
+                path,
+                src,
+                e.span().map(|s| s.start).unwrap_or(0),
+                e.message().trim().to_string(),
+            )
         })?;
         let mut c = Config::default();
         let base = path.parent().unwrap_or(Path::new("/"));
@@ -219,16 +231,30 @@ impl Config {
         }
         if let Some(m) = raw.monitor {
             if let Some(i) = m.interval {
-                c.monitor_interval = parse_duration(i.get_ref())
-                    .map_err(|e| ManifestError::at(path, src, i.span().start, format!("monitor.interval: {e}")))?;
+                c.monitor_interval = parse_duration(i.get_ref()).map_err(|e| {
+                    ManifestError::at(path, src, i.span().start, format!("monitor.interval: {e}"))
+                })?;
             }
             for (v, slot, key) in [
-                (m.ram_warn_percent, &mut c.ram_warn_percent, "monitor.ram_warn_percent"),
-                (m.vram_warn_percent, &mut c.vram_warn_percent, "monitor.vram_warn_percent"),
+                (
+                    m.ram_warn_percent,
+                    &mut c.ram_warn_percent,
+                    "monitor.ram_warn_percent",
+                ),
+                (
+                    m.vram_warn_percent,
+                    &mut c.vram_warn_percent,
+                    "monitor.vram_warn_percent",
+                ),
             ] {
                 if let Some(p) = v {
                     if !(1..=100).contains(p.get_ref()) {
-                        return Err(ManifestError::at(path, src, p.span().start, format!("{key}: expected 1 to 100")));
+                        return Err(ManifestError::at(
+                            path,
+                            src,
+                            p.span().start,
+                            format!("{key}: expected 1 to 100"),
+                        ));
                     }
                     *slot = *p.get_ref();
                 }
@@ -287,7 +313,10 @@ ram_warn_percent = 90
 module_log_dir = "/var/log/modvisor"
 "#;
         let c = Config::parse(Path::new("/etc/x/modvisor.toml"), src).expect("valid");
-        assert_eq!(c.modules, vec![PathBuf::from("/a"), PathBuf::from("/etc/x/rel")]);
+        assert_eq!(
+            c.modules,
+            vec![PathBuf::from("/a"), PathBuf::from("/etc/x/rel")]
+        );
         assert_eq!(c.policy.default_mode, Mode::Native);
         assert!(!c.policy.docker_enabled);
         assert_eq!(c.native_backend, NativeBackendChoice::Direct);
@@ -297,9 +326,14 @@ module_log_dir = "/var/log/modvisor"
 
     #[test]
     fn unknown_keys_are_errors_with_position() {
-        let e = Config::parse(Path::new("c.toml"), "[runtime]\nnative_backnd = \"x\"\n").expect_err("invalid");
+        let e = Config::parse(Path::new("c.toml"), "[runtime]\nnative_backnd = \"x\"\n")
+            .expect_err("invalid");
         assert_eq!((e.line, e.column), (2, 1));
-        assert!(e.message.contains("unknown field `native_backnd`"), "{}", e.message);
+        assert!(
+            e.message.contains("unknown field `native_backnd`"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

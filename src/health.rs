@@ -22,7 +22,11 @@ pub struct ProbeResult {
 
 impl ProbeResult {
     fn fail(detail: String) -> Self {
-        ProbeResult { ok: false, detail, loading: false }
+        ProbeResult {
+            ok: false,
+            detail,
+            loading: false,
+        }
     }
 }
 
@@ -45,13 +49,21 @@ pub async fn probe(p: &Probe, timeout: Duration) -> ProbeResult {
 async fn probe_inner(p: &Probe) -> ProbeResult {
     match p {
         Probe::Tcp { address } => match TcpStream::connect(address.as_str()).await {
-            Ok(_) => ProbeResult { ok: true, detail: format!("tcp {address} accepted"), loading: false },
+            Ok(_) => ProbeResult {
+                ok: true,
+                detail: format!("tcp {address} accepted"),
+                loading: false,
+            },
             Err(e) => ProbeResult::fail(format!("connect {address}: {e}")),
         },
         Probe::Http { url, expect } => http_get(url, expect.as_deref()).await,
         Probe::Exec { argv } => {
             let mut cmd = Command::new(&argv[0]);
-            cmd.args(&argv[1..]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).kill_on_drop(true);
+            cmd.args(&argv[1..])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true);
             let mut child = match reaper::spawn(&mut cmd) {
                 Ok(c) => c,
                 Err(e) => return ProbeResult::fail(format!("exec {}: {e}", argv[0])),
@@ -60,7 +72,11 @@ async fn probe_inner(p: &Probe) -> ProbeResult {
             let st = child.wait().await;
             reaper::forget(pid);
             match st {
-                Ok(s) if s.success() => ProbeResult { ok: true, detail: "exec exited 0".into(), loading: false },
+                Ok(s) if s.success() => ProbeResult {
+                    ok: true,
+                    detail: "exec exited 0".into(),
+                    loading: false,
+                },
                 Ok(s) => ProbeResult::fail(format!("exec {} exited with {s}", argv[0])),
                 Err(e) => ProbeResult::fail(format!("exec {}: {e}", argv[0])),
             }
@@ -80,7 +96,9 @@ async fn http_get(url: &str, expect: Option<&str>) -> ProbeResult {
         Ok(s) => s,
         Err(e) => return ProbeResult::fail(format!("connect {hostport}: {e}")),
     };
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {hostport}\r\nUser-Agent: modvisord\r\nConnection: close\r\n\r\n");
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {hostport}\r\nUser-Agent: modvisord\r\nConnection: close\r\n\r\n"
+    );
     if let Err(e) = s.write_all(req.as_bytes()).await {
         return ProbeResult::fail(format!("GET {url}: {e}"));
     }
@@ -91,20 +109,34 @@ async fn http_get(url: &str, expect: Option<&str>) -> ProbeResult {
         }
     }
     let text = String::from_utf8_lossy(&buf);
-    let status: Option<u16> = text.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|c| c.parse().ok());
+    let status: Option<u16> = text
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok());
     let Some(status) = status else {
         return ProbeResult::fail(format!("GET {url}: not an HTTP response"));
     };
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
     if !(200..300).contains(&status) {
-        return ProbeResult { ok: false, detail: format!("GET {url}: HTTP {status}"), loading: status == 503 };
+        return ProbeResult {
+            ok: false,
+            detail: format!("GET {url}: HTTP {status}"),
+            loading: status == 503,
+        };
     }
     if let Some(want) = expect {
         if !body.contains(want) {
-            return ProbeResult::fail(format!("GET {url}: HTTP {status} but the body lacks \"{want}\""));
+            return ProbeResult::fail(format!(
+                "GET {url}: HTTP {status} but the body lacks \"{want}\""
+            ));
         }
     }
-    ProbeResult { ok: true, detail: format!("GET {url}: HTTP {status}"), loading: false }
+    ProbeResult {
+        ok: true,
+        detail: format!("GET {url}: HTTP {status}"),
+        loading: false,
+    }
 }
 
 /// Consecutive-result counting: `failures` bad results in a row flip to unhealthy,
@@ -120,7 +152,13 @@ pub struct Hysteresis {
 
 impl Hysteresis {
     pub fn new(failures: u32, successes: u32) -> Self {
-        Hysteresis { failures: failures.max(1), successes: successes.max(1), good_streak: 0, bad_streak: 0, healthy: None }
+        Hysteresis {
+            failures: failures.max(1),
+            successes: successes.max(1),
+            good_streak: 0,
+            bad_streak: 0,
+            healthy: None,
+        }
     }
 
     /// Feeds one result; returns the verdict (None until the first threshold is reached).
@@ -157,7 +195,11 @@ mod tests {
     #[test]
     fn one_bad_answer_never_flips() {
         let mut h = Hysteresis::new(3, 2);
-        assert_eq!(h.feed(false), None, "failures before the first success keep the start phase");
+        assert_eq!(
+            h.feed(false),
+            None,
+            "failures before the first success keep the start phase"
+        );
         assert_eq!(h.feed(true), None);
         assert_eq!(h.feed(true), Some(true));
         for _ in 0..10 {
@@ -168,27 +210,59 @@ mod tests {
         h.feed(false);
         h.feed(false);
         assert_eq!(h.feed(false), Some(false));
-        assert_eq!(h.feed(true), Some(false), "one success is not enough with successes = 2");
+        assert_eq!(
+            h.feed(true),
+            Some(false),
+            "one success is not enough with successes = 2"
+        );
         assert_eq!(h.feed(true), Some(true));
     }
 
     #[tokio::test]
     async fn tcp_and_http_probes_against_real_sockets() {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = l.local_addr().expect("addr");
         tokio::spawn(async move {
             while let Ok((mut s, _)) = l.accept().await {
                 let mut b = [0u8; 1024];
                 let _ = s.read(&mut b).await;
-                let _ = s.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 7\r\n\r\nloading").await;
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 7\r\n\r\nloading",
+                    )
+                    .await;
             }
         });
         let t = Duration::from_secs(2);
-        assert!(probe(&Probe::Tcp { address: addr.to_string() }, t).await.ok);
-        let r = probe(&Probe::Http { url: format!("http://{addr}/health"), expect: None }, t).await;
+        assert!(
+            probe(
+                &Probe::Tcp {
+                    address: addr.to_string()
+                },
+                t
+            )
+            .await
+            .ok
+        );
+        let r = probe(
+            &Probe::Http {
+                url: format!("http://{addr}/health"),
+                expect: None,
+            },
+            t,
+        )
+        .await;
         assert!(!r.ok && r.loading, "{r:?}");
         assert!(r.detail.ends_with("HTTP 503"), "{}", r.detail);
-        let r = probe(&Probe::Exec { argv: vec!["/bin/false".into()] }, t).await;
+        let r = probe(
+            &Probe::Exec {
+                argv: vec!["/bin/false".into()],
+            },
+            t,
+        )
+        .await;
         assert!(!r.ok);
     }
 }

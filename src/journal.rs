@@ -26,7 +26,10 @@ impl Journal {
         let sock = UnixDatagram::unbound().ok()?;
         // Probe: an empty datagram is ignored by journald but tells us the socket answers.
         sock.send_to(b"", path).ok()?;
-        Some(Journal { sock, path: path.to_path_buf() })
+        Some(Journal {
+            sock,
+            path: path.to_path_buf(),
+        })
     }
 
     /// Sends one entry. Values may hold newlines (binary field encoding is used for them).
@@ -66,7 +69,12 @@ impl RotatingFile {
         let path = dir.join(format!("{name}.log"));
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
         let size = file.metadata()?.len();
-        Ok(RotatingFile { path, file, size, max_bytes })
+        Ok(RotatingFile {
+            path,
+            file,
+            size,
+            max_bytes,
+        })
     }
 
     pub fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
@@ -88,7 +96,10 @@ impl RotatingFile {
             }
         }
         std::fs::rename(&self.path, numbered(1))?;
-        self.file = OpenOptions::new().create(true).append(true).open(&self.path)?;
+        self.file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
         self.size = 0;
         Ok(())
     }
@@ -109,15 +120,28 @@ pub enum Stream {
 }
 
 impl OutputSink {
-    pub fn new(module: &str, journal: Option<Arc<Journal>>, log_dir: Option<&Path>, max_bytes: u64) -> OutputSink {
+    pub fn new(
+        module: &str,
+        journal: Option<Arc<Journal>>,
+        log_dir: Option<&Path>,
+        max_bytes: u64,
+    ) -> OutputSink {
         let file = log_dir.and_then(|d| match RotatingFile::open(d, module, max_bytes) {
             Ok(f) => Some(Arc::new(Mutex::new(f))),
             Err(e) => {
-                tracing::warn!(modvisor_module = module, "cannot open module log file in {}: {e}", d.display());
+                tracing::warn!(
+                    modvisor_module = module,
+                    "cannot open module log file in {}: {e}",
+                    d.display()
+                );
                 None
             }
         });
-        OutputSink { module: module.into(), journal, file }
+        OutputSink {
+            module: module.into(),
+            journal,
+            file,
+        }
     }
 
     pub fn line(&self, stream: Stream, line: &[u8]) {
@@ -158,7 +182,8 @@ mod tests {
         let t = tempfile::tempdir().expect("tempdir");
         let mut f = RotatingFile::open(t.path(), "m", 100).expect("open");
         for i in 0..50 {
-            f.write_line(format!("line {i:04} ..........").as_bytes()).expect("write");
+            f.write_line(format!("line {i:04} ..........").as_bytes())
+                .expect("write");
         }
         let names: Vec<String> = {
             let mut v: Vec<String> = std::fs::read_dir(t.path())

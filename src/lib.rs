@@ -1,10 +1,16 @@
 //! modvisor: a supervisor for local AI inference engines.
 #![deny(unsafe_code)]
 
-pub mod manifest;
 pub mod config;
-pub mod policy;
+pub mod health;
 pub mod journal;
+pub mod manifest;
+pub mod monitor;
+pub mod policy;
 pub mod reaper;
 pub mod runtime;
-pub mod health;
+pub mod state;
+pub mod supervisor;
+pub mod dbus;
+pub mod logging;
+pub mod daemon;

@@ -16,7 +16,10 @@ use tokio::process::{Child, Command};
 
 fn owned() -> MutexGuard<'static, HashSet<i32>> {
     static OWNED: OnceLock<Mutex<HashSet<i32>>> = OnceLock::new();
-    OWNED.get_or_init(|| Mutex::new(HashSet::new())).lock().unwrap_or_else(|p| p.into_inner())
+    OWNED
+        .get_or_init(|| Mutex::new(HashSet::new()))
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
 }
 
 /// Spawns a child whose exit status belongs to the caller (through tokio), never to the reaper.
@@ -57,12 +60,20 @@ fn children() -> Vec<i32> {
         return pids;
     }
     let me = std::process::id() as i32;
-    let Ok(procs) = std::fs::read_dir("/proc") else { return pids };
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
     for e in procs.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
         // "PID (COMM) STATE PPID ...": COMM may hold spaces and parentheses; split after the last ')'.
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else { continue };
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
         let mut f = rest.split_whitespace();
         let (state, ppid) = (f.next(), f.next().and_then(|p| p.parse::<i32>().ok()));
         if state == Some("Z") && ppid == Some(me) {

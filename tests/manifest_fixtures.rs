@@ -20,11 +20,18 @@ fn toml_files(dir: &Path) -> Vec<PathBuf> {
 fn bad_manifests_give_exact_messages() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bad");
     let files = toml_files(&dir);
-    assert!(files.len() >= 25, "at least 25 bad fixtures, found {}", files.len());
+    assert!(
+        files.len() >= 25,
+        "at least 25 bad fixtures, found {}",
+        files.len()
+    );
     let bless = std::env::var_os("MODVISOR_BLESS").is_some();
     let mut failures = Vec::new();
     for f in files {
-        let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let stem = name.trim_end_matches(".toml");
         let src = std::fs::read_to_string(&f).expect("read fixture");
         let got = match parse_manifest(Path::new(&name), &src, stem) {
@@ -38,7 +45,10 @@ fn bad_manifests_give_exact_messages() {
         }
         let want = std::fs::read_to_string(&exp_path).unwrap_or_default();
         if want.trim_end() != got {
-            failures.push(format!("{name}\n  want: {}\n  got:  {got}", want.trim_end()));
+            failures.push(format!(
+                "{name}\n  want: {}\n  got:  {got}",
+                want.trim_end()
+            ));
         }
     }
     assert!(failures.is_empty(), "mismatches:\n{}", failures.join("\n"));
@@ -50,7 +60,10 @@ fn shipped_and_good_manifests_are_valid() {
     for dir in ["config/modules.d", "tests/fixtures/good"] {
         for f in toml_files(&root.join(dir)) {
             let src = std::fs::read_to_string(&f).expect("read");
-            let stem = f.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            let stem = f
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
             if let Err(e) = parse_manifest(&f, &src, &stem) {
                 panic!("{e}");
             }

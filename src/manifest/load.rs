@@ -36,18 +36,28 @@ fn is_mask(path: &Path) -> bool {
             return true;
         }
     }
-    std::fs::metadata(path).map(|m| m.len() == 0).unwrap_or(false)
+    std::fs::metadata(path)
+        .map(|m| m.len() == 0)
+        .unwrap_or(false)
 }
 
 /// Finds the winning file for each stem. Masked stems map to `None`.
-pub fn scan_dirs(dirs: &[PathBuf], errors: &mut Vec<ManifestError>) -> BTreeMap<String, Option<ManifestSource>> {
+pub fn scan_dirs(
+    dirs: &[PathBuf],
+    errors: &mut Vec<ManifestError>,
+) -> BTreeMap<String, Option<ManifestSource>> {
     let mut found: BTreeMap<String, Option<ManifestSource>> = BTreeMap::new();
     for dir in dirs {
         let entries = match std::fs::read_dir(dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => {
-                errors.push(ManifestError { path: dir.clone(), line: 0, column: 0, message: format!("cannot read directory: {e}") });
+                errors.push(ManifestError {
+                    path: dir.clone(),
+                    line: 0,
+                    column: 0,
+                    message: format!("cannot read directory: {e}"),
+                });
                 continue;
             }
         };
@@ -55,11 +65,16 @@ pub fn scan_dirs(dirs: &[PathBuf], errors: &mut Vec<ManifestError>) -> BTreeMap<
             .filter_map(|e| e.ok())
             .map(|e| e.path())
             .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-            .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+            .filter(|p| {
+                !p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            })
             .collect();
         names.sort();
         for path in names {
-            let Some(stem) = path.file_stem().map(|s| s.to_string_lossy().into_owned()) else { continue };
+            let Some(stem) = path.file_stem().map(|s| s.to_string_lossy().into_owned()) else {
+                continue;
+            };
             if is_mask(&path) {
                 found.insert(stem, None);
             } else {
@@ -86,13 +101,23 @@ pub fn load_dirs(dirs: &[PathBuf]) -> LoadResult {
                 Err(e) => {
                     let offset = e.utf8_error().valid_up_to();
                     let text = String::from_utf8_lossy(e.as_bytes()).into_owned();
-                    res.errors.push(ManifestError::at(&src.path, &text, offset, "expected UTF-8 text"));
+                    res.errors.push(ManifestError::at(
+                        &src.path,
+                        &text,
+                        offset,
+                        "expected UTF-8 text",
+                    ));
                     res.broken_stems.insert(stem);
                     continue;
                 }
             },
             Err(e) => {
-                res.errors.push(ManifestError { path: src.path.clone(), line: 0, column: 0, message: format!("cannot read: {e}") });
+                res.errors.push(ManifestError {
+                    path: src.path.clone(),
+                    line: 0,
+                    column: 0,
+                    message: format!("cannot read: {e}"),
+                });
                 res.broken_stems.insert(stem);
                 continue;
             }
@@ -104,7 +129,11 @@ pub fn load_dirs(dirs: &[PathBuf]) -> LoadResult {
                         &src.path,
                         &text,
                         0,
-                        format!("module name \"{}\" is already defined by {}", m.name, first.display()),
+                        format!(
+                            "module name \"{}\" is already defined by {}",
+                            m.name,
+                            first.display()
+                        ),
                     ));
                     res.broken_stems.insert(stem);
                     continue;
@@ -134,9 +163,21 @@ mod tests {
     #[test]
     fn precedence_and_masking() {
         let t = tempfile::tempdir().expect("tempdir");
-        let (lib, etc, run) = (t.path().join("lib"), t.path().join("etc"), t.path().join("run"));
-        write(&lib, "a.toml", "description = \"lib a\"\n[native]\ncommand = [\"/bin/a\"]\n");
-        write(&etc, "a.toml", "description = \"etc a\"\n[native]\ncommand = [\"/bin/a\"]\n");
+        let (lib, etc, run) = (
+            t.path().join("lib"),
+            t.path().join("etc"),
+            t.path().join("run"),
+        );
+        write(
+            &lib,
+            "a.toml",
+            "description = \"lib a\"\n[native]\ncommand = [\"/bin/a\"]\n",
+        );
+        write(
+            &etc,
+            "a.toml",
+            "description = \"etc a\"\n[native]\ncommand = [\"/bin/a\"]\n",
+        );
         write(&lib, "b.toml", "[native]\ncommand = [\"/bin/b\"]\n");
         write(&etc, "b.toml", "");
         write(&lib, "c.toml", "[native]\ncommand = [\"/bin/c\"]\n");
@@ -146,7 +187,10 @@ mod tests {
         write(&run, "notes.txt", "ignored");
         let r = load_dirs(&[lib, etc.clone(), run]);
         assert!(r.errors.is_empty(), "{:?}", r.errors);
-        assert_eq!(r.modules.keys().cloned().collect::<Vec<_>>(), vec!["a", "d"]);
+        assert_eq!(
+            r.modules.keys().cloned().collect::<Vec<_>>(),
+            vec!["a", "d"]
+        );
         assert_eq!(r.modules["a"].description, "etc a");
         assert_eq!(r.modules["a"].source, etc.join("a.toml"));
         assert_eq!(r.masked.len(), 2);
@@ -167,11 +211,23 @@ mod tests {
     #[test]
     fn duplicate_names_rejected() {
         let t = tempfile::tempdir().expect("tempdir");
-        write(t.path(), "a.toml", "name = \"x\"\n[native]\ncommand = [\"/bin/a\"]\n");
-        write(t.path(), "b.toml", "name = \"x\"\n[native]\ncommand = [\"/bin/b\"]\n");
+        write(
+            t.path(),
+            "a.toml",
+            "name = \"x\"\n[native]\ncommand = [\"/bin/a\"]\n",
+        );
+        write(
+            t.path(),
+            "b.toml",
+            "name = \"x\"\n[native]\ncommand = [\"/bin/b\"]\n",
+        );
         let r = load_dirs(&[t.path().to_path_buf()]);
         assert_eq!(r.modules.len(), 1);
-        assert!(r.errors[0].message.contains("already defined by"), "{}", r.errors[0]);
+        assert!(
+            r.errors[0].message.contains("already defined by"),
+            "{}",
+            r.errors[0]
+        );
     }
 
     #[test]

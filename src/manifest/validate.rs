@@ -23,24 +23,42 @@ impl Ctx<'_> {
         Err(ManifestError::at(self.path, self.src, offset, msg))
     }
 
-    fn duration(&self, v: &Option<Spanned<String>>, key: &str, default: Duration) -> Result<Duration, ManifestError> {
+    fn duration(
+        &self,
+        v: &Option<Spanned<String>>,
+        key: &str,
+        default: Duration,
+    ) -> Result<Duration, ManifestError> {
         match v {
             None => Ok(default),
             Some(s) => match parse_duration(s.get_ref()) {
-                Ok(d) if d.is_zero() => self.err(s.span().start, format!("{key}: expected a duration greater than zero")),
+                Ok(d) if d.is_zero() => self.err(
+                    s.span().start,
+                    format!("{key}: expected a duration greater than zero"),
+                ),
                 Ok(d) => Ok(d),
                 Err(e) => self.err(s.span().start, format!("{key}: {e}")),
             },
         }
     }
 
-    fn count(&self, v: &Option<Spanned<i64>>, key: &str, min: i64, max: i64, default: u32) -> Result<u32, ManifestError> {
+    fn count(
+        &self,
+        v: &Option<Spanned<i64>>,
+        key: &str,
+        min: i64,
+        max: i64,
+        default: u32,
+    ) -> Result<u32, ManifestError> {
         match v {
             None => Ok(default),
             Some(n) => {
                 let x = *n.get_ref();
                 if x < min || x > max {
-                    return self.err(n.span().start, format!("{key}: expected an integer from {min} to {max}, found {x}"));
+                    return self.err(
+                        n.span().start,
+                        format!("{key}: expected an integer from {min} to {max}, found {x}"),
+                    );
                 }
                 Ok(x as u32)
             }
@@ -52,7 +70,10 @@ impl Ctx<'_> {
         while let Some(i) = rest.find("${") {
             let after = &rest[i + 2..];
             let Some(end) = after.find('}') else {
-                return self.err(offset, format!("{key}: unterminated placeholder \"{}\"", &rest[i..]));
+                return self.err(
+                    offset,
+                    format!("{key}: unterminated placeholder \"{}\"", &rest[i..]),
+                );
             };
             let name = &after[..end];
             if !PLACEHOLDERS.contains(&name) {
@@ -66,14 +87,25 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    fn environment(&self, env: &Option<Spanned<BTreeMap<String, String>>>, key: &str) -> Result<BTreeMap<String, String>, ManifestError> {
-        let Some(env) = env else { return Ok(BTreeMap::new()) };
+    fn environment(
+        &self,
+        env: &Option<Spanned<BTreeMap<String, String>>>,
+        key: &str,
+    ) -> Result<BTreeMap<String, String>, ManifestError> {
+        let Some(env) = env else {
+            return Ok(BTreeMap::new());
+        };
         for (k, v) in env.get_ref() {
             let ok = !k.is_empty()
                 && !k.starts_with(|c: char| c.is_ascii_digit())
                 && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !ok {
-                return self.err(env.span().start, format!("{key}: invalid variable name \"{k}\", expected letters, digits and '_'"));
+                return self.err(
+                    env.span().start,
+                    format!(
+                        "{key}: invalid variable name \"{k}\", expected letters, digits and '_'"
+                    ),
+                );
             }
             self.placeholders(v, env.span().start, key)?;
         }
@@ -84,8 +116,11 @@ impl Ctx<'_> {
 /// Checks a module name against `[a-z0-9][a-z0-9_-]{0,62}`.
 pub fn validate_name(name: &str) -> Result<(), String> {
     let mut chars = name.chars();
-    let first_ok = chars.next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-    let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    let rest_ok =
+        chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
     if first_ok && rest_ok && name.len() <= 63 {
         Ok(())
     } else {
@@ -106,7 +141,12 @@ pub fn parse_manifest(path: &Path, src: &str, stem: &str) -> Result<Module, Mani
         Ok(r) => r,
         Err(e) => {
             let offset = e.span().map(|s| s.start).unwrap_or(0);
-            return Err(ManifestError::at(path, src, offset, e.message().trim().to_string()));
+            return Err(ManifestError::at(
+                path,
+                src,
+                offset,
+                e.message().trim().to_string(),
+            ));
         }
     };
     let cx = Ctx { path, src };
@@ -132,12 +172,18 @@ pub fn parse_manifest(path: &Path, src: &str, stem: &str) -> Result<Module, Mani
         let mut modes: Vec<Mode> = Vec::new();
         if let Some(list) = rt.and_then(|r| r.modes.as_ref()) {
             if list.get_ref().is_empty() {
-                return cx.err(list.span().start, "runtime.modes: expected at least one of \"native\", \"container\"");
+                return cx.err(
+                    list.span().start,
+                    "runtime.modes: expected at least one of \"native\", \"container\"",
+                );
             }
             for m in list.get_ref() {
                 let mode = to_mode(*m.get_ref());
                 if modes.contains(&mode) {
-                    return cx.err(m.span().start, format!("runtime.modes: \"{mode}\" is listed twice"));
+                    return cx.err(
+                        m.span().start,
+                        format!("runtime.modes: \"{mode}\" is listed twice"),
+                    );
                 }
                 modes.push(mode);
             }
@@ -149,14 +195,20 @@ pub fn parse_manifest(path: &Path, src: &str, stem: &str) -> Result<Module, Mani
                 modes.push(Mode::Container);
             }
             if modes.is_empty() {
-                return cx.err(0, "expected a [native] or [container] section: the module has nothing to run");
+                return cx.err(
+                    0,
+                    "expected a [native] or [container] section: the module has nothing to run",
+                );
             }
         }
         let preferred = match rt.and_then(|r| r.preferred.as_ref()) {
             Some(p) => {
                 let mode = to_mode(*p.get_ref());
                 if !modes.contains(&mode) {
-                    return cx.err(p.span().start, format!("runtime.preferred: \"{mode}\" is not in runtime.modes"));
+                    return cx.err(
+                        p.span().start,
+                        format!("runtime.preferred: \"{mode}\" is not in runtime.modes"),
+                    );
                 }
                 modes.retain(|m| *m != mode);
                 modes.insert(0, mode);
@@ -164,7 +216,11 @@ pub fn parse_manifest(path: &Path, src: &str, stem: &str) -> Result<Module, Mani
             }
             None => None,
         };
-        let stop_timeout = cx.duration(&rt.and_then(|r| r.stop_timeout.clone()), "runtime.stop_timeout", Duration::from_secs(10))?;
+        let stop_timeout = cx.duration(
+            &rt.and_then(|r| r.stop_timeout.clone()),
+            "runtime.stop_timeout",
+            Duration::from_secs(10),
+        )?;
         (modes, preferred, stop_timeout)
     };
 
@@ -173,7 +229,10 @@ pub fn parse_manifest(path: &Path, src: &str, stem: &str) -> Result<Module, Mani
         None => {
             if modes.contains(&Mode::Native) {
                 let off = raw.runtime.as_ref().map(|r| r.span().start).unwrap_or(0);
-                return cx.err(off, "runtime.modes contains \"native\" but there is no [native] section");
+                return cx.err(
+                    off,
+                    "runtime.modes contains \"native\" but there is no [native] section",
+                );
             }
             None
         }
@@ -185,7 +244,10 @@ pub fn parse_manifest(path: &Path, src: &str, stem: &str) -> Result<Module, Mani
         None => {
             if modes.contains(&Mode::Container) {
                 let off = raw.runtime.as_ref().map(|r| r.span().start).unwrap_or(0);
-                return cx.err(off, "runtime.modes contains \"container\" but there is no [container] section");
+                return cx.err(
+                    off,
+                    "runtime.modes contains \"container\" but there is no [container] section",
+                );
             }
             None
         }
@@ -206,13 +268,26 @@ pub fn parse_manifest(path: &Path, src: &str, stem: &str) -> Result<Module, Mani
             };
             let default = match &mr.default {
                 Some(d) if !is_absolute_clean(d.get_ref()) => {
-                    return cx.err(d.span().start, format!("model.default: expected an absolute path without \"..\", found \"{}\"", d.get_ref()));
+                    return cx.err(
+                        d.span().start,
+                        format!(
+                            "model.default: expected an absolute path without \"..\", found \"{}\"",
+                            d.get_ref()
+                        ),
+                    );
                 }
                 Some(d) => {
                     let p = PathBuf::from(d.get_ref());
                     if let Some(dir) = &directory {
                         if !p.starts_with(dir) {
-                            return cx.err(d.span().start, format!("model.default: \"{}\" is not inside model.directory \"{}\"", p.display(), dir.display()));
+                            return cx.err(
+                                d.span().start,
+                                format!(
+                                    "model.default: \"{}\" is not inside model.directory \"{}\"",
+                                    p.display(),
+                                    dir.display()
+                                ),
+                            );
                         }
                     }
                     Some(p)
@@ -224,8 +299,26 @@ pub fn parse_manifest(path: &Path, src: &str, stem: &str) -> Result<Module, Mani
     };
     let uses_model = |s: &str| s.contains("${model}") || s.contains("${model_file}");
     let mentions_model = match (&native, &container) {
-        (Some(NativeExec::Command { argv, environment, .. }), _) if argv.iter().chain(environment.values()).any(|s| uses_model(s)) => true,
-        (_, Some(c)) if c.command.iter().chain(c.environment.values()).any(|s| uses_model(s)) => true,
+        (
+            Some(NativeExec::Command {
+                argv, environment, ..
+            }),
+            _,
+        ) if argv
+            .iter()
+            .chain(environment.values())
+            .any(|s| uses_model(s)) =>
+        {
+            true
+        }
+        (_, Some(c))
+            if c.command
+                .iter()
+                .chain(c.environment.values())
+                .any(|s| uses_model(s)) =>
+        {
+            true
+        }
         _ => false,
     };
     if mentions_model && model.as_ref().and_then(|m| m.default.as_ref()).is_none() {
@@ -240,16 +333,20 @@ pub fn parse_manifest(path: &Path, src: &str, stem: &str) -> Result<Module, Mani
     let resources = match &raw.resources {
         None => Resources::default(),
         Some(r) => {
-            let size = |v: &Option<Spanned<String>>, key: &str| -> Result<Option<u64>, ManifestError> {
-                match v {
-                    None => Ok(None),
-                    Some(s) => match parse_size(s.get_ref()) {
-                        Ok(0) => cx.err(s.span().start, format!("{key}: expected a size greater than zero")),
-                        Ok(b) => Ok(Some(b)),
-                        Err(e) => cx.err(s.span().start, format!("{key}: {e}")),
-                    },
-                }
-            };
+            let size =
+                |v: &Option<Spanned<String>>, key: &str| -> Result<Option<u64>, ManifestError> {
+                    match v {
+                        None => Ok(None),
+                        Some(s) => match parse_size(s.get_ref()) {
+                            Ok(0) => cx.err(
+                                s.span().start,
+                                format!("{key}: expected a size greater than zero"),
+                            ),
+                            Ok(b) => Ok(Some(b)),
+                            Err(e) => cx.err(s.span().start, format!("{key}: {e}")),
+                        },
+                    }
+                };
             let pct = |v: &Option<Spanned<i64>>, key: &str| -> Result<Option<u8>, ManifestError> {
                 match v {
                     None => Ok(None),
@@ -276,10 +373,15 @@ pub fn parse_manifest(path: &Path, src: &str, stem: &str) -> Result<Module, Mani
             },
             delay: match r.and_then(|r| r.delay.as_ref()) {
                 None => Duration::from_secs(2),
-                Some(s) => parse_duration(s.get_ref()).or_else(|e| cx.err(s.span().start, format!("restart.delay: {e}")))?,
+                Some(s) => parse_duration(s.get_ref())
+                    .or_else(|e| cx.err(s.span().start, format!("restart.delay: {e}")))?,
             },
             max: cx.count(&r.and_then(|r| r.max.clone()), "restart.max", 0, 10_000, 5)?,
-            window: cx.duration(&r.and_then(|r| r.window.clone()), "restart.window", Duration::from_secs(600))?,
+            window: cx.duration(
+                &r.and_then(|r| r.window.clone()),
+                "restart.window",
+                Duration::from_secs(600),
+            )?,
         }
     };
 
@@ -311,17 +413,42 @@ fn to_mode(m: RawMode) -> Mode {
 fn validate_native(cx: &Ctx<'_>, n: &Spanned<RawNative>) -> Result<NativeExec, ManifestError> {
     let r = n.get_ref();
     match (&r.command, &r.unit) {
-        (Some(_), Some(u)) => cx.err(u.span().start, "native: expected either `command` or `unit`, not both"),
-        (None, None) => cx.err(n.span().start, "native: expected `command` (a program to run) or `unit` (an existing systemd unit)"),
+        (Some(_), Some(u)) => cx.err(
+            u.span().start,
+            "native: expected either `command` or `unit`, not both",
+        ),
+        (None, None) => cx.err(
+            n.span().start,
+            "native: expected `command` (a program to run) or `unit` (an existing systemd unit)",
+        ),
         (None, Some(u)) => {
             let unit = u.get_ref();
-            let valid_chars = unit.chars().all(|c| c.is_ascii_alphanumeric() || ":_.\\@-".contains(c));
-            if !valid_chars || !unit.ends_with(".service") || unit.len() <= ".service".len() || unit.len() > 255 {
+            let valid_chars = unit
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || ":_.\\@-".contains(c));
+            if !valid_chars
+                || !unit.ends_with(".service")
+                || unit.len() <= ".service".len()
+                || unit.len() > 255
+            {
                 return cx.err(u.span().start, format!("native.unit: expected a systemd service name such as \"ollama.service\", found \"{unit}\""));
             }
-            for (key, v) in [("native.environment", r.environment.as_ref().map(|s| s.span().start)), ("native.working_directory", r.working_directory.as_ref().map(|s| s.span().start)), ("native.user", r.user.as_ref().map(|s| s.span().start))] {
+            for (key, v) in [
+                (
+                    "native.environment",
+                    r.environment.as_ref().map(|s| s.span().start),
+                ),
+                (
+                    "native.working_directory",
+                    r.working_directory.as_ref().map(|s| s.span().start),
+                ),
+                ("native.user", r.user.as_ref().map(|s| s.span().start)),
+            ] {
                 if let Some(off) = v {
-                    return cx.err(off, format!("{key}: not allowed with `unit` (the unit defines it)"));
+                    return cx.err(
+                        off,
+                        format!("{key}: not allowed with `unit` (the unit defines it)"),
+                    );
                 }
             }
             Ok(NativeExec::Unit(unit.clone()))
@@ -329,11 +456,17 @@ fn validate_native(cx: &Ctx<'_>, n: &Spanned<RawNative>) -> Result<NativeExec, M
         (Some(cmd), None) => {
             let argv = cmd.get_ref();
             if argv.is_empty() || argv[0].is_empty() {
-                return cx.err(cmd.span().start, "native.command: expected a non-empty list: the program and its arguments");
+                return cx.err(
+                    cmd.span().start,
+                    "native.command: expected a non-empty list: the program and its arguments",
+                );
             }
             for a in argv {
                 if a.contains('\0') {
-                    return cx.err(cmd.span().start, "native.command: arguments must not contain NUL bytes");
+                    return cx.err(
+                        cmd.span().start,
+                        "native.command: arguments must not contain NUL bytes",
+                    );
                 }
                 cx.placeholders(a, cmd.span().start, "native.command")?;
             }
@@ -343,7 +476,13 @@ fn validate_native(cx: &Ctx<'_>, n: &Spanned<RawNative>) -> Result<NativeExec, M
                 Some(w) => {
                     cx.placeholders(w.get_ref(), w.span().start, "native.working_directory")?;
                     if !w.get_ref().starts_with('/') && !w.get_ref().starts_with("${state_dir}") {
-                        return cx.err(w.span().start, format!("native.working_directory: expected an absolute path, found \"{}\"", w.get_ref()));
+                        return cx.err(
+                            w.span().start,
+                            format!(
+                                "native.working_directory: expected an absolute path, found \"{}\"",
+                                w.get_ref()
+                            ),
+                        );
                     }
                     Some(PathBuf::from(w.get_ref()))
                 }
@@ -352,23 +491,40 @@ fn validate_native(cx: &Ctx<'_>, n: &Spanned<RawNative>) -> Result<NativeExec, M
                 None => None,
                 Some(u) => {
                     let s = u.get_ref();
-                    let ok = !s.is_empty() && s.len() <= 32 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') && !s.starts_with('-');
+                    let ok = !s.is_empty()
+                        && s.len() <= 32
+                        && s.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                        && !s.starts_with('-');
                     if !ok {
-                        return cx.err(u.span().start, format!("native.user: expected a user name, found \"{s}\""));
+                        return cx.err(
+                            u.span().start,
+                            format!("native.user: expected a user name, found \"{s}\""),
+                        );
                     }
                     Some(s.clone())
                 }
             };
-            Ok(NativeExec::Command { argv: argv.clone(), environment, working_directory, user })
+            Ok(NativeExec::Command {
+                argv: argv.clone(),
+                environment,
+                working_directory,
+                user,
+            })
         }
     }
 }
 
-fn validate_container(cx: &Ctx<'_>, c: &Spanned<RawContainer>) -> Result<ContainerSpec, ManifestError> {
+fn validate_container(
+    cx: &Ctx<'_>,
+    c: &Spanned<RawContainer>,
+) -> Result<ContainerSpec, ManifestError> {
     let r = c.get_ref();
     let image = match &r.image {
         None => return cx.err(c.span().start, "container: expected `image`"),
-        Some(i) if i.get_ref().trim().is_empty() || i.get_ref().chars().any(|c| c.is_whitespace()) => {
+        Some(i)
+            if i.get_ref().trim().is_empty() || i.get_ref().chars().any(|c| c.is_whitespace()) =>
+        {
             return cx.err(i.span().start, format!("container.image: expected an image reference such as \"localhost/llama-server:latest\", found \"{}\"", i.get_ref()));
         }
         Some(i) => i.get_ref().clone(),
@@ -379,11 +535,17 @@ fn validate_container(cx: &Ctx<'_>, c: &Spanned<RawContainer>) -> Result<Contain
     }
     let mut ports = Vec::new();
     for p in r.ports.iter().flatten() {
-        ports.push(parse_port(p.get_ref()).or_else(|e| cx.err(p.span().start, format!("container.ports: {e}")))?);
+        ports.push(
+            parse_port(p.get_ref())
+                .or_else(|e| cx.err(p.span().start, format!("container.ports: {e}")))?,
+        );
     }
     let mut volumes = Vec::new();
     for v in r.volumes.iter().flatten() {
-        volumes.push(parse_volume(v.get_ref()).or_else(|e| cx.err(v.span().start, format!("container.volumes: {e}")))?);
+        volumes.push(
+            parse_volume(v.get_ref())
+                .or_else(|e| cx.err(v.span().start, format!("container.volumes: {e}")))?,
+        );
     }
     let environment = cx.environment(&r.environment, "container.environment")?;
     let gpus = match &r.gpus {
@@ -411,12 +573,24 @@ fn validate_container(cx: &Ctx<'_>, c: &Spanned<RawContainer>) -> Result<Contain
         None | Some(RawPull::Never) => Pull::Never,
         Some(RawPull::Missing) => Pull::Missing,
     };
-    Ok(ContainerSpec { image, command, ports, volumes, environment, gpus, pull })
+    Ok(ContainerSpec {
+        image,
+        command,
+        ports,
+        volumes,
+        environment,
+        gpus,
+        pull,
+    })
 }
 
 /// `ADDR:HOST_PORT:CONTAINER_PORT[/tcp|/udp]`, the host address explicit (IPv6 in brackets).
 fn parse_port(s: &str) -> Result<PortMap, String> {
-    let expected = || format!("expected \"HOST_ADDRESS:HOST_PORT:CONTAINER_PORT\" with an explicit host address such as \"127.0.0.1:8080:8080\", found \"{s}\"");
+    let expected = || {
+        format!(
+            "expected \"HOST_ADDRESS:HOST_PORT:CONTAINER_PORT\" with an explicit host address such as \"127.0.0.1:8080:8080\", found \"{s}\""
+        )
+    };
     let (spec, protocol) = match s.rsplit_once('/') {
         Some((a, p @ ("tcp" | "udp"))) => (a, p.to_string()),
         Some(_) => return Err(expected()),
@@ -438,11 +612,20 @@ fn parse_port(s: &str) -> Result<PortMap, String> {
     if host_port == 0 || container_port == 0 {
         return Err(expected());
     }
-    Ok(PortMap { host_ip, host_port, container_port, protocol })
+    Ok(PortMap {
+        host_ip,
+        host_port,
+        container_port,
+        protocol,
+    })
 }
 
 fn parse_volume(s: &str) -> Result<Volume, String> {
-    let expected = || format!("expected \"/HOST/PATH:/CONTAINER/PATH[:ro|:rw]\" with absolute paths, found \"{s}\"");
+    let expected = || {
+        format!(
+            "expected \"/HOST/PATH:/CONTAINER/PATH[:ro|:rw]\" with absolute paths, found \"{s}\""
+        )
+    };
     let parts: Vec<&str> = s.split(':').collect();
     let (src, dst, ro) = match parts.as_slice() {
         [a, b] => (*a, *b, false),
@@ -453,10 +636,17 @@ fn parse_volume(s: &str) -> Result<Volume, String> {
     if !is_absolute_clean(src) || !is_absolute_clean(dst) {
         return Err(expected());
     }
-    Ok(Volume { source: src.into(), target: dst.into(), read_only: ro })
+    Ok(Volume {
+        source: src.into(),
+        target: dst.into(),
+        read_only: ro,
+    })
 }
 
-fn validate_health(cx: &Ctx<'_>, h: Option<&Spanned<RawHealth>>) -> Result<HealthSpec, ManifestError> {
+fn validate_health(
+    cx: &Ctx<'_>,
+    h: Option<&Spanned<RawHealth>>,
+) -> Result<HealthSpec, ManifestError> {
     let Some(h) = h else {
         return Ok(HealthSpec {
             probe: None,
@@ -468,32 +658,53 @@ fn validate_health(cx: &Ctx<'_>, h: Option<&Spanned<RawHealth>>) -> Result<Healt
         });
     };
     let r = h.get_ref();
-    let set = [r.http.is_some(), r.tcp.is_some(), r.exec.is_some()].iter().filter(|b| **b).count();
+    let set = [r.http.is_some(), r.tcp.is_some(), r.exec.is_some()]
+        .iter()
+        .filter(|b| **b)
+        .count();
     if set > 1 {
-        return cx.err(h.span().start, "health: expected only one of `http`, `tcp`, `exec`");
+        return cx.err(
+            h.span().start,
+            "health: expected only one of `http`, `tcp`, `exec`",
+        );
     }
     let probe = if let Some(u) = &r.http {
         let url = u.get_ref();
         let ok = url.strip_prefix("http://").is_some_and(|rest| {
             let hostport = rest.split('/').next().unwrap_or("");
-            hostport.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+            hostport
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
         });
         if !ok {
             return cx.err(u.span().start, format!("health.http: expected a URL such as \"http://127.0.0.1:8080/health\" (http, explicit port), found \"{url}\""));
         }
-        Some(Probe::Http { url: url.clone(), expect: r.expect.clone() })
+        Some(Probe::Http {
+            url: url.clone(),
+            expect: r.expect.clone(),
+        })
     } else if let Some(t) = &r.tcp {
         let a = t.get_ref();
-        let ok = a.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+        let ok = a
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
         if !ok {
-            return cx.err(t.span().start, format!("health.tcp: expected \"HOST:PORT\", found \"{a}\""));
+            return cx.err(
+                t.span().start,
+                format!("health.tcp: expected \"HOST:PORT\", found \"{a}\""),
+            );
         }
         Some(Probe::Tcp { address: a.clone() })
     } else if let Some(e) = &r.exec {
         if e.get_ref().is_empty() || e.get_ref()[0].is_empty() {
-            return cx.err(e.span().start, "health.exec: expected a non-empty list: the program and its arguments");
+            return cx.err(
+                e.span().start,
+                "health.exec: expected a non-empty list: the program and its arguments",
+            );
         }
-        Some(Probe::Exec { argv: e.get_ref().clone() })
+        Some(Probe::Exec {
+            argv: e.get_ref().clone(),
+        })
     } else {
         None
     };
@@ -504,7 +715,11 @@ fn validate_health(cx: &Ctx<'_>, h: Option<&Spanned<RawHealth>>) -> Result<Healt
         probe,
         interval: cx.duration(&r.interval, "health.interval", Duration::from_secs(5))?,
         timeout: cx.duration(&r.timeout, "health.timeout", Duration::from_secs(2))?,
-        start_timeout: cx.duration(&r.start_timeout, "health.start_timeout", Duration::from_secs(600))?,
+        start_timeout: cx.duration(
+            &r.start_timeout,
+            "health.start_timeout",
+            Duration::from_secs(600),
+        )?,
         failures: cx.count(&r.failures, "health.failures", 1, 1000, 3)?,
         successes: cx.count(&r.successes, "health.successes", 1, 1000, 1)?,
     })

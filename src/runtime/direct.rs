@@ -11,7 +11,9 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
 use tokio::sync::{mpsc, watch};
 
-use super::{BoxFuture, ExitInfo, NativeBackend, RunHandle, RunRequest, RuntimeError, RuntimeEvent};
+use super::{
+    BoxFuture, ExitInfo, NativeBackend, RunHandle, RunRequest, RuntimeError, RuntimeEvent,
+};
 use crate::journal::{OutputSink, Stream};
 use crate::reaper;
 
@@ -45,7 +47,11 @@ impl NativeBackend for DirectBackend {
         "direct"
     }
 
-    fn start(&self, req: RunRequest, events: mpsc::UnboundedSender<RuntimeEvent>) -> Result<RunHandle, RuntimeError> {
+    fn start(
+        &self,
+        req: RunRequest,
+        events: mpsc::UnboundedSender<RuntimeEvent>,
+    ) -> Result<RunHandle, RuntimeError> {
         let mut cmd = Command::new(&req.argv[0]);
         cmd.args(&req.argv[1..])
             .env_clear()
@@ -63,14 +69,20 @@ impl NativeBackend for DirectBackend {
         // SAFETY: between fork and exec only async-signal-safe calls are made (setrlimit).
         unsafe {
             cmd.pre_exec(|| {
-                let zero = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+                let zero = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
                 if libc::setrlimit(libc::RLIMIT_CORE, &zero) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
             });
         }
-        let mut child = reaper::spawn(&mut cmd).map_err(|source| RuntimeError::Spawn { program: req.argv[0].clone(), source })?;
+        let mut child = reaper::spawn(&mut cmd).map_err(|source| RuntimeError::Spawn {
+            program: req.argv[0].clone(),
+            source,
+        })?;
         let pid = child.id().unwrap_or(0);
         let pgid = pid as i32;
         if let Some(out) = child.stdout.take() {
@@ -101,9 +113,17 @@ impl NativeBackend for DirectBackend {
             // Like KillMode=control-group: nothing of the module outlives its main process.
             signal_group(pgid, Signal::SIGKILL);
             let _ = exited_tx.send(true);
-            let _ = events.send(RuntimeEvent::Exited { name, generation, info });
+            let _ = events.send(RuntimeEvent::Exited {
+                name,
+                generation,
+                info,
+            });
         });
-        Ok(RunHandle { pid, pgid, exited: exited_rx })
+        Ok(RunHandle {
+            pid,
+            pgid,
+            exited: exited_rx,
+        })
     }
 
     fn stop(&self, handle: &RunHandle, timeout: Duration) -> BoxFuture<()> {
@@ -111,11 +131,17 @@ impl NativeBackend for DirectBackend {
         let mut exited = handle.exited.clone();
         Box::pin(async move {
             signal_group(pgid, Signal::SIGTERM);
-            let gone = tokio::time::timeout(timeout, exited.wait_for(|e| *e)).await.is_ok();
+            let gone = tokio::time::timeout(timeout, exited.wait_for(|e| *e))
+                .await
+                .is_ok();
             if !gone {
-                tracing::warn!("process group {pgid} still running {timeout:?} after SIGTERM: sending SIGKILL");
+                tracing::warn!(
+                    "process group {pgid} still running {timeout:?} after SIGTERM: sending SIGKILL"
+                );
                 signal_group(pgid, Signal::SIGKILL);
-                let gone = tokio::time::timeout(Duration::from_secs(5), exited.wait_for(|e| *e)).await.is_ok();
+                let gone = tokio::time::timeout(Duration::from_secs(5), exited.wait_for(|e| *e))
+                    .await
+                    .is_ok();
                 if !gone {
                     tracing::error!("process group {pgid} survived SIGKILL for 5s");
                 }

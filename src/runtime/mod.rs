@@ -47,7 +47,11 @@ impl fmt::Display for ExitInfo {
 /// What the backend reports to the supervisor.
 #[derive(Debug)]
 pub enum RuntimeEvent {
-    Exited { name: String, generation: u64, info: ExitInfo },
+    Exited {
+        name: String,
+        generation: u64,
+        info: ExitInfo,
+    },
 }
 
 /// Everything needed to start one native process.
@@ -75,14 +79,21 @@ pub struct RunHandle {
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error("cannot start {program}: {source}")]
-    Spawn { program: String, source: std::io::Error },
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
 }
 
 /// A native execution backend (direct children today; systemd units later).
 pub trait NativeBackend: Send + Sync {
     /// "direct" or "systemd", as the `NativeBackend` property shows it.
     fn kind(&self) -> &'static str;
-    fn start(&self, req: RunRequest, events: mpsc::UnboundedSender<RuntimeEvent>) -> Result<RunHandle, RuntimeError>;
+    fn start(
+        &self,
+        req: RunRequest,
+        events: mpsc::UnboundedSender<RuntimeEvent>,
+    ) -> Result<RunHandle, RuntimeError>;
     /// Stops the process and everything it started; resolves once the main process is gone.
     fn stop(&self, handle: &RunHandle, timeout: Duration) -> BoxFuture<()>;
 }

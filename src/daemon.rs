@@ -1,0 +1,222 @@
+//! modvisord: wiring of config, supervisor, bus, signals, inotify, sd_notify and the watchdog.
+//! One ordered shutdown path: signal -> STOPPING=1 -> stop modules -> release the bus.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::{BusChoice, Config, NativeBackendChoice};
+use crate::dbus::embedded::EmbeddedBus;
+use crate::dbus::{self, BUS_NAME};
+use crate::journal::Journal;
+use crate::runtime::NativeBackend;
+use crate::runtime::direct::DirectBackend;
+use crate::supervisor::{self, Command, Handle};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("config: {0}")]
+    Config(#[from] crate::manifest::ManifestError),
+    #[error("{0}")]
+    Setup(String),
+    #[error("D-Bus: {0}")]
+    Bus(#[from] zbus::Error),
+}
+
+/// Options the command line adds to the config file.
+#[derive(Debug, Default, Clone)]
+pub struct Options {
+    pub config: Option<PathBuf>,
+    pub bus_address: Option<String>,
+    pub embedded_bus: bool,
+}
+
+fn notify(states: &[NotifyState<'_>]) {
+    // Without NOTIFY_SOCKET this is a no-op; a failure to notify is logged, never fatal.
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::debug!("sd_notify: {e}");
+    }
+}
+
+enum Bus {
+    Given,
+    System,
+    Embedded(EmbeddedBus),
+}
+
+async fn connect_bus(cfg: &Config, opts: &Options) -> Result<(zbus::Connection, Bus), DaemonError> {
+    if let Some(addr) = opts.bus_address.clone().or_else(|| cfg.bus_address.clone()) {
+        let c = zbus::connection::Builder::address(addr.as_str()).build().await?;
+        return Ok((c, Bus::Given));
+    }
+    let choice = if opts.embedded_bus { BusChoice::Embedded } else { cfg.bus };
+    if choice != BusChoice::Embedded {
+        match zbus::Connection::system().await {
+            Ok(c) => {
+                // Only keep the system bus if it lets us own the name (the policy file is installed).
+                match c.request_name(BUS_NAME).await {
+                    Ok(()) => return Ok((c, Bus::System)),
+                    Err(e) if choice == BusChoice::System => {
+                        return Err(DaemonError::Setup(format!("cannot own {BUS_NAME} on the system bus: {e}")));
+                    }
+                    Err(e) => tracing::warn!("the system bus refused {BUS_NAME} ({e}): using the embedded bus"),
+                }
+            }
+            Err(e) if choice == BusChoice::System => return Err(DaemonError::Bus(e)),
+            Err(_) => tracing::info!("no system bus: using the embedded bus"),
+        }
+    }
+    let eb = EmbeddedBus::start(&cfg.runtime).await.map_err(|e| DaemonError::Setup(e.to_string()))?;
+    let c = zbus::connection::Builder::address(eb.address.as_str()).build().await?;
+    Ok((c, Bus::Embedded(eb)))
+}
+
+/// The directories to watch: each module directory, or its nearest existing ancestor so that
+/// creating the directory later is noticed too.
+fn watch_targets(dirs: &[PathBuf]) -> BTreeSet<PathBuf> {
+    dirs.iter()
+        .filter_map(|d| d.ancestors().find(|a| a.is_dir()).map(Path::to_path_buf))
+        .collect()
+}
+
+/// Watches the module directories; every burst of events (debounced 100 ms) asks for a reload.
+fn spawn_watcher(dirs: Vec<PathBuf>, handle: Handle) -> Result<(), DaemonError> {
+    use notify::{RecursiveMode, Watcher};
+    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if res.is_ok() {
+            let _ = tx.send(());
+        }
+    })
+    .map_err(|e| DaemonError::Setup(format!("inotify: {e}")))?;
+    let mut watched = watch_targets(&dirs);
+    for d in &watched {
+        if let Err(e) = watcher.watch(d, RecursiveMode::NonRecursive) {
+            tracing::warn!("cannot watch {}: {e}", d.display());
+        }
+    }
+    tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            while let Ok(Some(())) = tokio::time::timeout(Duration::from_millis(100), rx.recv()).await {}
+            // Directories may have appeared or gone: follow them.
+            let now = watch_targets(&dirs);
+            for gone in watched.difference(&now) {
+                let _ = watcher.unwatch(gone);
+            }
+            for new in now.difference(&watched) {
+                if let Err(e) = watcher.watch(new, RecursiveMode::NonRecursive) {
+                    tracing::warn!("cannot watch {}: {e}", new.display());
+                }
+            }
+            watched = now;
+            match handle.reload().await {
+                Ok(errs) if !errs.is_empty() => tracing::debug!("reload after a change: {} manifest errors", errs.len()),
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Sends WATCHDOG=1 at half the watchdog interval, but only while the supervisor answers.
+fn spawn_watchdog(handle: Handle) {
+    let Some(period) = sd_notify::watchdog_enabled() else { return };
+    let every = period / 2;
+    tokio::spawn(async move {
+        let mut t = tokio::time::interval(every);
+        loop {
+            t.tick().await;
+            let (tx, rx) = oneshot::channel();
+            if handle.commands.send(Command::Ping(tx)).await.is_err() {
+                return;
+            }
+            if tokio::time::timeout(every, rx).await.is_ok_and(|r| r.is_ok()) {
+                notify(&[NotifyState::Watchdog]);
+            } else {
+                tracing::error!("the supervisor did not answer within {every:?}: withholding WATCHDOG=1");
+            }
+        }
+    });
+}
+
+pub async fn run(opts: Options) -> Result<(), DaemonError> {
+    let cfg = Arc::new(Config::load(opts.config.as_deref())?);
+    crate::reaper::become_subreaper().map_err(|e| DaemonError::Setup(format!("become child subreaper: {e}")))?;
+    tokio::spawn(async {
+        if let Err(e) = crate::reaper::run().await {
+            tracing::error!("reaper: {e}");
+        }
+    });
+    for d in [&cfg.state, &cfg.runtime] {
+        std::fs::create_dir_all(d).map_err(|e| DaemonError::Setup(format!("create {}: {e}", d.display())))?;
+    }
+    let native: Option<Arc<dyn NativeBackend>> = match cfg.native_backend {
+        NativeBackendChoice::Auto | NativeBackendChoice::Direct => Some(Arc::new(DirectBackend)),
+        NativeBackendChoice::Systemd => {
+            return Err(DaemonError::Setup("native_backend = \"systemd\" is not supported by this version; use \"auto\" or \"direct\"".into()));
+        }
+    };
+    let journal = Journal::connect().map(Arc::new);
+
+    let (handle, ready, sup_task) = supervisor::spawn(cfg.clone(), native, journal);
+    let (conn, bus) = connect_bus(&cfg, &opts).await?;
+    dbus::server::serve(&conn, handle.clone()).await?;
+    // Wait for the first reconcile so the module objects exist before the name appears.
+    ready.await.map_err(|_| DaemonError::Setup("the supervisor ended during start-up".into()))?;
+    let publisher = dbus::server::Publisher::new(conn.clone(), handle.state.clone()).await?;
+    tokio::spawn(publisher.run());
+    if !matches!(bus, Bus::System) {
+        conn.request_name(BUS_NAME).await?;
+    }
+    spawn_watcher(cfg.modules.clone(), handle.clone())?;
+    spawn_watchdog(handle.clone());
+
+    let summary = handle.state.borrow().summary();
+    notify(&[NotifyState::Ready, NotifyState::Status(&summary)]);
+    tracing::info!("modvisord {} ready: {summary}", env!("CARGO_PKG_VERSION"));
+
+    let mut term = signal(SignalKind::terminate()).map_err(|e| DaemonError::Setup(e.to_string()))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| DaemonError::Setup(e.to_string()))?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| DaemonError::Setup(e.to_string()))?;
+    let mut state = handle.state.clone();
+    let why = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = hup.recv() => {
+                notify(&[NotifyState::Reloading]);
+                let errs = handle.reload().await.unwrap_or_default();
+                tracing::info!("SIGHUP: manifests reloaded, {} errors", errs.len());
+                let s = handle.state.borrow().summary();
+                notify(&[NotifyState::Ready, NotifyState::Status(&s)]);
+            }
+            r = state.changed() => {
+                if r.is_err() {
+                    break "the supervisor ended";
+                }
+                let s = state.borrow_and_update().summary();
+                notify(&[NotifyState::Status(&s)]);
+            }
+        }
+    };
+    tracing::info!("{why}: stopping");
+    notify(&[NotifyState::Stopping, NotifyState::Status("stopping modules")]);
+    let (tx, rx) = oneshot::channel();
+    if handle.commands.send(Command::Shutdown(tx)).await.is_ok() {
+        let _ = rx.await;
+    }
+    let _ = sup_task.await;
+    let _ = conn.release_name(BUS_NAME).await;
+    drop(conn);
+    if let Bus::Embedded(eb) = bus {
+        eb.stop().await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

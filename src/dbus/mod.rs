@@ -1,0 +1,47 @@
+//! The `org.modvisor1` D-Bus face (thin: methods forward to the supervisor handle) and the
+//! client proxies `modvisorctl` and the tests use.
+
+pub mod client;
+pub mod embedded;
+pub mod server;
+
+pub const BUS_NAME: &str = "org.modvisor1";
+pub const MANAGER_PATH: &str = "/org/modvisor1";
+pub const MANAGER_IFACE: &str = "org.modvisor1.Manager";
+pub const MODULE_IFACE: &str = "org.modvisor1.Module";
+/// The group whose members may change things (besides root).
+pub const ADMIN_GROUP: &str = "modvisor";
+
+/// Escapes a module name into one object path element, as systemd does for unit names:
+/// everything but `[A-Za-z0-9]` becomes `_XX` (hex).
+pub fn escape_path_element(name: &str) -> String {
+    if name.is_empty() {
+        return "_".into();
+    }
+    let mut out = String::with_capacity(name.len() * 2);
+    for (i, b) in name.bytes().enumerate() {
+        if b.is_ascii_alphanumeric() && !(i == 0 && b.is_ascii_digit()) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("_{b:02x}"));
+        }
+    }
+    out
+}
+
+pub fn module_path(name: &str) -> String {
+    format!("{MANAGER_PATH}/module/{}", escape_path_element(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaping() {
+        assert_eq!(escape_path_element("llama-chat"), "llama_2dchat");
+        assert_eq!(escape_path_element("a_b"), "a_5fb");
+        assert_eq!(escape_path_element("0x"), "_30x");
+        assert_eq!(module_path("web"), "/org/modvisor1/module/web");
+    }
+}

@@ -1,0 +1,120 @@
+//! The published state: what the supervisor shows the world (D-Bus, sd_notify STATUS=).
+//! Plain data, replaced whole on every change (`watch` channel of `Arc<Snapshot>`).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum State {
+    Inactive,
+    Starting,
+    Running,
+    Stopping,
+    Failed,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Inactive => "inactive",
+            State::Starting => "starting",
+            State::Running => "running",
+            State::Stopping => "stopping",
+            State::Failed => "failed",
+        }
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Health, ordered from best to worst (the manager's `Health` is the worst of its modules).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Health {
+    Online,
+    Unknown,
+    Degraded,
+    Offline,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Online => "online",
+            Health::Degraded => "degraded",
+            Health::Offline => "offline",
+            Health::Unknown => "unknown",
+        }
+    }
+}
+
+impl fmt::Display for Health {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleStatus {
+    pub name: String,
+    pub description: String,
+    pub mode: String,
+    pub mode_reason: String,
+    pub backend: String,
+    pub state: State,
+    pub health: Health,
+    pub health_reason: String,
+    pub unit: String,
+    pub container_id: String,
+    pub main_pid: u32,
+    pub memory_bytes: u64,
+    pub memory_max_bytes: u64,
+    pub vram_bytes: u64,
+    pub restarts: u32,
+    pub active_model: String,
+    /// µs since the epoch of the last state change.
+    pub since_us: u64,
+    pub manifest_path: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Snapshot {
+    pub modules: BTreeMap<String, ModuleStatus>,
+    /// (manifest file, error)
+    pub manifest_errors: Vec<(String, String)>,
+    pub native_backend: String,
+    pub container_engine: String,
+}
+
+impl Snapshot {
+    /// The worst health of all modules ("online" when there are none).
+    pub fn health(&self) -> Health {
+        self.modules
+            .values()
+            .map(|m| m.health)
+            .max()
+            .unwrap_or(Health::Online)
+    }
+
+    pub fn count(&self, h: Health) -> u32 {
+        self.modules.values().filter(|m| m.health == h).count() as u32
+    }
+
+    /// One line for `STATUS=`.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "{} modules: {} online, {} degraded, {} offline",
+            self.modules.len(),
+            self.count(Health::Online),
+            self.count(Health::Degraded),
+            self.count(Health::Offline)
+        );
+        if !self.manifest_errors.is_empty() {
+            s.push_str(&format!("; {} manifest errors", self.manifest_errors.len()));
+        }
+        s
+    }
+}

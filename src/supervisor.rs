@@ -1,0 +1,1228 @@
+//! The supervisor: one actor that owns the module table.
+//!
+//! Everything else sends it [`Command`]s and watches the [`Snapshot`] it publishes; runtime
+//! exits, probe results and timers come back to it as [`Event`]s. Nothing here blocks: stops
+//! run in their own tasks and report through the runtime's exit event.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::AbortHandle;
+
+use crate::config::Config;
+use crate::health::{self, Hysteresis, ProbeResult};
+use crate::journal::{Journal, OutputSink};
+use crate::manifest::{self, ManifestError, Mode, Module, NativeExec};
+use crate::policy::{self, Availability, Decision};
+use crate::runtime::{ExitInfo, NativeBackend, RunHandle, RunRequest, RuntimeEvent};
+use crate::state::{Health, ModuleStatus, Snapshot, State};
+
+/// Stable journal MESSAGE_IDs.
+pub const MSG_STATE_CHANGED: &str = "5e1b0a3c7d2f4e6a9b8c1d0e2f3a4b5c";
+pub const MSG_MANIFEST_ERROR: &str = "8a7c2e1f0b3d4c5e6f7a8b9c0d1e2f3a";
+pub const MSG_MODEL_ACTIVATION: &str = "c3d4e5f60718293a4b5c6d7e8f901a2b";
+
+/// Errors of operations, mapped 1:1 to `org.modvisor1.Error.*`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpError {
+    #[error("{0}")]
+    NoSuchModule(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotAllowed(String),
+    #[error("{0}")]
+    Busy(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+type Reply<T> = oneshot::Sender<Result<T, OpError>>;
+
+/// What the outside asks of the supervisor.
+pub enum Command {
+    Start(String, Reply<()>),
+    Stop(String, Reply<()>),
+    Restart(String, Reply<()>),
+    Reload(oneshot::Sender<Vec<(String, String)>>),
+    SetModeOverride(String, String, Reply<()>),
+    Explain(String, Reply<String>),
+    ActivateModel(String, String, Reply<()>),
+    /// Answered when the actor's loop is alive (watchdog).
+    Ping(oneshot::Sender<()>),
+    /// Stop every module, then end the actor.
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// What comes back to the supervisor from its own tasks.
+#[derive(Debug)]
+pub enum Event {
+    Runtime(RuntimeEvent),
+    RestartDue {
+        name: String,
+        generation: u64,
+    },
+    Probe {
+        name: String,
+        generation: u64,
+        result: ProbeResult,
+    },
+    StartTimeout {
+        name: String,
+        generation: u64,
+    },
+    MemoryTick,
+    Memory(HashMap<String, u64>),
+}
+
+/// A client's handle on the supervisor.
+#[derive(Clone)]
+pub struct Handle {
+    pub commands: mpsc::Sender<Command>,
+    pub state: watch::Receiver<Arc<Snapshot>>,
+}
+
+impl Handle {
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, OpError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(make(tx))
+            .await
+            .map_err(|_| OpError::Failed("the supervisor has stopped".into()))?;
+        rx.await
+            .map_err(|_| OpError::Failed("the supervisor dropped the request".into()))?
+    }
+    pub async fn start(&self, name: &str) -> Result<(), OpError> {
+        self.ask(|r| Command::Start(name.into(), r)).await
+    }
+    pub async fn stop(&self, name: &str) -> Result<(), OpError> {
+        self.ask(|r| Command::Stop(name.into(), r)).await
+    }
+    pub async fn restart(&self, name: &str) -> Result<(), OpError> {
+        self.ask(|r| Command::Restart(name.into(), r)).await
+    }
+    pub async fn set_mode_override(&self, name: &str, mode: &str) -> Result<(), OpError> {
+        self.ask(|r| Command::SetModeOverride(name.into(), mode.into(), r))
+            .await
+    }
+    pub async fn explain(&self, name: &str) -> Result<String, OpError> {
+        self.ask(|r| Command::Explain(name.into(), r)).await
+    }
+    pub async fn activate_model(&self, name: &str, model: &str) -> Result<(), OpError> {
+        self.ask(|r| Command::ActivateModel(name.into(), model.into(), r))
+            .await
+    }
+    pub async fn reload(&self) -> Result<Vec<(String, String)>, OpError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Reload(tx))
+            .await
+            .map_err(|_| OpError::Failed("the supervisor has stopped".into()))?;
+        rx.await
+            .map_err(|_| OpError::Failed("the supervisor dropped the request".into()))
+    }
+}
+
+/// Restart budget: at most `max` restarts within a sliding `window`.
+#[derive(Debug, Clone)]
+pub struct RestartBudget {
+    max: u32,
+    window: Duration,
+    history: VecDeque<Instant>,
+}
+
+impl RestartBudget {
+    pub fn new(max: u32, window: Duration) -> Self {
+        RestartBudget {
+            max,
+            window,
+            history: VecDeque::new(),
+        }
+    }
+
+    /// Records a restart at `now` if the budget allows one; returns the number of restarts
+    /// in the window including this one, or None when the budget is spent.
+    pub fn try_take(&mut self, now: Instant) -> Option<u32> {
+        while let Some(&t) = self.history.front() {
+            if now.duration_since(t) >= self.window {
+                self.history.pop_front();
+            } else {
+                break;
+            }
+        }
+        if self.history.len() as u32 >= self.max {
+            return None;
+        }
+        self.history.push_back(now);
+        Some(self.history.len() as u32)
+    }
+
+    pub fn reset(&mut self) {
+        self.history.clear();
+    }
+}
+
+struct Running {
+    generation: u64,
+    handle: RunHandle,
+    probe: Option<AbortHandle>,
+    hysteresis: Hysteresis,
+    /// Set when the supervisor itself ended the process because it never became healthy.
+    start_timed_out: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AfterStop {
+    Nothing,
+    Start,
+    Remove,
+}
+
+struct Entry {
+    module: Module,
+    stem: String,
+    override_mode: Option<Mode>,
+    decision: Decision,
+    state: State,
+    health: Health,
+    reason: String,
+    since: SystemTime,
+    run: Option<Running>,
+    generation: u64,
+    stopping: bool,
+    after_stop: AfterStop,
+    stop_waiters: Vec<Reply<()>>,
+    restart_waiters: Vec<Reply<()>>,
+    budget: RestartBudget,
+    restarts: u32,
+    memory: u64,
+    active_model: Option<PathBuf>,
+}
+
+pub struct Supervisor {
+    cfg: Arc<Config>,
+    native: Option<Arc<dyn NativeBackend>>,
+    journal: Option<Arc<Journal>>,
+    modules: BTreeMap<String, Entry>,
+    manifest_errors: Vec<ManifestError>,
+    events_tx: mpsc::UnboundedSender<Event>,
+    runtime_tx: mpsc::UnboundedSender<RuntimeEvent>,
+    state_tx: watch::Sender<Arc<Snapshot>>,
+}
+
+fn now_us(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Substitutes `${model}`, `${model_file}`, `${name}`, `${state_dir}`.
+pub fn substitute(s: &str, name: &str, state_dir: &Path, model: Option<&Path>) -> String {
+    let model_s = model.map(|m| m.display().to_string()).unwrap_or_default();
+    let model_file = model
+        .and_then(|m| m.file_name())
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    s.replace("${model}", &model_s)
+        .replace("${model_file}", &model_file)
+        .replace("${name}", name)
+        .replace("${state_dir}", &state_dir.display().to_string())
+}
+
+/// Whether a program can be found: absolute and executable, or on the modules' PATH.
+fn program_exists(prog: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let exec = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    if prog.contains('/') {
+        return exec(Path::new(prog));
+    }
+    crate::runtime::direct::DEFAULT_PATH
+        .split(':')
+        .any(|d| exec(&Path::new(d).join(prog)))
+}
+
+/// Spawns the supervisor actor; returns its handle and a receiver that fires after the first
+/// reconcile (when the daemon may say READY=1).
+pub fn spawn(
+    cfg: Arc<Config>,
+    native: Option<Arc<dyn NativeBackend>>,
+    journal: Option<Arc<Journal>>,
+) -> (Handle, oneshot::Receiver<()>, tokio::task::JoinHandle<()>) {
+    let (cmd_tx, cmd_rx) = mpsc::channel(64);
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let (runtime_tx, runtime_rx) = mpsc::unbounded_channel();
+    let mut snap = Snapshot {
+        native_backend: native
+            .as_ref()
+            .map(|n| n.kind().to_string())
+            .unwrap_or_default(),
+        ..Snapshot::default()
+    };
+    snap.container_engine = String::new();
+    let (state_tx, state_rx) = watch::channel(Arc::new(snap));
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let sup = Supervisor {
+        cfg,
+        native,
+        journal,
+        modules: BTreeMap::new(),
+        manifest_errors: Vec::new(),
+        events_tx,
+        runtime_tx,
+        state_tx,
+    };
+    let task = tokio::spawn(sup.run(cmd_rx, events_rx, runtime_rx, ready_tx));
+    (
+        Handle {
+            commands: cmd_tx,
+            state: state_rx,
+        },
+        ready_rx,
+        task,
+    )
+}
+
+impl Supervisor {
+    async fn run(
+        mut self,
+        mut cmd_rx: mpsc::Receiver<Command>,
+        mut events_rx: mpsc::UnboundedReceiver<Event>,
+        mut runtime_rx: mpsc::UnboundedReceiver<RuntimeEvent>,
+        ready: oneshot::Sender<()>,
+    ) {
+        self.reload();
+        self.publish();
+        let _ = ready.send(());
+        let tick_tx = self.events_tx.clone();
+        let interval = self.cfg.monitor_interval;
+        let ticker = tokio::spawn(async move {
+            let mut t = tokio::time::interval(interval);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                t.tick().await;
+                if tick_tx.send(Event::MemoryTick).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut shutdown: Option<oneshot::Sender<()>> = None;
+        loop {
+            tokio::select! {
+                cmd = cmd_rx.recv(), if shutdown.is_none() => match cmd {
+                    Some(Command::Shutdown(done)) => {
+                        shutdown = Some(done);
+                        let names: Vec<String> = self.modules.keys().cloned().collect();
+                        for n in names {
+                            self.begin_stop(&n, AfterStop::Nothing);
+                        }
+                    }
+                    Some(c) => self.command(c),
+                    None => {
+                        // Every handle is gone: stop as if asked to.
+                        let (tx, _rx) = oneshot::channel();
+                        shutdown = Some(tx);
+                        let names: Vec<String> = self.modules.keys().cloned().collect();
+                        for n in names {
+                            self.begin_stop(&n, AfterStop::Nothing);
+                        }
+                    }
+                },
+                Some(ev) = runtime_rx.recv() => self.event(Event::Runtime(ev)),
+                Some(ev) = events_rx.recv() => self.event(ev),
+            }
+            self.publish();
+            if shutdown.is_some() && self.modules.values().all(|e| e.run.is_none()) {
+                break;
+            }
+        }
+        ticker.abort();
+        if let Some(done) = shutdown {
+            let _ = done.send(());
+        }
+    }
+
+    fn publish(&self) {
+        let snap = Snapshot {
+            modules: self
+                .modules
+                .iter()
+                .map(|(n, e)| (n.clone(), self.status(e)))
+                .collect(),
+            manifest_errors: self
+                .manifest_errors
+                .iter()
+                .map(|e| (e.path.display().to_string(), e.to_string()))
+                .collect(),
+            native_backend: self
+                .native
+                .as_ref()
+                .map(|n| n.kind().to_string())
+                .unwrap_or_default(),
+            container_engine: String::new(),
+        };
+        self.state_tx.send_if_modified(|cur| {
+            if **cur == snap {
+                false
+            } else {
+                *cur = Arc::new(snap);
+                true
+            }
+        });
+    }
+
+    fn status(&self, e: &Entry) -> ModuleStatus {
+        let m = &e.module;
+        let running_mode = e.decision.mode;
+        ModuleStatus {
+            name: m.name.clone(),
+            description: m.description.clone(),
+            mode: running_mode.map(|m| m.to_string()).unwrap_or_default(),
+            mode_reason: e.decision.reason.clone(),
+            backend: match running_mode {
+                Some(Mode::Native) => self
+                    .native
+                    .as_ref()
+                    .map(|n| n.kind().to_string())
+                    .unwrap_or_default(),
+                Some(Mode::Container) => String::new(),
+                None => String::new(),
+            },
+            state: e.state,
+            health: e.health,
+            health_reason: e.reason.clone(),
+            unit: String::new(),
+            container_id: String::new(),
+            main_pid: e.run.as_ref().map(|r| r.handle.pid).unwrap_or(0),
+            memory_bytes: if e.run.is_some() { e.memory } else { 0 },
+            memory_max_bytes: m.resources.memory_max.unwrap_or(0),
+            vram_bytes: 0,
+            restarts: e.restarts,
+            active_model: e
+                .active_model
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            since_us: now_us(e.since),
+            manifest_path: m.source.display().to_string(),
+        }
+    }
+
+    fn state_dir(&self, name: &str) -> PathBuf {
+        self.cfg.state.join("modules").join(name)
+    }
+
+    fn availability(&self, m: &Module) -> Availability {
+        availability(&self.native, m)
+    }
+
+    fn decide(&self, e: &Entry) -> Decision {
+        policy::decide(
+            &e.module,
+            &self.cfg.policy,
+            &self.availability(&e.module),
+            e.override_mode,
+        )
+    }
+
+    /// Changes state/health/reason, logging once per transition.
+    fn set(&mut self, name: &str, state: State, health: Health, reason: String) {
+        let Some(e) = self.modules.get_mut(name) else {
+            return;
+        };
+        if e.state == state && e.health == health && e.reason == reason {
+            return;
+        }
+        if e.state != state {
+            e.since = SystemTime::now();
+        }
+        let changed_health = e.health != health || e.state != state;
+        e.state = state;
+        e.health = health;
+        e.reason = reason;
+        if changed_health {
+            tracing::info!(
+                modvisor_module = name,
+                message_id = MSG_STATE_CHANGED,
+                modvisor_state = state.as_str(),
+                modvisor_health = health.as_str(),
+                "{name}: {state}, {health}: {}",
+                e.reason
+            );
+        }
+    }
+
+    fn read_active_model(&self, m: &Module) -> Option<PathBuf> {
+        let recorded = std::fs::read_to_string(self.state_dir(&m.name).join("active-model")).ok();
+        let recorded = recorded.map(|s| PathBuf::from(s.trim())).filter(|p| {
+            m.model
+                .as_ref()
+                .and_then(|mm| mm.directory.as_ref())
+                .is_some_and(|d| p.starts_with(d))
+        });
+        recorded.or_else(|| m.model.as_ref().and_then(|mm| mm.default.clone()))
+    }
+
+    // ---------------------------------------------------------------- manifests
+
+    fn reload(&mut self) -> Vec<(String, String)> {
+        let res = manifest::load_dirs(&self.cfg.modules);
+        for e in &res.errors {
+            tracing::error!(message_id = MSG_MANIFEST_ERROR, "manifest error: {e}");
+        }
+        self.manifest_errors = res.errors.clone();
+        // Removed manifests (not merely broken ones) stop their module.
+        let gone: Vec<String> = self
+            .modules
+            .iter()
+            .filter(|(n, e)| !res.modules.contains_key(*n) && !res.broken_stems.contains(&e.stem))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in gone {
+            tracing::info!(modvisor_module = %n, "manifest removed: stopping {n}");
+            if self.modules.get(&n).is_some_and(|e| e.run.is_some()) {
+                self.begin_stop(&n, AfterStop::Remove);
+            } else {
+                self.modules.remove(&n);
+            }
+        }
+        for (name, module) in res.modules {
+            let stem = module
+                .source
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            match self.modules.get_mut(&name) {
+                None => {
+                    let active_model = self.read_active_model(&module);
+                    let enabled = module.enabled;
+                    let mut e = Entry {
+                        budget: RestartBudget::new(module.restart.max, module.restart.window),
+                        module,
+                        stem,
+                        override_mode: None,
+                        decision: Decision {
+                            mode: None,
+                            reason: String::new(),
+                            fallback: false,
+                        },
+                        state: State::Inactive,
+                        health: Health::Offline,
+                        reason: "not started".into(),
+                        since: SystemTime::now(),
+                        run: None,
+                        generation: 0,
+                        stopping: false,
+                        after_stop: AfterStop::Nothing,
+                        stop_waiters: Vec::new(),
+                        restart_waiters: Vec::new(),
+                        restarts: 0,
+                        memory: 0,
+                        active_model,
+                    };
+                    e.decision = self.decide(&e);
+                    if !enabled {
+                        e.reason = "not started (enabled = false)".into();
+                    }
+                    self.modules.insert(name.clone(), e);
+                    if enabled {
+                        let _ = self.start(&name);
+                    }
+                }
+                Some(e) => {
+                    let differs = e.module.run_spec_differs(&module);
+                    let newly_enabled = module.enabled && !e.module.enabled;
+                    e.budget = RestartBudget::new(module.restart.max, module.restart.window);
+                    e.module = module;
+                    e.stem = stem;
+                    let d = policy::decide(
+                        &e.module,
+                        &self.cfg.policy,
+                        &availability(&self.native, &e.module),
+                        e.override_mode,
+                    );
+                    if let Some(e) = self.modules.get_mut(&name) {
+                        e.decision = d;
+                    }
+                    let running = self.modules.get(&name).is_some_and(|e| e.run.is_some());
+                    if differs && running {
+                        tracing::info!(modvisor_module = %name, "manifest changed what {name} runs: restarting");
+                        self.begin_stop(&name, AfterStop::Start);
+                    } else if newly_enabled && !running {
+                        let _ = self.start(&name);
+                    }
+                }
+            }
+        }
+        self.manifest_errors
+            .iter()
+            .map(|e| (e.path.display().to_string(), e.to_string()))
+            .collect()
+    }
+
+    // ---------------------------------------------------------------- commands
+
+    fn command(&mut self, c: Command) {
+        match c {
+            Command::Start(n, r) => {
+                let res = self.user_start(&n);
+                let _ = r.send(res);
+            }
+            Command::Stop(n, r) => match self.modules.get_mut(&n) {
+                None => {
+                    let _ = r.send(Err(no_such(&n)));
+                }
+                Some(e) => {
+                    // A pending restart is cancelled by a stop.
+                    e.generation += 1;
+                    if e.run.is_none() {
+                        if e.state != State::Failed {
+                            self.set(&n, State::Inactive, Health::Offline, "stopped".into());
+                        }
+                        let _ = r.send(Ok(()));
+                    } else {
+                        e.stop_waiters.push(r);
+                        self.begin_stop(&n, AfterStop::Nothing);
+                    }
+                }
+            },
+            Command::Restart(n, r) => match self.modules.get_mut(&n) {
+                None => {
+                    let _ = r.send(Err(no_such(&n)));
+                }
+                Some(e) => {
+                    e.budget.reset();
+                    if e.run.is_none() {
+                        let res = self.user_start(&n);
+                        let _ = r.send(res);
+                    } else {
+                        e.restart_waiters.push(r);
+                        self.begin_stop(&n, AfterStop::Start);
+                    }
+                }
+            },
+            Command::Reload(r) => {
+                let errs = self.reload();
+                let _ = r.send(errs);
+            }
+            Command::SetModeOverride(n, mode, r) => {
+                let res = self.set_override(&n, &mode);
+                let _ = r.send(res);
+            }
+            Command::Explain(n, r) => {
+                let res = self.explain(&n);
+                let _ = r.send(res);
+            }
+            Command::ActivateModel(n, _model, r) => {
+                let res = if self.modules.contains_key(&n) {
+                    Err(OpError::Failed(
+                        "model activation is not available in this version of modvisord".into(),
+                    ))
+                } else {
+                    Err(no_such(&n))
+                };
+                let _ = r.send(res);
+            }
+            Command::Ping(r) => {
+                let _ = r.send(());
+            }
+            Command::Shutdown(_) => {}
+        }
+    }
+
+    fn user_start(&mut self, n: &str) -> Result<(), OpError> {
+        let Some(e) = self.modules.get_mut(n) else {
+            return Err(no_such(n));
+        };
+        if e.run.is_some() {
+            if e.stopping {
+                e.after_stop = AfterStop::Start;
+            }
+            return Ok(());
+        }
+        e.budget.reset();
+        self.start(n)
+    }
+
+    fn set_override(&mut self, n: &str, mode: &str) -> Result<(), OpError> {
+        let Some(e) = self.modules.get(n) else {
+            return Err(no_such(n));
+        };
+        let new = match mode {
+            "" => None,
+            m => match Mode::parse(m) {
+                Some(m) => Some(m),
+                None => {
+                    return Err(OpError::InvalidArgument(format!(
+                        "invalid mode \"{m}\": expected \"native\", \"container\" or \"\" to clear"
+                    )));
+                }
+            },
+        };
+        if let Some(m) = new {
+            if let Err(why) = policy::possible(
+                &e.module,
+                &self.cfg.policy,
+                &self.availability(&e.module),
+                m,
+            ) {
+                return Err(OpError::NotAllowed(format!("cannot run {n} as {m}: {why}")));
+            }
+        }
+        let running = e.run.is_some();
+        let old_mode = e.decision.mode;
+        let Some(e) = self.modules.get_mut(n) else {
+            return Err(no_such(n));
+        };
+        e.override_mode = new;
+        let d = policy::decide(
+            &e.module,
+            &self.cfg.policy,
+            &availability(&self.native, &e.module),
+            new,
+        );
+        let changed = d.mode != old_mode;
+        if let Some(e) = self.modules.get_mut(n) {
+            e.decision = d;
+        }
+        if changed && running {
+            self.begin_stop(n, AfterStop::Start);
+        }
+        Ok(())
+    }
+
+    fn explain(&self, n: &str) -> Result<String, OpError> {
+        let Some(e) = self.modules.get(n) else {
+            return Err(no_such(n));
+        };
+        let m = &e.module;
+        let avail = self.availability(m);
+        let p = &self.cfg.policy;
+        let mut out = format!("module {} ({})\n", m.name, m.source.display());
+        out.push_str(&format!("decision: {}\n", e.decision.reason));
+        out.push_str(&format!(
+            "modes in order: {}\n",
+            m.modes
+                .iter()
+                .map(|m| m.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        for mode in [Mode::Native, Mode::Container] {
+            let v = match policy::possible(m, p, &avail, mode) {
+                Ok(()) => "possible".to_string(),
+                Err(w) => format!("not possible: {w}"),
+            };
+            out.push_str(&format!("  {mode}: {v}\n"));
+        }
+        out.push_str(&format!(
+            "override: {}\n",
+            e.override_mode
+                .map(|m| m.to_string())
+                .unwrap_or_else(|| "none".into())
+        ));
+        out.push_str(&format!(
+            "policy: default_mode={} allowed_modes={} native_enabled={} docker_enabled={} trusted={}\n",
+            p.default_mode,
+            p.allowed_modes.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(","),
+            p.native_enabled,
+            p.docker_enabled,
+            m.trusted
+        ));
+        out.push_str(&format!(
+            "state: {} ({}): {}\n",
+            e.state, e.health, e.reason
+        ));
+        Ok(out)
+    }
+
+    // ---------------------------------------------------------------- lifecycle
+
+    fn start(&mut self, n: &str) -> Result<(), OpError> {
+        let Some(e) = self.modules.get(n) else {
+            return Err(no_such(n));
+        };
+        let decision = self.decide(e);
+        let state_dir = self.state_dir(n);
+        let Some(e) = self.modules.get_mut(n) else {
+            return Err(no_such(n));
+        };
+        e.decision = decision.clone();
+        let mode = match decision.mode {
+            Some(m) => m,
+            None => {
+                let why = decision.reason.clone();
+                self.set(n, State::Failed, Health::Offline, why.clone());
+                return Err(OpError::Failed(why));
+            }
+        };
+        if mode == Mode::Container {
+            let why = "container mode is not available in this build".to_string();
+            self.set(n, State::Failed, Health::Offline, why.clone());
+            return Err(OpError::Failed(why));
+        }
+        let Some(NativeExec::Command {
+            argv,
+            environment,
+            working_directory,
+            ..
+        }) = e.module.native.clone()
+        else {
+            return Err(OpError::Failed("no native command".into()));
+        };
+        let Some(backend) = self.native.clone() else {
+            return Err(OpError::Failed("no native backend".into()));
+        };
+        let model = e.active_model.clone();
+        let sub = |s: &str| substitute(s, n, &state_dir, model.as_deref());
+        if let Err(err) = std::fs::create_dir_all(&state_dir) {
+            tracing::warn!(
+                modvisor_module = n,
+                "cannot create {}: {err}",
+                state_dir.display()
+            );
+        }
+        e.generation += 1;
+        let generation = e.generation;
+        let req = RunRequest {
+            name: n.to_string(),
+            generation,
+            argv: argv.iter().map(|a| sub(a)).collect(),
+            environment: environment
+                .iter()
+                .map(|(k, v)| (k.clone(), sub(v)))
+                .collect(),
+            working_directory: working_directory
+                .map(|w| PathBuf::from(sub(&w.display().to_string()))),
+            sink: OutputSink::new(
+                n,
+                self.journal.clone(),
+                self.cfg.module_log_dir.as_deref(),
+                self.cfg.module_log_max_bytes,
+            ),
+        };
+        let handle = match backend.start(req, self.runtime_tx.clone()) {
+            Ok(h) => h,
+            Err(err) => {
+                let why = err.to_string();
+                self.set(n, State::Failed, Health::Offline, why.clone());
+                return Err(OpError::Failed(why));
+            }
+        };
+        let health = e.module.health.clone();
+        let probe = health.probe.clone().map(|p| {
+            let tx = self.events_tx.clone();
+            let name = n.to_string();
+            let (interval, timeout) = (health.interval, health.timeout);
+            tokio::spawn(async move {
+                // Probe quickly until the first success, then at the configured interval.
+                let mut passed = false;
+                loop {
+                    let result = health::probe(&p, timeout).await;
+                    passed |= result.ok;
+                    if tx
+                        .send(Event::Probe {
+                            name: name.clone(),
+                            generation,
+                            result,
+                        })
+                        .is_err()
+                    {
+                        return;
+                    }
+                    let wait = if passed {
+                        interval
+                    } else {
+                        interval.min(Duration::from_millis(250))
+                    };
+                    tokio::time::sleep(wait).await;
+                }
+            })
+            .abort_handle()
+        });
+        if probe.is_some() {
+            let tx = self.events_tx.clone();
+            let name = n.to_string();
+            let st = health.start_timeout;
+            tokio::spawn(async move {
+                tokio::time::sleep(st).await;
+                let _ = tx.send(Event::StartTimeout { name, generation });
+            });
+        }
+        let pid = handle.pid;
+        e.stopping = false;
+        e.after_stop = AfterStop::Nothing;
+        e.memory = 0;
+        e.run = Some(Running {
+            generation,
+            handle,
+            probe,
+            hysteresis: Hysteresis::new(health.failures, health.successes),
+            start_timed_out: false,
+        });
+        let waiters = std::mem::take(&mut e.restart_waiters);
+        let (state, h, why) = if health.probe.is_some() {
+            (
+                State::Starting,
+                Health::Unknown,
+                format!("started (pid {pid}), waiting for the health probe"),
+            )
+        } else if decision.fallback {
+            (
+                State::Running,
+                Health::Degraded,
+                format!("running (pid {pid}) in fallback mode: {}", decision.reason),
+            )
+        } else {
+            (
+                State::Running,
+                Health::Online,
+                format!("running (pid {pid}), no health probe configured"),
+            )
+        };
+        self.set(n, state, h, why);
+        for w in waiters {
+            let _ = w.send(Ok(()));
+        }
+        Ok(())
+    }
+
+    fn begin_stop(&mut self, n: &str, after: AfterStop) {
+        let Some(e) = self.modules.get_mut(n) else {
+            return;
+        };
+        if after != AfterStop::Nothing || e.after_stop == AfterStop::Nothing {
+            e.after_stop = after;
+        }
+        let Some(run) = e.run.as_mut() else {
+            if after == AfterStop::Remove {
+                self.modules.remove(n);
+            }
+            return;
+        };
+        if let Some(p) = run.probe.take() {
+            p.abort();
+        }
+        if e.stopping {
+            return;
+        }
+        e.stopping = true;
+        let timeout = e.module.stop_timeout;
+        let handle = run.handle.clone();
+        let pid = handle.pid;
+        if let Some(b) = self.native.clone() {
+            tokio::spawn(b.stop(&handle, timeout));
+        }
+        self.set(
+            n,
+            State::Stopping,
+            Health::Offline,
+            format!("stopping (pid {pid})"),
+        );
+    }
+
+    fn event(&mut self, ev: Event) {
+        match ev {
+            Event::Runtime(RuntimeEvent::Exited {
+                name,
+                generation,
+                info,
+            }) => self.exited(&name, generation, info),
+            Event::RestartDue { name, generation } => {
+                if self
+                    .modules
+                    .get(&name)
+                    .is_some_and(|e| e.generation == generation && e.run.is_none())
+                {
+                    if let Err(err) = self.start(&name) {
+                        tracing::warn!(modvisor_module = %name, "restart of {name} failed: {err}");
+                    }
+                }
+            }
+            Event::Probe {
+                name,
+                generation,
+                result,
+            } => self.probed(&name, generation, result),
+            Event::StartTimeout { name, generation } => {
+                let Some(e) = self.modules.get_mut(&name) else {
+                    return;
+                };
+                if e.state != State::Starting {
+                    return;
+                }
+                let Some(run) = e.run.as_mut().filter(|r| r.generation == generation) else {
+                    return;
+                };
+                run.start_timed_out = true;
+                let st = e.module.health.start_timeout;
+                tracing::warn!(modvisor_module = %name, "{name}: no successful health probe within start_timeout ({st:?}): stopping it");
+                let handle = run.handle.clone();
+                if let Some(p) = run.probe.take() {
+                    p.abort();
+                }
+                let timeout = e.module.stop_timeout;
+                if let Some(b) = self.native.clone() {
+                    tokio::spawn(b.stop(&handle, timeout));
+                }
+            }
+            Event::MemoryTick => {
+                let groups: Vec<(String, i32)> = self
+                    .modules
+                    .iter()
+                    .filter_map(|(n, e)| e.run.as_ref().map(|r| (n.clone(), r.handle.pgid)))
+                    .collect();
+                if groups.is_empty() {
+                    return;
+                }
+                let tx = self.events_tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let _ = tx.send(Event::Memory(crate::monitor::rss_by_group(&groups)));
+                });
+            }
+            Event::Memory(map) => {
+                for (n, bytes) in map {
+                    if let Some(e) = self.modules.get_mut(&n) {
+                        e.memory = bytes;
+                    }
+                }
+            }
+        }
+    }
+
+    fn probed(&mut self, n: &str, generation: u64, result: ProbeResult) {
+        let Some(e) = self.modules.get_mut(n) else {
+            return;
+        };
+        if e.stopping {
+            return;
+        }
+        let Some(run) = e.run.as_mut().filter(|r| r.generation == generation) else {
+            return;
+        };
+        let failures = e.module.health.failures;
+        let fallback = e.decision.fallback.then(|| e.decision.reason.clone());
+        let verdict = run.hysteresis.feed(result.ok);
+        let bad = run.hysteresis.bad_streak();
+        let (state, health, why) = match verdict {
+            None => return, // still in the start phase: only start_timeout ends it
+            Some(true) => match fallback {
+                Some(f) => (
+                    State::Running,
+                    Health::Degraded,
+                    format!(
+                        "healthy ({}) but running in fallback mode: {f}",
+                        result.detail
+                    ),
+                ),
+                None => (
+                    State::Running,
+                    Health::Online,
+                    format!("healthy: {}", result.detail),
+                ),
+            },
+            Some(false) => (
+                State::Running,
+                Health::Offline,
+                format!(
+                    "health probe failed {bad} times in a row (failures = {failures}): {}",
+                    result.detail
+                ),
+            ),
+        };
+        // Keep the reason of a healthy module stable (do not republish every probe).
+        if health == e.health && state == e.state && result.ok {
+            return;
+        }
+        if health == Health::Offline
+            && e.health == Health::Offline
+            && e.state == State::Running
+            && bad > failures
+        {
+            return;
+        }
+        self.set(n, state, health, why);
+    }
+
+    fn exited(&mut self, n: &str, generation: u64, info: ExitInfo) {
+        let Some(e) = self.modules.get_mut(n) else {
+            return;
+        };
+        let Some(run) = e.run.take_if(|r| r.generation == generation) else {
+            return;
+        };
+        if let Some(p) = run.probe {
+            p.abort();
+        }
+        let pid = run.handle.pid;
+        let was_stopping = std::mem::replace(&mut e.stopping, false);
+        if was_stopping && !run.start_timed_out {
+            let after = std::mem::replace(&mut e.after_stop, AfterStop::Nothing);
+            for w in e.stop_waiters.drain(..) {
+                let _ = w.send(Ok(()));
+            }
+            match after {
+                AfterStop::Remove => {
+                    tracing::info!(modvisor_module = n, "{n} stopped and removed");
+                    self.modules.remove(n);
+                }
+                AfterStop::Start => {
+                    self.set(
+                        n,
+                        State::Inactive,
+                        Health::Offline,
+                        format!("stopped ({info}), restarting"),
+                    );
+                    if let Err(err) = self.start(n) {
+                        if let Some(e) = self.modules.get_mut(n) {
+                            for w in e.restart_waiters.drain(..) {
+                                let _ = w.send(Err(err.clone()));
+                            }
+                        }
+                    }
+                }
+                AfterStop::Nothing => {
+                    self.set(n, State::Inactive, Health::Offline, "stopped".into())
+                }
+            }
+            return;
+        }
+        let what = if run.start_timed_out {
+            format!(
+                "no successful health probe within start_timeout ({:?})",
+                e.module.health.start_timeout
+            )
+        } else {
+            format!("pid {pid} exited: {info}")
+        };
+        let r = &e.module.restart;
+        let want = match r.policy {
+            manifest::RestartPolicy::No => false,
+            manifest::RestartPolicy::OnFailure => !info.success() || run.start_timed_out,
+            manifest::RestartPolicy::Always => true,
+        };
+        if !want {
+            let (state, why) = if info.success() && !run.start_timed_out {
+                (
+                    State::Inactive,
+                    format!(
+                        "{what}; not restarted (restart.policy = {})",
+                        r.policy.as_str()
+                    ),
+                )
+            } else {
+                (
+                    State::Failed,
+                    format!(
+                        "{what}; not restarted (restart.policy = {})",
+                        r.policy.as_str()
+                    ),
+                )
+            };
+            self.set(n, state, Health::Offline, why);
+            return;
+        }
+        let (delay, max, window) = (r.delay, r.max, r.window);
+        match e.budget.try_take(Instant::now()) {
+            Some(count) => {
+                e.restarts += 1;
+                let generation = e.generation;
+                let tx = self.events_tx.clone();
+                let name = n.to_string();
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = tx.send(Event::RestartDue { name, generation });
+                });
+                self.set(
+                    n,
+                    State::Starting,
+                    Health::Offline,
+                    format!("{what}; restarting in {delay:?} (restart {count} of {max} within {window:?})"),
+                );
+            }
+            None => {
+                self.set(
+                    n,
+                    State::Failed,
+                    Health::Offline,
+                    format!("{what}; restart limit reached ({max} restarts within {window:?}), left stopped"),
+                );
+            }
+        }
+    }
+}
+
+fn availability(native_backend: &Option<Arc<dyn NativeBackend>>, m: &Module) -> Availability {
+    let native = match (native_backend, &m.native) {
+        (None, _) => Err("no native backend is available".to_string()),
+        (_, None) => Err("the manifest has no [native] section".to_string()),
+        (Some(_), Some(NativeExec::Unit(u))) => Err(format!(
+            "existing units ({u}) need the systemd backend, which this daemon does not run"
+        )),
+        (Some(_), Some(NativeExec::Command { argv, .. })) => {
+            if argv[0].contains("${") || program_exists(&argv[0]) {
+                Ok(())
+            } else {
+                Err(format!("program {} not found", argv[0]))
+            }
+        }
+    };
+    Availability {
+        native,
+        container: Err("no container engine backend in this build".into()),
+    }
+}
+
+fn no_such(n: &str) -> OpError {
+    OpError::NoSuchModule(format!("no module named \"{n}\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_allows_max_within_window_then_refills() {
+        let t0 = Instant::now();
+        let mut b = RestartBudget::new(3, Duration::from_secs(60));
+        assert_eq!(b.try_take(t0), Some(1));
+        assert_eq!(b.try_take(t0 + Duration::from_secs(10)), Some(2));
+        assert_eq!(b.try_take(t0 + Duration::from_secs(20)), Some(3));
+        assert_eq!(
+            b.try_take(t0 + Duration::from_secs(30)),
+            None,
+            "fourth within the window"
+        );
+        // The first restart leaves the window at t0+60s.
+        assert_eq!(b.try_take(t0 + Duration::from_secs(60)), Some(3));
+        assert_eq!(b.try_take(t0 + Duration::from_secs(61)), None);
+        b.reset();
+        assert_eq!(b.try_take(t0 + Duration::from_secs(62)), Some(1));
+    }
+
+    #[test]
+    fn zero_max_never_restarts() {
+        let mut b = RestartBudget::new(0, Duration::from_secs(60));
+        assert_eq!(b.try_take(Instant::now()), None);
+    }
+
+    #[test]
+    fn placeholders() {
+        let s = substitute(
+            "${name}:${model}:${model_file}:${state_dir}",
+            "m",
+            Path::new("/var/lib/modvisor/modules/m"),
+            Some(Path::new("/srv/models/tiny.gguf")),
+        );
+        assert_eq!(
+            s,
+            "m:/srv/models/tiny.gguf:tiny.gguf:/var/lib/modvisor/modules/m"
+        );
+    }
+}
