@@ -163,6 +163,8 @@ impl Config {
             Some(p) => (p.to_path_buf(), true),
             None => (PathBuf::from(DEFAULT_CONFIG), false),
         };
+        // Absolute, so relative paths in it resolve the same whatever the working directory.
+        let path = std::fs::canonicalize(&path).unwrap_or(path);
         match std::fs::read_to_string(&path) {
             Ok(src) => Config::parse(&path, &src),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {

@@ -46,15 +46,21 @@ fn notify(states: &[NotifyState<'_>]) {
 enum Bus {
     Given,
     System,
-    Embedded(EmbeddedBus),
+    Embedded(Box<EmbeddedBus>),
 }
 
 async fn connect_bus(cfg: &Config, opts: &Options) -> Result<(zbus::Connection, Bus), DaemonError> {
     if let Some(addr) = opts.bus_address.clone().or_else(|| cfg.bus_address.clone()) {
-        let c = zbus::connection::Builder::address(addr.as_str()).build().await?;
+        let c = zbus::connection::Builder::address(addr.as_str())
+            .build()
+            .await?;
         return Ok((c, Bus::Given));
     }
-    let choice = if opts.embedded_bus { BusChoice::Embedded } else { cfg.bus };
+    let choice = if opts.embedded_bus {
+        BusChoice::Embedded
+    } else {
+        cfg.bus
+    };
     if choice != BusChoice::Embedded {
         match zbus::Connection::system().await {
             Ok(c) => {
@@ -62,18 +68,26 @@ async fn connect_bus(cfg: &Config, opts: &Options) -> Result<(zbus::Connection, 
                 match c.request_name(BUS_NAME).await {
                     Ok(()) => return Ok((c, Bus::System)),
                     Err(e) if choice == BusChoice::System => {
-                        return Err(DaemonError::Setup(format!("cannot own {BUS_NAME} on the system bus: {e}")));
+                        return Err(DaemonError::Setup(format!(
+                            "cannot own {BUS_NAME} on the system bus: {e}"
+                        )));
                     }
-                    Err(e) => tracing::warn!("the system bus refused {BUS_NAME} ({e}): using the embedded bus"),
+                    Err(e) => tracing::warn!(
+                        "the system bus refused {BUS_NAME} ({e}): using the embedded bus"
+                    ),
                 }
             }
             Err(e) if choice == BusChoice::System => return Err(DaemonError::Bus(e)),
             Err(_) => tracing::info!("no system bus: using the embedded bus"),
         }
     }
-    let eb = EmbeddedBus::start(&cfg.runtime).await.map_err(|e| DaemonError::Setup(e.to_string()))?;
-    let c = zbus::connection::Builder::address(eb.address.as_str()).build().await?;
-    Ok((c, Bus::Embedded(eb)))
+    let eb = EmbeddedBus::start(&cfg.runtime)
+        .await
+        .map_err(|e| DaemonError::Setup(e.to_string()))?;
+    let c = zbus::connection::Builder::address(eb.address.as_str())
+        .build()
+        .await?;
+    Ok((c, Bus::Embedded(Box::new(eb))))
 }
 
 /// The directories to watch: each module directory, or its nearest existing ancestor so that
@@ -85,48 +99,76 @@ fn watch_targets(dirs: &[PathBuf]) -> BTreeSet<PathBuf> {
 }
 
 /// Watches the module directories; every burst of events (debounced 100 ms) asks for a reload.
-fn spawn_watcher(dirs: Vec<PathBuf>, handle: Handle) -> Result<(), DaemonError> {
-    use notify::{RecursiveMode, Watcher};
-    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok() {
-            let _ = tx.send(());
-        }
-    })
-    .map_err(|e| DaemonError::Setup(format!("inotify: {e}")))?;
-    let mut watched = watch_targets(&dirs);
-    for d in &watched {
-        if let Err(e) = watcher.watch(d, RecursiveMode::NonRecursive) {
-            tracing::warn!("cannot watch {}: {e}", d.display());
-        }
-    }
-    tokio::spawn(async move {
-        while rx.recv().await.is_some() {
-            while let Ok(Some(())) = tokio::time::timeout(Duration::from_millis(100), rx.recv()).await {}
-            // Directories may have appeared or gone: follow them.
-            let now = watch_targets(&dirs);
-            for gone in watched.difference(&now) {
-                let _ = watcher.unwatch(gone);
+/// Created before the supervisor's first scan, so that no change can fall between the two.
+struct DirWatch {
+    dirs: Vec<PathBuf>,
+    watcher: notify::RecommendedWatcher,
+    watched: BTreeSet<PathBuf>,
+    rx: mpsc::UnboundedReceiver<()>,
+}
+
+impl DirWatch {
+    fn new(dirs: Vec<PathBuf>) -> Result<DirWatch, DaemonError> {
+        use notify::{RecursiveMode, Watcher};
+        let (tx, rx) = mpsc::unbounded_channel::<()>();
+        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            // Our own reads of the manifests show up as access events: ignoring them keeps a
+            // reload from triggering the next one.
+            if res.is_ok_and(|ev| !matches!(ev.kind, notify::EventKind::Access(_))) {
+                let _ = tx.send(());
             }
-            for new in now.difference(&watched) {
-                if let Err(e) = watcher.watch(new, RecursiveMode::NonRecursive) {
-                    tracing::warn!("cannot watch {}: {e}", new.display());
+        })
+        .map_err(|e| DaemonError::Setup(format!("inotify: {e}")))?;
+        let watched = watch_targets(&dirs);
+        for d in &watched {
+            if let Err(e) = watcher.watch(d, RecursiveMode::NonRecursive) {
+                tracing::warn!("cannot watch {}: {e}", d.display());
+            }
+        }
+        Ok(DirWatch {
+            dirs,
+            watcher,
+            watched,
+            rx,
+        })
+    }
+
+    fn spawn(mut self, handle: Handle) {
+        use notify::{RecursiveMode, Watcher};
+        tokio::spawn(async move {
+            while self.rx.recv().await.is_some() {
+                while let Ok(Some(())) =
+                    tokio::time::timeout(Duration::from_millis(100), self.rx.recv()).await
+                {
+                }
+                // Directories may have appeared or gone: follow them.
+                let now = watch_targets(&self.dirs);
+                for gone in self.watched.difference(&now) {
+                    let _ = self.watcher.unwatch(gone);
+                }
+                for new in now.difference(&self.watched) {
+                    if let Err(e) = self.watcher.watch(new, RecursiveMode::NonRecursive) {
+                        tracing::warn!("cannot watch {}: {e}", new.display());
+                    }
+                }
+                self.watched = now;
+                match handle.reload().await {
+                    Ok(errs) if !errs.is_empty() => {
+                        tracing::debug!("reload after a change: {} manifest errors", errs.len())
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
                 }
             }
-            watched = now;
-            match handle.reload().await {
-                Ok(errs) if !errs.is_empty() => tracing::debug!("reload after a change: {} manifest errors", errs.len()),
-                Ok(_) => {}
-                Err(_) => return,
-            }
-        }
-    });
-    Ok(())
+        });
+    }
 }
 
 /// Sends WATCHDOG=1 at half the watchdog interval, but only while the supervisor answers.
 fn spawn_watchdog(handle: Handle) {
-    let Some(period) = sd_notify::watchdog_enabled() else { return };
+    let Some(period) = sd_notify::watchdog_enabled() else {
+        return;
+    };
     let every = period / 2;
     tokio::spawn(async move {
         let mut t = tokio::time::interval(every);
@@ -136,10 +178,15 @@ fn spawn_watchdog(handle: Handle) {
             if handle.commands.send(Command::Ping(tx)).await.is_err() {
                 return;
             }
-            if tokio::time::timeout(every, rx).await.is_ok_and(|r| r.is_ok()) {
+            if tokio::time::timeout(every, rx)
+                .await
+                .is_ok_and(|r| r.is_ok())
+            {
                 notify(&[NotifyState::Watchdog]);
             } else {
-                tracing::error!("the supervisor did not answer within {every:?}: withholding WATCHDOG=1");
+                tracing::error!(
+                    "the supervisor did not answer within {every:?}: withholding WATCHDOG=1"
+                );
             }
         }
     });
@@ -147,14 +194,16 @@ fn spawn_watchdog(handle: Handle) {
 
 pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let cfg = Arc::new(Config::load(opts.config.as_deref())?);
-    crate::reaper::become_subreaper().map_err(|e| DaemonError::Setup(format!("become child subreaper: {e}")))?;
+    crate::reaper::become_subreaper()
+        .map_err(|e| DaemonError::Setup(format!("become child subreaper: {e}")))?;
     tokio::spawn(async {
         if let Err(e) = crate::reaper::run().await {
             tracing::error!("reaper: {e}");
         }
     });
     for d in [&cfg.state, &cfg.runtime] {
-        std::fs::create_dir_all(d).map_err(|e| DaemonError::Setup(format!("create {}: {e}", d.display())))?;
+        std::fs::create_dir_all(d)
+            .map_err(|e| DaemonError::Setup(format!("create {}: {e}", d.display())))?;
     }
     let native: Option<Arc<dyn NativeBackend>> = match cfg.native_backend {
         NativeBackendChoice::Auto | NativeBackendChoice::Direct => Some(Arc::new(DirectBackend)),
@@ -164,24 +213,28 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     };
     let journal = Journal::connect().map(Arc::new);
 
+    let dir_watch = DirWatch::new(cfg.modules.clone())?;
     let (handle, ready, sup_task) = supervisor::spawn(cfg.clone(), native, journal);
+    dir_watch.spawn(handle.clone());
     let (conn, bus) = connect_bus(&cfg, &opts).await?;
     dbus::server::serve(&conn, handle.clone()).await?;
     // Wait for the first reconcile so the module objects exist before the name appears.
-    ready.await.map_err(|_| DaemonError::Setup("the supervisor ended during start-up".into()))?;
+    ready
+        .await
+        .map_err(|_| DaemonError::Setup("the supervisor ended during start-up".into()))?;
     let publisher = dbus::server::Publisher::new(conn.clone(), handle.state.clone()).await?;
     tokio::spawn(publisher.run());
     if !matches!(bus, Bus::System) {
         conn.request_name(BUS_NAME).await?;
     }
-    spawn_watcher(cfg.modules.clone(), handle.clone())?;
     spawn_watchdog(handle.clone());
 
     let summary = handle.state.borrow().summary();
     notify(&[NotifyState::Ready, NotifyState::Status(&summary)]);
     tracing::info!("modvisord {} ready: {summary}", env!("CARGO_PKG_VERSION"));
 
-    let mut term = signal(SignalKind::terminate()).map_err(|e| DaemonError::Setup(e.to_string()))?;
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| DaemonError::Setup(e.to_string()))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| DaemonError::Setup(e.to_string()))?;
     let mut hup = signal(SignalKind::hangup()).map_err(|e| DaemonError::Setup(e.to_string()))?;
     let mut state = handle.state.clone();
@@ -206,7 +259,10 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         }
     };
     tracing::info!("{why}: stopping");
-    notify(&[NotifyState::Stopping, NotifyState::Status("stopping modules")]);
+    notify(&[
+        NotifyState::Stopping,
+        NotifyState::Status("stopping modules"),
+    ]);
     let (tx, rx) = oneshot::channel();
     if handle.commands.send(Command::Shutdown(tx)).await.is_ok() {
         let _ = rx.await;

@@ -103,10 +103,10 @@ async fn http_get(url: &str, expect: Option<&str>) -> ProbeResult {
         return ProbeResult::fail(format!("GET {url}: {e}"));
     }
     let mut buf = Vec::with_capacity(1024);
-    if let Err(e) = (&mut s).take(64 * 1024).read_to_end(&mut buf).await {
-        if buf.is_empty() {
-            return ProbeResult::fail(format!("GET {url}: {e}"));
-        }
+    if let Err(e) = (&mut s).take(64 * 1024).read_to_end(&mut buf).await
+        && buf.is_empty()
+    {
+        return ProbeResult::fail(format!("GET {url}: {e}"));
     }
     let text = String::from_utf8_lossy(&buf);
     let status: Option<u16> = text
@@ -125,12 +125,12 @@ async fn http_get(url: &str, expect: Option<&str>) -> ProbeResult {
             loading: status == 503,
         };
     }
-    if let Some(want) = expect {
-        if !body.contains(want) {
-            return ProbeResult::fail(format!(
-                "GET {url}: HTTP {status} but the body lacks \"{want}\""
-            ));
-        }
+    if let Some(want) = expect
+        && !body.contains(want)
+    {
+        return ProbeResult::fail(format!(
+            "GET {url}: HTTP {status} but the body lacks \"{want}\""
+        ));
     }
     ProbeResult {
         ok: true,

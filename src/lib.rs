@@ -2,8 +2,11 @@
 #![deny(unsafe_code)]
 
 pub mod config;
+pub mod daemon;
+pub mod dbus;
 pub mod health;
 pub mod journal;
+pub mod logging;
 pub mod manifest;
 pub mod monitor;
 pub mod policy;
@@ -11,6 +14,3 @@ pub mod reaper;
 pub mod runtime;
 pub mod state;
 pub mod supervisor;
-pub mod dbus;
-pub mod logging;
-pub mod daemon;

@@ -2,14 +2,19 @@
 //! `MODVISOR_MODULE` and `MESSAGE_ID` from the event's fields) when stderr is the journal or the
 //! journal socket exists; stderr otherwise.
 
-
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::prelude::*;
 
 fn stderr_is_journal() -> bool {
-    let Ok(js) = std::env::var("JOURNAL_STREAM") else { return false };
-    let Some((dev, ino)) = js.split_once(':') else { return false };
-    let Ok(st) = nix::sys::stat::fstat(std::io::stderr()) else { return false };
+    let Ok(js) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = js.split_once(':') else {
+        return false;
+    };
+    let Ok(st) = nix::sys::stat::fstat(std::io::stderr()) else {
+        return false;
+    };
     dev.parse::<u64>().ok() == Some(st.st_dev) && ino.parse::<u64>().ok() == Some(st.st_ino)
 }
 
@@ -17,16 +22,26 @@ fn stderr_is_journal() -> bool {
 pub fn init() -> &'static str {
     let filter = EnvFilter::try_from_env("MODVISOR_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let use_journal = stderr_is_journal()
-        || (std::path::Path::new(crate::journal::JOURNAL_SOCKET).exists() && std::env::var_os("MODVISOR_LOG_STDERR").is_none());
-    if use_journal {
-        if let Ok(layer) = tracing_journald::layer() {
-            let layer = layer.with_syslog_identifier("modvisord".into()).with_field_prefix(None);
-            if tracing_subscriber::registry().with(filter).with(layer).try_init().is_ok() {
-                return "journal";
-            }
-            return "stderr";
+        || (std::path::Path::new(crate::journal::JOURNAL_SOCKET).exists()
+            && std::env::var_os("MODVISOR_LOG_STDERR").is_none());
+    if use_journal && let Ok(layer) = tracing_journald::layer() {
+        let layer = layer
+            .with_syslog_identifier("modvisord".into())
+            .with_field_prefix(None);
+        if tracing_subscriber::registry()
+            .with(filter)
+            .with(layer)
+            .try_init()
+            .is_ok()
+        {
+            return "journal";
         }
+        return "stderr";
     }
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
     "stderr"
 }

@@ -32,10 +32,10 @@ pub fn rss_by_group(groups: &[(String, i32)]) -> HashMap<String, u64> {
         ) else {
             continue;
         };
-        if let Some(name) = by_pgid.get(&pgrp) {
-            if let Some(v) = out.get_mut(*name) {
-                *v += rss * page;
-            }
+        if let Some(name) = by_pgid.get(&pgrp)
+            && let Some(v) = out.get_mut(*name)
+        {
+            *v += rss * page;
         }
     }
     out

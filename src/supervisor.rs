@@ -473,6 +473,11 @@ impl Supervisor {
 
     fn reload(&mut self) -> Vec<(String, String)> {
         let res = manifest::load_dirs(&self.cfg.modules);
+        tracing::debug!(
+            "manifests scanned: {} modules, {} errors",
+            res.modules.len(),
+            res.errors.len()
+        );
         for e in &res.errors {
             tracing::error!(message_id = MSG_MANIFEST_ERROR, "manifest error: {e}");
         }
@@ -538,7 +543,9 @@ impl Supervisor {
                 Some(e) => {
                     let differs = e.module.run_spec_differs(&module);
                     let newly_enabled = module.enabled && !e.module.enabled;
-                    e.budget = RestartBudget::new(module.restart.max, module.restart.window);
+                    if e.module.restart != module.restart {
+                        e.budget = RestartBudget::new(module.restart.max, module.restart.window);
+                    }
                     e.module = module;
                     e.stem = stem;
                     let d = policy::decide(
@@ -665,15 +672,15 @@ impl Supervisor {
                 }
             },
         };
-        if let Some(m) = new {
-            if let Err(why) = policy::possible(
+        if let Some(m) = new
+            && let Err(why) = policy::possible(
                 &e.module,
                 &self.cfg.policy,
                 &self.availability(&e.module),
                 m,
-            ) {
-                return Err(OpError::NotAllowed(format!("cannot run {n} as {m}: {why}")));
-            }
+            )
+        {
+            return Err(OpError::NotAllowed(format!("cannot run {n} as {m}: {why}")));
         }
         let running = e.run.is_some();
         let old_mode = e.decision.mode;
@@ -939,10 +946,9 @@ impl Supervisor {
                     .modules
                     .get(&name)
                     .is_some_and(|e| e.generation == generation && e.run.is_none())
+                    && let Err(err) = self.start(&name)
                 {
-                    if let Err(err) = self.start(&name) {
-                        tracing::warn!(modvisor_module = %name, "restart of {name} failed: {err}");
-                    }
+                    tracing::warn!(modvisor_module = %name, "restart of {name} failed: {err}");
                 }
             }
             Event::Probe {
@@ -1079,11 +1085,11 @@ impl Supervisor {
                         Health::Offline,
                         format!("stopped ({info}), restarting"),
                     );
-                    if let Err(err) = self.start(n) {
-                        if let Some(e) = self.modules.get_mut(n) {
-                            for w in e.restart_waiters.drain(..) {
-                                let _ = w.send(Err(err.clone()));
-                            }
+                    if let Err(err) = self.start(n)
+                        && let Some(e) = self.modules.get_mut(n)
+                    {
+                        for w in e.restart_waiters.drain(..) {
+                            let _ = w.send(Err(err.clone()));
                         }
                     }
                 }

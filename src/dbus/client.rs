@@ -6,9 +6,15 @@ use zbus::{Connection, OwnedObjectPath, proxy};
 
 use super::BUS_NAME;
 
-#[proxy(interface = "org.modvisor1.Manager", default_service = "org.modvisor1", default_path = "/org/modvisor1")]
+#[proxy(
+    interface = "org.modvisor1.Manager",
+    default_service = "org.modvisor1",
+    default_path = "/org/modvisor1"
+)]
 pub trait Manager {
-    fn list_modules(&self) -> zbus::Result<Vec<(String, String, String, String, String, OwnedObjectPath)>>;
+    fn list_modules(
+        &self,
+    ) -> zbus::Result<Vec<(String, String, String, String, String, OwnedObjectPath)>>;
     fn get_module(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
     fn start_module(&self, name: &str) -> zbus::Result<()>;
     fn stop_module(&self, name: &str) -> zbus::Result<()>;
@@ -38,9 +44,21 @@ pub trait Manager {
     fn gpus(&self) -> zbus::Result<Vec<(u32, String, String, u64, u64)>>;
 
     #[zbus(signal)]
-    fn module_changed(&self, name: String, state: String, health: String, reason: String) -> zbus::Result<()>;
+    fn module_changed(
+        &self,
+        name: String,
+        state: String,
+        health: String,
+        reason: String,
+    ) -> zbus::Result<()>;
     #[zbus(signal)]
-    fn model_activation(&self, name: String, model: String, step: String, detail: String) -> zbus::Result<()>;
+    fn model_activation(
+        &self,
+        name: String,
+        model: String,
+        step: String,
+        detail: String,
+    ) -> zbus::Result<()>;
 }
 
 #[proxy(interface = "org.modvisor1.Module", default_service = "org.modvisor1")]
@@ -85,29 +103,36 @@ pub trait Module {
 
 /// The runtime directory where the embedded bus lives, as clients see it.
 pub fn runtime_dir() -> PathBuf {
-    std::env::var_os("MODVISOR_RUNTIME_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/run/modvisor"))
+    std::env::var_os("MODVISOR_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/modvisor"))
 }
 
 /// Finds the bus the daemon serves on: an explicit address, else the system bus when
 /// `org.modvisor1` is owned there, else the embedded bus in the runtime directory.
 pub async fn connect(explicit: Option<&str>) -> Result<Connection, String> {
-    if let Some(addr) = explicit.map(str::to_string).or_else(|| std::env::var("MODVISOR_BUS_ADDRESS").ok()).filter(|a| !a.is_empty()) {
+    if let Some(addr) = explicit
+        .map(str::to_string)
+        .or_else(|| std::env::var("MODVISOR_BUS_ADDRESS").ok())
+        .filter(|a| !a.is_empty())
+    {
         return zbus::connection::Builder::address(addr.as_str())
             .build()
             .await
             .map_err(|e| format!("cannot connect to {addr}: {e}"));
     }
-    if let Ok(conn) = Connection::system().await {
-        if let Ok(dbus) = zbus::fdo::DBusProxy::new(&conn).await {
-            if let Ok(name) = zbus::names::BusName::try_from(BUS_NAME) {
-                if dbus.name_has_owner(name).await.unwrap_or(false) {
-                    return Ok(conn);
-                }
-            }
-        }
+    if let Ok(conn) = Connection::system().await
+        && let Ok(dbus) = zbus::fdo::DBusProxy::new(&conn).await
+        && let Ok(name) = zbus::names::BusName::try_from(BUS_NAME)
+        && dbus.name_has_owner(name).await.unwrap_or(false)
+    {
+        return Ok(conn);
     }
     let embedded = embedded_address(&runtime_dir());
-    match zbus::connection::Builder::address(embedded.as_str()).build().await {
+    match zbus::connection::Builder::address(embedded.as_str())
+        .build()
+        .await
+    {
         Ok(c) => Ok(c),
         Err(e) => Err(format!(
             "modvisord is not reachable: org.modvisor1 is not on the system bus and the embedded bus {embedded} does not answer ({e})"

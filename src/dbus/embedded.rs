@@ -53,9 +53,17 @@ impl EmbeddedBus {
         let socket = runtime.join("bus");
         let address = format!("unix:path={}", socket.display());
         if socket.exists() {
-            if zbus::connection::Builder::address(address.as_str()).build().await.is_ok() {
+            if zbus::connection::Builder::address(address.as_str())
+                .build()
+                .await
+                .is_ok()
+            {
                 tracing::info!("reusing the embedded bus at {address}");
-                return Ok(EmbeddedBus { address, child: None, socket });
+                return Ok(EmbeddedBus {
+                    address,
+                    child: None,
+                    socket,
+                });
             }
             std::fs::remove_file(&socket)?;
         }
@@ -69,18 +77,41 @@ impl EmbeddedBus {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
+            // Its own process group: a Ctrl-C or a group signal meant for modvisord must not
+            // take the bus away before modvisord has stopped its modules.
+            .process_group(0)
             .kill_on_drop(true);
-        let mut child = reaper::spawn(&mut cmd).map_err(|e| io::Error::new(e.kind(), format!("cannot start dbus-daemon for the embedded bus: {e}")))?;
-        let out = child.stdout.take().ok_or_else(|| io::Error::other("no stdout from dbus-daemon"))?;
+        let mut child = reaper::spawn(&mut cmd).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot start dbus-daemon for the embedded bus: {e}"),
+            )
+        })?;
+        let out = child
+            .stdout
+            .take()
+            .ok_or_else(|| io::Error::other("no stdout from dbus-daemon"))?;
         let mut lines = BufReader::new(out).lines();
         // dbus-daemon prints its address once it listens: that is the readiness signal.
         match tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await {
             Ok(Ok(Some(_))) => {}
-            Ok(Ok(None)) | Ok(Err(_)) => return Err(io::Error::other("dbus-daemon for the embedded bus exited before listening")),
-            Err(_) => return Err(io::Error::other("dbus-daemon for the embedded bus did not listen within 10s")),
+            Ok(Ok(None)) | Ok(Err(_)) => {
+                return Err(io::Error::other(
+                    "dbus-daemon for the embedded bus exited before listening",
+                ));
+            }
+            Err(_) => {
+                return Err(io::Error::other(
+                    "dbus-daemon for the embedded bus did not listen within 10s",
+                ));
+            }
         }
         tracing::info!("started the embedded bus at {address}");
-        Ok(EmbeddedBus { address, child: Some(child), socket })
+        Ok(EmbeddedBus {
+            address,
+            child: Some(child),
+            socket,
+        })
     }
 
     /// Stops the bus if we started it.
@@ -88,7 +119,10 @@ impl EmbeddedBus {
         if let Some(mut c) = self.child.take() {
             let pid = c.id().unwrap_or(0);
             if pid > 1 {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
             }
             let _ = tokio::time::timeout(Duration::from_secs(5), c.wait()).await;
             reaper::forget(pid);

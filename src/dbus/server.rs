@@ -48,8 +48,12 @@ fn check_name(name: &str) -> Result<(), Error> {
 /// Decides whether the caller of a mutating method may act: root, or a member of the
 /// `modvisor` group. The caller is identified by the bus (its credentials), never by our pid.
 async fn authorize(conn: &Connection, hdr: &Header<'_>, what: &str) -> Result<(), Error> {
-    let sender = hdr.sender().ok_or_else(|| Error::NotAllowed("the call has no sender".into()))?;
-    let dbus = zbus::fdo::DBusProxy::new(conn).await.map_err(|e| Error::Failed(e.to_string()))?;
+    let sender = hdr
+        .sender()
+        .ok_or_else(|| Error::NotAllowed("the call has no sender".into()))?;
+    let dbus = zbus::fdo::DBusProxy::new(conn)
+        .await
+        .map_err(|e| Error::Failed(e.to_string()))?;
     let creds = dbus
         .get_connection_credentials(BusName::from(sender.to_owned()))
         .await
@@ -60,7 +64,10 @@ async fn authorize(conn: &Connection, hdr: &Header<'_>, what: &str) -> Result<()
     if uid == 0 {
         return Ok(());
     }
-    let admin_gid = nix::unistd::Group::from_name(ADMIN_GROUP).ok().flatten().map(|g| g.gid.as_raw());
+    let admin_gid = nix::unistd::Group::from_name(ADMIN_GROUP)
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw());
     if let Some(gid) = admin_gid {
         let in_group = match creds.unix_group_ids() {
             Some(gids) => gids.contains(&gid),
@@ -77,11 +84,15 @@ async fn authorize(conn: &Connection, hdr: &Header<'_>, what: &str) -> Result<()
 }
 
 fn user_in_group(uid: u32, gid: u32) -> bool {
-    let Ok(Some(user)) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) else { return false };
+    let Ok(Some(user)) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) else {
+        return false;
+    };
     if user.gid.as_raw() == gid {
         return true;
     }
-    let Ok(name) = std::ffi::CString::new(user.name.clone()) else { return false };
+    let Ok(name) = std::ffi::CString::new(user.name.clone()) else {
+        return false;
+    };
     nix::unistd::getgrouplist(&name, user.gid)
         .map(|gs| gs.iter().any(|g| g.as_raw() == gid))
         .unwrap_or(false)
@@ -95,7 +106,8 @@ type ModuleRow = (String, String, String, String, String, OwnedObjectPath);
 
 fn path(name: &str) -> OwnedObjectPath {
     // Escaped names are always valid object paths.
-    OwnedObjectPath::try_from(module_path(name)).unwrap_or_else(|_| OwnedObjectPath::try_from("/org/modvisor1").expect("static path"))
+    OwnedObjectPath::try_from(module_path(name))
+        .unwrap_or_else(|_| OwnedObjectPath::try_from("/org/modvisor1").expect("static path"))
 }
 
 #[interface(name = "org.modvisor1.Manager")]
@@ -104,7 +116,16 @@ impl Manager {
         let snap = self.handle.state.borrow().clone();
         snap.modules
             .values()
-            .map(|m| (m.name.clone(), m.mode.clone(), m.state.to_string(), m.health.to_string(), m.health_reason.clone(), path(&m.name)))
+            .map(|m| {
+                (
+                    m.name.clone(),
+                    m.mode.clone(),
+                    m.state.to_string(),
+                    m.health.to_string(),
+                    m.health_reason.clone(),
+                    path(&m.name),
+                )
+            })
             .collect()
     }
 
@@ -117,36 +138,67 @@ impl Manager {
         }
     }
 
-    async fn start_module(&self, #[zbus(header)] hdr: Header<'_>, #[zbus(connection)] conn: &Connection, name: &str) -> Result<(), Error> {
+    async fn start_module(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        name: &str,
+    ) -> Result<(), Error> {
         check_name(name)?;
         authorize(conn, &hdr, "StartModule").await?;
         Ok(self.handle.start(name).await?)
     }
 
-    async fn stop_module(&self, #[zbus(header)] hdr: Header<'_>, #[zbus(connection)] conn: &Connection, name: &str) -> Result<(), Error> {
+    async fn stop_module(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        name: &str,
+    ) -> Result<(), Error> {
         check_name(name)?;
         authorize(conn, &hdr, "StopModule").await?;
         Ok(self.handle.stop(name).await?)
     }
 
-    async fn restart_module(&self, #[zbus(header)] hdr: Header<'_>, #[zbus(connection)] conn: &Connection, name: &str) -> Result<(), Error> {
+    async fn restart_module(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        name: &str,
+    ) -> Result<(), Error> {
         check_name(name)?;
         authorize(conn, &hdr, "RestartModule").await?;
         Ok(self.handle.restart(name).await?)
     }
 
-    async fn reload(&self, #[zbus(header)] hdr: Header<'_>, #[zbus(connection)] conn: &Connection) -> Result<Vec<(String, String)>, Error> {
+    async fn reload(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<Vec<(String, String)>, Error> {
         authorize(conn, &hdr, "Reload").await?;
         Ok(self.handle.reload().await?)
     }
 
-    async fn set_mode_override(&self, #[zbus(header)] hdr: Header<'_>, #[zbus(connection)] conn: &Connection, name: &str, mode: &str) -> Result<(), Error> {
+    async fn set_mode_override(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        name: &str,
+        mode: &str,
+    ) -> Result<(), Error> {
         check_name(name)?;
         authorize(conn, &hdr, "SetModeOverride").await?;
         Ok(self.handle.set_mode_override(name, mode).await?)
     }
 
-    async fn activate_model(&self, #[zbus(header)] hdr: Header<'_>, #[zbus(connection)] conn: &Connection, name: &str, model: &str) -> Result<(), Error> {
+    async fn activate_model(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        name: &str,
+        model: &str,
+    ) -> Result<(), Error> {
         check_name(name)?;
         authorize(conn, &hdr, "ActivateModel").await?;
         Ok(self.handle.activate_model(name, model).await?)
@@ -203,10 +255,22 @@ impl Manager {
     }
 
     #[zbus(signal)]
-    async fn module_changed(emitter: &SignalEmitter<'_>, name: &str, state: &str, health: &str, reason: &str) -> zbus::Result<()>;
+    async fn module_changed(
+        emitter: &SignalEmitter<'_>,
+        name: &str,
+        state: &str,
+        health: &str,
+        reason: &str,
+    ) -> zbus::Result<()>;
 
     #[zbus(signal)]
-    async fn model_activation(emitter: &SignalEmitter<'_>, name: &str, model: &str, step: &str, detail: &str) -> zbus::Result<()>;
+    async fn model_activation(
+        emitter: &SignalEmitter<'_>,
+        name: &str,
+        model: &str,
+        step: &str,
+        detail: &str,
+    ) -> zbus::Result<()>;
 }
 
 /// One module object; its properties read the latest snapshot.
@@ -217,7 +281,12 @@ pub struct ModuleObject {
 
 impl ModuleObject {
     fn get<T: Default>(&self, f: impl FnOnce(&ModuleStatus) -> T) -> T {
-        self.state.borrow().modules.get(&self.name).map(f).unwrap_or_default()
+        self.state
+            .borrow()
+            .modules
+            .get(&self.name)
+            .map(f)
+            .unwrap_or_default()
     }
 }
 
@@ -331,17 +400,33 @@ fn manager_props(s: &Snapshot) -> Vec<(&'static str, Variant<'static>)> {
     ]
 }
 
-async fn emit_changed(conn: &Connection, path: &str, iface: &'static str, old: &[(&'static str, Variant<'static>)], new: &[(&'static str, Variant<'static>)]) -> zbus::Result<()> {
+async fn emit_changed(
+    conn: &Connection,
+    path: &str,
+    iface: &'static str,
+    old: &[(&'static str, Variant<'static>)],
+    new: &[(&'static str, Variant<'static>)],
+) -> zbus::Result<()> {
     let changed: HashMap<&str, Variant<'_>> = new
         .iter()
-        .filter(|(k, v)| old.iter().find(|(ok, _)| ok == k).is_none_or(|(_, ov)| ov != v))
+        .filter(|(k, v)| {
+            old.iter()
+                .find(|(ok, _)| ok == k)
+                .is_none_or(|(_, ov)| ov != v)
+        })
         .map(|(k, v)| (*k, v.clone()))
         .collect();
     if changed.is_empty() {
         return Ok(());
     }
     let emitter = SignalEmitter::new(conn, path.to_string())?;
-    zbus::fdo::Properties::properties_changed(&emitter, InterfaceName::from_static_str_unchecked(iface), changed, Cow::Borrowed(&[])).await
+    zbus::fdo::Properties::properties_changed(
+        &emitter,
+        InterfaceName::from_static_str_unchecked(iface),
+        changed,
+        Cow::Borrowed(&[]),
+    )
+    .await
 }
 
 /// Registers the manager and the ObjectManager on `conn`.
@@ -361,9 +446,16 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    pub async fn new(conn: Connection, mut state: watch::Receiver<Arc<Snapshot>>) -> zbus::Result<Publisher> {
+    pub async fn new(
+        conn: Connection,
+        mut state: watch::Receiver<Arc<Snapshot>>,
+    ) -> zbus::Result<Publisher> {
         let first = state.borrow_and_update().clone();
-        let mut p = Publisher { conn, state, last: Arc::new(Snapshot::default()) };
+        let mut p = Publisher {
+            conn,
+            state,
+            last: Arc::new(Snapshot::default()),
+        };
         p.sync(first).await?;
         Ok(p)
     }
@@ -388,19 +480,58 @@ impl Publisher {
             let p = module_path(name);
             match old.modules.get(name) {
                 None => {
-                    server.at(p.clone(), ModuleObject { name: name.clone(), state: self.state.clone() }).await?;
-                    Manager::module_changed(&manager, name, m.state.as_str(), m.health.as_str(), &m.health_reason).await?;
+                    server
+                        .at(
+                            p.clone(),
+                            ModuleObject {
+                                name: name.clone(),
+                                state: self.state.clone(),
+                            },
+                        )
+                        .await?;
+                    Manager::module_changed(
+                        &manager,
+                        name,
+                        m.state.as_str(),
+                        m.health.as_str(),
+                        &m.health_reason,
+                    )
+                    .await?;
                 }
                 Some(o) if o != m => {
-                    emit_changed(&self.conn, &p, MODULE_IFACE, &module_props(o), &module_props(m)).await?;
-                    if o.state != m.state || o.health != m.health || o.health_reason != m.health_reason {
-                        Manager::module_changed(&manager, name, m.state.as_str(), m.health.as_str(), &m.health_reason).await?;
+                    emit_changed(
+                        &self.conn,
+                        &p,
+                        MODULE_IFACE,
+                        &module_props(o),
+                        &module_props(m),
+                    )
+                    .await?;
+                    if o.state != m.state
+                        || o.health != m.health
+                        || o.health_reason != m.health_reason
+                    {
+                        Manager::module_changed(
+                            &manager,
+                            name,
+                            m.state.as_str(),
+                            m.health.as_str(),
+                            &m.health_reason,
+                        )
+                        .await?;
                     }
                 }
                 Some(_) => {}
             }
         }
-        emit_changed(&self.conn, MANAGER_PATH, MANAGER_IFACE, &manager_props(&old), &manager_props(&new)).await?;
+        emit_changed(
+            &self.conn,
+            MANAGER_PATH,
+            MANAGER_IFACE,
+            &manager_props(&old),
+            &manager_props(&new),
+        )
+        .await?;
         Ok(())
     }
 }

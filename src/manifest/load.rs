@@ -31,10 +31,10 @@ pub struct LoadResult {
 }
 
 fn is_mask(path: &Path) -> bool {
-    if let Ok(target) = std::fs::read_link(path) {
-        if target == Path::new("/dev/null") {
-            return true;
-        }
+    if let Ok(target) = std::fs::read_link(path)
+        && target == Path::new("/dev/null")
+    {
+        return true;
     }
     std::fs::metadata(path)
         .map(|m| m.len() == 0)

@@ -278,17 +278,17 @@ pub fn parse_manifest(path: &Path, src: &str, stem: &str) -> Result<Module, Mani
                 }
                 Some(d) => {
                     let p = PathBuf::from(d.get_ref());
-                    if let Some(dir) = &directory {
-                        if !p.starts_with(dir) {
-                            return cx.err(
-                                d.span().start,
-                                format!(
-                                    "model.default: \"{}\" is not inside model.directory \"{}\"",
-                                    p.display(),
-                                    dir.display()
-                                ),
-                            );
-                        }
+                    if let Some(dir) = &directory
+                        && !p.starts_with(dir)
+                    {
+                        return cx.err(
+                            d.span().start,
+                            format!(
+                                "model.default: \"{}\" is not inside model.directory \"{}\"",
+                                p.display(),
+                                dir.display()
+                            ),
+                        );
                     }
                     Some(p)
                 }

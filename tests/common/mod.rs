@@ -1,0 +1,389 @@
+//! Test harness: a private real `dbus-daemon` configured like a system bus with the shipped
+//! policy file, and a real `modvisord` serving on it, with temp manifest/state/runtime dirs.
+//! Every wait is event-driven (bus signals) and bounded by an explicit timeout.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use modvisor::dbus::client::{ManagerProxy, ModuleProxy};
+use zbus::Connection;
+use zbus::proxy::CacheProperties;
+
+pub const T: Duration = Duration::from_secs(10);
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A private dbus-daemon with the stock system-bus default policy plus our shipped policy file.
+pub struct Bus {
+    child: Child,
+    pub address: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Bus {
+    pub fn start() -> Bus {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("bus");
+        let policy = root().join("packaging/dbus/org.modvisor1.conf");
+        let conf = format!(
+            r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <auth>EXTERNAL</auth>
+  <listen>unix:path={sock}</listen>
+  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
+    <deny send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus" send_member="UpdateActivationEnvironment"/>
+  </policy>
+  <include>{policy}</include>
+</busconfig>
+"#,
+            sock = sock.display(),
+            policy = policy.display()
+        );
+        let conf_path = dir.path().join("bus.conf");
+        std::fs::write(&conf_path, conf).expect("write bus config");
+        let mut child = Command::new("dbus-daemon")
+            .arg(format!("--config-file={}", conf_path.display()))
+            .args(["--nofork", "--nopidfile", "--print-address=1"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dbus-daemon must be installed (make test installs it)");
+        // It prints its address once it listens.
+        use std::io::BufRead;
+        let out = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        std::io::BufReader::new(out)
+            .read_line(&mut line)
+            .expect("read dbus-daemon address");
+        assert!(!line.trim().is_empty(), "dbus-daemon did not start");
+        Bus {
+            child,
+            address: format!("unix:path={}", sock.display()),
+            _dir: dir,
+        }
+    }
+
+    pub async fn connect(&self) -> Connection {
+        zbus::connection::Builder::address(self.address.as_str())
+            .build()
+            .await
+            .expect("connect to test bus")
+    }
+}
+
+impl Drop for Bus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running modvisord with its own directories.
+pub struct Daemon {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub modules: PathBuf,
+    pub config: PathBuf,
+    pub bus: Bus,
+    pub conn: Connection,
+    pub extra_config: String,
+}
+
+#[derive(Default)]
+pub struct Options {
+    pub extra_config: String,
+    pub env: Vec<(String, String)>,
+}
+
+impl Daemon {
+    /// Starts modvisord with the given manifests already in place; returns once it owns its name.
+    pub async fn start(manifests: &[(&str, &str)]) -> Daemon {
+        Daemon::start_with(manifests, Options::default()).await
+    }
+
+    pub async fn start_with(manifests: &[(&str, &str)], opts: Options) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let modules = dir.path().join("modules.d");
+        std::fs::create_dir_all(&modules).expect("mkdir");
+        for (name, text) in manifests {
+            std::fs::write(modules.join(format!("{name}.toml")), text).expect("write manifest");
+        }
+        let config = dir.path().join("modvisor.toml");
+        let cfg = format!(
+            "[paths]\nmodules = [\"{}\"]\nstate = \"{}\"\nruntime = \"{}\"\n[runtime]\ndefault_mode = \"native\"\nnative_backend = \"direct\"\n[monitor]\ninterval = \"1s\"\n{}",
+            modules.display(),
+            dir.path().join("state").display(),
+            dir.path().join("run").display(),
+            opts.extra_config
+        );
+        std::fs::write(&config, cfg).expect("write config");
+        let bus = Bus::start();
+        let conn = bus.connect().await;
+        let mut d = Daemon {
+            child: None,
+            dir,
+            modules,
+            config,
+            bus,
+            conn,
+            extra_config: opts.extra_config.clone(),
+        };
+        d.spawn(&opts.env).await;
+        d
+    }
+
+    /// (Re)starts the modvisord process and waits until it owns org.modvisor1.
+    pub async fn spawn(&mut self, env: &[(String, String)]) {
+        let dbus = zbus::fdo::DBusProxy::new(&self.conn)
+            .await
+            .expect("dbus proxy");
+        let mut owners = dbus
+            .receive_name_owner_changed()
+            .await
+            .expect("subscribe NameOwnerChanged");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("modvisord.log"))
+            .expect("log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_modvisord"));
+        cmd.arg("--config")
+            .arg(&self.config)
+            .arg("--bus-address")
+            .arg(&self.bus.address)
+            .env("MODVISOR_LOG_STDERR", "1")
+            .env("MODVISOR_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup"))
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("spawn modvisord"));
+        let name = zbus::names::BusName::try_from("org.modvisor1").expect("name");
+        if dbus.name_has_owner(name).await.unwrap_or(false) {
+            return;
+        }
+        let deadline = Instant::now() + T;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, owners.next()).await {
+                Ok(Some(sig)) => {
+                    if let Ok(a) = sig.args()
+                        && a.name().as_str() == "org.modvisor1"
+                        && a.new_owner().is_some()
+                    {
+                        return;
+                    }
+                }
+                _ => panic!(
+                    "modvisord did not take org.modvisor1 within {T:?}; log:\n{}",
+                    self.log()
+                ),
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("modvisord.log")).unwrap_or_default()
+    }
+
+    pub async fn manager(&self) -> ManagerProxy<'static> {
+        ManagerProxy::builder(&self.conn)
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await
+            .expect("manager proxy")
+    }
+
+    pub async fn module(&self, name: &str) -> ModuleProxy<'static> {
+        ModuleProxy::builder(&self.conn)
+            .path(modvisor::dbus::module_path(name))
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await
+            .expect("module proxy")
+    }
+
+    pub fn write_manifest(&self, name: &str, text: &str) {
+        // Write then rename, as an admin's editor or config management would.
+        let tmp = self.modules.join(format!(".{name}.toml.tmp"));
+        std::fs::write(&tmp, text).expect("write");
+        std::fs::rename(&tmp, self.modules.join(format!("{name}.toml"))).expect("rename");
+    }
+
+    /// Sends SIGTERM and waits (bounded) for a clean exit; returns the exit status code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("modvisord did not stop within 20s after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the module satisfies `pred` (checked at once and after every ModuleChanged
+    /// signal), bounded by `timeout`. Returns the last (state, health, reason).
+    pub async fn wait_module(
+        &self,
+        name: &str,
+        timeout: Duration,
+        pred: impl Fn(&str, &str, &str) -> bool,
+    ) -> (String, String, String) {
+        let m = self.manager().await;
+        let mut changes = m
+            .receive_module_changed()
+            .await
+            .expect("subscribe ModuleChanged");
+        let deadline = Instant::now() + timeout;
+        let mut last = (String::new(), String::new(), String::new());
+        loop {
+            if let Ok(rows) = m.list_modules().await {
+                if let Some(r) = rows.iter().find(|r| r.0 == name) {
+                    last = (r.2.clone(), r.3.clone(), r.4.clone());
+                    if pred(&r.2, &r.3, &r.4) {
+                        return last;
+                    }
+                } else {
+                    last = ("(absent)".into(), String::new(), String::new());
+                    if pred("(absent)", "", "") {
+                        return last;
+                    }
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if tokio::time::timeout(left, changes.next()).await.is_err() {
+                panic!(
+                    "module {name}: condition not reached within {timeout:?}; last {last:?}; log:\n{}",
+                    self.log()
+                );
+            }
+        }
+    }
+
+    pub async fn wait_state(&self, name: &str, state: &str) -> (String, String, String) {
+        let s = state.to_string();
+        self.wait_module(name, T, move |st, _, _| st == s).await
+    }
+
+    pub async fn wait_health(&self, name: &str, health: &str) -> (String, String, String) {
+        let h = health.to_string();
+        self.wait_module(name, T, move |_, he, _| he == h).await
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A native module manifest running `sh -c SCRIPT`.
+pub fn sh_module(script: &str, extra: &str) -> String {
+    format!(
+        "trusted = true\n{extra}\n[native]\ncommand = [\"/bin/sh\", \"-c\", {}]\n",
+        toml_str(script)
+    )
+}
+
+pub fn toml_str(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// Zombie children of `pid`.
+pub fn zombie_children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        let Some(rest) = stat.rfind(')').map(|i| stat[i + 1..].to_string()) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.first() == Some(&"Z") && f.get(1).and_then(|s| s.parse::<u32>().ok()) == Some(pid) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Processes whose process group is `pgid`.
+pub fn group_members(pgid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        let Some(rest) = stat.rfind(')').map(|i| stat[i + 1..].to_string()) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.get(2).and_then(|s| s.parse::<u32>().ok()) == Some(pgid) && f.first() != Some(&"Z") {
+            out.push(p);
+        }
+    }
+    out
+}
+
+pub fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
+}
