@@ -194,6 +194,11 @@ fn spawn_watchdog(handle: Handle) {
 
 pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let cfg = Arc::new(Config::load(opts.config.as_deref())?);
+    // Handlers first: a SIGTERM right after READY=1 must take the orderly path.
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| DaemonError::Setup(e.to_string()))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| DaemonError::Setup(e.to_string()))?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| DaemonError::Setup(e.to_string()))?;
     crate::reaper::become_subreaper()
         .map_err(|e| DaemonError::Setup(format!("become child subreaper: {e}")))?;
     tokio::spawn(async {
@@ -233,10 +238,6 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     notify(&[NotifyState::Ready, NotifyState::Status(&summary)]);
     tracing::info!("modvisord {} ready: {summary}", env!("CARGO_PKG_VERSION"));
 
-    let mut term =
-        signal(SignalKind::terminate()).map_err(|e| DaemonError::Setup(e.to_string()))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| DaemonError::Setup(e.to_string()))?;
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| DaemonError::Setup(e.to_string()))?;
     let mut state = handle.state.clone();
     let why = loop {
         tokio::select! {

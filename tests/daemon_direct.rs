@@ -553,7 +553,7 @@ async fn sd_notify_ready_status_and_stopping() {
     }
     let ready = got.iter().find(|m| m.contains("READY=1")).expect("ready");
     assert!(ready.contains("STATUS=1 modules:"), "{ready}");
-    d.stop();
+    assert_eq!(d.stop(), Some(0), "a clean exit after SIGTERM");
     let mut stopping = false;
     while let Ok(n) = sock.recv(&mut buf) {
         if String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1") {

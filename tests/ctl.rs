@@ -1,0 +1,190 @@
+//! modvisorctl as a user runs it: exit codes, tables, --json, validate without a daemon, and
+//! finding the daemon without flags (system bus, or the embedded bus).
+
+mod common;
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::*;
+
+fn ctl(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_modvisorctl"));
+    c.args(args).env_remove("MODVISOR_BUS_ADDRESS").env(
+        "DBUS_SYSTEM_BUS_ADDRESS",
+        "unix:path=/nonexistent/modvisor-test-bus",
+    );
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("run modvisorctl")
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn validate_needs_no_daemon_and_reports_file_line_col() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let o = ctl(&["validate", &format!("{root}/config/modules.d")], &[]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{err}");
+    assert!(
+        out.contains("hello-web.toml: OK: module hello-web (native)"),
+        "{out}"
+    );
+
+    let bad = format!("{root}/tests/fixtures/bad/02-unknown-native-key.toml");
+    let o = ctl(&["validate", &bad], &[]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        err.contains("02-unknown-native-key.toml:3:1: unknown field `cmd`"),
+        "{err}"
+    );
+
+    let o = ctl(&["--json", "validate", &bad], &[]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v[0]["ok"], false);
+    assert!(v[0]["error"].as_str().unwrap_or("").contains(":3:1:"));
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    assert_eq!(ctl(&["frobnicate"], &[]).status.code(), Some(2));
+    assert_eq!(ctl(&["start"], &[]).status.code(), Some(2));
+}
+
+#[test]
+fn unreachable_daemon_exits_5() {
+    let o = ctl(
+        &["status"],
+        &[("MODVISOR_RUNTIME_DIR", "/nonexistent/modvisor-run")],
+    );
+    assert_eq!(o.status.code(), Some(5), "{:?}", text(&o));
+    assert!(text(&o).1.contains("not reachable"));
+}
+
+#[tokio::test]
+async fn status_list_explain_and_exit_codes_over_the_system_bus() {
+    let d = Daemon::start(&[(
+        "svc",
+        &sh_module("exec sleep 1000", "description = \"a service\"\n"),
+    )])
+    .await;
+    d.wait_state("svc", "running").await;
+    // No --bus-address: modvisorctl finds org.modvisor1 on the system bus.
+    let env = [("DBUS_SYSTEM_BUS_ADDRESS", d.bus.address.as_str())];
+    let o = ctl(&["status"], &env);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("svc "))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.contains("native") && line.contains("running") && line.contains("online"),
+        "{line}"
+    );
+    assert!(
+        !out.contains('\x1b'),
+        "no colors when stdout is not a terminal"
+    );
+
+    let o = ctl(&["--json", "status"], &env);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["modules"][0]["name"], "svc");
+    assert_eq!(v["modules"][0]["health"], "online");
+    assert!(v["modules"][0]["main_pid"].as_u64().unwrap_or(0) > 0);
+    assert_eq!(v["native_backend"], "direct");
+
+    let o = ctl(&["status", "svc"], &env);
+    assert!(text(&o).0.contains("svc - a service"), "{:?}", text(&o));
+    let o = ctl(&["explain", "svc"], &env);
+    assert!(text(&o).0.contains("decision: native"), "{:?}", text(&o));
+    assert_eq!(ctl(&["status", "ghost"], &env).status.code(), Some(3));
+    assert_eq!(ctl(&["stop", "ghost"], &env).status.code(), Some(3));
+    assert_eq!(ctl(&["stop", "../x"], &env).status.code(), Some(2));
+    assert_eq!(
+        ctl(&["activate", "svc", "/x.gguf"], &env).status.code(),
+        Some(1)
+    );
+
+    let o = ctl(&["stop", "svc"], &env);
+    assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+    let o = ctl(&["list"], &env);
+    assert!(
+        text(&o).0.contains("svc\tnative\tinactive\toffline"),
+        "{:?}",
+        text(&o)
+    );
+    assert_eq!(ctl(&["start", "svc"], &env).status.code(), Some(0));
+    d.wait_state("svc", "running").await;
+}
+
+#[tokio::test]
+async fn embedded_bus_is_found_without_flags() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let modules = dir.path().join("modules.d");
+    std::fs::create_dir_all(&modules).expect("mkdir");
+    std::fs::write(modules.join("emb.toml"), sh_module("exec sleep 1000", "")).expect("write");
+    let run = dir.path().join("run");
+    let cfg = dir.path().join("modvisor.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[paths]\nmodules = [\"{}\"]\nstate = \"{}\"\nruntime = \"{}\"\n[dbus]\nbus = \"embedded\"\n",
+            modules.display(),
+            dir.path().join("state").display(),
+            run.display()
+        ),
+    )
+    .expect("config");
+    let notify = dir.path().join("notify");
+    let sock = UnixDatagram::bind(&notify).expect("bind");
+    sock.set_read_timeout(Some(T)).expect("timeout");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_modvisord"))
+        .arg("--config")
+        .arg(&cfg)
+        .env_remove("MODVISOR_BUS_ADDRESS")
+        .env("NOTIFY_SOCKET", &notify)
+        .env("MODVISOR_LOG_STDERR", "1")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = sock.recv(&mut buf).expect("READY=1 within the timeout");
+        if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
+            break;
+        }
+    }
+    let env = [("MODVISOR_RUNTIME_DIR", run.to_str().unwrap_or_default())];
+    let o = ctl(&["--json", "list"], &env);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(out.contains("\"emb\""), "{out}");
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("term");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            assert!(st.success());
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "modvisord did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !run.join("bus").exists(),
+        "the embedded bus is gone with the daemon"
+    );
+}
