@@ -472,10 +472,12 @@ impl Publisher {
     async fn sync(&mut self, new: Arc<Snapshot>) -> zbus::Result<()> {
         let old = std::mem::replace(&mut self.last, new.clone());
         let server = self.conn.object_server();
+        let manager = SignalEmitter::new(&self.conn, MANAGER_PATH)?;
         for name in old.modules.keys().filter(|n| !new.modules.contains_key(*n)) {
             server.remove::<ModuleObject, _>(module_path(name)).await?;
+            // Watchers learn of the removal from the same signal as of every other change.
+            Manager::module_changed(&manager, name, "inactive", "offline", "removed: its manifest is gone").await?;
         }
-        let manager = SignalEmitter::new(&self.conn, MANAGER_PATH)?;
         for (name, m) in &new.modules {
             let p = module_path(name);
             match old.modules.get(name) {
