@@ -211,7 +211,17 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             .map_err(|e| DaemonError::Setup(format!("create {}: {e}", d.display())))?;
     }
     let native: Option<Arc<dyn NativeBackend>> = match cfg.native_backend {
-        NativeBackendChoice::Auto | NativeBackendChoice::Direct => Some(Arc::new(DirectBackend)),
+        NativeBackendChoice::Auto | NativeBackendChoice::Direct => {
+            let direct = DirectBackend::new(&cfg.runtime);
+            let grace = Duration::from_secs(10);
+            let left = tokio::task::spawn_blocking(move || (direct.stop_leftovers(grace), direct))
+                .await
+                .map_err(|e| DaemonError::Setup(format!("stopping leftovers: {e}")))?;
+            for (name, pid) in &left.0 {
+                tracing::warn!(modvisor_module = %name, "stopped pid {pid} of {name}, left by a previous modvisord");
+            }
+            Some(Arc::new(left.1))
+        }
         NativeBackendChoice::Systemd => {
             return Err(DaemonError::Setup("native_backend = \"systemd\" is not supported by this version; use \"auto\" or \"direct\"".into()));
         }

@@ -625,3 +625,40 @@ async fn module_output_goes_to_the_journal_and_log_files() {
     let file = std::fs::read_to_string(logdir.path().join("talker.log")).expect("module log file");
     assert!(file.contains(&tag), "{file}");
 }
+
+#[tokio::test]
+async fn after_kill_9_of_the_daemon_a_new_one_never_runs_a_second_copy() {
+    let mut d = Daemon::start(&[("solo", &sh_module("exec sleep 1000", ""))]).await;
+    d.wait_state("solo", "running").await;
+    let old = d.module("solo").await.main_pid().await.expect("pid");
+    d.kill9();
+    assert!(
+        alive(old),
+        "a kill -9 of modvisord leaves the direct child running"
+    );
+    d.spawn(&[]).await;
+    d.wait_state("solo", "running").await;
+    let new = d.module("solo").await.main_pid().await.expect("pid");
+    assert_ne!(old, new);
+    assert!(
+        !alive(old),
+        "the copy left by the killed daemon is stopped before a new one starts"
+    );
+    let copies: Vec<u32> = std::fs::read_dir("/proc")
+        .expect("proc")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
+        .filter(|p| {
+            alive(*p)
+                && std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| c == "sleep\x001000\x00")
+        })
+        .filter(|p| group_members(*p).contains(p) && (*p == new || *p == old))
+        .collect();
+    assert_eq!(copies, vec![new]);
+    assert!(
+        d.log().contains("left running by a previous modvisord"),
+        "{}",
+        d.log()
+    );
+}

@@ -476,7 +476,14 @@ impl Publisher {
         for name in old.modules.keys().filter(|n| !new.modules.contains_key(*n)) {
             server.remove::<ModuleObject, _>(module_path(name)).await?;
             // Watchers learn of the removal from the same signal as of every other change.
-            Manager::module_changed(&manager, name, "inactive", "offline", "removed: its manifest is gone").await?;
+            Manager::module_changed(
+                &manager,
+                name,
+                "inactive",
+                "offline",
+                "removed: its manifest is gone",
+            )
+            .await?;
         }
         for (name, m) in &new.modules {
             let p = module_path(name);

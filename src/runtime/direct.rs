@@ -2,6 +2,7 @@
 //! with RLIMIT_CORE 0; stop is SIGTERM to the group, then SIGKILL after the stop timeout.
 #![allow(unsafe_code)]
 
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -20,8 +21,84 @@ use crate::reaper;
 /// The PATH modules get (they do not inherit the daemon's environment, as under systemd).
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// Each running module has `RUNTIME/direct/NAME.pid` ("PID STARTTIME"), so that a modvisord
+/// started after a crash of the previous one finds the process groups it left behind and
+/// stops them before starting anything: never two copies of an engine.
 #[derive(Debug, Default)]
-pub struct DirectBackend;
+pub struct DirectBackend {
+    pid_dir: Option<PathBuf>,
+}
+
+/// Field 22 of /proc/PID/stat: the start time, which tells a reused PID from the original.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut f = rest.split_whitespace();
+    if f.next()? == "Z" {
+        return None; // exited, only not yet reaped by its new parent
+    }
+    f.nth(18)?.parse().ok()
+}
+
+impl DirectBackend {
+    pub fn new(runtime: &Path) -> DirectBackend {
+        let dir = runtime.join("direct");
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            tracing::warn!(
+                "cannot create {}: {e}; leftovers of a crash cannot be found",
+                dir.display()
+            );
+            return DirectBackend { pid_dir: None };
+        }
+        DirectBackend { pid_dir: Some(dir) }
+    }
+
+    /// Stops the process groups a previous modvisord left running (SIGTERM, then SIGKILL after
+    /// `grace`). Blocking and bounded; called once at start-up, before any module starts.
+    pub fn stop_leftovers(&self, grace: Duration) -> Vec<(String, u32)> {
+        let mut stopped = Vec::new();
+        let Some(dir) = &self.pid_dir else {
+            return stopped;
+        };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return stopped;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            let name = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let mut f = text.split_whitespace().map(|x| x.parse::<u64>().ok());
+            if let (Some(Some(pid)), Some(Some(st))) = (f.next(), f.next()) {
+                let pid = pid as u32;
+                if pid > 1 && start_time(pid) == Some(st) {
+                    tracing::warn!(modvisor_module = %name, "stopping pid {pid}, left running by a previous modvisord");
+                    signal_group(pid as i32, Signal::SIGTERM);
+                    let deadline = std::time::Instant::now() + grace;
+                    while start_time(pid) == Some(st) && std::time::Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    signal_group(pid as i32, Signal::SIGKILL);
+                    stopped.push((name, pid));
+                }
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+        stopped
+    }
+
+    fn record(&self, name: &str, pid: u32) -> Option<PathBuf> {
+        let dir = self.pid_dir.as_ref()?;
+        let path = dir.join(format!("{name}.pid"));
+        let st = start_time(pid)?;
+        let tmp = dir.join(format!(".{name}.pid.tmp"));
+        std::fs::write(&tmp, format!("{pid} {st}\n")).ok()?;
+        std::fs::rename(&tmp, &path).ok()?;
+        Some(path)
+    }
+}
 
 fn signal_group(pgid: i32, sig: Signal) {
     // Never signal a group <= 1: that would be init's or "every process".
@@ -85,6 +162,7 @@ impl NativeBackend for DirectBackend {
         })?;
         let pid = child.id().unwrap_or(0);
         let pgid = pid as i32;
+        let pid_file = self.record(&req.name, pid);
         if let Some(out) = child.stdout.take() {
             tokio::spawn(forward(out, req.sink.clone(), Stream::Stdout));
         }
@@ -110,6 +188,9 @@ impl NativeBackend for DirectBackend {
                 }
             };
             reaper::forget(pid);
+            if let Some(f) = pid_file {
+                let _ = std::fs::remove_file(f);
+            }
             // Like KillMode=control-group: nothing of the module outlives its main process.
             signal_group(pgid, Signal::SIGKILL);
             let _ = exited_tx.send(true);

@@ -236,6 +236,14 @@ impl Daemon {
         std::fs::rename(&tmp, self.modules.join(format!("{name}.toml"))).expect("rename");
     }
 
+    /// `kill -9` of modvisord (waits until it is gone).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// Sends SIGTERM and waits (bounded) for a clean exit; returns the exit status code.
     pub fn stop(&mut self) -> Option<i32> {
         let mut c = self.child.take()?;
