@@ -16,6 +16,7 @@ use crate::dbus::{self, BUS_NAME};
 use crate::journal::Journal;
 use crate::runtime::NativeBackend;
 use crate::runtime::direct::DirectBackend;
+use crate::runtime::systemd::SystemdBackend;
 use crate::supervisor::{self, Command, Handle};
 
 #[derive(Debug, thiserror::Error)]
@@ -164,6 +165,42 @@ impl DirWatch {
     }
 }
 
+/// Connects to systemd on the system bus (bounded: 5 s).
+async fn systemd_backend() -> Result<SystemdBackend, String> {
+    let attempt = async {
+        let conn = zbus::Connection::system().await.map_err(|e| format!("no system bus: {e}"))?;
+        SystemdBackend::connect(conn).await.map_err(|e| format!("systemd does not answer: {e}"))
+    };
+    tokio::time::timeout(Duration::from_secs(5), attempt)
+        .await
+        .unwrap_or_else(|_| Err("systemd did not answer within 5s".into()))
+}
+
+/// `native_backend`: systemd when asked (or, for `auto`, when the manager answers on the bus),
+/// else direct children (after stopping what a crashed predecessor left running).
+async fn native_backend(cfg: &Config) -> Result<Arc<dyn NativeBackend>, DaemonError> {
+    match cfg.native_backend {
+        NativeBackendChoice::Systemd => {
+            let b = systemd_backend().await.map_err(|e| DaemonError::Setup(format!("native_backend = \"systemd\": {e}")))?;
+            return Ok(Arc::new(b));
+        }
+        NativeBackendChoice::Auto => match systemd_backend().await {
+            Ok(b) => return Ok(Arc::new(b)),
+            Err(e) => tracing::info!("native backend: direct ({e})"),
+        },
+        NativeBackendChoice::Direct => {}
+    }
+    let direct = DirectBackend::new(&cfg.runtime);
+    let grace = Duration::from_secs(10);
+    let (left, direct) = tokio::task::spawn_blocking(move || (direct.stop_leftovers(grace), direct))
+        .await
+        .map_err(|e| DaemonError::Setup(format!("stopping leftovers: {e}")))?;
+    for (name, pid) in &left {
+        tracing::warn!(modvisor_module = %name, "stopped pid {pid} of {name}, left by a previous modvisord");
+    }
+    Ok(Arc::new(direct))
+}
+
 /// Sends WATCHDOG=1 at half the watchdog interval, but only while the supervisor answers.
 fn spawn_watchdog(handle: Handle) {
     let Some(period) = sd_notify::watchdog_enabled() else {
@@ -210,26 +247,12 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         std::fs::create_dir_all(d)
             .map_err(|e| DaemonError::Setup(format!("create {}: {e}", d.display())))?;
     }
-    let native: Option<Arc<dyn NativeBackend>> = match cfg.native_backend {
-        NativeBackendChoice::Auto | NativeBackendChoice::Direct => {
-            let direct = DirectBackend::new(&cfg.runtime);
-            let grace = Duration::from_secs(10);
-            let left = tokio::task::spawn_blocking(move || (direct.stop_leftovers(grace), direct))
-                .await
-                .map_err(|e| DaemonError::Setup(format!("stopping leftovers: {e}")))?;
-            for (name, pid) in &left.0 {
-                tracing::warn!(modvisor_module = %name, "stopped pid {pid} of {name}, left by a previous modvisord");
-            }
-            Some(Arc::new(left.1))
-        }
-        NativeBackendChoice::Systemd => {
-            return Err(DaemonError::Setup("native_backend = \"systemd\" is not supported by this version; use \"auto\" or \"direct\"".into()));
-        }
-    };
+    let native = native_backend(&cfg).await?;
+    let existing_units = native.list_units().await;
     let journal = Journal::connect().map(Arc::new);
 
     let dir_watch = DirWatch::new(cfg.modules.clone())?;
-    let (handle, ready, sup_task) = supervisor::spawn(cfg.clone(), native, journal);
+    let (handle, ready, sup_task) = supervisor::spawn(cfg.clone(), Some(native), journal, existing_units);
     dir_watch.spawn(handle.clone());
     let (conn, bus) = connect_bus(&cfg, &opts).await?;
     dbus::server::serve(&conn, handle.clone()).await?;

@@ -17,7 +17,7 @@ use crate::health::{self, Hysteresis, ProbeResult};
 use crate::journal::{Journal, OutputSink};
 use crate::manifest::{self, ManifestError, Mode, Module, NativeExec};
 use crate::policy::{self, Availability, Decision};
-use crate::runtime::{ExitInfo, NativeBackend, RunHandle, RunRequest, RuntimeEvent};
+use crate::runtime::{Exec, ExitInfo, NativeBackend, RunHandle, RunPhase, RunRequest, RuntimeEvent};
 use crate::state::{Health, ModuleStatus, Snapshot, State};
 
 /// Stable journal MESSAGE_IDs.
@@ -168,6 +168,8 @@ impl RestartBudget {
 struct Running {
     generation: u64,
     handle: RunHandle,
+    /// The engine's main PID (the backend may learn it later, and it changes on its restarts).
+    main_pid: u32,
     probe: Option<AbortHandle>,
     hysteresis: Hysteresis,
     /// Set when the supervisor itself ended the process because it never became healthy.
@@ -211,6 +213,8 @@ pub struct Supervisor {
     events_tx: mpsc::UnboundedSender<Event>,
     runtime_tx: mpsc::UnboundedSender<RuntimeEvent>,
     state_tx: watch::Sender<Arc<Snapshot>>,
+    /// Units of ours found at start-up (name -> active state), consumed by the first reload.
+    existing_units: BTreeMap<String, String>,
 }
 
 fn now_us(t: SystemTime) -> u64 {
@@ -254,6 +258,7 @@ pub fn spawn(
     cfg: Arc<Config>,
     native: Option<Arc<dyn NativeBackend>>,
     journal: Option<Arc<Journal>>,
+    existing_units: Vec<(String, String)>,
 ) -> (Handle, oneshot::Receiver<()>, tokio::task::JoinHandle<()>) {
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let (events_tx, events_rx) = mpsc::unbounded_channel();
@@ -277,6 +282,7 @@ pub fn spawn(
         events_tx,
         runtime_tx,
         state_tx,
+        existing_units: existing_units.into_iter().collect(),
     };
     let task = tokio::spawn(sup.run(cmd_rx, events_rx, runtime_rx, ready_tx));
     (
@@ -318,20 +324,14 @@ impl Supervisor {
                 cmd = cmd_rx.recv(), if shutdown.is_none() => match cmd {
                     Some(Command::Shutdown(done)) => {
                         shutdown = Some(done);
-                        let names: Vec<String> = self.modules.keys().cloned().collect();
-                        for n in names {
-                            self.begin_stop(&n, AfterStop::Nothing);
-                        }
+                        self.stop_all_for_shutdown();
                     }
                     Some(c) => self.command(c),
                     None => {
                         // Every handle is gone: stop as if asked to.
                         let (tx, _rx) = oneshot::channel();
                         shutdown = Some(tx);
-                        let names: Vec<String> = self.modules.keys().cloned().collect();
-                        for n in names {
-                            self.begin_stop(&n, AfterStop::Nothing);
-                        }
+                        self.stop_all_for_shutdown();
                     }
                 },
                 Some(ev) = runtime_rx.recv() => self.event(Event::Runtime(ev)),
@@ -345,6 +345,27 @@ impl Supervisor {
         ticker.abort();
         if let Some(done) = shutdown {
             let _ = done.send(());
+        }
+    }
+
+    /// On shutdown, direct children are stopped (they cannot outlive the daemon); units keep
+    /// running under systemd and are adopted by the next modvisord.
+    fn stop_all_for_shutdown(&mut self) {
+        let survive = self.native.as_ref().is_some_and(|b| b.restarts_itself());
+        let names: Vec<String> = self.modules.keys().cloned().collect();
+        for n in names {
+            if survive {
+                if let Some(e) = self.modules.get_mut(&n)
+                    && let Some(r) = e.run.take()
+                {
+                    if let Some(p) = r.probe {
+                        p.abort();
+                    }
+                    tracing::info!(modvisor_module = %n, "leaving {} running under systemd", r.handle.unit);
+                }
+            } else {
+                self.begin_stop(&n, AfterStop::Nothing);
+            }
         }
     }
 
@@ -397,9 +418,16 @@ impl Supervisor {
             state: e.state,
             health: e.health,
             health_reason: e.reason.clone(),
-            unit: String::new(),
+            unit: match (&e.run, running_mode, &self.native) {
+                (Some(r), _, _) => r.handle.unit.clone(),
+                (None, Some(Mode::Native), Some(b)) if b.restarts_itself() => match &m.native {
+                    Some(NativeExec::Unit(u)) => u.clone(),
+                    _ => crate::runtime::systemd::unit_name(&m.name),
+                },
+                _ => String::new(),
+            },
             container_id: String::new(),
-            main_pid: e.run.as_ref().map(|r| r.handle.pid).unwrap_or(0),
+            main_pid: e.run.as_ref().map(|r| r.main_pid).unwrap_or(0),
             memory_bytes: if e.run.is_some() { e.memory } else { 0 },
             memory_max_bytes: m.resources.memory_max.unwrap_or(0),
             vram_bytes: 0,
@@ -536,7 +564,13 @@ impl Supervisor {
                         e.reason = "not started (enabled = false)".into();
                     }
                     self.modules.insert(name.clone(), e);
-                    if enabled {
+                    // A unit left running by an earlier modvisord is adopted whatever `enabled` says.
+                    let unit = crate::runtime::systemd::unit_name(&name);
+                    let running = self
+                        .existing_units
+                        .get(&unit)
+                        .is_some_and(|s| matches!(s.as_str(), "active" | "activating" | "reloading"));
+                    if enabled || running {
                         let _ = self.start(&name);
                     }
                 }
@@ -564,6 +598,19 @@ impl Supervisor {
                     } else if newly_enabled && !running {
                         let _ = self.start(&name);
                     }
+                }
+            }
+        }
+        // Units of ours that no manifest (valid or broken) claims any more are stopped, once.
+        let existing = std::mem::take(&mut self.existing_units);
+        if let Some(b) = &self.native {
+            for unit in existing.keys() {
+                let Some(name) = unit.strip_prefix("modvisor-").and_then(|u| u.strip_suffix(".service")) else {
+                    continue;
+                };
+                let claimed = self.modules.contains_key(name) || res.broken_stems.contains(name);
+                if !claimed {
+                    tokio::spawn(b.stop_unit(unit));
                 }
             }
         }
@@ -774,14 +821,8 @@ impl Supervisor {
             self.set(n, State::Failed, Health::Offline, why.clone());
             return Err(OpError::Failed(why));
         }
-        let Some(NativeExec::Command {
-            argv,
-            environment,
-            working_directory,
-            ..
-        }) = e.module.native.clone()
-        else {
-            return Err(OpError::Failed("no native command".into()));
+        let Some(native) = e.module.native.clone() else {
+            return Err(OpError::Failed("no [native] section".into()));
         };
         let Some(backend) = self.native.clone() else {
             return Err(OpError::Failed("no native backend".into()));
@@ -795,18 +836,35 @@ impl Supervisor {
                 state_dir.display()
             );
         }
+        let exec = match native {
+            NativeExec::Command {
+                argv,
+                environment,
+                working_directory,
+                user,
+            } => Exec::Command {
+                argv: argv.iter().map(|a| sub(a)).collect(),
+                environment: environment
+                    .iter()
+                    .map(|(k, v)| (k.clone(), sub(v)))
+                    .collect(),
+                working_directory: working_directory
+                    .map(|w| PathBuf::from(sub(&w.display().to_string()))),
+                user,
+            },
+            NativeExec::Unit(u) => Exec::Unit(u),
+        };
         e.generation += 1;
         let generation = e.generation;
         let req = RunRequest {
             name: n.to_string(),
             generation,
-            argv: argv.iter().map(|a| sub(a)).collect(),
-            environment: environment
-                .iter()
-                .map(|(k, v)| (k.clone(), sub(v)))
-                .collect(),
-            working_directory: working_directory
-                .map(|w| PathBuf::from(sub(&w.display().to_string()))),
+            description: e.module.description.clone(),
+            exec,
+            restart: e.module.restart.clone(),
+            stop_timeout: e.module.stop_timeout,
+            memory_max: e.module.resources.memory_max,
+            guard_port: e.module.health.probe.as_ref().and_then(probe_address),
             sink: OutputSink::new(
                 n,
                 self.journal.clone(),
@@ -868,13 +926,17 @@ impl Supervisor {
         e.memory = 0;
         e.run = Some(Running {
             generation,
+            main_pid: handle.pid,
             handle,
             probe,
             hysteresis: Hysteresis::new(health.failures, health.successes),
             start_timed_out: false,
         });
         let waiters = std::mem::take(&mut e.restart_waiters);
-        let (state, h, why) = if health.probe.is_some() {
+        let (state, h, why) = if backend.restarts_itself() {
+            let unit = e.run.as_ref().map(|r| r.handle.unit.clone()).unwrap_or_default();
+            (State::Starting, Health::Unknown, format!("starting {unit}"))
+        } else if health.probe.is_some() {
             (
                 State::Starting,
                 Health::Unknown,
@@ -936,6 +998,13 @@ impl Supervisor {
 
     fn event(&mut self, ev: Event) {
         match ev {
+            Event::Runtime(RuntimeEvent::Status {
+                name,
+                generation,
+                main_pid,
+                restarts,
+                phase,
+            }) => self.progressed(&name, generation, main_pid, restarts, phase),
             Event::Runtime(RuntimeEvent::Exited {
                 name,
                 generation,
@@ -982,7 +1051,14 @@ impl Supervisor {
                 let groups: Vec<(String, i32)> = self
                     .modules
                     .iter()
-                    .filter_map(|(n, e)| e.run.as_ref().map(|r| (n.clone(), r.handle.pgid)))
+                    .filter_map(|(n, e)| {
+                        e.run.as_ref().filter(|r| r.main_pid > 1).map(|r| {
+                            // Direct children lead their group; systemd services lead their
+                            // session, so their main PID is their group too.
+                            let g = if r.handle.pgid > 1 { r.handle.pgid } else { r.main_pid as i32 };
+                            (n.clone(), g)
+                        })
+                    })
                     .collect();
                 if groups.is_empty() {
                     return;
@@ -1000,6 +1076,52 @@ impl Supervisor {
                 }
             }
         }
+    }
+
+    /// Progress of a backend-managed run (systemd): main PID, restarts, phase.
+    fn progressed(&mut self, n: &str, generation: u64, main_pid: u32, restarts: u32, phase: RunPhase) {
+        let Some(e) = self.modules.get_mut(n) else {
+            return;
+        };
+        if e.stopping {
+            return;
+        }
+        let has_probe = e.module.health.probe.is_some();
+        let (failures, successes) = (e.module.health.failures, e.module.health.successes);
+        let fallback = e.decision.fallback.then(|| e.decision.reason.clone());
+        let Some(run) = e.run.as_mut().filter(|r| r.generation == generation) else {
+            return;
+        };
+        run.main_pid = main_pid;
+        e.restarts = restarts;
+        let unit = run.handle.unit.clone();
+        let (state, health, why) = match phase {
+            RunPhase::Restarting(info) => {
+                // A new process: its health starts from scratch.
+                run.hysteresis = Hysteresis::new(failures, successes);
+                (
+                    State::Starting,
+                    Health::Offline,
+                    format!("{info}; systemd restarts {unit} (restart {})", restarts + 1),
+                )
+            }
+            RunPhase::Starting => (State::Starting, Health::Unknown, format!("{unit} is starting")),
+            RunPhase::Stopping => (State::Stopping, Health::Offline, format!("{unit} is stopping")),
+            RunPhase::Running => match run.hysteresis.verdict() {
+                _ if !has_probe => match fallback {
+                    Some(f) => (State::Running, Health::Degraded, format!("running (pid {main_pid}) in fallback mode: {f}")),
+                    None => (State::Running, Health::Online, format!("running (pid {main_pid}), no health probe configured")),
+                },
+                None => (
+                    State::Starting,
+                    Health::Unknown,
+                    format!("running (pid {main_pid}), waiting for the health probe"),
+                ),
+                // The probe's verdict stands; only the PID may have changed.
+                Some(_) => return,
+            },
+        };
+        self.set(n, state, health, why);
     }
 
     fn probed(&mut self, n: &str, generation: u64, result: ProbeResult) {
@@ -1066,7 +1188,7 @@ impl Supervisor {
         if let Some(p) = run.probe {
             p.abort();
         }
-        let pid = run.handle.pid;
+        let pid = run.main_pid;
         let was_stopping = std::mem::replace(&mut e.stopping, false);
         if was_stopping && !run.start_timed_out {
             let after = std::mem::replace(&mut e.after_stop, AfterStop::Nothing);
@@ -1108,6 +1230,23 @@ impl Supervisor {
             format!("pid {pid} exited: {info}")
         };
         let r = &e.module.restart;
+        if self.native.as_ref().is_some_and(|b| b.restarts_itself()) && !run.start_timed_out {
+            // systemd applied the restart policy; this is the end of it.
+            let (max, window) = (r.max, r.window);
+            let (state, why) = match &info {
+                ExitInfo::Other(t) if t.ends_with("; start limit hit") => (
+                    State::Failed,
+                    format!(
+                        "{}; restart limit reached ({max} restarts within {window:?}), left stopped",
+                        t.trim_end_matches("; start limit hit")
+                    ),
+                ),
+                i if i.success() => (State::Inactive, format!("exited: {i}")),
+                i => (State::Failed, format!("{i}; not restarted (restart.policy = {})", r.policy.as_str())),
+            };
+            self.set(n, state, Health::Offline, why);
+            return;
+        }
         let want = match r.policy {
             manifest::RestartPolicy::No => false,
             manifest::RestartPolicy::OnFailure => !info.success() || run.start_timed_out,
@@ -1168,9 +1307,10 @@ fn availability(native_backend: &Option<Arc<dyn NativeBackend>>, m: &Module) -> 
     let native = match (native_backend, &m.native) {
         (None, _) => Err("no native backend is available".to_string()),
         (_, None) => Err("the manifest has no [native] section".to_string()),
-        (Some(_), Some(NativeExec::Unit(u))) => Err(format!(
+        (Some(b), Some(NativeExec::Unit(u))) if !b.restarts_itself() => Err(format!(
             "existing units ({u}) need the systemd backend, which this daemon does not run"
         )),
+        (Some(_), Some(NativeExec::Unit(_))) => Ok(()),
         (Some(_), Some(NativeExec::Command { argv, .. })) => {
             if argv[0].contains("${") || program_exists(&argv[0]) {
                 Ok(())
@@ -1230,5 +1370,17 @@ mod tests {
             s,
             "m:/srv/models/tiny.gguf:tiny.gguf:/var/lib/modvisor/modules/m"
         );
+    }
+}
+
+/// The address a probe talks to, if any ("127.0.0.1:8080").
+pub fn probe_address(p: &manifest::Probe) -> Option<String> {
+    match p {
+        manifest::Probe::Http { url, .. } => url
+            .strip_prefix("http://")
+            .and_then(|r| r.split('/').next())
+            .map(str::to_string),
+        manifest::Probe::Tcp { address } => Some(address.clone()),
+        manifest::Probe::Exec { .. } => None,
     }
 }

@@ -13,7 +13,7 @@ use tokio::process::Command;
 use tokio::sync::{mpsc, watch};
 
 use super::{
-    BoxFuture, ExitInfo, NativeBackend, RunHandle, RunRequest, RuntimeError, RuntimeEvent,
+    BoxFuture, Exec, ExitInfo, NativeBackend, RunHandle, RunRequest, RuntimeError, RuntimeEvent,
 };
 use crate::journal::{OutputSink, Stream};
 use crate::reaper;
@@ -129,18 +129,29 @@ impl NativeBackend for DirectBackend {
         req: RunRequest,
         events: mpsc::UnboundedSender<RuntimeEvent>,
     ) -> Result<RunHandle, RuntimeError> {
-        let mut cmd = Command::new(&req.argv[0]);
-        cmd.args(&req.argv[1..])
+        let Exec::Command { argv, environment, working_directory, user } = &req.exec else {
+            return Err(RuntimeError::Unsupported("existing units need the systemd backend".into()));
+        };
+        if user.is_some() {
+            return Err(RuntimeError::Unsupported("native.user needs the systemd backend (system manager)".into()));
+        }
+        if let Some(addr) = req.guard_port.as_deref().filter(|a| super::port_in_use(a)) {
+            return Err(RuntimeError::Unsupported(format!(
+                "{addr} is already in use by another process: not starting a second copy"
+            )));
+        }
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
             .env_clear()
             .env("PATH", DEFAULT_PATH)
             .env("MODVISOR_MODULE", &req.name)
-            .envs(&req.environment)
+            .envs(environment)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(false);
-        if let Some(wd) = &req.working_directory {
+        if let Some(wd) = working_directory {
             cmd.current_dir(wd);
         }
         // SAFETY: between fork and exec only async-signal-safe calls are made (setrlimit).
@@ -157,7 +168,7 @@ impl NativeBackend for DirectBackend {
             });
         }
         let mut child = reaper::spawn(&mut cmd).map_err(|source| RuntimeError::Spawn {
-            program: req.argv[0].clone(),
+            program: argv[0].clone(),
             source,
         })?;
         let pid = child.id().unwrap_or(0);
@@ -204,6 +215,7 @@ impl NativeBackend for DirectBackend {
             pid,
             pgid,
             exited: exited_rx,
+            unit: String::new(),
         })
     }
 

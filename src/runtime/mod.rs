@@ -4,6 +4,7 @@
 //! [`RuntimeEvent`]s on a channel, never by polling.
 
 pub mod direct;
+pub mod systemd;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -23,6 +24,8 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 pub enum ExitInfo {
     Code(i32),
     Signal(i32),
+    /// Anything else the backend knows: "oom-kill", "timeout", a start failure.
+    Other(String),
 }
 
 impl ExitInfo {
@@ -40,18 +43,41 @@ impl fmt::Display for ExitInfo {
                 Ok(sig) => write!(f, "signal {}", sig.as_str().trim_start_matches("SIG")),
                 Err(_) => write!(f, "signal {s}"),
             },
+            ExitInfo::Other(s) => f.write_str(s),
         }
     }
+}
+
+/// Where a backend-managed run is (systemd restarts units itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunPhase {
+    Starting,
+    Running,
+    /// The backend restarts it after this exit.
+    Restarting(ExitInfo),
+    Stopping,
 }
 
 /// What the backend reports to the supervisor.
 #[derive(Debug)]
 pub enum RuntimeEvent {
-    Exited {
-        name: String,
-        generation: u64,
-        info: ExitInfo,
+    /// The run is over (process reaped, unit inactive/failed/gone).
+    Exited { name: String, generation: u64, info: ExitInfo },
+    /// Progress of a backend-managed run.
+    Status { name: String, generation: u64, main_pid: u32, restarts: u32, phase: RunPhase },
+}
+
+/// What to run natively.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exec {
+    Command {
+        argv: Vec<String>,
+        environment: BTreeMap<String, String>,
+        working_directory: Option<PathBuf>,
+        user: Option<String>,
     },
+    /// An existing unit: started, stopped and observed, never duplicated.
+    Unit(String),
 }
 
 /// Everything needed to start one native process.
@@ -60,9 +86,14 @@ pub struct RunRequest {
     pub name: String,
     /// Increases with every start of the module, so late events of an old run are ignored.
     pub generation: u64,
-    pub argv: Vec<String>,
-    pub environment: BTreeMap<String, String>,
-    pub working_directory: Option<PathBuf>,
+    pub description: String,
+    pub exec: Exec,
+    pub restart: crate::manifest::RestartSpec,
+    pub stop_timeout: Duration,
+    pub memory_max: Option<u64>,
+    /// The address the engine will listen on (from its probe): if something else already
+    /// answers there, starting would only make a second copy fight for it.
+    pub guard_port: Option<String>,
     pub sink: OutputSink,
 }
 
@@ -72,8 +103,17 @@ pub struct RunHandle {
     pub pid: u32,
     /// The process group (direct backend: the child leads its own group).
     pub pgid: i32,
-    /// Becomes true once the main process has been reaped.
+    /// Becomes true once the run is over.
     pub exited: watch::Receiver<bool>,
+    /// The unit, for backends that have one.
+    pub unit: String,
+}
+
+/// Whether something already accepts connections at `addr` (loopback: answers at once).
+pub fn port_in_use(addr: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    let Ok(mut addrs) = addr.to_socket_addrs() else { return false };
+    addrs.any(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_millis(300)).is_ok())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,12 +123,22 @@ pub enum RuntimeError {
         program: String,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// A native execution backend (direct children today; systemd units later).
 pub trait NativeBackend: Send + Sync {
     /// "direct" or "systemd", as the `NativeBackend` property shows it.
     fn kind(&self) -> &'static str;
+    /// True when the backend applies the restart policy itself (systemd's Restart=).
+    fn restarts_itself(&self) -> bool {
+        false
+    }
+    /// The unit a request runs as ("" when there is none).
+    fn unit_for(&self, _req: &RunRequest) -> String {
+        String::new()
+    }
     fn start(
         &self,
         req: RunRequest,
@@ -96,4 +146,12 @@ pub trait NativeBackend: Send + Sync {
     ) -> Result<RunHandle, RuntimeError>;
     /// Stops the process and everything it started; resolves once the main process is gone.
     fn stop(&self, handle: &RunHandle, timeout: Duration) -> BoxFuture<()>;
+    /// Units of ours that exist now, with their active state (adoption after a restart).
+    fn list_units(&self) -> BoxFuture<Vec<(String, String)>> {
+        Box::pin(async { Vec::new() })
+    }
+    /// Stops a unit of ours that no manifest wants any more.
+    fn stop_unit(&self, _unit: &str) -> BoxFuture<()> {
+        Box::pin(async {})
+    }
 }
