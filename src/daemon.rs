@@ -166,10 +166,14 @@ impl DirWatch {
 }
 
 /// Connects to systemd on the system bus (bounded: 5 s).
-async fn systemd_backend() -> Result<SystemdBackend, String> {
+async fn systemd_backend(state_dir: &Path) -> Result<SystemdBackend, String> {
     let attempt = async {
-        let conn = zbus::Connection::system().await.map_err(|e| format!("no system bus: {e}"))?;
-        SystemdBackend::connect(conn).await.map_err(|e| format!("systemd does not answer: {e}"))
+        let conn = zbus::Connection::system()
+            .await
+            .map_err(|e| format!("no system bus: {e}"))?;
+        SystemdBackend::connect(conn, state_dir)
+            .await
+            .map_err(|e| format!("systemd does not answer: {e}"))
     };
     tokio::time::timeout(Duration::from_secs(5), attempt)
         .await
@@ -181,10 +185,12 @@ async fn systemd_backend() -> Result<SystemdBackend, String> {
 async fn native_backend(cfg: &Config) -> Result<Arc<dyn NativeBackend>, DaemonError> {
     match cfg.native_backend {
         NativeBackendChoice::Systemd => {
-            let b = systemd_backend().await.map_err(|e| DaemonError::Setup(format!("native_backend = \"systemd\": {e}")))?;
+            let b = systemd_backend(&cfg.state)
+                .await
+                .map_err(|e| DaemonError::Setup(format!("native_backend = \"systemd\": {e}")))?;
             return Ok(Arc::new(b));
         }
-        NativeBackendChoice::Auto => match systemd_backend().await {
+        NativeBackendChoice::Auto => match systemd_backend(&cfg.state).await {
             Ok(b) => return Ok(Arc::new(b)),
             Err(e) => tracing::info!("native backend: direct ({e})"),
         },
@@ -192,9 +198,10 @@ async fn native_backend(cfg: &Config) -> Result<Arc<dyn NativeBackend>, DaemonEr
     }
     let direct = DirectBackend::new(&cfg.runtime);
     let grace = Duration::from_secs(10);
-    let (left, direct) = tokio::task::spawn_blocking(move || (direct.stop_leftovers(grace), direct))
-        .await
-        .map_err(|e| DaemonError::Setup(format!("stopping leftovers: {e}")))?;
+    let (left, direct) =
+        tokio::task::spawn_blocking(move || (direct.stop_leftovers(grace), direct))
+            .await
+            .map_err(|e| DaemonError::Setup(format!("stopping leftovers: {e}")))?;
     for (name, pid) in &left {
         tracing::warn!(modvisor_module = %name, "stopped pid {pid} of {name}, left by a previous modvisord");
     }
@@ -252,7 +259,8 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let journal = Journal::connect().map(Arc::new);
 
     let dir_watch = DirWatch::new(cfg.modules.clone())?;
-    let (handle, ready, sup_task) = supervisor::spawn(cfg.clone(), Some(native), journal, existing_units);
+    let (handle, ready, sup_task) =
+        supervisor::spawn(cfg.clone(), Some(native), journal, existing_units);
     dir_watch.spawn(handle.clone());
     let (conn, bus) = connect_bus(&cfg, &opts).await?;
     dbus::server::serve(&conn, handle.clone()).await?;

@@ -17,7 +17,9 @@ use crate::health::{self, Hysteresis, ProbeResult};
 use crate::journal::{Journal, OutputSink};
 use crate::manifest::{self, ManifestError, Mode, Module, NativeExec};
 use crate::policy::{self, Availability, Decision};
-use crate::runtime::{Exec, ExitInfo, NativeBackend, RunHandle, RunPhase, RunRequest, RuntimeEvent};
+use crate::runtime::{
+    Exec, ExitInfo, NativeBackend, RunHandle, RunPhase, RunRequest, RuntimeEvent,
+};
 use crate::state::{Health, ModuleStatus, Snapshot, State};
 
 /// Stable journal MESSAGE_IDs.
@@ -566,10 +568,9 @@ impl Supervisor {
                     self.modules.insert(name.clone(), e);
                     // A unit left running by an earlier modvisord is adopted whatever `enabled` says.
                     let unit = crate::runtime::systemd::unit_name(&name);
-                    let running = self
-                        .existing_units
-                        .get(&unit)
-                        .is_some_and(|s| matches!(s.as_str(), "active" | "activating" | "reloading"));
+                    let running = self.existing_units.get(&unit).is_some_and(|s| {
+                        matches!(s.as_str(), "active" | "activating" | "reloading")
+                    });
                     if enabled || running {
                         let _ = self.start(&name);
                     }
@@ -605,7 +606,10 @@ impl Supervisor {
         let existing = std::mem::take(&mut self.existing_units);
         if let Some(b) = &self.native {
             for unit in existing.keys() {
-                let Some(name) = unit.strip_prefix("modvisor-").and_then(|u| u.strip_suffix(".service")) else {
+                let Some(name) = unit
+                    .strip_prefix("modvisor-")
+                    .and_then(|u| u.strip_suffix(".service"))
+                else {
                     continue;
                 };
                 let claimed = self.modules.contains_key(name) || res.broken_stems.contains(name);
@@ -934,7 +938,11 @@ impl Supervisor {
         });
         let waiters = std::mem::take(&mut e.restart_waiters);
         let (state, h, why) = if backend.restarts_itself() {
-            let unit = e.run.as_ref().map(|r| r.handle.unit.clone()).unwrap_or_default();
+            let unit = e
+                .run
+                .as_ref()
+                .map(|r| r.handle.unit.clone())
+                .unwrap_or_default();
             (State::Starting, Health::Unknown, format!("starting {unit}"))
         } else if health.probe.is_some() {
             (
@@ -1055,7 +1063,11 @@ impl Supervisor {
                         e.run.as_ref().filter(|r| r.main_pid > 1).map(|r| {
                             // Direct children lead their group; systemd services lead their
                             // session, so their main PID is their group too.
-                            let g = if r.handle.pgid > 1 { r.handle.pgid } else { r.main_pid as i32 };
+                            let g = if r.handle.pgid > 1 {
+                                r.handle.pgid
+                            } else {
+                                r.main_pid as i32
+                            };
                             (n.clone(), g)
                         })
                     })
@@ -1079,10 +1091,23 @@ impl Supervisor {
     }
 
     /// Progress of a backend-managed run (systemd): main PID, restarts, phase.
-    fn progressed(&mut self, n: &str, generation: u64, main_pid: u32, restarts: u32, phase: RunPhase) {
+    fn progressed(
+        &mut self,
+        n: &str,
+        generation: u64,
+        main_pid: u32,
+        restarts: u32,
+        phase: RunPhase,
+    ) {
         let Some(e) = self.modules.get_mut(n) else {
             return;
         };
+        if phase == RunPhase::Ended {
+            if e.run.as_ref().is_some_and(|r| r.generation == generation) {
+                e.restarts = restarts;
+            }
+            return;
+        }
         if e.stopping {
             return;
         }
@@ -1105,12 +1130,28 @@ impl Supervisor {
                     format!("{info}; systemd restarts {unit} (restart {})", restarts + 1),
                 )
             }
-            RunPhase::Starting => (State::Starting, Health::Unknown, format!("{unit} is starting")),
-            RunPhase::Stopping => (State::Stopping, Health::Offline, format!("{unit} is stopping")),
+            RunPhase::Starting => (
+                State::Starting,
+                Health::Unknown,
+                format!("{unit} is starting"),
+            ),
+            RunPhase::Stopping | RunPhase::Ended => (
+                State::Stopping,
+                Health::Offline,
+                format!("{unit} is stopping"),
+            ),
             RunPhase::Running => match run.hysteresis.verdict() {
                 _ if !has_probe => match fallback {
-                    Some(f) => (State::Running, Health::Degraded, format!("running (pid {main_pid}) in fallback mode: {f}")),
-                    None => (State::Running, Health::Online, format!("running (pid {main_pid}), no health probe configured")),
+                    Some(f) => (
+                        State::Running,
+                        Health::Degraded,
+                        format!("running (pid {main_pid}) in fallback mode: {f}"),
+                    ),
+                    None => (
+                        State::Running,
+                        Health::Online,
+                        format!("running (pid {main_pid}), no health probe configured"),
+                    ),
                 },
                 None => (
                     State::Starting,
@@ -1242,7 +1283,19 @@ impl Supervisor {
                     ),
                 ),
                 i if i.success() => (State::Inactive, format!("exited: {i}")),
-                i => (State::Failed, format!("{i}; not restarted (restart.policy = {})", r.policy.as_str())),
+                i if r.policy != manifest::RestartPolicy::No && e.restarts >= max => (
+                    State::Failed,
+                    format!(
+                        "{i}; restart limit reached ({max} restarts within {window:?}), left stopped"
+                    ),
+                ),
+                i => (
+                    State::Failed,
+                    format!(
+                        "{i}; not restarted (restart.policy = {})",
+                        r.policy.as_str()
+                    ),
+                ),
             };
             self.set(n, state, Health::Offline, why);
             return;
@@ -1329,6 +1382,18 @@ fn no_such(n: &str) -> OpError {
     OpError::NoSuchModule(format!("no module named \"{n}\""))
 }
 
+/// The address a probe talks to, if any ("127.0.0.1:8080").
+pub fn probe_address(p: &manifest::Probe) -> Option<String> {
+    match p {
+        manifest::Probe::Http { url, .. } => url
+            .strip_prefix("http://")
+            .and_then(|r| r.split('/').next())
+            .map(str::to_string),
+        manifest::Probe::Tcp { address } => Some(address.clone()),
+        manifest::Probe::Exec { .. } => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1370,17 +1435,5 @@ mod tests {
             s,
             "m:/srv/models/tiny.gguf:tiny.gguf:/var/lib/modvisor/modules/m"
         );
-    }
-}
-
-/// The address a probe talks to, if any ("127.0.0.1:8080").
-pub fn probe_address(p: &manifest::Probe) -> Option<String> {
-    match p {
-        manifest::Probe::Http { url, .. } => url
-            .strip_prefix("http://")
-            .and_then(|r| r.split('/').next())
-            .map(str::to_string),
-        manifest::Probe::Tcp { address } => Some(address.clone()),
-        manifest::Probe::Exec { .. } => None,
     }
 }

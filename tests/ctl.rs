@@ -138,7 +138,7 @@ async fn embedded_bus_is_found_without_flags() {
     std::fs::write(
         &cfg,
         format!(
-            "[paths]\nmodules = [\"{}\"]\nstate = \"{}\"\nruntime = \"{}\"\n[dbus]\nbus = \"embedded\"\n",
+            "[paths]\nmodules = [\"{}\"]\nstate = \"{}\"\nruntime = \"{}\"\n[runtime]\nnative_backend = \"direct\"\n[dbus]\nbus = \"embedded\"\n",
             modules.display(),
             dir.path().join("state").display(),
             run.display()

@@ -74,6 +74,11 @@ impl EmbeddedBus {
             .arg("--nofork")
             .arg("--nopidfile")
             .arg("--print-address=1")
+            // Our READY=1 is ours to send: a dbus-daemon built with systemd support would
+            // otherwise answer on NOTIFY_SOCKET too.
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

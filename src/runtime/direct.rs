@@ -129,11 +129,21 @@ impl NativeBackend for DirectBackend {
         req: RunRequest,
         events: mpsc::UnboundedSender<RuntimeEvent>,
     ) -> Result<RunHandle, RuntimeError> {
-        let Exec::Command { argv, environment, working_directory, user } = &req.exec else {
-            return Err(RuntimeError::Unsupported("existing units need the systemd backend".into()));
+        let Exec::Command {
+            argv,
+            environment,
+            working_directory,
+            user,
+        } = &req.exec
+        else {
+            return Err(RuntimeError::Unsupported(
+                "existing units need the systemd backend".into(),
+            ));
         };
         if user.is_some() {
-            return Err(RuntimeError::Unsupported("native.user needs the systemd backend (system manager)".into()));
+            return Err(RuntimeError::Unsupported(
+                "native.user needs the systemd backend (system manager)".into(),
+            ));
         }
         if let Some(addr) = req.guard_port.as_deref().filter(|a| super::port_in_use(a)) {
             return Err(RuntimeError::Unsupported(format!(

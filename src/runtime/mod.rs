@@ -56,15 +56,27 @@ pub enum RunPhase {
     /// The backend restarts it after this exit.
     Restarting(ExitInfo),
     Stopping,
+    /// The final counters of a run; its `Exited` event follows.
+    Ended,
 }
 
 /// What the backend reports to the supervisor.
 #[derive(Debug)]
 pub enum RuntimeEvent {
     /// The run is over (process reaped, unit inactive/failed/gone).
-    Exited { name: String, generation: u64, info: ExitInfo },
+    Exited {
+        name: String,
+        generation: u64,
+        info: ExitInfo,
+    },
     /// Progress of a backend-managed run.
-    Status { name: String, generation: u64, main_pid: u32, restarts: u32, phase: RunPhase },
+    Status {
+        name: String,
+        generation: u64,
+        main_pid: u32,
+        restarts: u32,
+        phase: RunPhase,
+    },
 }
 
 /// What to run natively.
@@ -112,7 +124,9 @@ pub struct RunHandle {
 /// Whether something already accepts connections at `addr` (loopback: answers at once).
 pub fn port_in_use(addr: &str) -> bool {
     use std::net::ToSocketAddrs;
-    let Ok(mut addrs) = addr.to_socket_addrs() else { return false };
+    let Ok(mut addrs) = addr.to_socket_addrs() else {
+        return false;
+    };
     addrs.any(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_millis(300)).is_ok())
 }
 

@@ -21,7 +21,10 @@ use tokio::sync::{mpsc, watch};
 use zbus::{Connection, OwnedObjectPath, OwnedVariant, Variant};
 use zbus_systemd::systemd1::ManagerProxy;
 
-use super::{BoxFuture, Exec, ExitInfo, NativeBackend, RunHandle, RunPhase, RunRequest, RuntimeError, RuntimeEvent};
+use super::{
+    BoxFuture, Exec, ExitInfo, NativeBackend, RunHandle, RunPhase, RunRequest, RuntimeError,
+    RuntimeEvent,
+};
 
 pub fn unit_name(module: &str) -> String {
     format!("modvisor-{module}.service")
@@ -29,7 +32,10 @@ pub fn unit_name(module: &str) -> String {
 
 /// The object path systemd gives a unit (same escaping as ours).
 pub fn unit_path(unit: &str) -> String {
-    format!("/org/freedesktop/systemd1/unit/{}", crate::dbus::escape_path_element(unit))
+    format!(
+        "/org/freedesktop/systemd1/unit/{}",
+        crate::dbus::escape_path_element(unit)
+    )
 }
 
 /// FNV-1a 64: stable across builds and Rust versions (unlike std's hasher).
@@ -47,7 +53,13 @@ fn fnv(parts: &[&str]) -> String {
 /// The hash of what a transient unit runs: a change means the unit must be replaced.
 pub fn spec_hash(req: &RunRequest) -> String {
     let mut parts: Vec<String> = Vec::new();
-    if let Exec::Command { argv, environment, working_directory, user } = &req.exec {
+    if let Exec::Command {
+        argv,
+        environment,
+        working_directory,
+        user,
+    } = &req.exec
+    {
         parts.extend(argv.iter().cloned());
         parts.push("--env".into());
         parts.extend(environment.iter().map(|(k, v)| format!("{k}={v}")));
@@ -94,23 +106,35 @@ impl UnitStatus {
 }
 
 fn get<T: TryFrom<OwnedVariant>>(m: &HashMap<String, OwnedVariant>, k: &str) -> Option<T> {
-    m.get(k).and_then(|v| v.try_clone().ok()).and_then(|v| T::try_from(v).ok())
+    m.get(k)
+        .and_then(|v| v.try_clone().ok())
+        .and_then(|v| T::try_from(v).ok())
 }
 
 pub struct SystemdBackend {
     conn: Connection,
     manager: ManagerProxy<'static>,
+    /// `MODVISOR_OWNER=STATE_DIR` in each transient unit's environment: which modvisord
+    /// instance a unit belongs to (one per manager in production; many in tests).
+    owner: String,
 }
 
 impl SystemdBackend {
     /// Connects to the manager on `conn` (the system bus) and subscribes to its signals.
     /// Fails when no manager answers there.
-    pub async fn connect(conn: Connection) -> zbus::Result<SystemdBackend> {
+    pub async fn connect(
+        conn: Connection,
+        state_dir: &std::path::Path,
+    ) -> zbus::Result<SystemdBackend> {
         let manager = ManagerProxy::new(&conn).await?;
         let version = manager.version().await?;
         manager.subscribe().await?;
         tracing::info!("systemd {version} answers on the bus: using transient units");
-        Ok(SystemdBackend { conn, manager })
+        Ok(SystemdBackend {
+            conn,
+            manager,
+            owner: format!("MODVISOR_OWNER={}", state_dir.display()),
+        })
     }
 
     async fn status(conn: &Connection, path: &str) -> zbus::Result<UnitStatus> {
@@ -120,7 +144,11 @@ impl SystemdBackend {
             .cache_properties(zbus::proxy::CacheProperties::No)
             .build()
             .await?;
-        let unit = props.get_all(zbus::names::InterfaceName::from_static_str_unchecked("org.freedesktop.systemd1.Unit").into()).await?;
+        let unit = props
+            .get_all(zbus::names::InterfaceName::from_static_str_unchecked(
+                "org.freedesktop.systemd1.Unit",
+            ))
+            .await?;
         let mut st = UnitStatus {
             load_state: get(&unit, "LoadState").unwrap_or_default(),
             active_state: get(&unit, "ActiveState").unwrap_or_default(),
@@ -130,7 +158,11 @@ impl SystemdBackend {
         let job: Option<(u32, OwnedObjectPath)> = get(&unit, "Job");
         st.job_pending = job.is_some_and(|(id, _)| id != 0);
         if st.load_state == "loaded" {
-            let svc = props.get_all(zbus::names::InterfaceName::from_static_str_unchecked("org.freedesktop.systemd1.Service").into()).await?;
+            let svc = props
+                .get_all(zbus::names::InterfaceName::from_static_str_unchecked(
+                    "org.freedesktop.systemd1.Service",
+                ))
+                .await?;
             st.main_pid = get(&svc, "MainPID").unwrap_or(0);
             st.n_restarts = get(&svc, "NRestarts").unwrap_or(0);
             st.result = get(&svc, "Result").unwrap_or_default();
@@ -141,28 +173,77 @@ impl SystemdBackend {
         Ok(st)
     }
 
-    fn transient_properties(req: &RunRequest, hash: &str) -> Vec<(String, OwnedVariant)> {
-        let Exec::Command { argv, environment, working_directory, user } = &req.exec else { return Vec::new() };
-        let mut env: Vec<String> = environment.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    fn transient_properties(
+        req: &RunRequest,
+        hash: &str,
+        owner: &str,
+    ) -> Vec<(String, OwnedVariant)> {
+        let Exec::Command {
+            argv,
+            environment,
+            working_directory,
+            user,
+        } = &req.exec
+        else {
+            return Vec::new();
+        };
+        let mut env: Vec<String> = environment
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         env.push(format!("MODVISOR_MODULE={}", req.name));
         env.push(format!("MODVISOR_SPEC={hash}"));
+        env.push(owner.to_string());
         let usec = |d: Duration| d.as_micros().min(u64::MAX as u128) as u64;
         let ov = |v: Variant<'static>| OwnedVariant::try_from(v).ok();
         let mut p: Vec<(&str, Option<OwnedVariant>)> = vec![
-            ("Description", ov(Variant::from(format!("modvisor module {}{}", req.name, if req.description.is_empty() { String::new() } else { format!(": {}", req.description) })))),
-            ("ExecStart", ov(Variant::from(vec![(argv[0].clone(), argv.clone(), false)]))),
+            (
+                "Description",
+                ov(Variant::from(format!(
+                    "modvisor module {}{}",
+                    req.name,
+                    if req.description.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", req.description)
+                    }
+                ))),
+            ),
+            // systemd expands $VAR and $$ in ExecStart at exec time; escape, so that the
+            // engine gets the argv the manifest wrote, as under the direct backend.
+            (
+                "ExecStart",
+                ov(Variant::from(vec![(
+                    argv[0].clone(),
+                    argv.iter()
+                        .map(|a| a.replace('$', "$$"))
+                        .collect::<Vec<_>>(),
+                    false,
+                )])),
+            ),
             ("Environment", ov(Variant::from(env))),
             ("LimitCORE", ov(Variant::from(0u64))),
             ("LimitCORESoft", ov(Variant::from(0u64))),
             ("KillMode", ov(Variant::from("control-group".to_string()))),
-            ("Restart", ov(Variant::from(req.restart.policy.as_str().to_string()))),
+            (
+                "Restart",
+                ov(Variant::from(req.restart.policy.as_str().to_string())),
+            ),
             ("RestartUSec", ov(Variant::from(usec(req.restart.delay)))),
-            // max restarts => max + 1 starts within the window.
-            ("StartLimitBurst", ov(Variant::from(req.restart.max.saturating_add(1)))),
-            ("StartLimitIntervalUSec", ov(Variant::from(usec(req.restart.window)))),
+            // Measured on systemd 252: StartLimitBurst=N allows N automatic restarts.
+            ("StartLimitBurst", ov(Variant::from(req.restart.max))),
+            (
+                "StartLimitIntervalUSec",
+                ov(Variant::from(usec(req.restart.window))),
+            ),
             ("TimeoutStopUSec", ov(Variant::from(usec(req.stop_timeout)))),
             ("SyslogIdentifier", ov(Variant::from(req.name.clone()))),
-            ("LogExtraFields", ov(Variant::from(vec![format!("MODVISOR_MODULE={}", req.name).into_bytes()]))),
+            (
+                "LogExtraFields",
+                ov(Variant::from(vec![
+                    format!("MODVISOR_MODULE={}", req.name).into_bytes(),
+                ])),
+            ),
             ("StandardOutput", ov(Variant::from("journal".to_string()))),
             ("StandardError", ov(Variant::from("journal".to_string()))),
         ];
@@ -170,12 +251,17 @@ impl SystemdBackend {
             p.push(("MemoryMax", ov(Variant::from(m))));
         }
         if let Some(w) = working_directory {
-            p.push(("WorkingDirectory", ov(Variant::from(w.display().to_string()))));
+            p.push((
+                "WorkingDirectory",
+                ov(Variant::from(w.display().to_string())),
+            ));
         }
         if let Some(u) = user {
             p.push(("User", ov(Variant::from(u.clone()))));
         }
-        p.into_iter().filter_map(|(k, v)| v.map(|v| (k.to_string(), v))).collect()
+        p.into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))
+            .collect()
     }
 }
 
@@ -198,11 +284,19 @@ async fn follow(
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(modvisor_module = %name, "{unit}: {e}");
-                UnitStatus { load_state: "not-found".into(), active_state: "inactive".into(), ..last.clone() }
+                UnitStatus {
+                    load_state: "not-found".into(),
+                    active_state: "inactive".into(),
+                    ..last.clone()
+                }
             }
         };
         if st != last {
-            seen_active |= matches!(st.active_state.as_str(), "active" | "activating" | "reloading" | "deactivating");
+            tracing::debug!(modvisor_module = %name, "{unit}: {} {} result={} pid={} restarts={} job={}", st.active_state, st.sub_state, st.result, st.main_pid, st.n_restarts, st.job_pending);
+            seen_active |= matches!(
+                st.active_state.as_str(),
+                "active" | "activating" | "reloading" | "deactivating"
+            );
             let phase = match (st.active_state.as_str(), st.sub_state.as_str()) {
                 ("activating", "auto-restart") => RunPhase::Restarting(st.exit_info()),
                 ("active", _) | ("reloading", _) => RunPhase::Running,
@@ -219,11 +313,29 @@ async fn follow(
                 } else if st.result == "success" && st.active_state == "inactive" {
                     info = ExitInfo::Code(st.exec_main_status);
                 }
+                // The final restart count first, so the supervisor can tell a spent budget.
+                let _ = events.send(RuntimeEvent::Status {
+                    name: name.clone(),
+                    generation,
+                    main_pid: 0,
+                    restarts: st.n_restarts,
+                    phase: RunPhase::Ended,
+                });
                 let _ = exited.send(true);
-                let _ = events.send(RuntimeEvent::Exited { name, generation, info });
+                let _ = events.send(RuntimeEvent::Exited {
+                    name,
+                    generation,
+                    info,
+                });
                 return;
             }
-            let _ = events.send(RuntimeEvent::Status { name: name.clone(), generation, main_pid: st.main_pid, restarts: st.n_restarts, phase });
+            let _ = events.send(RuntimeEvent::Status {
+                name: name.clone(),
+                generation,
+                main_pid: st.main_pid,
+                restarts: st.n_restarts,
+                phase,
+            });
             last = st;
         }
         // Wait for the next change of this unit, bounded so that a missed signal is recovered.
@@ -231,7 +343,11 @@ async fn follow(
             Ok(Some(_)) | Err(_) => {}
             Ok(None) => {
                 let _ = exited.send(true);
-                let _ = events.send(RuntimeEvent::Exited { name, generation, info: ExitInfo::Other("systemd is not reachable".into()) });
+                let _ = events.send(RuntimeEvent::Exited {
+                    name,
+                    generation,
+                    info: ExitInfo::Other("systemd is not reachable".into()),
+                });
                 return;
             }
         }
@@ -254,18 +370,32 @@ impl NativeBackend for SystemdBackend {
         }
     }
 
-    fn start(&self, req: RunRequest, events: mpsc::UnboundedSender<RuntimeEvent>) -> Result<RunHandle, RuntimeError> {
+    fn start(
+        &self,
+        req: RunRequest,
+        events: mpsc::UnboundedSender<RuntimeEvent>,
+    ) -> Result<RunHandle, RuntimeError> {
         let unit = self.unit_for(&req);
         let (exited_tx, exited_rx) = watch::channel(false);
         let conn = self.conn.clone();
         let manager = self.manager.clone();
-        let handle = RunHandle { pid: 0, pgid: 0, exited: exited_rx, unit: unit.clone() };
+        let owner = self.owner.clone();
+        let handle = RunHandle {
+            pid: 0,
+            pgid: 0,
+            exited: exited_rx,
+            unit: unit.clone(),
+        };
         let name = req.name.clone();
         let generation = req.generation;
         tokio::spawn(async move {
             let fail = |why: String| {
                 let _ = exited_tx.send(true);
-                let _ = events.send(RuntimeEvent::Exited { name: name.clone(), generation, info: ExitInfo::Other(why) });
+                let _ = events.send(RuntimeEvent::Exited {
+                    name: name.clone(),
+                    generation,
+                    info: ExitInfo::Other(why),
+                });
             };
             let path = unit_path(&unit);
             let props = zbus::fdo::PropertiesProxy::builder(&conn)
@@ -283,38 +413,59 @@ impl NativeBackend for SystemdBackend {
                 Ok(s) => s,
                 Err(e) => return fail(format!("cannot follow {unit}: {e}")),
             };
-            let now = SystemdBackend::status(&conn, &path).await.unwrap_or_default();
-            let running = matches!(now.active_state.as_str(), "active" | "activating" | "reloading");
+            let now = SystemdBackend::status(&conn, &path)
+                .await
+                .unwrap_or_default();
+            let running = matches!(
+                now.active_state.as_str(),
+                "active" | "activating" | "reloading"
+            );
             match &req.exec {
                 Exec::Unit(_) => {
                     if running {
                         tracing::info!(modvisor_module = %name, "{unit} is already running (pid {}): observing it, not starting a second copy", now.main_pid);
-                    } else if let Some(addr) = req.guard_port.as_deref().filter(|a| super::port_in_use(a)) {
-                        return fail(format!("{addr} is already in use by another process: not starting {unit}, which would be a second copy"));
-                    } else if let Err(e) = manager.start_unit(unit.clone(), "replace".into()).await {
+                    } else if let Some(addr) =
+                        req.guard_port.as_deref().filter(|a| super::port_in_use(a))
+                    {
+                        return fail(format!(
+                            "{addr} is already in use by another process: not starting {unit}, which would be a second copy"
+                        ));
+                    } else if let Err(e) = manager.start_unit(unit.clone(), "replace".into()).await
+                    {
                         return fail(format!("StartUnit {unit}: {e}"));
                     }
                 }
                 Exec::Command { .. } => {
                     let hash = spec_hash(&req);
-                    let ours = now.environment.iter().any(|e| e == &format!("MODVISOR_SPEC={hash}"));
+                    let ours = now
+                        .environment
+                        .iter()
+                        .any(|e| e == &format!("MODVISOR_SPEC={hash}"));
                     if running && ours {
                         tracing::info!(modvisor_module = %name, "adopted {unit} (pid {}), already running with the same spec", now.main_pid);
                     } else {
                         if running {
                             tracing::info!(modvisor_module = %name, "{unit} runs an older spec: replacing it");
                             let _ = manager.stop_unit(unit.clone(), "replace".into()).await;
-                            wait_gone(&conn, &path, req.stop_timeout + Duration::from_secs(5)).await;
+                            wait_gone(&conn, &path, req.stop_timeout + Duration::from_secs(5))
+                                .await;
                         }
                         if now.load_state == "loaded" || now.active_state == "failed" {
                             let _ = manager.reset_failed_unit(unit.clone()).await;
                             wait_gone(&conn, &path, Duration::from_secs(5)).await;
                         }
-                        if let Some(addr) = req.guard_port.as_deref().filter(|a| super::port_in_use(a)) {
-                            return fail(format!("{addr} is already in use by another process: not starting a second copy"));
+                        if let Some(addr) =
+                            req.guard_port.as_deref().filter(|a| super::port_in_use(a))
+                        {
+                            return fail(format!(
+                                "{addr} is already in use by another process: not starting a second copy"
+                            ));
                         }
-                        let props = SystemdBackend::transient_properties(&req, &hash);
-                        if let Err(e) = manager.start_transient_unit(unit.clone(), "fail".into(), props, vec![]).await {
+                        let props = SystemdBackend::transient_properties(&req, &hash, &owner);
+                        if let Err(e) = manager
+                            .start_transient_unit(unit.clone(), "fail".into(), props, vec![])
+                            .await
+                        {
                             return fail(format!("StartTransientUnit {unit}: {e}"));
                         }
                     }
@@ -327,14 +478,29 @@ impl NativeBackend for SystemdBackend {
 
     fn list_units(&self) -> BoxFuture<Vec<(String, String)>> {
         let manager = self.manager.clone();
+        let conn = self.conn.clone();
+        let owner = self.owner.clone();
         Box::pin(async move {
-            match manager.list_units_by_patterns(vec![], vec!["modvisor-*.service".into()]).await {
-                Ok(units) => units.into_iter().map(|u| (u.0, u.3)).collect(),
+            let units = match manager
+                .list_units_by_patterns(vec![], vec!["modvisor-*.service".into()])
+                .await
+            {
+                Ok(u) => u,
                 Err(e) => {
                     tracing::warn!("listing modvisor units: {e}");
-                    Vec::new()
+                    return Vec::new();
+                }
+            };
+            let mut ours = Vec::new();
+            for u in units {
+                let st = SystemdBackend::status(&conn, u.6.as_str())
+                    .await
+                    .unwrap_or_default();
+                if st.environment.iter().any(|e| e == &owner) {
+                    ours.push((u.0, u.3));
                 }
             }
+            ours
         })
     }
 
@@ -358,7 +524,10 @@ impl NativeBackend for SystemdBackend {
                 tracing::warn!("StopUnit {unit}: {e}");
             }
             // systemd escalates to SIGKILL after TimeoutStopSec; allow a margin beyond it.
-            let done = tokio::time::timeout(timeout + Duration::from_secs(5), exited.wait_for(|e| *e)).await.is_ok();
+            let done =
+                tokio::time::timeout(timeout + Duration::from_secs(5), exited.wait_for(|e| *e))
+                    .await
+                    .is_ok();
             if !done {
                 tracing::error!("{unit} did not stop within {timeout:?} + 5s");
             }
@@ -371,7 +540,10 @@ async fn wait_gone(conn: &Connection, path: &str, limit: Duration) {
     let deadline = tokio::time::Instant::now() + limit;
     while tokio::time::Instant::now() < deadline {
         match SystemdBackend::status(conn, path).await {
-            Ok(s) if s.load_state == "loaded" && s.active_state != "inactive" && s.active_state != "failed" => {}
+            Ok(s)
+                if s.load_state == "loaded"
+                    && s.active_state != "inactive"
+                    && s.active_state != "failed" => {}
             Ok(s) if s.load_state == "loaded" && s.active_state == "failed" => {}
             _ => return,
         }

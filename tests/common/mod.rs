@@ -109,10 +109,21 @@ pub struct Daemon {
     pub extra_config: String,
 }
 
-#[derive(Default)]
 pub struct Options {
     pub extra_config: String,
     pub env: Vec<(String, String)>,
+    /// native_backend: "direct" (the default here) or "systemd".
+    pub backend: &'static str,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            extra_config: String::new(),
+            env: Vec::new(),
+            backend: "direct",
+        }
+    }
 }
 
 impl Daemon {
@@ -130,10 +141,11 @@ impl Daemon {
         }
         let config = dir.path().join("modvisor.toml");
         let cfg = format!(
-            "[paths]\nmodules = [\"{}\"]\nstate = \"{}\"\nruntime = \"{}\"\n[runtime]\ndefault_mode = \"native\"\nnative_backend = \"direct\"\n[monitor]\ninterval = \"1s\"\n{}",
+            "[paths]\nmodules = [\"{}\"]\nstate = \"{}\"\nruntime = \"{}\"\n[runtime]\ndefault_mode = \"native\"\nnative_backend = \"{}\"\n[monitor]\ninterval = \"1s\"\n{}",
             modules.display(),
             dir.path().join("state").display(),
             dir.path().join("run").display(),
+            opts.backend,
             opts.extra_config
         );
         std::fs::write(&config, cfg).expect("write config");
