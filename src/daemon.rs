@@ -14,7 +14,8 @@ use crate::config::{BusChoice, Config, NativeBackendChoice};
 use crate::dbus::embedded::EmbeddedBus;
 use crate::dbus::{self, BUS_NAME};
 use crate::journal::Journal;
-use crate::runtime::NativeBackend;
+use crate::runtime::Backend;
+use crate::runtime::container::ContainerBackend;
 use crate::runtime::direct::DirectBackend;
 use crate::runtime::systemd::SystemdBackend;
 use crate::supervisor::{self, Command, Handle};
@@ -182,7 +183,7 @@ async fn systemd_backend(state_dir: &Path) -> Result<SystemdBackend, String> {
 
 /// `native_backend`: systemd when asked (or, for `auto`, when the manager answers on the bus),
 /// else direct children (after stopping what a crashed predecessor left running).
-async fn native_backend(cfg: &Config) -> Result<Arc<dyn NativeBackend>, DaemonError> {
+async fn native_backend(cfg: &Config) -> Result<Arc<dyn Backend>, DaemonError> {
     match cfg.native_backend {
         NativeBackendChoice::Systemd => {
             let b = systemd_backend(&cfg.state)
@@ -255,12 +256,43 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             .map_err(|e| DaemonError::Setup(format!("create {}: {e}", d.display())))?;
     }
     let native = native_backend(&cfg).await?;
-    let existing_units = native.list_units().await;
+    let (container, container_engine): (Result<Arc<dyn Backend>, String>, String) =
+        if !cfg.policy.docker_enabled {
+            (
+                Err("containers are disabled (docker_enabled = false)".into()),
+                String::new(),
+            )
+        } else {
+            match ContainerBackend::connect(&cfg.container_socket, &cfg.state).await {
+                Ok(b) => {
+                    let d = b.description().to_string();
+                    (Ok(Arc::new(b)), d)
+                }
+                Err(why) => {
+                    tracing::info!("containers unavailable: {why}");
+                    (Err(why), String::new())
+                }
+            }
+        };
+    let mut existing: Vec<(Arc<dyn Backend>, crate::runtime::Owned)> = Vec::new();
+    for b in std::iter::once(native.clone()).chain(container.clone().ok()) {
+        for o in b.list_units().await {
+            existing.push((b.clone(), o));
+        }
+    }
     let journal = Journal::connect().map(Arc::new);
 
     let dir_watch = DirWatch::new(cfg.modules.clone())?;
-    let (handle, ready, sup_task) =
-        supervisor::spawn(cfg.clone(), Some(native), journal, existing_units);
+    let (handle, ready, sup_task) = supervisor::spawn(
+        cfg.clone(),
+        supervisor::Backends {
+            native: Some(native),
+            container,
+            container_engine,
+        },
+        journal,
+        existing,
+    );
     dir_watch.spawn(handle.clone());
     let (conn, bus) = connect_bus(&cfg, &opts).await?;
     dbus::server::serve(&conn, handle.clone()).await?;

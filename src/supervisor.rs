@@ -18,7 +18,7 @@ use crate::journal::{Journal, OutputSink};
 use crate::manifest::{self, ManifestError, Mode, Module, NativeExec};
 use crate::policy::{self, Availability, Decision};
 use crate::runtime::{
-    Exec, ExitInfo, NativeBackend, RunHandle, RunPhase, RunRequest, RuntimeEvent,
+    Backend, Exec, ExitInfo, Owned, RunHandle, RunPhase, RunRequest, RuntimeEvent,
 };
 use crate::state::{Health, ModuleStatus, Snapshot, State};
 
@@ -169,6 +169,8 @@ impl RestartBudget {
 
 struct Running {
     generation: u64,
+    backend: Arc<dyn Backend>,
+    container_id: String,
     handle: RunHandle,
     /// The engine's main PID (the backend may learn it later, and it changes on its restarts).
     main_pid: u32,
@@ -206,17 +208,31 @@ struct Entry {
     active_model: Option<PathBuf>,
 }
 
+/// A run of ours found at start-up, with the backend that runs it.
+pub type Found = (Arc<dyn Backend>, Owned);
+
+/// The backends the supervisor can run modules with.
+pub struct Backends {
+    pub native: Option<Arc<dyn Backend>>,
+    /// The container engine, or why there is none ("no container engine answers (...)").
+    pub container: Result<Arc<dyn Backend>, String>,
+    /// "podman 4.3.1", "docker 20.10.24" or "".
+    pub container_engine: String,
+}
+
 pub struct Supervisor {
     cfg: Arc<Config>,
-    native: Option<Arc<dyn NativeBackend>>,
+    native: Option<Arc<dyn Backend>>,
+    container: Result<Arc<dyn Backend>, String>,
+    container_engine: String,
     journal: Option<Arc<Journal>>,
     modules: BTreeMap<String, Entry>,
     manifest_errors: Vec<ManifestError>,
     events_tx: mpsc::UnboundedSender<Event>,
     runtime_tx: mpsc::UnboundedSender<RuntimeEvent>,
     state_tx: watch::Sender<Arc<Snapshot>>,
-    /// Units of ours found at start-up (name -> active state), consumed by the first reload.
-    existing_units: BTreeMap<String, String>,
+    /// Runs of ours found at start-up, by module, consumed by the first reload.
+    existing: BTreeMap<String, Vec<Found>>,
 }
 
 fn now_us(t: SystemTime) -> u64 {
@@ -258,33 +274,44 @@ fn program_exists(prog: &str) -> bool {
 /// reconcile (when the daemon may say READY=1).
 pub fn spawn(
     cfg: Arc<Config>,
-    native: Option<Arc<dyn NativeBackend>>,
+    backends: Backends,
     journal: Option<Arc<Journal>>,
-    existing_units: Vec<(String, String)>,
+    existing: Vec<Found>,
 ) -> (Handle, oneshot::Receiver<()>, tokio::task::JoinHandle<()>) {
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let (runtime_tx, runtime_rx) = mpsc::unbounded_channel();
-    let mut snap = Snapshot {
+    let Backends {
+        native,
+        container,
+        container_engine,
+    } = backends;
+    let snap = Snapshot {
         native_backend: native
             .as_ref()
             .map(|n| n.kind().to_string())
             .unwrap_or_default(),
+        container_engine: container_engine.clone(),
         ..Snapshot::default()
     };
-    snap.container_engine = String::new();
+    let mut by_module: BTreeMap<String, Vec<Found>> = BTreeMap::new();
+    for (b, o) in existing {
+        by_module.entry(o.module.clone()).or_default().push((b, o));
+    }
     let (state_tx, state_rx) = watch::channel(Arc::new(snap));
     let (ready_tx, ready_rx) = oneshot::channel();
     let sup = Supervisor {
         cfg,
         native,
+        container,
+        container_engine,
         journal,
         modules: BTreeMap::new(),
         manifest_errors: Vec::new(),
         events_tx,
         runtime_tx,
         state_tx,
-        existing_units: existing_units.into_iter().collect(),
+        existing: by_module,
     };
     let task = tokio::spawn(sup.run(cmd_rx, events_rx, runtime_rx, ready_tx));
     (
@@ -350,12 +377,16 @@ impl Supervisor {
         }
     }
 
-    /// On shutdown, direct children are stopped (they cannot outlive the daemon); units keep
-    /// running under systemd and are adopted by the next modvisord.
+    /// On shutdown, direct children are stopped (they cannot outlive the daemon); units and
+    /// containers keep running and are adopted by the next modvisord.
     fn stop_all_for_shutdown(&mut self) {
-        let survive = self.native.as_ref().is_some_and(|b| b.restarts_itself());
         let names: Vec<String> = self.modules.keys().cloned().collect();
         for n in names {
+            let survive = self
+                .modules
+                .get(&n)
+                .and_then(|e| e.run.as_ref())
+                .is_some_and(|r| r.backend.survives_daemon());
             if survive {
                 if let Some(e) = self.modules.get_mut(&n)
                     && let Some(r) = e.run.take()
@@ -363,7 +394,7 @@ impl Supervisor {
                     if let Some(p) = r.probe {
                         p.abort();
                     }
-                    tracing::info!(modvisor_module = %n, "leaving {} running under systemd", r.handle.unit);
+                    tracing::info!(modvisor_module = %n, "leaving {} running ({})", r.handle.unit, r.backend.kind());
                 }
             } else {
                 self.begin_stop(&n, AfterStop::Nothing);
@@ -388,7 +419,7 @@ impl Supervisor {
                 .as_ref()
                 .map(|n| n.kind().to_string())
                 .unwrap_or_default(),
-            container_engine: String::new(),
+            container_engine: self.container_engine.clone(),
         };
         self.state_tx.send_if_modified(|cur| {
             if **cur == snap {
@@ -408,27 +439,37 @@ impl Supervisor {
             description: m.description.clone(),
             mode: running_mode.map(|m| m.to_string()).unwrap_or_default(),
             mode_reason: e.decision.reason.clone(),
-            backend: match running_mode {
-                Some(Mode::Native) => self
+            backend: match (&e.run, running_mode) {
+                (Some(r), _) => r.backend.kind().to_string(),
+                (None, Some(Mode::Native)) => self
                     .native
                     .as_ref()
                     .map(|n| n.kind().to_string())
                     .unwrap_or_default(),
-                Some(Mode::Container) => String::new(),
-                None => String::new(),
+                (None, Some(Mode::Container)) => self
+                    .container
+                    .as_ref()
+                    .map(|c| c.kind().to_string())
+                    .unwrap_or_default(),
+                (None, None) => String::new(),
             },
             state: e.state,
             health: e.health,
             health_reason: e.reason.clone(),
             unit: match (&e.run, running_mode, &self.native) {
-                (Some(r), _, _) => r.handle.unit.clone(),
+                (Some(r), _, _) if r.backend.restarts_itself() => r.handle.unit.clone(),
+                (Some(_), _, _) => String::new(),
                 (None, Some(Mode::Native), Some(b)) if b.restarts_itself() => match &m.native {
                     Some(NativeExec::Unit(u)) => u.clone(),
                     _ => crate::runtime::systemd::unit_name(&m.name),
                 },
                 _ => String::new(),
             },
-            container_id: String::new(),
+            container_id: e
+                .run
+                .as_ref()
+                .map(|r| r.container_id.clone())
+                .unwrap_or_default(),
             main_pid: e.run.as_ref().map(|r| r.main_pid).unwrap_or(0),
             memory_bytes: if e.run.is_some() { e.memory } else { 0 },
             memory_max_bytes: m.resources.memory_max.unwrap_or(0),
@@ -449,7 +490,7 @@ impl Supervisor {
     }
 
     fn availability(&self, m: &Module) -> Availability {
-        availability(&self.native, m)
+        availability(&self.native, &self.container, m)
     }
 
     fn decide(&self, e: &Entry) -> Decision {
@@ -566,13 +607,21 @@ impl Supervisor {
                         e.reason = "not started (enabled = false)".into();
                     }
                     self.modules.insert(name.clone(), e);
-                    // A unit left running by an earlier modvisord is adopted whatever `enabled` says.
-                    let unit = crate::runtime::systemd::unit_name(&name);
-                    let running = self.existing_units.get(&unit).is_some_and(|s| {
-                        matches!(s.as_str(), "active" | "activating" | "reloading")
-                    });
-                    if enabled || running {
+                    // A run left by an earlier modvisord is adopted whatever `enabled` says.
+                    let found = self.existing.remove(&name).unwrap_or_default();
+                    if enabled || found.iter().any(|(_, o)| o.running) {
                         let _ = self.start(&name);
+                    }
+                    // One left in another backend than the one chosen now would be a second copy.
+                    let chosen = self
+                        .modules
+                        .get(&name)
+                        .and_then(|e| e.run.as_ref())
+                        .map(|r| r.backend.kind());
+                    for (b, o) in found {
+                        if chosen.is_some_and(|k| k != b.kind()) {
+                            tokio::spawn(b.stop_unit(&o.id));
+                        }
                     }
                 }
                 Some(e) => {
@@ -586,7 +635,7 @@ impl Supervisor {
                     let d = policy::decide(
                         &e.module,
                         &self.cfg.policy,
-                        &availability(&self.native, &e.module),
+                        &availability(&self.native, &self.container, &e.module),
                         e.override_mode,
                     );
                     if let Some(e) = self.modules.get_mut(&name) {
@@ -602,19 +651,13 @@ impl Supervisor {
                 }
             }
         }
-        // Units of ours that no manifest (valid or broken) claims any more are stopped, once.
-        let existing = std::mem::take(&mut self.existing_units);
-        if let Some(b) = &self.native {
-            for unit in existing.keys() {
-                let Some(name) = unit
-                    .strip_prefix("modvisor-")
-                    .and_then(|u| u.strip_suffix(".service"))
-                else {
-                    continue;
-                };
-                let claimed = self.modules.contains_key(name) || res.broken_stems.contains(name);
-                if !claimed {
-                    tokio::spawn(b.stop_unit(unit));
+        // Runs of ours that no manifest (valid or broken) claims any more are stopped, once.
+        let existing = std::mem::take(&mut self.existing);
+        for (name, found) in existing {
+            let claimed = self.modules.contains_key(&name) || res.broken_stems.contains(&name);
+            if !claimed {
+                for (b, o) in found {
+                    tokio::spawn(b.stop_unit(&o.id));
                 }
             }
         }
@@ -742,7 +785,7 @@ impl Supervisor {
         let d = policy::decide(
             &e.module,
             &self.cfg.policy,
-            &availability(&self.native, &e.module),
+            &availability(&self.native, &self.container, &e.module),
             new,
         );
         let changed = d.mode != old_mode;
@@ -820,16 +863,19 @@ impl Supervisor {
                 return Err(OpError::Failed(why));
             }
         };
-        if mode == Mode::Container {
-            let why = "container mode is not available in this build".to_string();
-            self.set(n, State::Failed, Health::Offline, why.clone());
-            return Err(OpError::Failed(why));
-        }
-        let Some(native) = e.module.native.clone() else {
-            return Err(OpError::Failed("no [native] section".into()));
+        let backend = match mode {
+            Mode::Native => self
+                .native
+                .clone()
+                .ok_or_else(|| "no native backend".to_string()),
+            Mode::Container => self.container.clone(),
         };
-        let Some(backend) = self.native.clone() else {
-            return Err(OpError::Failed("no native backend".into()));
+        let backend = match backend {
+            Ok(b) => b,
+            Err(why) => {
+                self.set(n, State::Failed, Health::Offline, why.clone());
+                return Err(OpError::Failed(why));
+            }
         };
         let model = e.active_model.clone();
         let sub = |s: &str| substitute(s, n, &state_dir, model.as_deref());
@@ -840,13 +886,31 @@ impl Supervisor {
                 state_dir.display()
             );
         }
-        let exec = match native {
-            NativeExec::Command {
-                argv,
-                environment,
-                working_directory,
-                user,
-            } => Exec::Command {
+        let exec = match (mode, e.module.native.clone(), e.module.container.clone()) {
+            (Mode::Container, _, Some(mut c)) => {
+                c.command = c.command.iter().map(|a| sub(a)).collect();
+                c.environment = c
+                    .environment
+                    .iter()
+                    .map(|(k, v)| (k.clone(), sub(v)))
+                    .collect();
+                Exec::Container(c)
+            }
+            (Mode::Container, _, None) | (Mode::Native, None, _) => {
+                return Err(OpError::Failed(format!(
+                    "the manifest has no [{mode}] section"
+                )));
+            }
+            (
+                Mode::Native,
+                Some(NativeExec::Command {
+                    argv,
+                    environment,
+                    working_directory,
+                    user,
+                }),
+                _,
+            ) => Exec::Command {
                 argv: argv.iter().map(|a| sub(a)).collect(),
                 environment: environment
                     .iter()
@@ -856,7 +920,7 @@ impl Supervisor {
                     .map(|w| PathBuf::from(sub(&w.display().to_string()))),
                 user,
             },
-            NativeExec::Unit(u) => Exec::Unit(u),
+            (Mode::Native, Some(NativeExec::Unit(u)), _) => Exec::Unit(u),
         };
         e.generation += 1;
         let generation = e.generation;
@@ -930,6 +994,8 @@ impl Supervisor {
         e.memory = 0;
         e.run = Some(Running {
             generation,
+            backend: backend.clone(),
+            container_id: String::new(),
             main_pid: handle.pid,
             handle,
             probe,
@@ -937,7 +1003,7 @@ impl Supervisor {
             start_timed_out: false,
         });
         let waiters = std::mem::take(&mut e.restart_waiters);
-        let (state, h, why) = if backend.restarts_itself() {
+        let (state, h, why) = if backend.survives_daemon() {
             let unit = e
                 .run
                 .as_ref()
@@ -992,10 +1058,8 @@ impl Supervisor {
         e.stopping = true;
         let timeout = e.module.stop_timeout;
         let handle = run.handle.clone();
-        let pid = handle.pid;
-        if let Some(b) = self.native.clone() {
-            tokio::spawn(b.stop(&handle, timeout));
-        }
+        let pid = run.main_pid;
+        tokio::spawn(run.backend.stop(&handle, timeout));
         self.set(
             n,
             State::Stopping,
@@ -1012,7 +1076,8 @@ impl Supervisor {
                 main_pid,
                 restarts,
                 phase,
-            }) => self.progressed(&name, generation, main_pid, restarts, phase),
+                container_id,
+            }) => self.progressed(&name, generation, main_pid, restarts, phase, container_id),
             Event::Runtime(RuntimeEvent::Exited {
                 name,
                 generation,
@@ -1051,9 +1116,7 @@ impl Supervisor {
                     p.abort();
                 }
                 let timeout = e.module.stop_timeout;
-                if let Some(b) = self.native.clone() {
-                    tokio::spawn(b.stop(&handle, timeout));
-                }
+                tokio::spawn(run.backend.stop(&handle, timeout));
             }
             Event::MemoryTick => {
                 let groups: Vec<(String, i32)> = self
@@ -1096,15 +1159,20 @@ impl Supervisor {
         n: &str,
         generation: u64,
         main_pid: u32,
-        restarts: u32,
+        restarts: Option<u32>,
         phase: RunPhase,
+        container_id: Option<String>,
     ) {
         let Some(e) = self.modules.get_mut(n) else {
             return;
         };
         if phase == RunPhase::Ended {
-            if e.run.as_ref().is_some_and(|r| r.generation == generation) {
-                e.restarts = restarts;
+            if let Some(r) = restarts
+                && e.run
+                    .as_ref()
+                    .is_some_and(|run| run.generation == generation)
+            {
+                e.restarts = r;
             }
             return;
         }
@@ -1118,7 +1186,13 @@ impl Supervisor {
             return;
         };
         run.main_pid = main_pid;
-        e.restarts = restarts;
+        if let Some(id) = container_id {
+            run.container_id = id;
+        }
+        if let Some(r) = restarts {
+            e.restarts = r;
+        }
+        let restarts = e.restarts;
         let unit = run.handle.unit.clone();
         let (state, health, why) = match phase {
             RunPhase::Restarting(info) => {
@@ -1130,6 +1204,11 @@ impl Supervisor {
                     format!("{info}; systemd restarts {unit} (restart {})", restarts + 1),
                 )
             }
+            RunPhase::Unreachable(why) => (
+                State::Running,
+                Health::Unknown,
+                format!("{why}: {unit} cannot be observed now"),
+            ),
             RunPhase::Starting => (
                 State::Starting,
                 Health::Unknown,
@@ -1271,7 +1350,7 @@ impl Supervisor {
             format!("pid {pid} exited: {info}")
         };
         let r = &e.module.restart;
-        if self.native.as_ref().is_some_and(|b| b.restarts_itself()) && !run.start_timed_out {
+        if run.backend.restarts_itself() && !run.start_timed_out {
             // systemd applied the restart policy; this is the end of it.
             let (max, window) = (r.max, r.window);
             let (state, why) = match &info {
@@ -1356,7 +1435,11 @@ impl Supervisor {
     }
 }
 
-fn availability(native_backend: &Option<Arc<dyn NativeBackend>>, m: &Module) -> Availability {
+fn availability(
+    native_backend: &Option<Arc<dyn Backend>>,
+    container: &Result<Arc<dyn Backend>, String>,
+    m: &Module,
+) -> Availability {
     let native = match (native_backend, &m.native) {
         (None, _) => Err("no native backend is available".to_string()),
         (_, None) => Err("the manifest has no [native] section".to_string()),
@@ -1372,10 +1455,11 @@ fn availability(native_backend: &Option<Arc<dyn NativeBackend>>, m: &Module) -> 
             }
         }
     };
-    Availability {
-        native,
-        container: Err("no container engine backend in this build".into()),
-    }
+    let container = match container {
+        Ok(_) => Ok(()),
+        Err(why) => Err(why.clone()),
+    };
+    Availability { native, container }
 }
 
 fn no_such(n: &str) -> OpError {

@@ -53,7 +53,7 @@ async fn modules_appear_start_and_report_state() {
             .expect("ManifestPath")
             .ends_with("modules.d/alpha.toml")
     );
-    assert_eq!(m.native_backend().await.expect("NativeBackend"), "direct");
+    assert_eq!(m.native_backend().await.expect("Backend"), "direct");
     assert_eq!(m.modules_online().await.expect("ModulesOnline"), 1);
     assert_eq!(m.modules_offline().await.expect("ModulesOffline"), 1);
     assert_eq!(m.health().await.expect("Health"), "offline");

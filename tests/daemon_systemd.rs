@@ -87,7 +87,7 @@ async fn transient_unit_has_the_properties_and_core_limit_zero() {
     let d = start(&[(&name, &m)]).await;
     d.wait_state(&name, "running").await;
     let mm = d.manager().await;
-    assert_eq!(mm.native_backend().await.expect("NativeBackend"), "systemd");
+    assert_eq!(mm.native_backend().await.expect("Backend"), "systemd");
     let p = d.module(&name).await;
     assert_eq!(p.unit().await.expect("Unit"), unit_name);
     assert_eq!(p.backend().await.expect("Backend"), "systemd");

@@ -396,7 +396,7 @@ fn manager_props(s: &Snapshot) -> Vec<(&'static str, Variant<'static>)> {
         ("ModulesOffline", Variant::from(s.count(Health::Offline))),
         ("ManifestErrors", Variant::from(s.manifest_errors.clone())),
         ("ContainerEngine", Variant::from(s.container_engine.clone())),
-        ("NativeBackend", Variant::from(s.native_backend.clone())),
+        ("Backend", Variant::from(s.native_backend.clone())),
     ]
 }
 

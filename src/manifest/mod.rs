@@ -97,6 +97,10 @@ pub struct ContainerSpec {
     pub environment: BTreeMap<String, String>,
     pub gpus: Option<Gpus>,
     pub pull: Pull,
+    /// The engine's network mode ("host", "none", "bridge", a network name); None: the engine's default.
+    pub network: Option<String>,
+    /// Capabilities kept; all others are dropped.
+    pub cap_add: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -80,6 +80,8 @@ pub struct RawContainer {
     pub environment: Option<Spanned<BTreeMap<String, String>>>,
     pub gpus: Option<Spanned<RawGpus>>,
     pub pull: Option<RawPull>,
+    pub network: Option<Spanned<String>>,
+    pub cap_add: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Deserialize)]

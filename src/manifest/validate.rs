@@ -573,7 +573,31 @@ fn validate_container(
         None | Some(RawPull::Never) => Pull::Never,
         Some(RawPull::Missing) => Pull::Missing,
     };
+    let network = match &r.network {
+        None => None,
+        Some(n) => {
+            let v = n.get_ref();
+            let ok = !v.is_empty()
+                && v.len() <= 64
+                && v.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+            if !ok {
+                return cx.err(n.span().start, format!("container.network: expected \"host\", \"none\", \"bridge\" or a network name, found \"{v}\""));
+            }
+            Some(v.clone())
+        }
+    };
+    let mut cap_add = Vec::new();
+    for c in r.cap_add.iter().flatten() {
+        let v = c.get_ref().trim_start_matches("CAP_");
+        if v.is_empty() || !v.chars().all(|ch| ch.is_ascii_uppercase() || ch == '_') {
+            return cx.err(c.span().start, format!("container.cap_add: expected a capability name such as \"SYS_NICE\", found \"{}\"", c.get_ref()));
+        }
+        cap_add.push(v.to_string());
+    }
     Ok(ContainerSpec {
+        network,
+        cap_add,
         image,
         command,
         ports,

@@ -13,7 +13,7 @@ use tokio::process::Command;
 use tokio::sync::{mpsc, watch};
 
 use super::{
-    BoxFuture, Exec, ExitInfo, NativeBackend, RunHandle, RunRequest, RuntimeError, RuntimeEvent,
+    Backend, BoxFuture, Exec, ExitInfo, RunHandle, RunRequest, RuntimeError, RuntimeEvent,
 };
 use crate::journal::{OutputSink, Stream};
 use crate::reaper;
@@ -119,7 +119,7 @@ async fn forward<R: AsyncRead + Unpin>(r: R, sink: OutputSink, stream: Stream) {
     }
 }
 
-impl NativeBackend for DirectBackend {
+impl Backend for DirectBackend {
     fn kind(&self) -> &'static str {
         "direct"
     }

@@ -1,8 +1,9 @@
 //! Runtime backends: how a module's process is started, stopped and watched.
 //!
-//! The supervisor talks to a backend through [`NativeBackend`]; it learns about exits through
+//! The supervisor talks to a backend through [`Backend`]; it learns about exits through
 //! [`RuntimeEvent`]s on a channel, never by polling.
 
+pub mod container;
 pub mod direct;
 pub mod systemd;
 
@@ -58,6 +59,8 @@ pub enum RunPhase {
     Stopping,
     /// The final counters of a run; its `Exited` event follows.
     Ended,
+    /// The backend cannot see the run now (engine or manager gone); it may come back.
+    Unreachable(String),
 }
 
 /// What the backend reports to the supervisor.
@@ -74,8 +77,10 @@ pub enum RuntimeEvent {
         name: String,
         generation: u64,
         main_pid: u32,
-        restarts: u32,
+        /// The backend's restart count, when it restarts runs itself.
+        restarts: Option<u32>,
         phase: RunPhase,
+        container_id: Option<String>,
     },
 }
 
@@ -90,6 +95,29 @@ pub enum Exec {
     },
     /// An existing unit: started, stopped and observed, never duplicated.
     Unit(String),
+    /// A container (placeholders already substituted).
+    Container(crate::manifest::ContainerSpec),
+}
+
+/// A run of ours a backend found (adoption after a daemon restart).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owned {
+    pub module: String,
+    /// Unit name or container ID.
+    pub id: String,
+    pub running: bool,
+}
+
+/// FNV-1a 64 over the parts: stable across builds and Rust versions (unlike std's hasher).
+pub fn fnv(parts: &[&str]) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for p in parts {
+        for b in p.bytes().chain(std::iter::once(0u8)) {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+    }
+    format!("{h:016x}")
 }
 
 /// Everything needed to start one native process.
@@ -142,11 +170,15 @@ pub enum RuntimeError {
 }
 
 /// A native execution backend (direct children today; systemd units later).
-pub trait NativeBackend: Send + Sync {
-    /// "direct" or "systemd", as the `NativeBackend` property shows it.
+pub trait Backend: Send + Sync {
+    /// "direct" or "systemd", as the `Backend` property shows it.
     fn kind(&self) -> &'static str;
     /// True when the backend applies the restart policy itself (systemd's Restart=).
     fn restarts_itself(&self) -> bool {
+        false
+    }
+    /// True when runs outlive modvisord (units, containers): not stopped on shutdown.
+    fn survives_daemon(&self) -> bool {
         false
     }
     /// The unit a request runs as ("" when there is none).
@@ -161,7 +193,7 @@ pub trait NativeBackend: Send + Sync {
     /// Stops the process and everything it started; resolves once the main process is gone.
     fn stop(&self, handle: &RunHandle, timeout: Duration) -> BoxFuture<()>;
     /// Units of ours that exist now, with their active state (adoption after a restart).
-    fn list_units(&self) -> BoxFuture<Vec<(String, String)>> {
+    fn list_units(&self) -> BoxFuture<Vec<Owned>> {
         Box::pin(async { Vec::new() })
     }
     /// Stops a unit of ours that no manifest wants any more.

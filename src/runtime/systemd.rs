@@ -22,8 +22,8 @@ use zbus::{Connection, OwnedObjectPath, OwnedVariant, Variant};
 use zbus_systemd::systemd1::ManagerProxy;
 
 use super::{
-    BoxFuture, Exec, ExitInfo, NativeBackend, RunHandle, RunPhase, RunRequest, RuntimeError,
-    RuntimeEvent,
+    Backend, BoxFuture, Exec, ExitInfo, Owned, RunHandle, RunPhase, RunRequest, RuntimeError,
+    RuntimeEvent, fnv,
 };
 
 pub fn unit_name(module: &str) -> String {
@@ -36,18 +36,6 @@ pub fn unit_path(unit: &str) -> String {
         "/org/freedesktop/systemd1/unit/{}",
         crate::dbus::escape_path_element(unit)
     )
-}
-
-/// FNV-1a 64: stable across builds and Rust versions (unlike std's hasher).
-fn fnv(parts: &[&str]) -> String {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for p in parts {
-        for b in p.bytes().chain(std::iter::once(0u8)) {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x100000001b3);
-        }
-    }
-    format!("{h:016x}")
 }
 
 /// The hash of what a transient unit runs: a change means the unit must be replaced.
@@ -318,7 +306,8 @@ async fn follow(
                     name: name.clone(),
                     generation,
                     main_pid: 0,
-                    restarts: st.n_restarts,
+                    restarts: Some(st.n_restarts),
+                    container_id: None,
                     phase: RunPhase::Ended,
                 });
                 let _ = exited.send(true);
@@ -333,7 +322,8 @@ async fn follow(
                 name: name.clone(),
                 generation,
                 main_pid: st.main_pid,
-                restarts: st.n_restarts,
+                restarts: Some(st.n_restarts),
+                container_id: None,
                 phase,
             });
             last = st;
@@ -354,7 +344,7 @@ async fn follow(
     }
 }
 
-impl NativeBackend for SystemdBackend {
+impl Backend for SystemdBackend {
     fn kind(&self) -> &'static str {
         "systemd"
     }
@@ -363,10 +353,14 @@ impl NativeBackend for SystemdBackend {
         true
     }
 
+    fn survives_daemon(&self) -> bool {
+        true
+    }
+
     fn unit_for(&self, req: &RunRequest) -> String {
         match &req.exec {
             Exec::Unit(u) => u.clone(),
-            Exec::Command { .. } => unit_name(&req.name),
+            Exec::Command { .. } | Exec::Container(_) => unit_name(&req.name),
         }
     }
 
@@ -435,6 +429,7 @@ impl NativeBackend for SystemdBackend {
                         return fail(format!("StartUnit {unit}: {e}"));
                     }
                 }
+                Exec::Container(_) => return fail("containers are not run by systemd".into()),
                 Exec::Command { .. } => {
                     let hash = spec_hash(&req);
                     let ours = now
@@ -476,7 +471,7 @@ impl NativeBackend for SystemdBackend {
         Ok(handle)
     }
 
-    fn list_units(&self) -> BoxFuture<Vec<(String, String)>> {
+    fn list_units(&self) -> BoxFuture<Vec<Owned>> {
         let manager = self.manager.clone();
         let conn = self.conn.clone();
         let owner = self.owner.clone();
@@ -496,8 +491,16 @@ impl NativeBackend for SystemdBackend {
                 let st = SystemdBackend::status(&conn, u.6.as_str())
                     .await
                     .unwrap_or_default();
-                if st.environment.iter().any(|e| e == &owner) {
-                    ours.push((u.0, u.3));
+                let module =
+                    u.0.strip_prefix("modvisor-")
+                        .and_then(|m| m.strip_suffix(".service"));
+                if let (Some(module), true) = (module, st.environment.iter().any(|e| e == &owner)) {
+                    let running = matches!(u.3.as_str(), "active" | "activating" | "reloading");
+                    ours.push(Owned {
+                        module: module.to_string(),
+                        id: u.0.clone(),
+                        running,
+                    });
                 }
             }
             ours

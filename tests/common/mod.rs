@@ -114,6 +114,8 @@ pub struct Options {
     pub env: Vec<(String, String)>,
     /// native_backend: "direct" (the default here) or "systemd".
     pub backend: &'static str,
+    /// More keys for the config's [runtime] table.
+    pub runtime_extra: String,
 }
 
 impl Default for Options {
@@ -122,6 +124,7 @@ impl Default for Options {
             extra_config: String::new(),
             env: Vec::new(),
             backend: "direct",
+            runtime_extra: String::new(),
         }
     }
 }
@@ -141,11 +144,12 @@ impl Daemon {
         }
         let config = dir.path().join("modvisor.toml");
         let cfg = format!(
-            "[paths]\nmodules = [\"{}\"]\nstate = \"{}\"\nruntime = \"{}\"\n[runtime]\ndefault_mode = \"native\"\nnative_backend = \"{}\"\n[monitor]\ninterval = \"1s\"\n{}",
+            "[paths]\nmodules = [\"{}\"]\nstate = \"{}\"\nruntime = \"{}\"\n[runtime]\ndefault_mode = \"native\"\nnative_backend = \"{}\"\n{}[monitor]\ninterval = \"1s\"\n{}",
             modules.display(),
             dir.path().join("state").display(),
             dir.path().join("run").display(),
             opts.backend,
+            opts.runtime_extra,
             opts.extra_config
         );
         std::fs::write(&config, cfg).expect("write config");

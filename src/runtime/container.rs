@@ -1,0 +1,858 @@
+//! The container backend: Docker or Podman through their Docker-compatible API (bollard,
+//! version negotiated: Docker here speaks at most 1.41).
+//!
+//! Each module runs as container `modvisor-NAME` with labels `org.modvisor.module=NAME`,
+//! `org.modvisor.spec=HASH` and `org.modvisor.owner=STATE_DIR`. State comes from the engine's
+//! event stream (start, die with exit code, oom), never from polling. Restarts are modvisor's,
+//! with the same policy as native modules, so behaviour is identical across engines.
+//! bollard cannot parse Podman's "stopped" state (bollard issue 293): inspection goes through a
+//! small JSON request of our own instead of bollard's typed inspect.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::models::{
+    ContainerCreateBody, DeviceMapping, DeviceRequest, HostConfig, PortBinding, ResourcesUlimits,
+};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, EventsOptions, LogsOptionsBuilder,
+    RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+};
+use futures_util::StreamExt;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+
+use super::{
+    Backend, BoxFuture, Exec, ExitInfo, Owned, RunHandle, RunPhase, RunRequest, RuntimeError,
+    RuntimeEvent, fnv,
+};
+use crate::journal::{OutputSink, Stream};
+use crate::manifest::{ContainerSpec, Gpus, Pull};
+
+pub const LABEL_MODULE: &str = "org.modvisor.module";
+pub const LABEL_SPEC: &str = "org.modvisor.spec";
+pub const LABEL_OWNER: &str = "org.modvisor.owner";
+
+pub fn container_name(module: &str) -> String {
+    format!("modvisor-{module}")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Docker,
+    Podman,
+}
+
+/// The sockets tried, in the contract's order: $DOCKER_HOST, Podman's, Docker's, the user's Podman.
+pub fn candidate_sockets(configured: &str) -> Vec<PathBuf> {
+    if !configured.is_empty() {
+        return vec![PathBuf::from(configured.trim_start_matches("unix://"))];
+    }
+    let mut v = Vec::new();
+    if let Ok(h) = std::env::var("DOCKER_HOST")
+        && let Some(p) = h.strip_prefix("unix://")
+    {
+        v.push(PathBuf::from(p));
+    }
+    v.push("/run/podman/podman.sock".into());
+    v.push("/run/docker.sock".into());
+    if let Ok(x) = std::env::var("XDG_RUNTIME_DIR") {
+        v.push(Path::new(&x).join("podman/podman.sock"));
+    }
+    v
+}
+
+/// A minimal HTTP/1.1 GET over the engine's socket, returning (status, JSON body).
+async fn get_json(sock: &Path, path: &str) -> Result<(u16, Value), String> {
+    let mut s = tokio::net::UnixStream::connect(sock)
+        .await
+        .map_err(|e| format!("connect {}: {e}", sock.display()))?;
+    let req = format!("GET /v1.41{path} HTTP/1.1\r\nHost: engine\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut buf))
+        .await
+        .map_err(|_| "the engine did not answer within 30s".to_string())?
+        .map_err(|e| e.to_string())?;
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("not an HTTP response")?;
+    let head = String::from_utf8_lossy(&buf[..split]).to_string();
+    let mut body = buf[split + 4..].to_vec();
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or("no HTTP status")?;
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut out = Vec::new();
+        let mut rest = &body[..];
+        while let Some(i) = rest.windows(2).position(|w| w == b"\r\n") {
+            let size =
+                usize::from_str_radix(String::from_utf8_lossy(&rest[..i]).trim(), 16).unwrap_or(0);
+            if size == 0 {
+                break;
+            }
+            let start = i + 2;
+            let end = (start + size).min(rest.len());
+            out.extend_from_slice(&rest[start..end]);
+            rest = rest.get(end + 2..).unwrap_or(&[]);
+        }
+        body = out;
+    }
+    let v = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    Ok((status, v))
+}
+
+/// What we need of a container, read leniently (Podman's states included).
+#[derive(Debug, Clone, Default)]
+pub struct Inspect {
+    pub id: String,
+    pub running: bool,
+    pub status: String,
+    pub pid: u32,
+    pub exit_code: i64,
+    pub oom_killed: bool,
+    pub labels: HashMap<String, String>,
+}
+
+pub async fn inspect(sock: &Path, name: &str) -> Result<Option<Inspect>, String> {
+    let (status, v) = get_json(sock, &format!("/containers/{name}/json")).await?;
+    if status == 404 {
+        return Ok(None);
+    }
+    if status != 200 {
+        return Err(format!(
+            "inspect {name}: HTTP {status}: {}",
+            v["message"].as_str().unwrap_or("")
+        ));
+    }
+    let st = &v["State"];
+    let labels = v["Config"]["Labels"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string()))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Some(Inspect {
+        id: v["Id"].as_str().unwrap_or("").to_string(),
+        running: st["Running"].as_bool().unwrap_or(false),
+        status: st["Status"].as_str().unwrap_or("").to_string(),
+        pid: st["Pid"].as_u64().unwrap_or(0) as u32,
+        exit_code: st["ExitCode"].as_i64().unwrap_or(0),
+        oom_killed: st["OOMKilled"].as_bool().unwrap_or(false),
+        labels,
+    }))
+}
+
+/// The hash of what a container runs: a change means it must be recreated.
+pub fn spec_hash(spec: &ContainerSpec, memory_max: Option<u64>) -> String {
+    let text = format!("{spec:?}|{memory_max:?}");
+    fnv(&[&text])
+}
+
+struct Run {
+    generation: u64,
+    id: String,
+    events: mpsc::UnboundedSender<RuntimeEvent>,
+    exited: watch::Sender<bool>,
+    oom: bool,
+}
+
+pub struct ContainerBackend {
+    docker: Docker,
+    sock: PathBuf,
+    engine: Engine,
+    description: String,
+    owner: String,
+    /// Container name -> the run modvisor follows there.
+    runs: Arc<Mutex<HashMap<String, (String, Run)>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl ContainerBackend {
+    /// Finds an engine in the contract's order, negotiates the API version, and starts
+    /// following its events. Err lists what was tried.
+    pub async fn connect(
+        configured: &str,
+        state_dir: &Path,
+    ) -> Result<Arc<ContainerBackend>, String> {
+        let mut tried = Vec::new();
+        for sock in candidate_sockets(configured) {
+            if !sock.exists() {
+                tried.push(format!("{}: absent", sock.display()));
+                continue;
+            }
+            let attempt = async {
+                let d = Docker::connect_with_unix(
+                    &sock.display().to_string(),
+                    120,
+                    bollard::API_DEFAULT_VERSION,
+                )
+                .map_err(|e| e.to_string())?;
+                let d = d.negotiate_version().await.map_err(|e| e.to_string())?;
+                d.ping().await.map_err(|e| e.to_string())?;
+                let v = d.version().await.map_err(|e| e.to_string())?;
+                Ok::<_, String>((d, v))
+            };
+            match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+                Ok(Ok((docker, v))) => {
+                    let podman = v
+                        .components
+                        .iter()
+                        .flatten()
+                        .any(|c| c.name.to_lowercase().contains("podman"));
+                    let engine = if podman {
+                        Engine::Podman
+                    } else {
+                        Engine::Docker
+                    };
+                    let description = format!(
+                        "{} {}",
+                        if podman { "podman" } else { "docker" },
+                        v.version.clone().unwrap_or_default()
+                    );
+                    tracing::info!(
+                        "container engine: {description} at {} (API {})",
+                        sock.display(),
+                        docker.client_version()
+                    );
+                    let b = Arc::new(ContainerBackend {
+                        docker,
+                        sock,
+                        engine,
+                        description,
+                        owner: state_dir.display().to_string(),
+                        runs: Arc::new(Mutex::new(HashMap::new())),
+                    });
+                    b.clone().spawn_events();
+                    return Ok(b);
+                }
+                Ok(Err(e)) => tried.push(format!("{}: {e}", sock.display())),
+                Err(_) => tried.push(format!("{}: no answer within 5s", sock.display())),
+            }
+        }
+        Err(format!(
+            "no container engine answers ({})",
+            tried.join("; ")
+        ))
+    }
+
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+
+    pub fn engine(&self) -> Engine {
+        self.engine
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.sock
+    }
+
+    /// Follows the engine's container events for the whole life of the daemon, reconnecting
+    /// when the engine goes away and comes back.
+    fn spawn_events(self: Arc<Self>) {
+        tokio::spawn(async move {
+            let mut lost = false;
+            loop {
+                let opts = EventsOptions {
+                    filters: Some(HashMap::from([(
+                        "type".to_string(),
+                        vec!["container".to_string()],
+                    )])),
+                    ..Default::default()
+                };
+                let mut stream = self.docker.events(Some(opts));
+                if lost {
+                    // The engine is back: what happened to our containers meanwhile?
+                    if self.docker.ping().await.is_ok() {
+                        tracing::info!("container engine {} is reachable again", self.description);
+                        self.resync().await;
+                        lost = false;
+                    }
+                }
+                while let Some(ev) = stream.next().await {
+                    match ev {
+                        Ok(m) => self.event(m),
+                        Err(e) => {
+                            tracing::debug!("container events: {e}");
+                            break;
+                        }
+                    }
+                }
+                if !lost {
+                    tracing::warn!(
+                        "lost the event stream of {}: reconnecting",
+                        self.description
+                    );
+                    lost = true;
+                    let runs: Vec<(String, u64, mpsc::UnboundedSender<RuntimeEvent>)> =
+                        lock(&self.runs)
+                            .values()
+                            .map(|(m, r)| (m.clone(), r.generation, r.events.clone()))
+                            .collect();
+                    for (name, generation, tx) in runs {
+                        let _ = tx.send(RuntimeEvent::Status {
+                            name,
+                            generation,
+                            main_pid: 0,
+                            restarts: None,
+                            phase: RunPhase::Unreachable(
+                                "the container engine is not reachable".into(),
+                            ),
+                            container_id: None,
+                        });
+                    }
+                }
+                // No event tells us the engine is back: retry, bounded by the daemon's life.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+
+    async fn resync(&self) {
+        let names: Vec<String> = lock(&self.runs).keys().cloned().collect();
+        for cname in names {
+            let st = inspect(&self.sock, &cname).await;
+            let mut runs = lock(&self.runs);
+            let Some((module, run)) = runs.get(&cname) else {
+                continue;
+            };
+            match st {
+                Ok(Some(i)) if i.running && i.id == run.id => {
+                    let _ = run.events.send(RuntimeEvent::Status {
+                        name: module.clone(),
+                        generation: run.generation,
+                        main_pid: i.pid,
+                        restarts: None,
+                        phase: RunPhase::Running,
+                        container_id: Some(i.id.clone()),
+                    });
+                }
+                other => {
+                    let info = match other {
+                        Ok(Some(i)) if i.oom_killed => ExitInfo::Other("oom-kill".into()),
+                        Ok(Some(i)) => ExitInfo::Code(i.exit_code as i32),
+                        _ => ExitInfo::Other("the container is gone".into()),
+                    };
+                    if let Some((module, run)) = runs.remove(&cname) {
+                        let _ = run.exited.send(true);
+                        let _ = run.events.send(RuntimeEvent::Exited {
+                            name: module,
+                            generation: run.generation,
+                            info,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    fn event(&self, m: bollard::models::EventMessage) {
+        let Some(actor) = m.actor else { return };
+        let attrs = actor.attributes.unwrap_or_default();
+        let Some(cname) = attrs.get("name") else {
+            return;
+        };
+        let id = actor.id.unwrap_or_default();
+        let action = m.action.unwrap_or_default();
+        let mut runs = lock(&self.runs);
+        let Some((module, run)) = runs.get_mut(cname) else {
+            return;
+        };
+        if !run.id.is_empty() && !id.is_empty() && run.id != id {
+            return; // an older container of the same name
+        }
+        tracing::debug!(modvisor_module = %module, "container {cname}: {action}");
+        match action.as_str() {
+            "oom" => run.oom = true,
+            "die" => {
+                let code: i32 = attrs
+                    .get("exitCode")
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(-1);
+                let info = if run.oom {
+                    ExitInfo::Other("oom-kill".into())
+                } else if code > 128 && code < 160 {
+                    ExitInfo::Signal(code - 128)
+                } else {
+                    ExitInfo::Code(code)
+                };
+                if let Some((module, run)) = runs.remove(cname) {
+                    let _ = run.exited.send(true);
+                    let _ = run.events.send(RuntimeEvent::Exited {
+                        name: module,
+                        generation: run.generation,
+                        info,
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn create_body(
+        &self,
+        req: &RunRequest,
+        spec: &ContainerSpec,
+        hash: &str,
+    ) -> ContainerCreateBody {
+        let mut labels = HashMap::new();
+        labels.insert(LABEL_MODULE.to_string(), req.name.clone());
+        labels.insert(LABEL_SPEC.to_string(), hash.to_string());
+        labels.insert(LABEL_OWNER.to_string(), self.owner.clone());
+        let mut port_bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
+        let mut exposed = Vec::new();
+        for p in &spec.ports {
+            let key = format!("{}/{}", p.container_port, p.protocol);
+            exposed.push(key.clone());
+            port_bindings
+                .entry(key)
+                .or_insert_with(|| Some(Vec::new()))
+                .get_or_insert_with(Vec::new)
+                .push(PortBinding {
+                    host_ip: Some(p.host_ip.clone()),
+                    host_port: Some(p.host_port.to_string()),
+                });
+        }
+        let ulimit = |name: &str, v: i64| ResourcesUlimits {
+            name: Some(name.into()),
+            soft: Some(v),
+            hard: Some(v),
+        };
+        // Core 0 always. Podman replaces all its default ulimits as soon as one is sent, and
+        // then asks for more open files than this machine allows: send nofile/nproc too.
+        let mut ulimits = vec![ulimit("core", 0)];
+        if self.engine == Engine::Podman {
+            ulimits.push(ulimit("nofile", 20000));
+            ulimits.push(ulimit("nproc", 4096));
+        }
+        let (device_requests, devices) = match (&spec.gpus, self.engine) {
+            (None, _) => (None, None),
+            (Some(g), Engine::Docker) => {
+                let (count, ids) = match g {
+                    Gpus::All => (Some(-1), None),
+                    Gpus::Count(n) => (Some(*n as i64), None),
+                    Gpus::Ids(v) => (None, Some(v.clone())),
+                };
+                (
+                    Some(vec![DeviceRequest {
+                        driver: Some("nvidia".into()),
+                        count,
+                        device_ids: ids,
+                        capabilities: Some(vec![vec!["gpu".into()]]),
+                        options: None,
+                    }]),
+                    None,
+                )
+            }
+            // Podman ignores DeviceRequests: CDI device names instead.
+            (Some(g), Engine::Podman) => {
+                let names: Vec<String> = match g {
+                    Gpus::All => vec!["nvidia.com/gpu=all".into()],
+                    Gpus::Count(n) => (0..*n).map(|i| format!("nvidia.com/gpu={i}")).collect(),
+                    Gpus::Ids(v) => v.iter().map(|i| format!("nvidia.com/gpu={i}")).collect(),
+                };
+                (
+                    None,
+                    Some(
+                        names
+                            .into_iter()
+                            .map(|n| DeviceMapping {
+                                path_on_host: Some(n.clone()),
+                                path_in_container: Some(n),
+                                cgroup_permissions: Some("rwm".into()),
+                            })
+                            .collect(),
+                    ),
+                )
+            }
+        };
+        let host = HostConfig {
+            memory: req.memory_max.map(|m| m as i64),
+            ulimits: Some(ulimits),
+            init: Some(true),
+            privileged: Some(false),
+            cap_drop: Some(vec!["ALL".into()]),
+            cap_add: if spec.cap_add.is_empty() {
+                None
+            } else {
+                Some(spec.cap_add.clone())
+            },
+            security_opt: Some(vec!["no-new-privileges".into()]),
+            binds: Some(
+                spec.volumes
+                    .iter()
+                    .map(|v| {
+                        format!(
+                            "{}:{}:{}",
+                            v.source.display(),
+                            v.target.display(),
+                            if v.read_only { "ro" } else { "rw" }
+                        )
+                    })
+                    .collect(),
+            ),
+            port_bindings: if port_bindings.is_empty() {
+                None
+            } else {
+                Some(port_bindings)
+            },
+            network_mode: spec.network.clone(),
+            device_requests,
+            devices,
+            ..Default::default()
+        };
+        ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            cmd: if spec.command.is_empty() {
+                None
+            } else {
+                Some(spec.command.clone())
+            },
+            env: Some(
+                spec.environment
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .chain([format!("MODVISOR_MODULE={}", req.name)])
+                    .collect(),
+            ),
+            labels: Some(labels),
+            exposed_ports: if exposed.is_empty() {
+                None
+            } else {
+                Some(exposed)
+            },
+            stop_timeout: Some(req.stop_timeout.as_secs().max(1) as i64),
+            host_config: Some(host),
+            ..Default::default()
+        }
+    }
+
+    async fn ensure_image(&self, spec: &ContainerSpec) -> Result<(), String> {
+        let (status, _) = get_json(&self.sock, &format!("/images/{}/json", spec.image)).await?;
+        if status == 200 {
+            return Ok(());
+        }
+        match spec.pull {
+            Pull::Never => Err(format!(
+                "image {} is not present in {} and pull = \"never\"",
+                spec.image, self.description
+            )),
+            Pull::Missing => {
+                let opts = bollard::query_parameters::CreateImageOptionsBuilder::default()
+                    .from_image(&spec.image)
+                    .build();
+                let mut s = self.docker.create_image(Some(opts), None, None);
+                while let Some(r) = s.next().await {
+                    r.map_err(|e| format!("pulling {}: {e}", spec.image))?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Forwards the container's output. `from_now`: an adopted container (do not replay its
+    /// history); otherwise a new container's whole output, from its start.
+    fn follow_logs(&self, id: String, sink: OutputSink, from_now: bool) {
+        let docker = self.docker.clone();
+        tokio::spawn(async move {
+            let since = if from_now {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs() as i32)
+                    .unwrap_or(0)
+            } else {
+                0
+            };
+            let opts = LogsOptionsBuilder::default()
+                .follow(true)
+                .stdout(true)
+                .stderr(true)
+                .since(since)
+                .build();
+            let mut s = docker.logs(&id, Some(opts));
+            let (mut out, mut err) = (Vec::new(), Vec::new());
+            while let Some(Ok(chunk)) = s.next().await {
+                let (buf, stream, bytes) = match chunk {
+                    bollard::container::LogOutput::StdErr { message } => {
+                        (&mut err, Stream::Stderr, message)
+                    }
+                    bollard::container::LogOutput::StdOut { message }
+                    | bollard::container::LogOutput::Console { message } => {
+                        (&mut out, Stream::Stdout, message)
+                    }
+                    bollard::container::LogOutput::StdIn { .. } => continue,
+                };
+                buf.extend_from_slice(&bytes);
+                while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=i).collect();
+                    sink.line(stream, &line);
+                }
+            }
+            for (buf, stream) in [(out, Stream::Stdout), (err, Stream::Stderr)] {
+                if !buf.is_empty() {
+                    sink.line(stream, &buf);
+                }
+            }
+        });
+    }
+
+    async fn remove(&self, name: &str) -> Result<(), String> {
+        let opts = RemoveContainerOptionsBuilder::default().force(true).build();
+        match self.docker.remove_container(name, Some(opts)).await {
+            Ok(()) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(()),
+            Err(e) => Err(format!("removing {name}: {e}")),
+        }
+    }
+
+    async fn run(
+        self: Arc<Self>,
+        req: RunRequest,
+        spec: ContainerSpec,
+        events: mpsc::UnboundedSender<RuntimeEvent>,
+        exited: watch::Sender<bool>,
+    ) -> Result<(), String> {
+        let cname = container_name(&req.name);
+        let hash = spec_hash(&spec, req.memory_max);
+        let send_running = |i: &Inspect| {
+            let _ = events.send(RuntimeEvent::Status {
+                name: req.name.clone(),
+                generation: req.generation,
+                main_pid: i.pid,
+                restarts: None,
+                phase: RunPhase::Running,
+                container_id: Some(i.id.clone()),
+            });
+        };
+        match inspect(&self.sock, &cname).await? {
+            Some(i)
+                if i.running
+                    && i.labels.get(LABEL_SPEC) == Some(&hash)
+                    && i.labels.get(LABEL_OWNER) == Some(&self.owner) =>
+            {
+                tracing::info!(modvisor_module = %req.name, "adopted container {cname} ({}), already running with the same spec", &i.id[..12.min(i.id.len())]);
+                lock(&self.runs).insert(
+                    cname.clone(),
+                    (
+                        req.name.clone(),
+                        Run {
+                            generation: req.generation,
+                            id: i.id.clone(),
+                            events: events.clone(),
+                            exited,
+                            oom: false,
+                        },
+                    ),
+                );
+                self.follow_logs(i.id.clone(), req.sink.clone(), true);
+                send_running(&i);
+                return Ok(());
+            }
+            Some(i) => {
+                if i.running {
+                    tracing::info!(modvisor_module = %req.name, "container {cname} runs another spec: recreating it");
+                }
+                self.remove(&cname).await?;
+            }
+            None => {}
+        }
+        self.ensure_image(&spec).await?;
+        let body = self.create_body(&req, &spec, &hash);
+        let opts = CreateContainerOptionsBuilder::default()
+            .name(&cname)
+            .build();
+        let created = self
+            .docker
+            .create_container(Some(opts), body)
+            .await
+            .map_err(|e| format!("creating {cname}: {e}"))?;
+        lock(&self.runs).insert(
+            cname.clone(),
+            (
+                req.name.clone(),
+                Run {
+                    generation: req.generation,
+                    id: created.id.clone(),
+                    events: events.clone(),
+                    exited,
+                    oom: false,
+                },
+            ),
+        );
+        if let Err(e) = self
+            .docker
+            .start_container(
+                &cname,
+                None::<bollard::query_parameters::StartContainerOptions>,
+            )
+            .await
+        {
+            lock(&self.runs).remove(&cname);
+            let _ = self.remove(&cname).await;
+            return Err(format!("starting {cname}: {e}"));
+        }
+        // After the start: Docker ends a follow on a container that is not running yet.
+        self.follow_logs(created.id.clone(), req.sink.clone(), false);
+        if let Some(i) = inspect(&self.sock, &cname).await?
+            && i.running
+        {
+            send_running(&i);
+        }
+        Ok(())
+    }
+}
+
+impl Backend for Arc<ContainerBackend> {
+    fn kind(&self) -> &'static str {
+        match self.engine {
+            Engine::Docker => "docker",
+            Engine::Podman => "podman",
+        }
+    }
+
+    fn survives_daemon(&self) -> bool {
+        true
+    }
+
+    fn unit_for(&self, req: &RunRequest) -> String {
+        container_name(&req.name)
+    }
+
+    fn start(
+        &self,
+        req: RunRequest,
+        events: mpsc::UnboundedSender<RuntimeEvent>,
+    ) -> Result<RunHandle, RuntimeError> {
+        let Exec::Container(spec) = req.exec.clone() else {
+            return Err(RuntimeError::Unsupported("not a container".into()));
+        };
+        let (exited_tx, exited_rx) = watch::channel(false);
+        let handle = RunHandle {
+            pid: 0,
+            pgid: 0,
+            exited: exited_rx,
+            unit: container_name(&req.name),
+        };
+        let me = self.clone();
+        let exited_for_fail = exited_tx.clone();
+        tokio::spawn(async move {
+            let (name, generation) = (req.name.clone(), req.generation);
+            if let Err(why) = me.run(req, spec, events.clone(), exited_tx).await {
+                tracing::warn!(modvisor_module = %name, "{why}");
+                let _ = exited_for_fail.send(true);
+                let _ = events.send(RuntimeEvent::Exited {
+                    name,
+                    generation,
+                    info: ExitInfo::Other(why),
+                });
+            }
+        });
+        Ok(handle)
+    }
+
+    fn stop(&self, handle: &RunHandle, timeout: Duration) -> BoxFuture<()> {
+        let me = self.clone();
+        let cname = handle.unit.clone();
+        let mut exited = handle.exited.clone();
+        Box::pin(async move {
+            let t = timeout.as_secs().max(1) as i32;
+            let opts = StopContainerOptionsBuilder::default().t(t).build();
+            if let Err(e) = me.docker.stop_container(&cname, Some(opts)).await {
+                tracing::debug!("stopping {cname}: {e}");
+            }
+            let done = tokio::time::timeout(Duration::from_secs(5), exited.wait_for(|e| *e))
+                .await
+                .is_ok();
+            if !done {
+                // No die event (already dead, or the engine lost it): forget the run ourselves.
+                if let Some((module, run)) = lock(&me.runs).remove(&cname) {
+                    let _ = run.exited.send(true);
+                    let _ = run.events.send(RuntimeEvent::Exited {
+                        name: module,
+                        generation: run.generation,
+                        info: ExitInfo::Other("stopped".into()),
+                    });
+                }
+            }
+            if let Err(e) = me.remove(&cname).await {
+                tracing::warn!("{e}");
+            }
+        })
+    }
+
+    fn list_units(&self) -> BoxFuture<Vec<Owned>> {
+        let sock = self.sock.clone();
+        let owner = self.owner.clone();
+        Box::pin(async move {
+            let filter =
+                serde_json::json!({"label": [format!("{LABEL_OWNER}={owner}")]}).to_string();
+            let q: String = url_encode(&filter);
+            match get_json(&sock, &format!("/containers/json?all=true&filters={q}")).await {
+                Ok((200, Value::Array(list))) => list
+                    .iter()
+                    .filter_map(|c| {
+                        let module = c["Labels"][LABEL_MODULE].as_str()?.to_string();
+                        let id = c["Id"].as_str()?.to_string();
+                        let running = c["State"].as_str() == Some("running");
+                        Some(Owned {
+                            module,
+                            id,
+                            running,
+                        })
+                    })
+                    .collect(),
+                Ok((s, v)) => {
+                    tracing::warn!("listing containers: HTTP {s}: {v}");
+                    Vec::new()
+                }
+                Err(e) => {
+                    tracing::warn!("listing containers: {e}");
+                    Vec::new()
+                }
+            }
+        })
+    }
+
+    fn stop_unit(&self, id: &str) -> BoxFuture<()> {
+        let me = self.clone();
+        let id = id.to_string();
+        Box::pin(async move {
+            tracing::info!("removing container {id}: no manifest wants it any more");
+            if let Err(e) = me.remove(&id).await {
+                tracing::warn!("{e}");
+            }
+        })
+    }
+}
+
+fn url_encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

@@ -1,0 +1,337 @@
+//! The container backend against BOTH real engines of the testbed (Podman 4.3 and Docker
+//! 20.10, Docker API 1.41), proven by asking the engines themselves (their CLIs). The busybox
+//! images come from the testbed (`podman import` / `docker import` of a rootfs tarball).
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+#[derive(Clone, Copy)]
+enum Eng {
+    Podman,
+    Docker,
+}
+
+impl Eng {
+    fn socket(self) -> String {
+        match self {
+            Eng::Podman => {
+                std::env::var("PODMAN_SOCK").unwrap_or_else(|_| "/run/podman/podman.sock".into())
+            }
+            Eng::Docker => std::env::var("DOCKER_HOST")
+                .map(|h| h.trim_start_matches("unix://").to_string())
+                .unwrap_or_else(|_| "/run/docker.sock".into()),
+        }
+    }
+    fn image(self) -> &'static str {
+        match self {
+            Eng::Podman => "localhost/bb:latest",
+            Eng::Docker => "bb:latest",
+        }
+    }
+    fn cli(self) -> Command {
+        match self {
+            Eng::Podman => Command::new("podman"),
+            Eng::Docker => {
+                let mut c = Command::new("/usr/bin/docker");
+                c.env("DOCKER_HOST", format!("unix://{}", self.socket()));
+                c
+            }
+        }
+    }
+    fn tag(self) -> &'static str {
+        match self {
+            Eng::Podman => "pm",
+            Eng::Docker => "dk",
+        }
+    }
+    /// The engine's own view of a container (None when it does not exist).
+    fn inspect(self, name: &str) -> Option<Value> {
+        let out = self
+            .cli()
+            .args(["inspect", "--type", "container", name])
+            .output()
+            .expect("engine CLI");
+        if !out.status.success() {
+            return None;
+        }
+        let v: Value = serde_json::from_slice(&out.stdout).expect("inspect json");
+        v.get(0).cloned()
+    }
+}
+
+/// Removes the test's containers whatever happened (containers outlive modvisord).
+struct Cleanup(Eng, Vec<String>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for n in &self.1 {
+            let _ = self.0.cli().args(["rm", "-f", n]).output();
+        }
+    }
+}
+
+fn uniq(e: Eng, tag: &str) -> String {
+    format!("ct{}{}-{tag}", e.tag(), std::process::id())
+}
+
+/// A daemon using this engine.
+async fn start(e: Eng, manifests: &[(&str, &str)]) -> Daemon {
+    let mut o = Options::default();
+    o.runtime_extra = format!("container_socket = \"{}\"\n", e.socket());
+    Daemon::start_with(manifests, o).await
+}
+
+fn cmodule(e: Eng, script: &str, extra: &str) -> String {
+    format!(
+        "{extra}\n[container]\nimage = \"{}\"\ncommand = [\"sh\", \"-c\", {}]\nnetwork = \"none\"\n",
+        e.image(),
+        toml_str(script)
+    )
+}
+
+async fn labels_limits_journal(e: Eng) {
+    assert!(
+        std::path::Path::new(&e.socket()).exists(),
+        "the {} API socket must exist (make test starts it)",
+        e.tag()
+    );
+    let name = uniq(e, "basic");
+    let cname = format!("modvisor-{name}");
+    let _c = Cleanup(e, vec![cname.clone()]);
+    let tag = format!("container-line-{}", std::process::id());
+    let script = format!(
+        "echo {tag}; echo core=$(ulimit -c); cat /proc/self/status | grep CapEff; exec sleep 1000"
+    );
+    let d = start(
+        e,
+        &[(
+            &name,
+            &cmodule(e, &script, "[resources]\nmemory_max = \"64M\"\n"),
+        )],
+    )
+    .await;
+    d.wait_state(&name, "running").await;
+    let m = d.manager().await;
+    let engine = m.container_engine().await.expect("ContainerEngine");
+    assert!(
+        engine.starts_with(match e {
+            Eng::Podman => "podman 4.",
+            Eng::Docker => "docker 20.10",
+        }),
+        "{engine}"
+    );
+    let p = d.module(&name).await;
+    assert_eq!(p.mode().await.expect("Mode"), "container");
+    let id = p.container_id().await.expect("ContainerId");
+    let i = e.inspect(&cname).expect("the engine knows the container");
+    assert_eq!(i["Id"].as_str(), Some(id.as_str()));
+    assert_eq!(
+        i["Config"]["Labels"]["org.modvisor.module"].as_str(),
+        Some(name.as_str())
+    );
+    assert!(
+        i["Config"]["Labels"]["org.modvisor.spec"]
+            .as_str()
+            .is_some_and(|h| h.len() == 16)
+    );
+    assert_eq!(i["HostConfig"]["Memory"].as_i64(), Some(64 << 20));
+    assert_eq!(i["HostConfig"]["Privileged"].as_bool(), Some(false));
+    let ulimits = i["HostConfig"]["Ulimits"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        ulimits
+            .iter()
+            .any(|u| (u["Name"] == "core" || u["Name"] == "RLIMIT_CORE")
+                && u["Soft"] == 0
+                && u["Hard"] == 0),
+        "{ulimits:?}"
+    );
+    // Read inside the container, through the journal: core 0, no capabilities.
+    let deadline = Instant::now() + T;
+    loop {
+        let out = Command::new("journalctl")
+            .args([
+                "--no-pager",
+                "-o",
+                "cat",
+                &format!("MODVISOR_MODULE={name}"),
+            ])
+            .output()
+            .expect("journalctl");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if text.contains(&tag) && text.contains("core=0") && text.contains("CapEff") {
+            assert!(
+                text.contains("CapEff:\t0000000000000000"),
+                "capabilities dropped: {text}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "journal lacks the container's lines: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // StopModule removes it.
+    m.stop_module(&name).await.expect("StopModule");
+    assert!(
+        e.inspect(&cname).is_none(),
+        "the container is removed on stop"
+    );
+    d.wait_state(&name, "inactive").await;
+}
+
+async fn killed_main_process_restarts(e: Eng) {
+    let name = uniq(e, "kill");
+    let cname = format!("modvisor-{name}");
+    let _c = Cleanup(e, vec![cname.clone()]);
+    let d = start(
+        e,
+        &[(
+            &name,
+            &cmodule(e, "exec sleep 1000", "[restart]\ndelay = \"100ms\"\n"),
+        )],
+    )
+    .await;
+    d.wait_module(&name, T, |s, h, _| s == "running" && h == "online")
+        .await;
+    let p = d.module(&name).await;
+    let id1 = p.container_id().await.expect("id");
+    let pid = e.inspect(&cname).expect("inspect")["State"]["Pid"]
+        .as_u64()
+        .expect("pid") as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    d.wait_module(&name, T, |_, h, _| h == "offline").await;
+    d.wait_module(&name, T, |s, h, _| s == "running" && h == "online")
+        .await;
+    let id2 = p.container_id().await.expect("id");
+    assert_ne!(id1, id2, "a new container");
+    assert_eq!(p.restarts().await.expect("Restarts"), 1);
+    assert_eq!(
+        e.inspect(&cname).expect("inspect")["Id"].as_str(),
+        Some(id2.as_str())
+    );
+}
+
+async fn adoption_and_recreation(e: Eng) {
+    let name = uniq(e, "adopt");
+    let cname = format!("modvisor-{name}");
+    let _c = Cleanup(e, vec![cname.clone()]);
+    let mut d = start(e, &[(&name, &cmodule(e, "exec sleep 1000", ""))]).await;
+    d.wait_state(&name, "running").await;
+    let id = d.module(&name).await.container_id().await.expect("id");
+    d.kill9();
+    assert_eq!(
+        e.inspect(&cname).expect("still there")["State"]["Running"].as_bool(),
+        Some(true)
+    );
+    d.spawn(&[]).await;
+    d.wait_state(&name, "running").await;
+    assert_eq!(
+        d.module(&name).await.container_id().await.expect("id"),
+        id,
+        "adopted: same container"
+    );
+    assert!(d.log().contains("adopted container"), "{}", d.log());
+    // A spec change recreates it.
+    d.write_manifest(&name, &cmodule(e, "exec sleep 999", ""));
+    let p = d.module(&name).await;
+    let deadline = Instant::now() + T;
+    loop {
+        let now = p.container_id().await.expect("id");
+        if !now.is_empty() && now != id && p.state().await.expect("state") == "running" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not recreated");
+        d.wait_module(&name, Duration::from_secs(2), |_, _, _| true)
+            .await;
+    }
+    let i = e.inspect(&cname).expect("inspect");
+    assert!(
+        i["Config"]["Cmd"].to_string().contains("sleep 999"),
+        "{}",
+        i["Config"]["Cmd"]
+    );
+}
+
+async fn missing_image_is_a_clear_error(e: Eng) {
+    let name = uniq(e, "noimg");
+    let m = "[container]\nimage = \"localhost/does-not-exist:1\"\nnetwork = \"none\"\n[restart]\npolicy = \"no\"\n".to_string();
+    let d = start(e, &[(&name, &m)]).await;
+    let (st, h, r) = d.wait_state(&name, "failed").await;
+    assert_eq!((st.as_str(), h.as_str()), ("failed", "offline"));
+    assert!(
+        r.contains("image localhost/does-not-exist:1 is not present")
+            && r.contains("pull = \"never\""),
+        "{r}"
+    );
+}
+
+async fn policy_picks_native_or_container(e: Eng) {
+    let name = uniq(e, "both");
+    let cname = format!("modvisor-{name}");
+    let _c = Cleanup(e, vec![cname.clone()]);
+    let m = format!(
+        "trusted = true\n[runtime]\nmodes = [\"native\", \"container\"]\n[native]\ncommand = [\"/bin/sleep\", \"1000\"]\n[container]\nimage = \"{}\"\ncommand = [\"sleep\", \"1000\"]\nnetwork = \"none\"\n",
+        e.image()
+    );
+    let d = start(e, &[(&name, &m)]).await;
+    d.wait_state(&name, "running").await;
+    let p = d.module(&name).await;
+    assert_eq!(p.mode().await.expect("Mode"), "native");
+    assert_eq!(
+        p.mode_reason().await.expect("ModeReason"),
+        "native: first in runtime.modes"
+    );
+    assert!(e.inspect(&cname).is_none());
+    // The override switches it to a container (restart in the other mode).
+    d.manager()
+        .await
+        .set_mode_override(&name, "container")
+        .await
+        .expect("SetModeOverride");
+    d.wait_module(&name, T, |s, _, _| s == "running").await;
+    let deadline = Instant::now() + T;
+    while p.mode().await.expect("Mode") != "container"
+        || p.container_id().await.expect("id").is_empty()
+    {
+        assert!(Instant::now() < deadline, "did not switch to a container");
+        d.wait_module(&name, Duration::from_secs(2), |_, _, _| true)
+            .await;
+    }
+    assert_eq!(
+        p.mode_reason().await.expect("ModeReason"),
+        "container: set by override"
+    );
+    assert!(e.inspect(&cname).is_some());
+}
+
+macro_rules! both_engines {
+    ($($f:ident),*) => {
+        mod podman {
+            $(#[tokio::test] async fn $f() { super::$f(super::Eng::Podman).await })*
+        }
+        mod docker {
+            $(#[tokio::test] async fn $f() { super::$f(super::Eng::Docker).await })*
+        }
+    };
+}
+
+both_engines!(
+    labels_limits_journal,
+    killed_main_process_restarts,
+    adoption_and_recreation,
+    missing_image_is_a_clear_error,
+    policy_picks_native_or_container
+);
