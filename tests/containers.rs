@@ -81,8 +81,10 @@ fn uniq(e: Eng, tag: &str) -> String {
 
 /// A daemon using this engine.
 async fn start(e: Eng, manifests: &[(&str, &str)]) -> Daemon {
-    let mut o = Options::default();
-    o.runtime_extra = format!("container_socket = \"{}\"\n", e.socket());
+    let o = Options {
+        runtime_extra: format!("container_socket = \"{}\"\n", e.socket()),
+        ..Options::default()
+    };
     Daemon::start_with(manifests, o).await
 }
 
