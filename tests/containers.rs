@@ -337,3 +337,84 @@ both_engines!(
     missing_image_is_a_clear_error,
     policy_picks_native_or_container
 );
+
+/// A private Podman API service on its own socket (same storage as the testbed's): stopping
+/// and restarting it is "the engine going away and coming back" without disturbing others.
+struct PodmanService {
+    child: std::process::Child,
+    sock: std::path::PathBuf,
+}
+
+impl PodmanService {
+    fn start(sock: &std::path::Path) -> PodmanService {
+        let _ = std::fs::remove_file(sock);
+        let child = Command::new("podman")
+            .args([
+                "system",
+                "service",
+                "--time=0",
+                &format!("unix://{}", sock.display()),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("podman system service");
+        // Bounded wait for the socket to answer.
+        let deadline = Instant::now() + T;
+        while std::os::unix::net::UnixStream::connect(sock).is_err() {
+            assert!(Instant::now() < deadline, "podman service did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        PodmanService {
+            child,
+            sock: sock.to_path_buf(),
+        }
+    }
+
+    fn stop(mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.sock);
+    }
+}
+
+#[tokio::test]
+async fn podman_api_going_away_and_back_is_reported_and_readopted() {
+    let e = Eng::Podman;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("podman.sock");
+    let svc = PodmanService::start(&sock);
+    let name = uniq(e, "engine-restart");
+    let cname = format!("modvisor-{name}");
+    let _c = Cleanup(e, vec![cname.clone()]);
+    let o = Options {
+        runtime_extra: format!("container_socket = \"{}\"\n", sock.display()),
+        ..Options::default()
+    };
+    let d = Daemon::start_with(&[(&name, &cmodule(e, "exec sleep 1000", ""))], o).await;
+    d.wait_module(&name, T, |s, h, _| s == "running" && h == "online")
+        .await;
+    let id = d.module(&name).await.container_id().await.expect("id");
+    svc.stop();
+    let (_, h, r) = d.wait_module(&name, T, |_, h, _| h == "unknown").await;
+    assert_eq!(h, "unknown");
+    assert!(r.contains("container engine is not reachable"), "{r}");
+    assert_eq!(
+        e.inspect(&cname).expect("container")["State"]["Running"].as_bool(),
+        Some(true),
+        "the container itself keeps running"
+    );
+    let svc = PodmanService::start(&sock);
+    d.wait_module(&name, T, |s, h, _| s == "running" && h == "online")
+        .await;
+    assert_eq!(
+        d.module(&name).await.container_id().await.expect("id"),
+        id,
+        "re-adopted: same container"
+    );
+    drop(d);
+    svc.stop();
+}
