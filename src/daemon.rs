@@ -274,6 +274,16 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
                 }
             }
         };
+    // NVML is optional: without it VRAM is unknown, said once here, never an error loop.
+    let lib = cfg.nvml_library.clone();
+    let gpu = tokio::task::spawn_blocking(move || crate::monitor::Gpu::open(&lib))
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()))
+        .map(Arc::new);
+    match &gpu {
+        Ok(_) => tracing::info!("NVML loaded: GPUs and VRAM are monitored"),
+        Err(e) => tracing::info!("VRAM unknown: {e}"),
+    }
     let mut existing: Vec<(Arc<dyn Backend>, crate::runtime::Owned)> = Vec::new();
     for b in std::iter::once(native.clone()).chain(container.clone().ok()) {
         for o in b.list_units().await {
@@ -292,6 +302,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         },
         journal,
         existing,
+        gpu,
     );
     dir_watch.spawn(handle.clone());
     let (conn, bus) = connect_bus(&cfg, &opts).await?;

@@ -1,16 +1,58 @@
-//! Resource sampling from /proc (RAM per process group). Blocking: call from spawn_blocking.
+//! Resource sampling: RAM per module from /proc (one pass for all modules), the machine's
+//! memory (sysinfo), VRAM through NVML (nvml-wrapper). Everything here blocks: the supervisor
+//! calls [`sample`] from `spawn_blocking`, once per `monitor.interval`, and not at all when no
+//! module runs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 
-/// Sums the resident memory of every process in each of the given process groups, in one
-/// pass over /proc.
-pub fn rss_by_group(groups: &[(String, i32)]) -> HashMap<String, u64> {
+/// What to measure for one running module.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub name: String,
+    pub main_pid: u32,
+    /// Process group to include (direct children lead their own group); 0: none.
+    pub pgid: i32,
+    /// Use the main process's own cgroup (units, containers: it holds the module alone).
+    pub own_cgroup: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModuleSample {
+    pub rss: u64,
+    pub vram: u64,
+    /// Total memory of the GPUs the module's processes use.
+    pub vram_total: u64,
+    pub pids: usize,
+}
+
+/// One GPU as NVML reports it (index, name, uuid, total, used).
+pub type GpuRow = (u32, String, String, u64, u64);
+
+#[derive(Debug, Clone, Default)]
+pub struct Sample {
+    pub modules: HashMap<String, ModuleSample>,
+    pub machine_total: u64,
+    pub machine_available: u64,
+    pub gpus: Vec<GpuRow>,
+    /// GPU processes that belong to no module: (pid, command, bytes).
+    pub foreign: Vec<(u32, String, u64)>,
+    /// Why there is no GPU information ("" when NVML answered).
+    pub gpu_error: String,
+}
+
+struct Proc {
+    ppid: u32,
+    pgrp: i32,
+    rss: u64,
+}
+
+fn scan_proc() -> HashMap<u32, Proc> {
     let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
         .ok()
         .flatten()
         .unwrap_or(4096) as u64;
-    let by_pgid: HashMap<i32, &str> = groups.iter().map(|(n, g)| (*g, n.as_str())).collect();
-    let mut out: HashMap<String, u64> = groups.iter().map(|(n, _)| (n.clone(), 0)).collect();
+    let mut out = HashMap::new();
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return out;
     };
@@ -26,17 +68,251 @@ pub fn rss_by_group(groups: &[(String, i32)]) -> HashMap<String, u64> {
         };
         // Fields after COMM: state(0) ppid(1) pgrp(2) ... rss(21)
         let f: Vec<&str> = rest.split_whitespace().collect();
-        let (Some(pgrp), Some(rss)) = (
+        let (Some(ppid), Some(pgrp), Some(rss)) = (
+            f.get(1).and_then(|s| s.parse::<u32>().ok()),
             f.get(2).and_then(|s| s.parse::<i32>().ok()),
             f.get(21).and_then(|s| s.parse::<u64>().ok()),
         ) else {
             continue;
         };
-        if let Some(name) = by_pgid.get(&pgrp)
-            && let Some(v) = out.get_mut(*name)
-        {
-            *v += rss * page;
-        }
+        out.insert(
+            pid,
+            Proc {
+                ppid,
+                pgrp,
+                rss: rss * page,
+            },
+        );
     }
     out
+}
+
+/// The cgroup directory (v2, or the named systemd hierarchy on hybrid systems) of a process.
+fn cgroup_procs_file(pid: u32) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let mut candidates = Vec::new();
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, ctrl, path) = (parts.next()?, parts.next()?, parts.next()?);
+        if path == "/" {
+            continue;
+        }
+        match ctrl {
+            "" => {
+                candidates
+                    .push(Path::new("/sys/fs/cgroup/unified").join(path.trim_start_matches('/')));
+                candidates.push(Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/')));
+            }
+            "name=systemd" => candidates
+                .push(Path::new("/sys/fs/cgroup/systemd").join(path.trim_start_matches('/'))),
+            _ => {}
+        }
+    }
+    candidates
+        .into_iter()
+        .map(|d| d.join("cgroup.procs"))
+        .find(|f| f.exists())
+}
+
+fn module_pids(
+    t: &Target,
+    procs: &HashMap<u32, Proc>,
+    children: &HashMap<u32, Vec<u32>>,
+) -> HashSet<u32> {
+    let mut set = HashSet::new();
+    if t.own_cgroup {
+        if let Some(f) = cgroup_procs_file(t.main_pid) {
+            if let Ok(s) = std::fs::read_to_string(f) {
+                set.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+            }
+        }
+    }
+    if t.pgid > 1 {
+        set.extend(
+            procs
+                .iter()
+                .filter(|(_, p)| p.pgrp == t.pgid)
+                .map(|(pid, _)| *pid),
+        );
+    }
+    // The process tree under the main process.
+    let mut stack = vec![t.main_pid];
+    let mut seen = HashSet::new();
+    while let Some(p) = stack.pop() {
+        if !seen.insert(p) {
+            continue;
+        }
+        set.insert(p);
+        if let Some(c) = children.get(&p) {
+            stack.extend(c.iter().copied());
+        }
+    }
+    set.retain(|p| procs.contains_key(p));
+    set
+}
+
+/// NVML, opened once; None (with the reason) when the machine has none.
+pub struct Gpu {
+    nvml: nvml_wrapper::Nvml,
+}
+
+impl Gpu {
+    /// Loads the library (`""`: libnvidia-ml.so.1 from the loader's path).
+    pub fn open(library: &str) -> Result<Gpu, String> {
+        let mut b = nvml_wrapper::Nvml::builder();
+        let lib = std::ffi::OsString::from(library);
+        if !library.is_empty() {
+            b.lib_path(&lib);
+        }
+        let nvml = b.init().map_err(|e| {
+            format!(
+                "NVML unavailable ({}): {e}",
+                if library.is_empty() {
+                    "libnvidia-ml.so.1"
+                } else {
+                    library
+                }
+            )
+        })?;
+        Ok(Gpu { nvml })
+    }
+
+    /// Per-GPU figures and every compute process with its memory.
+    pub fn sample(&self) -> Result<(Vec<GpuRow>, Vec<(u32, u64, u32)>), String> {
+        let n = self
+            .nvml
+            .device_count()
+            .map_err(|e| format!("NVML device count: {e}"))?;
+        let mut gpus = Vec::new();
+        let mut procs = Vec::new();
+        for i in 0..n {
+            let d = self
+                .nvml
+                .device_by_index(i)
+                .map_err(|e| format!("NVML device {i}: {e}"))?;
+            let name = d.name().unwrap_or_default();
+            let uuid = d.uuid().unwrap_or_default();
+            let (total, used) = d.memory_info().map(|m| (m.total, m.used)).unwrap_or((0, 0));
+            gpus.push((i, name, uuid, total, used));
+            // Drivers older than R510 lack the v3 query: fall back to the legacy one.
+            let list = match d.running_compute_processes() {
+                Ok(l) => l,
+                Err(nvml_wrapper::error::NvmlError::FailedToLoadSymbol(_)) => {
+                    d.running_compute_processes_v2().unwrap_or_default()
+                }
+                Err(e) => {
+                    tracing::debug!("NVML processes of GPU {i}: {e}");
+                    Vec::new()
+                }
+            };
+            for p in list {
+                let bytes = match p.used_gpu_memory {
+                    nvml_wrapper::enums::device::UsedGpuMemory::Used(b) => b,
+                    nvml_wrapper::enums::device::UsedGpuMemory::Unavailable => 0,
+                };
+                procs.push((p.pid, bytes, i));
+            }
+        }
+        Ok((gpus, procs))
+    }
+}
+
+fn comm(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// One sampling pass over everything. Blocking.
+pub fn sample(targets: &[Target], gpu: Option<&Gpu>) -> Sample {
+    let mut out = Sample::default();
+    if let Ok(sys) = sysinfo::System::new_with_specifics(
+        sysinfo::RefreshKind::nothing()
+            .with_memory(sysinfo::MemoryRefreshKind::nothing().with_ram()),
+    ) {
+        out.machine_total = sys.total_memory();
+        out.machine_available = sys.available_memory();
+    }
+    let (gpu_rows, gpu_procs) = match gpu.map(|g| g.sample()) {
+        Some(Ok(x)) => x,
+        Some(Err(e)) => {
+            out.gpu_error = e;
+            (Vec::new(), Vec::new())
+        }
+        None => (Vec::new(), Vec::new()),
+    };
+    out.gpus = gpu_rows;
+    if targets.is_empty() && gpu_procs.is_empty() {
+        return out;
+    }
+    let procs = scan_proc();
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    for (pid, p) in &procs {
+        children.entry(p.ppid).or_default().push(*pid);
+    }
+    let mut owned: HashSet<u32> = HashSet::new();
+    for t in targets {
+        let pids = module_pids(t, &procs, &children);
+        let rss = pids
+            .iter()
+            .filter_map(|p| procs.get(p))
+            .map(|p| p.rss)
+            .sum();
+        let mine: Vec<&(u32, u64, u32)> = gpu_procs
+            .iter()
+            .filter(|(pid, _, _)| pids.contains(pid))
+            .collect();
+        let vram = mine.iter().map(|(_, b, _)| *b).sum();
+        let used_gpus: HashSet<u32> = mine.iter().map(|(_, _, g)| *g).collect();
+        let vram_total = out
+            .gpus
+            .iter()
+            .filter(|g| used_gpus.contains(&g.0))
+            .map(|g| g.3)
+            .sum();
+        out.modules.insert(
+            t.name.clone(),
+            ModuleSample {
+                rss,
+                vram,
+                vram_total,
+                pids: pids.len(),
+            },
+        );
+        owned.extend(pids);
+    }
+    for (pid, bytes, _) in gpu_procs {
+        if !owned.contains(&pid) {
+            out.foreign.push((pid, comm(pid), bytes));
+        }
+    }
+    out.foreign.sort();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_process_tree_is_measured() {
+        let me = std::process::id();
+        let s = sample(
+            &[Target {
+                name: "me".into(),
+                main_pid: me,
+                pgid: 0,
+                own_cgroup: false,
+            }],
+            None,
+        );
+        let m = &s.modules["me"];
+        assert!(m.rss > 1 << 20, "{m:?}");
+        assert!(m.pids >= 1);
+        assert!(
+            s.machine_total > 0
+                && s.machine_available > 0
+                && s.machine_available <= s.machine_total
+        );
+    }
 }

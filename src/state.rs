@@ -87,6 +87,10 @@ pub struct Snapshot {
     pub manifest_errors: Vec<(String, String)>,
     pub native_backend: String,
     pub container_engine: String,
+    /// (index, name, uuid, total bytes, used bytes)
+    pub gpus: Vec<(u32, String, String, u64, u64)>,
+    /// GPU processes that belong to no module: (pid, command, bytes).
+    pub foreign_gpu_processes: Vec<(u32, String, u64)>,
 }
 
 impl Snapshot {

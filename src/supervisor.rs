@@ -4,7 +4,7 @@
 //! exits, probe results and timers come back to it as [`Event`]s. Nothing here blocks: stops
 //! run in their own tasks and report through the runtime's exit event.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -16,6 +16,7 @@ use crate::config::Config;
 use crate::health::{self, Hysteresis, ProbeResult};
 use crate::journal::{Journal, OutputSink};
 use crate::manifest::{self, ManifestError, Mode, Module, NativeExec};
+use crate::monitor::Target;
 use crate::policy::{self, Availability, Decision};
 use crate::runtime::{
     Backend, Exec, ExitInfo, Owned, RunHandle, RunPhase, RunRequest, RuntimeEvent,
@@ -25,6 +26,7 @@ use crate::state::{Health, ModuleStatus, Snapshot, State};
 /// Stable journal MESSAGE_IDs.
 pub const MSG_STATE_CHANGED: &str = "5e1b0a3c7d2f4e6a9b8c1d0e2f3a4b5c";
 pub const MSG_MANIFEST_ERROR: &str = "8a7c2e1f0b3d4c5e6f7a8b9c0d1e2f3a";
+pub const MSG_FOREIGN_GPU: &str = "e7f8091a2b3c4d5e6f708192a3b4c5d6";
 pub const MSG_MODEL_ACTIVATION: &str = "c3d4e5f60718293a4b5c6d7e8f901a2b";
 
 /// Errors of operations, mapped 1:1 to `org.modvisor1.Error.*`.
@@ -77,7 +79,7 @@ pub enum Event {
         generation: u64,
     },
     MemoryTick,
-    Memory(HashMap<String, u64>),
+    Sample(Box<crate::monitor::Sample>),
 }
 
 /// A client's handle on the supervisor.
@@ -205,6 +207,10 @@ struct Entry {
     budget: RestartBudget,
     restarts: u32,
     memory: u64,
+    vram: u64,
+    vram_total: u64,
+    /// A resource threshold crossed ("RAM 1.2 GiB is 92% of ..."): online shows as degraded.
+    warning: Option<String>,
     active_model: Option<PathBuf>,
 }
 
@@ -231,6 +237,12 @@ pub struct Supervisor {
     events_tx: mpsc::UnboundedSender<Event>,
     runtime_tx: mpsc::UnboundedSender<RuntimeEvent>,
     state_tx: watch::Sender<Arc<Snapshot>>,
+    gpu: Option<Arc<crate::monitor::Gpu>>,
+    gpu_error_logged: bool,
+    sampling: bool,
+    machine_total: u64,
+    gpus: Vec<crate::monitor::GpuRow>,
+    foreign: Vec<(u32, String, u64)>,
     /// Runs of ours found at start-up, by module, consumed by the first reload.
     existing: BTreeMap<String, Vec<Found>>,
 }
@@ -277,6 +289,7 @@ pub fn spawn(
     backends: Backends,
     journal: Option<Arc<Journal>>,
     existing: Vec<Found>,
+    gpu: Result<Arc<crate::monitor::Gpu>, String>,
 ) -> (Handle, oneshot::Receiver<()>, tokio::task::JoinHandle<()>) {
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let (events_tx, events_rx) = mpsc::unbounded_channel();
@@ -312,6 +325,12 @@ pub fn spawn(
         runtime_tx,
         state_tx,
         existing: by_module,
+        gpu: gpu.ok(),
+        gpu_error_logged: false,
+        sampling: false,
+        machine_total: 0,
+        gpus: Vec::new(),
+        foreign: Vec::new(),
     };
     let task = tokio::spawn(sup.run(cmd_rx, events_rx, runtime_rx, ready_tx));
     (
@@ -420,6 +439,8 @@ impl Supervisor {
                 .map(|n| n.kind().to_string())
                 .unwrap_or_default(),
             container_engine: self.container_engine.clone(),
+            gpus: self.gpus.clone(),
+            foreign_gpu_processes: self.foreign.clone(),
         };
         self.state_tx.send_if_modified(|cur| {
             if **cur == snap {
@@ -454,8 +475,8 @@ impl Supervisor {
                 (None, None) => String::new(),
             },
             state: e.state,
-            health: e.health,
-            health_reason: e.reason.clone(),
+            health: self.effective(e).0,
+            health_reason: self.effective(e).1,
             unit: match (&e.run, running_mode, &self.native) {
                 (Some(r), _, _) if r.backend.restarts_itself() => r.handle.unit.clone(),
                 (Some(_), _, _) => String::new(),
@@ -473,7 +494,7 @@ impl Supervisor {
             main_pid: e.run.as_ref().map(|r| r.main_pid).unwrap_or(0),
             memory_bytes: if e.run.is_some() { e.memory } else { 0 },
             memory_max_bytes: m.resources.memory_max.unwrap_or(0),
-            vram_bytes: 0,
+            vram_bytes: if e.run.is_some() { e.vram } else { 0 },
             restarts: e.restarts,
             active_model: e
                 .active_model
@@ -600,6 +621,9 @@ impl Supervisor {
                         restart_waiters: Vec::new(),
                         restarts: 0,
                         memory: 0,
+                        vram: 0,
+                        vram_total: 0,
+                        warning: None,
                         active_model,
                     };
                     e.decision = self.decide(&e);
@@ -1119,37 +1143,98 @@ impl Supervisor {
                 tokio::spawn(run.backend.stop(&handle, timeout));
             }
             Event::MemoryTick => {
-                let groups: Vec<(String, i32)> = self
+                let targets: Vec<Target> = self
                     .modules
                     .iter()
                     .filter_map(|(n, e)| {
-                        e.run.as_ref().filter(|r| r.main_pid > 1).map(|r| {
-                            // Direct children lead their group; systemd services lead their
-                            // session, so their main PID is their group too.
-                            let g = if r.handle.pgid > 1 {
-                                r.handle.pgid
-                            } else {
-                                r.main_pid as i32
-                            };
-                            (n.clone(), g)
+                        e.run.as_ref().filter(|r| r.main_pid > 1).map(|r| Target {
+                            name: n.clone(),
+                            main_pid: r.main_pid,
+                            pgid: r.handle.pgid,
+                            // A unit or a container has a cgroup of its own; a direct child
+                            // shares the daemon's.
+                            own_cgroup: r.backend.kind() != "direct",
                         })
                     })
                     .collect();
-                if groups.is_empty() {
+                // Nothing runs and no GPU to watch: sampling costs nothing.
+                if (targets.is_empty() && self.gpu.is_none()) || self.sampling {
                     return;
                 }
+                self.sampling = true;
                 let tx = self.events_tx.clone();
+                let gpu = self.gpu.clone();
                 tokio::task::spawn_blocking(move || {
-                    let _ = tx.send(Event::Memory(crate::monitor::rss_by_group(&groups)));
+                    let s = crate::monitor::sample(&targets, gpu.as_deref());
+                    let _ = tx.send(Event::Sample(Box::new(s)));
                 });
             }
-            Event::Memory(map) => {
-                for (n, bytes) in map {
-                    if let Some(e) = self.modules.get_mut(&n) {
-                        e.memory = bytes;
-                    }
-                }
+            Event::Sample(sample) => {
+                self.sampling = false;
+                self.sampled(*sample);
             }
+        }
+    }
+
+    /// Applies one resource sample: figures, thresholds (degraded), GPUs, foreign processes.
+    fn sampled(&mut self, s: crate::monitor::Sample) {
+        self.machine_total = s.machine_total;
+        if !s.gpu_error.is_empty() && !self.gpu_error_logged {
+            tracing::warn!("VRAM unknown: {}", s.gpu_error);
+            self.gpu_error_logged = true;
+        }
+        self.gpus = s.gpus;
+        if s.foreign != self.foreign {
+            for (pid, comm, bytes) in s
+                .foreign
+                .iter()
+                .filter(|f| !self.foreign.iter().any(|o| o.0 == f.0))
+            {
+                tracing::warn!(
+                    message_id = MSG_FOREIGN_GPU,
+                    "GPU process {pid} ({comm}) holds {} of VRAM and belongs to no module (an orphaned engine?)",
+                    crate::manifest::units::format_bytes(*bytes)
+                );
+            }
+            self.foreign = s.foreign;
+        }
+        let names: Vec<String> = self.modules.keys().cloned().collect();
+        for n in names {
+            let before = self.modules.get(&n).map(|e| self.effective(e));
+            let Some(e) = self.modules.get_mut(&n) else {
+                continue;
+            };
+            if e.run.is_none() {
+                e.warning = None;
+                continue;
+            }
+            if let Some(m) = s.modules.get(&n) {
+                e.memory = m.rss;
+                e.vram = m.vram;
+                e.vram_total = m.vram_total;
+            }
+            e.warning = resource_warning(e, &self.cfg, self.machine_total);
+            let after = self.modules.get(&n).map(|e| self.effective(e));
+            if let (Some(b), Some(a)) = (before, after)
+                && b.0 != a.0
+            {
+                tracing::info!(
+                    modvisor_module = %n,
+                    message_id = MSG_STATE_CHANGED,
+                    modvisor_health = a.0.as_str(),
+                    "{n}: {}: {}",
+                    a.0,
+                    a.1
+                );
+            }
+        }
+    }
+
+    /// Health and reason as published: probe/run health, then resource thresholds on top.
+    fn effective(&self, e: &Entry) -> (Health, String) {
+        match (&e.warning, e.health) {
+            (Some(w), Health::Online) => (Health::Degraded, w.clone()),
+            _ => (e.health, e.reason.clone()),
         }
     }
 
@@ -1520,4 +1605,33 @@ mod tests {
             "m:/srv/models/tiny.gguf:tiny.gguf:/var/lib/modvisor/modules/m"
         );
     }
+}
+
+/// The threshold crossed by a module's RAM or VRAM, if any, with the figures.
+fn resource_warning(e: &Entry, cfg: &Config, machine_total: u64) -> Option<String> {
+    use crate::manifest::units::format_bytes;
+    let r = &e.module.resources;
+    let ram_pct = r.ram_warn_percent.unwrap_or(cfg.ram_warn_percent) as u64;
+    let (base, of) = match r.memory_max {
+        Some(m) => (m, "memory_max"),
+        None => (machine_total, "the machine's memory"),
+    };
+    if base > 0 && e.memory * 100 > base * ram_pct {
+        return Some(format!(
+            "RAM {} is {}% of {of} ({}), over ram_warn_percent {ram_pct}%",
+            format_bytes(e.memory),
+            e.memory * 100 / base,
+            format_bytes(base)
+        ));
+    }
+    let vram_pct = r.vram_warn_percent.unwrap_or(cfg.vram_warn_percent) as u64;
+    if e.vram_total > 0 && e.vram * 100 > e.vram_total * vram_pct {
+        return Some(format!(
+            "VRAM {} is {}% of its GPUs' {}, over vram_warn_percent {vram_pct}%",
+            format_bytes(e.vram),
+            e.vram * 100 / e.vram_total,
+            format_bytes(e.vram_total)
+        ));
+    }
+    None
 }

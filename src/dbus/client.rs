@@ -42,6 +42,8 @@ pub trait Manager {
     fn native_backend(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn gpus(&self) -> zbus::Result<Vec<(u32, String, String, u64, u64)>>;
+    #[zbus(property)]
+    fn foreign_gpu_processes(&self) -> zbus::Result<Vec<(u32, String, u64)>>;
 
     #[zbus(signal)]
     fn module_changed(

@@ -251,7 +251,13 @@ impl Manager {
 
     #[zbus(property)]
     fn gpus(&self) -> Vec<(u32, String, String, u64, u64)> {
-        Vec::new()
+        self.handle.state.borrow().gpus.clone()
+    }
+
+    /// GPU processes that belong to no module (pid, command, bytes): usually orphaned engines.
+    #[zbus(property)]
+    fn foreign_gpu_processes(&self) -> Vec<(u32, String, u64)> {
+        self.handle.state.borrow().foreign_gpu_processes.clone()
     }
 
     #[zbus(signal)]
