@@ -139,6 +139,33 @@ async fn http_get(url: &str, expect: Option<&str>) -> ProbeResult {
     }
 }
 
+/// Probes forever: quickly (every 250 ms at most) until the first success, so a module shows
+/// online as soon as it is, then every `interval`. Each result goes to `report`; the loop ends
+/// when `report` returns false.
+pub async fn probe_loop<F, Fut>(
+    mut probe: F,
+    interval: Duration,
+    mut report: impl FnMut(ProbeResult) -> bool,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ProbeResult>,
+{
+    let mut passed = false;
+    loop {
+        let result = probe().await;
+        passed |= result.ok;
+        if !report(result) {
+            return;
+        }
+        let wait = if passed {
+            interval
+        } else {
+            interval.min(Duration::from_millis(250))
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
 /// Consecutive-result counting: `failures` bad results in a row flip to unhealthy,
 /// `successes` good ones flip back; anything shorter never changes the verdict (no flapping).
 #[derive(Debug, Clone)]
@@ -216,6 +243,83 @@ mod tests {
             "one success is not enough with successes = 2"
         );
         assert_eq!(h.feed(true), Some(true));
+    }
+
+    /// Virtual time: a flapping engine (good, bad, good, bad...) never changes the verdict;
+    /// three bad answers in a row turn it offline at exactly the third bad probe; two good ones
+    /// bring it back. Timing follows the interval exactly.
+    #[tokio::test(start_paused = true)]
+    async fn probe_loop_hysteresis_on_a_paused_clock() {
+        use std::sync::{Arc, Mutex};
+        let t0 = tokio::time::Instant::now();
+        // Start phase: 2 failures (loading), then 2 successes; flapping; down; up.
+        let script: Vec<bool> = [
+            vec![false, false, true, true],
+            vec![false, true, false, true, false, true],
+            vec![false, false, false],
+            vec![true, false, true, true],
+        ]
+        .concat();
+        let calls = Arc::new(Mutex::new(0usize));
+        type Log = Arc<Mutex<Vec<(u64, Option<bool>)>>>;
+        let log: Log = Arc::new(Mutex::new(Vec::new()));
+        let mut h = Hysteresis::new(3, 2);
+        let (c2, l2) = (calls.clone(), log.clone());
+        let n = script.len();
+        probe_loop(
+            move || {
+                let i = {
+                    let mut c = c2.lock().expect("lock");
+                    *c += 1;
+                    *c - 1
+                };
+                let ok = script[i.min(n - 1)];
+                async move {
+                    ProbeResult {
+                        ok,
+                        detail: String::new(),
+                        loading: !ok,
+                    }
+                }
+            },
+            Duration::from_secs(5),
+            move |r| {
+                let v = h.feed(r.ok);
+                let mut l = l2.lock().expect("lock");
+                l.push((t0.elapsed().as_millis() as u64, v));
+                l.len() < n
+            },
+        )
+        .await;
+        let log = log.lock().expect("lock").clone();
+        let times: Vec<u64> = log.iter().map(|(t, _)| *t).collect();
+        // 250 ms apart until the first success (third probe), then the 5 s interval.
+        assert_eq!(&times[..4], &[0, 250, 500, 5500]);
+        let verdicts: Vec<Option<bool>> = log.iter().map(|(_, v)| *v).collect();
+        assert_eq!(
+            verdicts,
+            vec![
+                None,
+                None,
+                None,
+                Some(true), // start phase: two successes with successes = 2
+                Some(true),
+                Some(true),
+                Some(true),
+                Some(true),
+                Some(true),
+                Some(true), // flapping: no change
+                Some(true),
+                Some(true),
+                Some(false), // three failures in a row: offline
+                Some(false),
+                Some(false),
+                Some(false),
+                Some(true), // one success is not enough
+            ]
+        );
+        // The offline verdict came exactly at the third failure, 5 s after the second.
+        assert_eq!(times[12] - times[11], 5000);
     }
 
     #[tokio::test]

@@ -26,6 +26,9 @@ pub struct ModuleSample {
     pub pids: usize,
 }
 
+/// A compute process on a GPU: (pid, bytes, GPU index).
+pub type GpuProc = (u32, u64, u32);
+
 /// One GPU as NVML reports it (index, name, uuid, total, used).
 pub type GpuRow = (u32, String, String, u64, u64);
 
@@ -120,12 +123,11 @@ fn module_pids(
     children: &HashMap<u32, Vec<u32>>,
 ) -> HashSet<u32> {
     let mut set = HashSet::new();
-    if t.own_cgroup {
-        if let Some(f) = cgroup_procs_file(t.main_pid) {
-            if let Ok(s) = std::fs::read_to_string(f) {
-                set.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
-            }
-        }
+    if t.own_cgroup
+        && let Some(f) = cgroup_procs_file(t.main_pid)
+        && let Ok(s) = std::fs::read_to_string(f)
+    {
+        set.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
     }
     if t.pgid > 1 {
         set.extend(
@@ -178,7 +180,7 @@ impl Gpu {
     }
 
     /// Per-GPU figures and every compute process with its memory.
-    pub fn sample(&self) -> Result<(Vec<GpuRow>, Vec<(u32, u64, u32)>), String> {
+    pub fn sample(&self) -> Result<(Vec<GpuRow>, Vec<GpuProc>), String> {
         let n = self
             .nvml
             .device_count()

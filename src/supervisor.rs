@@ -978,28 +978,19 @@ impl Supervisor {
             let name = n.to_string();
             let (interval, timeout) = (health.interval, health.timeout);
             tokio::spawn(async move {
-                // Probe quickly until the first success, then at the configured interval.
-                let mut passed = false;
-                loop {
-                    let result = health::probe(&p, timeout).await;
-                    passed |= result.ok;
-                    if tx
-                        .send(Event::Probe {
+                health::probe_loop(
+                    || health::probe(&p, timeout),
+                    interval,
+                    |result| {
+                        tx.send(Event::Probe {
                             name: name.clone(),
                             generation,
                             result,
                         })
-                        .is_err()
-                    {
-                        return;
-                    }
-                    let wait = if passed {
-                        interval
-                    } else {
-                        interval.min(Duration::from_millis(250))
-                    };
-                    tokio::time::sleep(wait).await;
-                }
+                        .is_ok()
+                    },
+                )
+                .await;
             })
             .abort_handle()
         });
@@ -1344,7 +1335,21 @@ impl Supervisor {
         let verdict = run.hysteresis.feed(result.ok);
         let bad = run.hysteresis.bad_streak();
         let (state, health, why) = match verdict {
-            None => return, // still in the start phase: only start_timeout ends it
+            // Still in the start phase: failures do not count, only start_timeout ends it.
+            // Show what the engine says meanwhile ("HTTP 503": still loading).
+            None => {
+                let pid = run.main_pid;
+                let what = if result.loading {
+                    "loading"
+                } else {
+                    "waiting for the health probe"
+                };
+                let why = format!("starting (pid {pid}), {what}: {}", result.detail);
+                if e.reason == why {
+                    return;
+                }
+                (State::Starting, Health::Unknown, why)
+            }
             Some(true) => match fallback {
                 Some(f) => (
                     State::Running,
@@ -1563,6 +1568,35 @@ pub fn probe_address(p: &manifest::Probe) -> Option<String> {
     }
 }
 
+/// The threshold crossed by a module's RAM or VRAM, if any, with the figures.
+fn resource_warning(e: &Entry, cfg: &Config, machine_total: u64) -> Option<String> {
+    use crate::manifest::units::format_bytes;
+    let r = &e.module.resources;
+    let ram_pct = r.ram_warn_percent.unwrap_or(cfg.ram_warn_percent) as u64;
+    let (base, of) = match r.memory_max {
+        Some(m) => (m, "memory_max"),
+        None => (machine_total, "the machine's memory"),
+    };
+    if base > 0 && e.memory * 100 > base * ram_pct {
+        return Some(format!(
+            "RAM {} is {}% of {of} ({}), over ram_warn_percent {ram_pct}%",
+            format_bytes(e.memory),
+            e.memory * 100 / base,
+            format_bytes(base)
+        ));
+    }
+    let vram_pct = r.vram_warn_percent.unwrap_or(cfg.vram_warn_percent) as u64;
+    if e.vram_total > 0 && e.vram * 100 > e.vram_total * vram_pct {
+        return Some(format!(
+            "VRAM {} is {}% of its GPUs' {}, over vram_warn_percent {vram_pct}%",
+            format_bytes(e.vram),
+            e.vram * 100 / e.vram_total,
+            format_bytes(e.vram_total)
+        ));
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1605,33 +1639,4 @@ mod tests {
             "m:/srv/models/tiny.gguf:tiny.gguf:/var/lib/modvisor/modules/m"
         );
     }
-}
-
-/// The threshold crossed by a module's RAM or VRAM, if any, with the figures.
-fn resource_warning(e: &Entry, cfg: &Config, machine_total: u64) -> Option<String> {
-    use crate::manifest::units::format_bytes;
-    let r = &e.module.resources;
-    let ram_pct = r.ram_warn_percent.unwrap_or(cfg.ram_warn_percent) as u64;
-    let (base, of) = match r.memory_max {
-        Some(m) => (m, "memory_max"),
-        None => (machine_total, "the machine's memory"),
-    };
-    if base > 0 && e.memory * 100 > base * ram_pct {
-        return Some(format!(
-            "RAM {} is {}% of {of} ({}), over ram_warn_percent {ram_pct}%",
-            format_bytes(e.memory),
-            e.memory * 100 / base,
-            format_bytes(base)
-        ));
-    }
-    let vram_pct = r.vram_warn_percent.unwrap_or(cfg.vram_warn_percent) as u64;
-    if e.vram_total > 0 && e.vram * 100 > e.vram_total * vram_pct {
-        return Some(format!(
-            "VRAM {} is {}% of its GPUs' {}, over vram_warn_percent {vram_pct}%",
-            format_bytes(e.vram),
-            e.vram * 100 / e.vram_total,
-            format_bytes(e.vram_total)
-        ));
-    }
-    None
 }

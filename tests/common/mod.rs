@@ -188,7 +188,10 @@ impl Daemon {
             .arg("--bus-address")
             .arg(&self.bus.address)
             .env("MODVISOR_LOG_STDERR", "1")
-            .env("MODVISOR_LOG", "debug")
+            .env(
+                "MODVISOR_LOG",
+                "debug,bollard=info,hyper=info,hyper_util=info,zbus=info",
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup"))
             .stderr(log);
@@ -360,7 +363,12 @@ pub fn sh_module(script: &str, extra: &str) -> String {
 }
 
 pub fn toml_str(s: &str) -> String {
-    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+    format!(
+        "\"{}\"",
+        s.replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+    )
 }
 
 /// Zombie children of `pid`.
