@@ -109,8 +109,19 @@ impl RotatingFile {
 #[derive(Clone)]
 pub struct OutputSink {
     module: Arc<str>,
+    /// The last lines the module wrote (for error reports such as a failed model activation).
+    recent: Arc<Mutex<std::collections::VecDeque<String>>>,
     journal: Option<Arc<Journal>>,
     file: Option<Arc<Mutex<RotatingFile>>>,
+}
+
+const RECENT_LINES: usize = 40;
+
+impl OutputSink {
+    /// The last lines the module wrote, oldest first.
+    pub fn recent(&self) -> Vec<String> {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -139,6 +150,7 @@ impl OutputSink {
         });
         OutputSink {
             module: module.into(),
+            recent: Arc::new(Mutex::new(std::collections::VecDeque::new())),
             journal,
             file,
         }
@@ -147,6 +159,13 @@ impl OutputSink {
     pub fn line(&self, stream: Stream, line: &[u8]) {
         let text = String::from_utf8_lossy(line);
         let text = text.trim_end_matches(['\r', '\n']);
+        {
+            let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            if r.len() >= RECENT_LINES {
+                r.pop_front();
+            }
+            r.push_back(text.to_string());
+        }
         if let Some(f) = &self.file {
             let mut f = f.lock().unwrap_or_else(|p| p.into_inner());
             if let Err(e) = f.write_line(text.as_bytes()) {

@@ -14,3 +14,4 @@ pub mod reaper;
 pub mod runtime;
 pub mod state;
 pub mod supervisor;
+pub mod model;
