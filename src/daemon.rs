@@ -312,7 +312,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         .await
         .map_err(|_| DaemonError::Setup("the supervisor ended during start-up".into()))?;
     let publisher = dbus::server::Publisher::new(conn.clone(), handle.state.clone()).await?;
-    tokio::spawn(publisher.run());
+    tokio::spawn(publisher.run(handle.activations.subscribe()));
     if !matches!(bus, Bus::System) {
         conn.request_name(BUS_NAME).await?;
     }

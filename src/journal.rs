@@ -120,7 +120,12 @@ const RECENT_LINES: usize = 40;
 impl OutputSink {
     /// The last lines the module wrote, oldest first.
     pub fn recent(&self) -> Vec<String> {
-        self.recent.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
     }
 }
 

@@ -18,21 +18,37 @@ pub fn validate(spec: Option<&ModelSpec>, requested: &str) -> Result<PathBuf, St
         return Err("expected a model path".into());
     }
     let p = Path::new(requested);
-    let joined = if p.is_absolute() { p.to_path_buf() } else { dir.join(p) };
-    let canon_dir = std::fs::canonicalize(dir).map_err(|e| format!("model.directory {}: {e}", dir.display()))?;
+    let joined = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        dir.join(p)
+    };
+    let canon_dir = std::fs::canonicalize(dir)
+        .map_err(|e| format!("model.directory {}: {e}", dir.display()))?;
     let canon = std::fs::canonicalize(&joined).map_err(|e| format!("{}: {e}", joined.display()))?;
     if !canon.starts_with(&canon_dir) {
-        return Err(format!("{} is not inside model.directory {}", joined.display(), dir.display()));
+        return Err(format!(
+            "{} is not inside model.directory {}",
+            joined.display(),
+            dir.display()
+        ));
     }
     let meta = std::fs::metadata(&canon).map_err(|e| format!("{}: {e}", canon.display()))?;
     if !meta.is_file() {
         return Err(format!("{} is not a regular file", canon.display()));
     }
-    let mut f = File::open(&canon).map_err(|e| format!("{} is not readable: {e}", canon.display()))?;
-    if canon.extension().is_some_and(|x| x.eq_ignore_ascii_case("gguf")) {
+    let mut f =
+        File::open(&canon).map_err(|e| format!("{} is not readable: {e}", canon.display()))?;
+    if canon
+        .extension()
+        .is_some_and(|x| x.eq_ignore_ascii_case("gguf"))
+    {
         let mut magic = [0u8; 4];
         if f.read_exact(&mut magic).is_err() || &magic != b"GGUF" {
-            return Err(format!("{} is not a GGUF file (no GGUF magic bytes)", canon.display()));
+            return Err(format!(
+                "{} is not a GGUF file (no GGUF magic bytes)",
+                canon.display()
+            ));
         }
     }
     Ok(canon)
@@ -41,9 +57,14 @@ pub fn validate(spec: Option<&ModelSpec>, requested: &str) -> Result<PathBuf, St
 /// Writes `text` to `path` atomically: a temp file in the same directory, fsync, rename, and
 /// fsync of the directory.
 pub fn write_atomic(path: &Path, text: &str) -> io::Result<()> {
-    let dir = path.parent().ok_or_else(|| io::Error::other("no parent directory"))?;
+    let dir = path
+        .parent()
+        .ok_or_else(|| io::Error::other("no parent directory"))?;
     std::fs::create_dir_all(dir)?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp"));
     {
         let mut f = File::create(&tmp)?;
@@ -57,16 +78,24 @@ pub fn write_atomic(path: &Path, text: &str) -> io::Result<()> {
 /// Records the active model (and the one it replaced) for a module.
 pub fn record(state_dir: &Path, active: &Path, previous: Option<&Path>) -> io::Result<()> {
     if let Some(p) = previous {
-        write_atomic(&state_dir.join("previous-model"), &format!("{}\n", p.display()))?;
+        write_atomic(
+            &state_dir.join("previous-model"),
+            &format!("{}\n", p.display()),
+        )?;
     }
-    write_atomic(&state_dir.join("active-model"), &format!("{}\n", active.display()))
+    write_atomic(
+        &state_dir.join("active-model"),
+        &format!("{}\n", active.display()),
+    )
 }
 
 /// The engine's own last error line from its recent output, with the line before it when
 /// that one names the cause (llama-server: "... failed to load model ...", then "exiting due
 /// to model loading error").
 pub fn last_error_line(lines: &[String]) -> Option<String> {
-    let i = lines.iter().rposition(|l| l.to_ascii_lowercase().contains("error"))?;
+    let i = lines
+        .iter()
+        .rposition(|l| l.to_ascii_lowercase().contains("error"))?;
     if i > 0 && lines[i].to_ascii_lowercase().contains("exiting") {
         Some(format!("{} / {}", lines[i - 1].trim(), lines[i].trim()))
     } else {
@@ -79,7 +108,10 @@ mod tests {
     use super::*;
 
     fn spec(dir: &Path) -> ModelSpec {
-        ModelSpec { default: None, directory: Some(dir.to_path_buf()) }
+        ModelSpec {
+            default: None,
+            directory: Some(dir.to_path_buf()),
+        }
     }
 
     #[test]
@@ -90,25 +122,61 @@ mod tests {
         std::fs::write(models.join("good.gguf"), b"GGUF\x03\x00\x00\x00rest").expect("write");
         std::fs::write(models.join("bad.gguf"), b"NOPE").expect("write");
         std::fs::write(t.path().join("outside.gguf"), b"GGUF").expect("write");
-        std::os::unix::fs::symlink(t.path().join("outside.gguf"), models.join("link.gguf")).expect("symlink");
+        std::os::unix::fs::symlink(t.path().join("outside.gguf"), models.join("link.gguf"))
+            .expect("symlink");
         let s = spec(&models);
         assert!(validate(Some(&s), models.join("good.gguf").to_str().unwrap_or("")).is_ok());
-        assert!(validate(Some(&s), "good.gguf").is_ok(), "relative to the directory");
-        assert!(validate(Some(&s), "bad.gguf").unwrap_err().contains("no GGUF magic"));
-        assert!(validate(Some(&s), "../outside.gguf").unwrap_err().contains("not inside"));
-        assert!(validate(Some(&s), "link.gguf").unwrap_err().contains("not inside"), "symlinks cannot lead out");
+        assert!(
+            validate(Some(&s), "good.gguf").is_ok(),
+            "relative to the directory"
+        );
+        assert!(
+            validate(Some(&s), "bad.gguf")
+                .unwrap_err()
+                .contains("no GGUF magic")
+        );
+        assert!(
+            validate(Some(&s), "../outside.gguf")
+                .unwrap_err()
+                .contains("not inside")
+        );
+        assert!(
+            validate(Some(&s), "link.gguf")
+                .unwrap_err()
+                .contains("not inside"),
+            "symlinks cannot lead out"
+        );
         assert!(validate(Some(&s), "missing.gguf").is_err());
-        assert!(validate(Some(&s), models.to_str().unwrap_or("")).unwrap_err().contains("not a regular file"));
+        assert!(
+            validate(Some(&s), models.to_str().unwrap_or(""))
+                .unwrap_err()
+                .contains("not a regular file")
+        );
         assert!(validate(None, "x").is_err());
     }
 
     #[test]
     fn atomic_record() {
         let t = tempfile::tempdir().expect("tempdir");
-        record(t.path(), Path::new("/m/b.gguf"), Some(Path::new("/m/a.gguf"))).expect("record");
-        assert_eq!(std::fs::read_to_string(t.path().join("active-model")).expect("read"), "/m/b.gguf\n");
-        assert_eq!(std::fs::read_to_string(t.path().join("previous-model")).expect("read"), "/m/a.gguf\n");
-        let names: Vec<_> = std::fs::read_dir(t.path()).expect("ls").flatten().map(|e| e.file_name()).collect();
+        record(
+            t.path(),
+            Path::new("/m/b.gguf"),
+            Some(Path::new("/m/a.gguf")),
+        )
+        .expect("record");
+        assert_eq!(
+            std::fs::read_to_string(t.path().join("active-model")).expect("read"),
+            "/m/b.gguf\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(t.path().join("previous-model")).expect("read"),
+            "/m/a.gguf\n"
+        );
+        let names: Vec<_> = std::fs::read_dir(t.path())
+            .expect("ls")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
         assert_eq!(names.len(), 2, "no temp file left: {names:?}");
     }
 

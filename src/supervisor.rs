@@ -87,6 +87,20 @@ pub enum Event {
 pub struct Handle {
     pub commands: mpsc::Sender<Command>,
     pub state: watch::Receiver<Arc<Snapshot>>,
+    /// Model activation steps: (module, model, step, detail), for the ModelActivation signal.
+    pub activations: tokio::sync::broadcast::Sender<ActivationStep>,
+}
+
+/// One step of a model activation: (module, model, step, detail).
+pub type ActivationStep = (String, String, String, String);
+
+/// A model activation in progress (one per module; anything else meanwhile is Busy).
+struct Activation {
+    model: PathBuf,
+    previous: Option<PathBuf>,
+    rolling_back: bool,
+    failure: String,
+    reply: Option<Reply<()>>,
 }
 
 impl Handle {
@@ -209,6 +223,9 @@ struct Entry {
     memory: u64,
     vram: u64,
     vram_total: u64,
+    activation: Option<Activation>,
+    /// Where the current run's output goes (its recent lines explain failures).
+    sink: Option<OutputSink>,
     /// A resource threshold crossed ("RAM 1.2 GiB is 92% of ..."): online shows as degraded.
     warning: Option<String>,
     active_model: Option<PathBuf>,
@@ -237,6 +254,7 @@ pub struct Supervisor {
     events_tx: mpsc::UnboundedSender<Event>,
     runtime_tx: mpsc::UnboundedSender<RuntimeEvent>,
     state_tx: watch::Sender<Arc<Snapshot>>,
+    activations: tokio::sync::broadcast::Sender<ActivationStep>,
     gpu: Option<Arc<crate::monitor::Gpu>>,
     gpu_error_logged: bool,
     sampling: bool,
@@ -313,6 +331,7 @@ pub fn spawn(
     }
     let (state_tx, state_rx) = watch::channel(Arc::new(snap));
     let (ready_tx, ready_rx) = oneshot::channel();
+    let (activations, _) = tokio::sync::broadcast::channel(64);
     let sup = Supervisor {
         cfg,
         native,
@@ -325,6 +344,7 @@ pub fn spawn(
         runtime_tx,
         state_tx,
         existing: by_module,
+        activations: activations.clone(),
         gpu: gpu.ok(),
         gpu_error_logged: false,
         sampling: false,
@@ -337,6 +357,7 @@ pub fn spawn(
         Handle {
             commands: cmd_tx,
             state: state_rx,
+            activations,
         },
         ready_rx,
         task,
@@ -548,6 +569,7 @@ impl Supervisor {
                 e.reason
             );
         }
+        self.check_activation(name);
     }
 
     fn read_active_model(&self, m: &Module) -> Option<PathBuf> {
@@ -556,7 +578,9 @@ impl Supervisor {
             m.model
                 .as_ref()
                 .and_then(|mm| mm.directory.as_ref())
-                .is_some_and(|d| p.starts_with(d))
+                .is_some_and(|d| {
+                    p.starts_with(d) || std::fs::canonicalize(d).is_ok_and(|c| p.starts_with(c))
+                })
         });
         recorded.or_else(|| m.model.as_ref().and_then(|mm| mm.default.clone()))
     }
@@ -624,6 +648,8 @@ impl Supervisor {
                         vram: 0,
                         vram_total: 0,
                         warning: None,
+                        activation: None,
+                        sink: None,
                         active_model,
                     };
                     e.decision = self.decide(&e);
@@ -695,6 +721,16 @@ impl Supervisor {
 
     fn command(&mut self, c: Command) {
         match c {
+            Command::Start(n, r)
+            | Command::Stop(n, r)
+            | Command::Restart(n, r)
+            | Command::SetModeOverride(n, _, r)
+                if self.modules.get(&n).is_some_and(|e| e.activation.is_some()) =>
+            {
+                let _ = r.send(Err(OpError::Busy(format!(
+                    "a model activation of {n} is in progress"
+                ))));
+            }
             Command::Start(n, r) => {
                 let res = self.user_start(&n);
                 let _ = r.send(res);
@@ -744,16 +780,7 @@ impl Supervisor {
                 let res = self.explain(&n);
                 let _ = r.send(res);
             }
-            Command::ActivateModel(n, _model, r) => {
-                let res = if self.modules.contains_key(&n) {
-                    Err(OpError::Failed(
-                        "model activation is not available in this version of modvisord".into(),
-                    ))
-                } else {
-                    Err(no_such(&n))
-                };
-                let _ = r.send(res);
-            }
+            Command::ActivateModel(n, model, r) => self.activate(&n, &model, r),
             Command::Ping(r) => {
                 let _ = r.send(());
             }
@@ -964,6 +991,7 @@ impl Supervisor {
                 self.cfg.module_log_max_bytes,
             ),
         };
+        e.sink = Some(req.sink.clone());
         let handle = match backend.start(req, self.runtime_tx.clone()) {
             Ok(h) => h,
             Err(err) => {
@@ -1229,6 +1257,206 @@ impl Supervisor {
         }
     }
 
+    // ---------------------------------------------------------------- model activation
+
+    fn step(&self, n: &str, model: &Path, step: &str, detail: &str) {
+        let model_s = model.display().to_string();
+        tracing::info!(
+            modvisor_module = n,
+            message_id = MSG_MODEL_ACTIVATION,
+            modvisor_model = %model_s,
+            modvisor_step = step,
+            "{n}: model activation {step}: {model_s}{}{detail}",
+            if detail.is_empty() { "" } else { ": " }
+        );
+        let _ =
+            self.activations
+                .send((n.to_string(), model_s, step.to_string(), detail.to_string()));
+    }
+
+    /// ActivateModel: validate, record, restart on the new model, wait for online, roll back
+    /// on failure. The reply is sent when the transaction ends.
+    fn activate(&mut self, n: &str, requested: &str, reply: Reply<()>) {
+        let Some(e) = self.modules.get(n) else {
+            let _ = reply.send(Err(no_such(n)));
+            return;
+        };
+        if e.activation.is_some() {
+            let _ = reply.send(Err(OpError::Busy(format!(
+                "a model activation of {n} is in progress"
+            ))));
+            return;
+        }
+        let model = match crate::model::validate(e.module.model.as_ref(), requested) {
+            Ok(m) => m,
+            Err(why) => {
+                let _ = reply.send(Err(OpError::InvalidArgument(format!(
+                    "cannot activate {requested} for {n}: {why}"
+                ))));
+                return;
+            }
+        };
+        let previous = e.active_model.clone();
+        self.step(n, &model, "validated", "");
+        if let Err(err) = crate::model::record(&self.state_dir(n), &model, previous.as_deref()) {
+            let _ = reply.send(Err(OpError::Failed(format!(
+                "cannot record the active model: {err}"
+            ))));
+            return;
+        }
+        self.step(
+            n,
+            &model,
+            "recorded",
+            previous
+                .as_ref()
+                .map(|p| format!("previous {}", p.display()))
+                .as_deref()
+                .unwrap_or(""),
+        );
+        let Some(e) = self.modules.get_mut(n) else {
+            return;
+        };
+        e.active_model = Some(model.clone());
+        e.budget.reset();
+        e.activation = Some(Activation {
+            model: model.clone(),
+            previous,
+            rolling_back: false,
+            failure: String::new(),
+            reply: Some(reply),
+        });
+        let running = e.run.is_some();
+        self.step(n, &model, "restarting", "");
+        if running {
+            self.begin_stop(n, AfterStop::Start);
+        } else if let Err(err) = self.start(n) {
+            self.activation_failed(n, err.to_string());
+        }
+    }
+
+    /// Called after every state change: ends an activation when the module is online (or failed).
+    fn check_activation(&mut self, n: &str) {
+        let Some(e) = self.modules.get(n) else { return };
+        let Some(act) = &e.activation else { return };
+        if e.stopping {
+            return;
+        }
+        if e.state == State::Failed {
+            let why = e.reason.clone();
+            self.activation_failed(n, why);
+            return;
+        }
+        let online = e.state == State::Running
+            && matches!(self.effective(e).0, Health::Online | Health::Degraded);
+        if !online {
+            return;
+        }
+        let (model, rolling_back) = (act.model.clone(), act.rolling_back);
+        let Some(e) = self.modules.get_mut(n) else {
+            return;
+        };
+        let Some(mut act) = e.activation.take() else {
+            return;
+        };
+        let reply = act.reply.take();
+        if !rolling_back {
+            self.step(n, &model, "online", "");
+            if let Some(r) = reply {
+                let _ = r.send(Ok(()));
+            }
+        } else {
+            let prev = act
+                .previous
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            let msg = format!(
+                "activating {} failed: {}; rolled back to {prev}, which is online",
+                model.display(),
+                act.failure
+            );
+            self.step(n, &model, "rolled-back", &msg);
+            if let Some(r) = reply {
+                let _ = r.send(Err(OpError::Failed(msg)));
+            }
+        }
+    }
+
+    /// The new model did not come up: restore the previous one and restart on it.
+    fn activation_failed(&mut self, n: &str, why: String) {
+        let state_dir = self.state_dir(n);
+        let Some(e) = self.modules.get_mut(n) else {
+            return;
+        };
+        let Some(act) = e.activation.as_mut() else {
+            return;
+        };
+        let engine = e
+            .sink
+            .as_ref()
+            .and_then(|s| crate::model::last_error_line(&s.recent()));
+        let model = act.model.clone();
+        if act.rolling_back {
+            let msg = format!(
+                "activating {} failed: {}; the rollback failed too: {why}{}",
+                model.display(),
+                act.failure,
+                engine
+                    .map(|l| format!(" (engine: {l})"))
+                    .unwrap_or_default()
+            );
+            let reply = act.reply.take();
+            e.activation = None;
+            self.step(n, &model, "rollback-failed", &msg);
+            if let Some(r) = reply {
+                let _ = r.send(Err(OpError::Failed(msg)));
+            }
+            return;
+        }
+        act.failure = match engine {
+            Some(l) => format!("{why}; the engine said: {l}"),
+            None => why,
+        };
+        let failure = act.failure.clone();
+        let Some(previous) = act.previous.clone() else {
+            let reply = act.reply.take();
+            e.activation = None;
+            let msg = format!(
+                "activating {} failed: {failure}; there is no previous model to roll back to",
+                model.display()
+            );
+            self.step(n, &model, "failed", &msg);
+            if let Some(r) = reply {
+                let _ = r.send(Err(OpError::Failed(msg)));
+            }
+            return;
+        };
+        act.rolling_back = true;
+        e.active_model = Some(previous.clone());
+        e.budget.reset();
+        let running = e.run.is_some();
+        if let Err(err) = crate::model::record(&state_dir, &previous, None) {
+            tracing::error!(
+                modvisor_module = n,
+                "cannot record the rolled-back model: {err}"
+            );
+        }
+        self.step(n, &model, "failed", &failure);
+        self.step(
+            n,
+            &model,
+            "rolling-back",
+            &format!("to {}", previous.display()),
+        );
+        // A systemd engine may still be (re)starting on the bad model: stop it, then start.
+        if running {
+            self.begin_stop(n, AfterStop::Start);
+        } else if let Err(err) = self.start(n) {
+            self.activation_failed(n, err.to_string());
+        }
+    }
+
     /// Progress of a backend-managed run (systemd): main PID, restarts, phase.
     fn progressed(
         &mut self,
@@ -1271,6 +1499,11 @@ impl Supervisor {
         let restarts = e.restarts;
         let unit = run.handle.unit.clone();
         let (state, health, why) = match phase {
+            RunPhase::Restarting(info) if e.activation.is_some() => {
+                let why = format!("pid {} exited: {info}", run.main_pid);
+                self.activation_failed(n, why);
+                return;
+            }
             RunPhase::Restarting(info) => {
                 // A new process: its health starts from scratch.
                 run.hysteresis = Hysteresis::new(failures, successes);
@@ -1439,6 +1672,12 @@ impl Supervisor {
         } else {
             format!("pid {pid} exited: {info}")
         };
+        if e.activation.is_some() {
+            // The engine died on the model being activated (or on the rollback): no restart
+            // policy here, the transaction decides.
+            self.activation_failed(n, what);
+            return;
+        }
         let r = &e.module.restart;
         if run.backend.restarts_itself() && !run.start_timed_out {
             // systemd applied the restart policy; this is the end of it.

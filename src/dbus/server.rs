@@ -466,11 +466,36 @@ impl Publisher {
         Ok(p)
     }
 
-    pub async fn run(mut self) {
-        while self.state.changed().await.is_ok() {
-            let snap = self.state.borrow_and_update().clone();
-            if let Err(e) = self.sync(snap).await {
-                tracing::warn!("publishing state on D-Bus: {e}");
+    pub async fn run(
+        mut self,
+        mut activations: tokio::sync::broadcast::Receiver<crate::supervisor::ActivationStep>,
+    ) {
+        loop {
+            tokio::select! {
+                changed = self.state.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let snap = self.state.borrow_and_update().clone();
+                    if let Err(e) = self.sync(snap).await {
+                        tracing::warn!("publishing state on D-Bus: {e}");
+                    }
+                }
+                step = activations.recv() => match step {
+                    Ok((name, model, step, detail)) => {
+                        // The module's state first, so that a client sees ActiveModel updated.
+                        let snap = self.state.borrow_and_update().clone();
+                        if let Err(e) = self.sync(snap).await {
+                            tracing::warn!("publishing state on D-Bus: {e}");
+                        }
+                        if let Ok(em) = SignalEmitter::new(&self.conn, MANAGER_PATH)
+                            && let Err(e) = Manager::model_activation(&em, &name, &model, &step, &detail).await {
+                                tracing::warn!("ModelActivation signal: {e}");
+                            }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => tracing::warn!("{n} activation steps not signalled"),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
             }
         }
     }
