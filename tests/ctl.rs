@@ -111,7 +111,8 @@ async fn status_list_explain_and_exit_codes_over_the_system_bus() {
     assert_eq!(ctl(&["stop", "../x"], &env).status.code(), Some(2));
     assert_eq!(
         ctl(&["activate", "svc", "/x.gguf"], &env).status.code(),
-        Some(1)
+        Some(2),
+        "no model.directory: an invalid argument"
     );
 
     let o = ctl(&["stop", "svc"], &env);

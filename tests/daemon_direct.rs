@@ -467,10 +467,10 @@ async fn bad_dbus_arguments_get_dbus_errors_and_the_daemon_lives_on() {
             m.explain("ghost").await.expect_err("explain"),
         ),
         (
-            "Failed",
+            "InvalidArgument",
             m.activate_model("ok", "/x.gguf")
                 .await
-                .expect_err("not yet"),
+                .expect_err("no model.directory"),
         ),
     ];
     for (want, e) in cases {

@@ -12,7 +12,7 @@ use modvisor::dbus::client::{ManagerProxy, ModuleProxy};
 use zbus::Connection;
 use zbus::proxy::CacheProperties;
 
-pub const T: Duration = Duration::from_secs(10);
+pub const T: Duration = Duration::from_secs(20);
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
