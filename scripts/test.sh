@@ -17,6 +17,11 @@ testbed/up.sh
 # shellcheck disable=SC1091
 . "${TESTBED_STATE:-/tmp/testbed-state}/env"
 export DBUS_SYSTEM_BUS_ADDRESS XDG_RUNTIME_DIR PODMAN_SOCK DOCKER_HOST
+# A real llama.cpp server and tiny GGUF models, built once per machine (~6 min the first time),
+# cached outside the checkout; then its container image for both engines.
+export MODVISOR_TEST_LLAMA=${MODVISOR_TEST_LLAMA:-/var/cache/modvisor-test/llama}
+engines/build-llama-server.sh "$MODVISOR_TEST_LLAMA"
+engines/build-llama-image.sh "$MODVISOR_TEST_LLAMA"
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo nextest run --profile ci --locked

@@ -118,6 +118,22 @@ pub struct OutputSink {
 const RECENT_LINES: usize = 40;
 
 impl OutputSink {
+    /// Adds lines to the recent ones (not to the journal) unless they are there already: the
+    /// tail of an engine's output read back from its container engine.
+    pub fn remember(&self, lines: &[String]) {
+        let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let start = lines
+            .iter()
+            .position(|l| !r.contains(l))
+            .unwrap_or(lines.len());
+        for l in &lines[start..] {
+            if r.len() >= RECENT_LINES {
+                r.pop_front();
+            }
+            r.push_back(l.clone());
+        }
+    }
+
     /// The last lines the module wrote, oldest first.
     pub fn recent(&self) -> Vec<String> {
         self.recent

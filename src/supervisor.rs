@@ -80,6 +80,11 @@ pub enum Event {
     },
     MemoryTick,
     Sample(Box<crate::monitor::Sample>),
+    /// An engine's last error line read from the journal (units write there directly).
+    EngineLine {
+        name: String,
+        line: Option<String>,
+    },
 }
 
 /// A client's handle on the supervisor.
@@ -100,6 +105,8 @@ struct Activation {
     previous: Option<PathBuf>,
     rolling_back: bool,
     failure: String,
+    /// The engine's error line is still being looked up: the reply waits for it.
+    engine_pending: bool,
     reply: Option<Reply<()>>,
 }
 
@@ -226,6 +233,8 @@ struct Entry {
     activation: Option<Activation>,
     /// Where the current run's output goes (its recent lines explain failures).
     sink: Option<OutputSink>,
+    /// The unit or container of the latest run ("" for direct children).
+    last_unit: String,
     /// A resource threshold crossed ("RAM 1.2 GiB is 92% of ..."): online shows as degraded.
     warning: Option<String>,
     active_model: Option<PathBuf>,
@@ -650,6 +659,7 @@ impl Supervisor {
                         warning: None,
                         activation: None,
                         sink: None,
+                        last_unit: String::new(),
                         active_model,
                     };
                     e.decision = self.decide(&e);
@@ -1032,6 +1042,7 @@ impl Supervisor {
             });
         }
         let pid = handle.pid;
+        e.last_unit = handle.unit.clone();
         e.stopping = false;
         e.after_stop = AfterStop::Nothing;
         e.memory = 0;
@@ -1188,6 +1199,19 @@ impl Supervisor {
                     let _ = tx.send(Event::Sample(Box::new(s)));
                 });
             }
+            Event::EngineLine { name, line } => {
+                if let Some(act) = self
+                    .modules
+                    .get_mut(&name)
+                    .and_then(|e| e.activation.as_mut())
+                {
+                    act.engine_pending = false;
+                    if let Some(line) = line {
+                        act.failure = format!("{}; the engine said: {line}", act.failure);
+                    }
+                }
+                self.check_activation(&name);
+            }
             Event::Sample(sample) => {
                 self.sampling = false;
                 self.sampled(*sample);
@@ -1324,6 +1348,7 @@ impl Supervisor {
             previous,
             rolling_back: false,
             failure: String::new(),
+            engine_pending: false,
             reply: Some(reply),
         });
         let running = e.run.is_some();
@@ -1351,6 +1376,9 @@ impl Supervisor {
             && matches!(self.effective(e).0, Health::Online | Health::Degraded);
         if !online {
             return;
+        }
+        if act.rolling_back && act.engine_pending {
+            return; // answered once the engine's error line is known
         }
         let (model, rolling_back) = (act.model.clone(), act.rolling_back);
         let Some(e) = self.modules.get_mut(n) else {
@@ -1416,7 +1444,33 @@ impl Supervisor {
         }
         act.failure = match engine {
             Some(l) => format!("{why}; the engine said: {l}"),
-            None => why,
+            None => {
+                // The engine's last words may still be on their way (container logs), or in
+                // the journal only (a unit writes there directly): look again shortly.
+                let unit = Some(e.last_unit.clone()).filter(|u| u.ends_with(".service"));
+                let sink = e.sink.clone();
+                let tx = self.events_tx.clone();
+                let name = n.to_string();
+                act.engine_pending = true;
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let line = match (
+                        sink.and_then(|s| crate::model::last_error_line(&s.recent())),
+                        unit,
+                    ) {
+                        (Some(l), _) => Some(l),
+                        (None, Some(u)) => {
+                            tokio::task::spawn_blocking(move || journal_error_line(&u))
+                                .await
+                                .ok()
+                                .flatten()
+                        }
+                        (None, None) => None,
+                    };
+                    let _ = tx.send(Event::EngineLine { name, line });
+                });
+                why
+            }
         };
         let failure = act.failure.clone();
         let Some(previous) = act.previous.clone() else {
@@ -1834,6 +1888,22 @@ fn resource_warning(e: &Entry, cfg: &Config, machine_total: u64) -> Option<Strin
         ));
     }
     None
+}
+
+/// The last error line of a unit in the journal (system or user manager).
+fn journal_error_line(unit: &str) -> Option<String> {
+    let out = std::process::Command::new("journalctl")
+        .args(["--no-pager", "-o", "cat", "-n", "40"])
+        .arg(format!("_SYSTEMD_UNIT={unit}"))
+        .arg("+")
+        .arg(format!("_SYSTEMD_USER_UNIT={unit}"))
+        .output()
+        .ok()?;
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    crate::model::last_error_line(&lines)
 }
 
 #[cfg(test)]

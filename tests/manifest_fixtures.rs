@@ -57,7 +57,7 @@ fn bad_manifests_give_exact_messages() {
 #[test]
 fn shipped_and_good_manifests_are_valid() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    for dir in ["config/modules.d", "tests/fixtures/good"] {
+    for dir in ["config/modules.d", "config/examples", "tests/fixtures/good"] {
         for f in toml_files(&root.join(dir)) {
             let src = std::fs::read_to_string(&f).expect("read");
             let stem = f

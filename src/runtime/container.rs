@@ -169,6 +169,7 @@ struct Run {
     events: mpsc::UnboundedSender<RuntimeEvent>,
     exited: watch::Sender<bool>,
     oom: bool,
+    sink: OutputSink,
 }
 
 pub struct ContainerBackend {
@@ -395,11 +396,37 @@ impl ContainerBackend {
                     ExitInfo::Code(code)
                 };
                 if let Some((module, run)) = runs.remove(cname) {
-                    let _ = run.exited.send(true);
-                    let _ = run.events.send(RuntimeEvent::Exited {
-                        name: module,
-                        generation: run.generation,
-                        info,
+                    // A follow may end before the last lines of a quickly dying engine: read
+                    // them once more (they explain the exit) before the container can go.
+                    let docker = self.docker.clone();
+                    tokio::spawn(async move {
+                        let opts = LogsOptionsBuilder::default()
+                            .stdout(true)
+                            .stderr(true)
+                            .tail("40")
+                            .build();
+                        let fetch = async {
+                            let mut lines = Vec::new();
+                            let mut s = docker.logs(&run.id, Some(opts));
+                            while let Some(Ok(chunk)) = s.next().await {
+                                lines.extend(
+                                    String::from_utf8_lossy(&chunk.into_bytes())
+                                        .lines()
+                                        .map(str::to_string),
+                                );
+                            }
+                            lines
+                        };
+                        if let Ok(lines) = tokio::time::timeout(Duration::from_secs(2), fetch).await
+                        {
+                            run.sink.remember(&lines);
+                        }
+                        let _ = run.exited.send(true);
+                        let _ = run.events.send(RuntimeEvent::Exited {
+                            name: module,
+                            generation: run.generation,
+                            info,
+                        });
                     });
                 }
             }
@@ -644,7 +671,17 @@ impl ContainerBackend {
                 container_id: Some(i.id.clone()),
             });
         };
-        match inspect(&self.sock, &cname).await? {
+        // A container of that name may be in the middle of its removal (the previous run's
+        // stop): Podman then answers 500 "no such container". Treat that as gone.
+        let existing = match inspect(&self.sock, &cname).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!(modvisor_module = %req.name, "{e}");
+                self.remove(&cname).await?;
+                None
+            }
+        };
+        match existing {
             Some(i)
                 if i.running
                     && i.labels.get(LABEL_SPEC) == Some(&hash)
@@ -661,6 +698,7 @@ impl ContainerBackend {
                             events: events.clone(),
                             exited,
                             oom: false,
+                            sink: req.sink.clone(),
                         },
                     ),
                 );
@@ -681,11 +719,24 @@ impl ContainerBackend {
         let opts = CreateContainerOptionsBuilder::default()
             .name(&cname)
             .build();
-        let created = self
+        let created = match self
             .docker
-            .create_container(Some(opts), body)
+            .create_container(Some(opts.clone()), body.clone())
             .await
-            .map_err(|e| format!("creating {cname}: {e}"))?;
+        {
+            Ok(c) => c,
+            // The name is still taken by a container on its way out: remove it, try once more.
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 409, ..
+            }) => {
+                self.remove(&cname).await?;
+                self.docker
+                    .create_container(Some(opts), body)
+                    .await
+                    .map_err(|e| format!("creating {cname}: {e}"))?
+            }
+            Err(e) => return Err(format!("creating {cname}: {e}")),
+        };
         lock(&self.runs).insert(
             cname.clone(),
             (
@@ -696,6 +747,7 @@ impl ContainerBackend {
                     events: events.clone(),
                     exited,
                     oom: false,
+                    sink: req.sink.clone(),
                 },
             ),
         );
@@ -711,9 +763,11 @@ impl ContainerBackend {
             let _ = self.remove(&cname).await;
             return Err(format!("starting {cname}: {e}"));
         }
-        // After the start: Docker ends a follow on a container that is not running yet.
+        // After the start: both engines end a follow of a container that is not running yet.
+        // (A quick exit's last lines are read again on its die event.)
         self.follow_logs(created.id.clone(), req.sink.clone(), false);
-        if let Some(i) = inspect(&self.sock, &cname).await?
+        // It may already have exited (the die event reports that): only a running one is news.
+        if let Ok(Some(i)) = inspect(&self.sock, &cname).await
             && i.running
         {
             send_running(&i);
