@@ -46,6 +46,8 @@ pub struct Config {
     pub module_log_max_bytes: u64,
     pub bus: BusChoice,
     pub bus_address: Option<String>,
+    /// Refuse manifests (and directories) that anyone but root can change (when running as root).
+    pub manifest_trust_check: bool,
 }
 
 impl Default for Config {
@@ -69,6 +71,7 @@ impl Default for Config {
             module_log_max_bytes: 10 << 20,
             bus: BusChoice::Auto,
             bus_address: None,
+            manifest_trust_check: true,
         }
     }
 }
@@ -87,6 +90,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawPaths {
     modules: Option<Vec<String>>,
+    manifest_trust_check: Option<bool>,
     state: Option<String>,
     runtime: Option<String>,
 }
@@ -197,6 +201,9 @@ impl Config {
             if p.is_absolute() { p } else { base.join(p) }
         };
         if let Some(p) = raw.paths {
+            if let Some(t) = p.manifest_trust_check {
+                c.manifest_trust_check = t;
+            }
             if let Some(m) = p.modules {
                 c.modules = m.iter().map(|s| resolve(s)).collect();
             }

@@ -597,7 +597,9 @@ impl Supervisor {
     // ---------------------------------------------------------------- manifests
 
     fn reload(&mut self) -> Vec<(String, String)> {
-        let res = manifest::load_dirs(&self.cfg.modules);
+        // In system mode (running as root) a manifest anyone else can change is refused.
+        let check = self.cfg.manifest_trust_check && nix::unistd::geteuid().is_root();
+        let res = manifest::load_dirs_checked(&self.cfg.modules, check);
         tracing::debug!(
             "manifests scanned: {} modules, {} errors",
             res.modules.len(),

@@ -11,7 +11,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use load::{LoadResult, ManifestSource, load_dirs, scan_dirs};
+pub use load::{LoadResult, ManifestSource, load_dirs, load_dirs_checked, scan_dirs, untrusted};
 pub use validate::{parse_manifest, validate_name};
 
 /// An execution mode of a module.
