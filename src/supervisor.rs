@@ -1619,6 +1619,11 @@ impl Supervisor {
         let Some(run) = e.run.as_mut().filter(|r| r.generation == generation) else {
             return;
         };
+        // A unit or container is not online before its backend has said it runs (and which
+        // process it is): an answer on its port could still come from something else.
+        if run.backend.survives_daemon() && run.main_pid == 0 {
+            return;
+        }
         let failures = e.module.health.failures;
         let fallback = e.decision.fallback.then(|| e.decision.reason.clone());
         let verdict = run.hysteresis.feed(result.ok);

@@ -673,13 +673,26 @@ async fn a_manifest_writable_by_others_is_refused_with_the_reason() {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).expect("chmod");
     let errors = d.manager().await.reload().await.expect("Reload");
     assert_eq!(errors.len(), 1, "{errors:?}");
-    assert!(errors[0].1.contains("writable by others (mode 0666)"), "{}", errors[0].1);
+    assert!(
+        errors[0].1.contains("writable by others (mode 0666)"),
+        "{}",
+        errors[0].1
+    );
     let rows = d.manager().await.list_modules().await.expect("list");
-    assert!(rows.iter().all(|r| r.0 != "sneaky"), "never loaded, never run");
+    assert!(
+        rows.iter().all(|r| r.0 != "sneaky"),
+        "never loaded, never run"
+    );
     // An untrusted module never runs native, whatever the policy says.
-    d.write_manifest("untrusted", "[native]\ncommand = [\"/bin/sleep\", \"1000\"]\n");
+    d.write_manifest(
+        "untrusted",
+        "[native]\ncommand = [\"/bin/sleep\", \"1000\"]\n",
+    );
     let (s, h, r) = d.wait_module("untrusted", T, |s, _, _| s == "failed").await;
     assert_eq!((s.as_str(), h.as_str()), ("failed", "offline"));
     assert!(r.contains("native needs trusted = true"), "{r}");
-    assert_eq!(d.module("untrusted").await.main_pid().await.expect("pid"), 0);
+    assert_eq!(
+        d.module("untrusted").await.main_pid().await.expect("pid"),
+        0
+    );
 }

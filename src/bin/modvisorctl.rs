@@ -5,65 +5,12 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use futures_util::StreamExt;
+use modvisor::cli::{Cli, Cmd};
 use modvisor::dbus::client::{ManagerProxy, ModuleProxy, connect};
 use modvisor::manifest::units::format_bytes;
 use serde_json::json;
-
-#[derive(Parser)]
-#[command(
-    version,
-    about = "Control modvisord, the supervisor for local AI inference engines"
-)]
-struct Cli {
-    /// Print machine-readable JSON (read commands).
-    #[arg(long, global = true)]
-    json: bool,
-    /// D-Bus address of the daemon's bus (default: system bus, else the embedded bus).
-    #[arg(long, global = true, value_name = "ADDRESS")]
-    bus_address: Option<String>,
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// Show all modules, or one module in detail.
-    Status { name: Option<String> },
-    /// List modules, one line each.
-    List,
-    /// Start a module.
-    Start { name: String },
-    /// Stop a module (waits until it is stopped).
-    Stop { name: String },
-    /// Restart a module.
-    Restart { name: String },
-    /// Re-read the manifests; prints manifest errors.
-    Reload,
-    /// Explain the mode decision of a module.
-    Explain { name: String },
-    /// Switch a module's active model (a transaction with rollback).
-    Activate { name: String, model: String },
-    /// Set or clear ("") the mode override of a module.
-    Override { name: String, mode: String },
-    /// Show a module's journal.
-    Logs {
-        name: String,
-        #[arg(short, long)]
-        follow: bool,
-        /// Number of lines to show.
-        #[arg(short = 'n', long, default_value_t = 100)]
-        lines: u32,
-    },
-    /// Check manifest files (or directories of them) without a daemon.
-    Validate {
-        #[arg(required = true)]
-        paths: Vec<PathBuf>,
-    },
-    /// Follow module changes live.
-    Watch,
-}
 
 enum Fail {
     Code(u8, String),
@@ -83,6 +30,15 @@ fn from_zbus(e: zbus::Error) -> Fail {
                 _ => 1,
             };
             Fail::Code(code, text)
+        }
+        zbus::Error::FDO(f) => {
+            let code = match f.as_ref() {
+                zbus::fdo::Error::AccessDenied(_) => 4,
+                zbus::fdo::Error::ServiceUnknown(_) | zbus::fdo::Error::NameHasNoOwner(_) => 5,
+                zbus::fdo::Error::InvalidArgs(_) => 2,
+                _ => 1,
+            };
+            Fail::Code(code, e.to_string())
         }
         zbus::Error::InputOutput(_) | zbus::Error::Address(_) => {
             Fail::Code(5, format!("modvisord is not reachable: {e}"))

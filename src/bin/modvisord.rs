@@ -1,22 +1,7 @@
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-
-/// modvisord: supervisor for local AI inference engines.
-#[derive(Parser)]
-#[command(version, about)]
-struct Args {
-    /// Daemon config file.
-    #[arg(long, value_name = "FILE", default_value = modvisor::config::DEFAULT_CONFIG)]
-    config: PathBuf,
-    /// Serve on this D-Bus address instead of the system or embedded bus.
-    #[arg(long, value_name = "ADDRESS", env = "MODVISOR_BUS_ADDRESS")]
-    bus_address: Option<String>,
-    /// Always use the embedded bus (RUNTIME/bus), even when a system bus exists.
-    #[arg(long)]
-    embedded_bus: bool,
-}
+use modvisor::cli::DaemonArgs as Args;
 
 fn main() -> ExitCode {
     let args = Args::parse();

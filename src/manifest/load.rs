@@ -91,11 +91,23 @@ pub fn untrusted(path: &Path) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
     let me = nix::unistd::geteuid().as_raw();
     // The file itself (not a symlink's target only: both must be safe).
-    for (what, p) in [("directory", path.parent().map(Path::to_path_buf).unwrap_or_default()), ("manifest", path.to_path_buf())] {
-        let Ok(m) = std::fs::metadata(&p) else { continue };
+    for (what, p) in [
+        (
+            "directory",
+            path.parent().map(Path::to_path_buf).unwrap_or_default(),
+        ),
+        ("manifest", path.to_path_buf()),
+    ] {
+        let Ok(m) = std::fs::metadata(&p) else {
+            continue;
+        };
         let mode = m.mode() & 0o7777;
         if m.uid() != 0 && m.uid() != me {
-            return Some(format!("refusing the {what} {}: owned by uid {}, not root (only root may change what modvisord runs)", p.display(), m.uid()));
+            return Some(format!(
+                "refusing the {what} {}: owned by uid {}, not root (only root may change what modvisord runs)",
+                p.display(),
+                m.uid()
+            ));
         }
         if mode & 0o002 != 0 || (mode & 0o020 != 0 && m.gid() != 0) {
             return Some(format!(
@@ -123,7 +135,12 @@ pub fn load_dirs_checked(dirs: &[PathBuf], check_trust: bool) -> LoadResult {
             continue;
         };
         if check_trust && let Some(why) = untrusted(&src.path) {
-            res.errors.push(ManifestError { path: src.path.clone(), line: 0, column: 0, message: why });
+            res.errors.push(ManifestError {
+                path: src.path.clone(),
+                line: 0,
+                column: 0,
+                message: why,
+            });
             res.broken_stems.insert(stem);
             continue;
         }
@@ -269,15 +286,31 @@ mod tests {
         std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
         write(t.path(), "a.toml", "[native]\ncommand = [\"/bin/a\"]\n");
         write(t.path(), "b.toml", "[native]\ncommand = [\"/bin/b\"]\n");
-        std::fs::set_permissions(t.path().join("b.toml"), std::fs::Permissions::from_mode(0o666)).expect("chmod");
+        std::fs::set_permissions(
+            t.path().join("b.toml"),
+            std::fs::Permissions::from_mode(0o666),
+        )
+        .expect("chmod");
         let r = load_dirs_checked(&[t.path().to_path_buf()], true);
         assert_eq!(r.modules.keys().cloned().collect::<Vec<_>>(), vec!["a"]);
-        assert!(r.errors[0].message.contains("writable by others (mode 0666)"), "{}", r.errors[0]);
+        assert!(
+            r.errors[0]
+                .message
+                .contains("writable by others (mode 0666)"),
+            "{}",
+            r.errors[0]
+        );
         // A world-writable directory taints every manifest in it.
         std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
         let r = load_dirs_checked(&[t.path().to_path_buf()], true);
         assert!(r.modules.is_empty());
-        assert!(r.errors.iter().all(|e| e.message.contains("refusing the directory")), "{:?}", r.errors);
+        assert!(
+            r.errors
+                .iter()
+                .all(|e| e.message.contains("refusing the directory")),
+            "{:?}",
+            r.errors
+        );
     }
 
     #[test]

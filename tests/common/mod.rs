@@ -28,6 +28,10 @@ pub struct Bus {
 impl Bus {
     pub fn start() -> Bus {
         let dir = tempfile::tempdir().expect("tempdir");
+        // Other users (the authorization tests) must reach the socket.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
         let sock = dir.path().join("bus");
         let policy = root().join("packaging/dbus/org.modvisor1.conf");
         let conf = format!(

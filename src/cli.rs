@@ -1,0 +1,76 @@
+//! The command lines of `modvisord` and `modvisorctl` (clap), shared with the generator of
+//! man pages and shell completions (`examples/gen-docs.rs`).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// modvisord: supervisor for local AI inference engines.
+#[derive(Parser)]
+#[command(name = "modvisord", version, about)]
+pub struct DaemonArgs {
+    /// Daemon config file.
+    #[arg(long, value_name = "FILE", default_value = crate::config::DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// Serve on this D-Bus address instead of the system or embedded bus.
+    #[arg(long, value_name = "ADDRESS", env = "MODVISOR_BUS_ADDRESS")]
+    pub bus_address: Option<String>,
+    /// Always use the embedded bus (RUNTIME/bus), even when a system bus exists.
+    #[arg(long)]
+    pub embedded_bus: bool,
+}
+
+#[derive(Parser)]
+#[command(
+    name = "modvisorctl",
+    version,
+    about = "Control modvisord, the supervisor for local AI inference engines"
+)]
+pub struct Cli {
+    /// Print machine-readable JSON (read commands).
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// D-Bus address of the daemon's bus (default: system bus, else the embedded bus).
+    #[arg(long, global = true, value_name = "ADDRESS")]
+    pub bus_address: Option<String>,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Show all modules, or one module in detail.
+    Status { name: Option<String> },
+    /// List modules, one line each.
+    List,
+    /// Start a module.
+    Start { name: String },
+    /// Stop a module (waits until it is stopped).
+    Stop { name: String },
+    /// Restart a module.
+    Restart { name: String },
+    /// Re-read the manifests; prints manifest errors.
+    Reload,
+    /// Explain the mode decision of a module.
+    Explain { name: String },
+    /// Switch a module's active model (a transaction with rollback).
+    Activate { name: String, model: String },
+    /// Set or clear ("") the mode override of a module.
+    Override { name: String, mode: String },
+    /// Show a module's journal.
+    Logs {
+        name: String,
+        #[arg(short, long)]
+        follow: bool,
+        /// Number of lines to show.
+        #[arg(short = 'n', long, default_value_t = 100)]
+        lines: u32,
+    },
+    /// Check manifest files (or directories of them) without a daemon.
+    Validate {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Follow module changes live.
+    Watch,
+}

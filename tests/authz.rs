@@ -1,0 +1,205 @@
+//! Who may change things: a real non-root user created here, outside and then inside group
+//! `modvisor`, against a real dbus-daemon with the shipped policy (AccessDenied from the bus),
+//! and against the embedded bus where only modvisord's own check of the caller stands
+//! (NotAllowed). Anyone may read.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::*;
+
+const OUTSIDER: &str = "mvtest-outsider";
+const MEMBER: &str = "mvtest-member";
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().expect("run");
+    assert!(
+        out.status.success() || String::from_utf8_lossy(&out.stderr).contains("already exists"),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Creates the group and the two users (idempotent).
+fn users() {
+    run(Command::new("groupadd").args(["-f", "--system", "modvisor"]));
+    for u in [OUTSIDER, MEMBER] {
+        if Command::new("id")
+            .arg(u)
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            continue;
+        }
+        run(Command::new("useradd").args([
+            "--system",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            u,
+        ]));
+    }
+    run(Command::new("usermod").args(["-aG", "modvisor", MEMBER]));
+    // Not a member (whatever an earlier run left): failure here only means "was not one".
+    let _ = Command::new("gpasswd")
+        .args(["-d", OUTSIDER, "modvisor"])
+        .output();
+}
+
+fn ctl_as(user: &str, bus: &str, args: &[&str]) -> Output {
+    Command::new("runuser")
+        .args([
+            "-u",
+            user,
+            "--",
+            env!("CARGO_BIN_EXE_modvisorctl"),
+            "--bus-address",
+            bus,
+        ])
+        .args(args)
+        .env_remove("MODVISOR_BUS_ADDRESS")
+        .output()
+        .expect("runuser")
+}
+
+fn code(o: &Output) -> Option<i32> {
+    o.status.code()
+}
+
+const MUTATING: &[&[&str]] = &[
+    &["start", "svc"],
+    &["stop", "svc"],
+    &["restart", "svc"],
+    &["reload"],
+    &["override", "svc", "native"],
+    &["activate", "svc", "/x.gguf"],
+];
+
+#[tokio::test]
+async fn only_root_and_group_modvisor_may_change_anything() {
+    users();
+    let d = Daemon::start(&[("svc", &sh_module("exec sleep 1000", ""))]).await;
+    d.wait_state("svc", "running").await;
+    let bus = d.bus.address.clone();
+    let pid = d.module("svc").await.main_pid().await.expect("pid");
+
+    // Outside the group: every mutating method is refused by the bus policy; reading works.
+    for args in MUTATING {
+        let o = ctl_as(OUTSIDER, &bus, args);
+        assert_eq!(
+            code(&o),
+            Some(4),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("AccessDenied")
+                || String::from_utf8_lossy(&o.stderr).contains("NotAllowed")
+        );
+    }
+    assert_eq!(
+        d.module("svc").await.main_pid().await.expect("pid"),
+        pid,
+        "nothing changed"
+    );
+    for args in [
+        &["status"][..],
+        &["list"],
+        &["explain", "svc"],
+        &["status", "svc"],
+    ] {
+        let o = ctl_as(OUTSIDER, &bus, args);
+        assert_eq!(
+            code(&o),
+            Some(0),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    // In the group: allowed.
+    let o = ctl_as(MEMBER, &bus, &["restart", "svc"]);
+    assert_eq!(code(&o), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    d.wait_state("svc", "running").await;
+    assert_ne!(d.module("svc").await.main_pid().await.expect("pid"), pid);
+    let o = ctl_as(MEMBER, &bus, &["stop", "svc"]);
+    assert_eq!(code(&o), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    // Root: allowed.
+    d.manager()
+        .await
+        .start_module("svc")
+        .await
+        .expect("root may start");
+    d.wait_state("svc", "running").await;
+    drop(d);
+
+    // The embedded bus has no policy file: modvisord's own check of the caller is the gate.
+    let dir = tempfile::tempdir().expect("tempdir");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let modules = dir.path().join("modules.d");
+    std::fs::create_dir_all(&modules).expect("mkdir");
+    std::fs::write(modules.join("svc.toml"), sh_module("exec sleep 1000", "")).expect("write");
+    let run_dir = dir.path().join("run");
+    let cfg = dir.path().join("modvisor.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[paths]\nmodules = [\"{}\"]\nstate = \"{}\"\nruntime = \"{}\"\n[runtime]\nnative_backend = \"direct\"\n[dbus]\nbus = \"embedded\"\n",
+            modules.display(),
+            dir.path().join("state").display(),
+            run_dir.display()
+        ),
+    )
+    .expect("config");
+    let notify = dir.path().join("notify");
+    let sock = std::os::unix::net::UnixDatagram::bind(&notify).expect("bind");
+    sock.set_read_timeout(Some(T)).expect("timeout");
+    let log = std::fs::File::create(dir.path().join("log")).expect("log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_modvisord"))
+        .arg("--config")
+        .arg(&cfg)
+        .env_remove("MODVISOR_BUS_ADDRESS")
+        .env("NOTIFY_SOCKET", &notify)
+        .env("MODVISOR_LOG_STDERR", "1")
+        .stderr(log)
+        .spawn()
+        .expect("spawn");
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = sock.recv(&mut buf).expect("READY=1 in time");
+        if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
+            break;
+        }
+    }
+    let embedded = format!("unix:path={}", run_dir.join("bus").display());
+    for args in MUTATING {
+        let o = ctl_as(OUTSIDER, &embedded, args);
+        assert_eq!(
+            code(&o),
+            Some(4),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&o.stderr)
+                .contains("needs root or membership in the \"modvisor\" group"),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    assert_eq!(code(&ctl_as(OUTSIDER, &embedded, &["status"])), Some(0));
+    let o = ctl_as(MEMBER, &embedded, &["restart", "svc"]);
+    assert_eq!(code(&o), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = child.wait();
+    let text = std::fs::read_to_string(dir.path().join("log")).unwrap_or_default();
+    assert!(
+        text.contains("denied StartModule to uid"),
+        "the refusal is logged: {text}"
+    );
+}
