@@ -334,6 +334,18 @@ module_log_dir = "/var/log/modvisor"
     }
 
     #[test]
+    fn the_shipped_default_config_parses_to_the_defaults() {
+        let src = include_str!("../config/modvisor.toml");
+        let c = Config::parse(Path::new("/etc/modvisor/modvisor.toml"), src).expect("valid");
+        let d = Config::default();
+        assert_eq!(c.modules, d.modules);
+        assert_eq!((c.state, c.runtime), (d.state, d.runtime));
+        assert_eq!(c.policy, d.policy);
+        assert_eq!(c.monitor_interval, d.monitor_interval);
+        assert!(c.module_log_dir.is_none() && c.manifest_trust_check);
+    }
+
+    #[test]
     fn unknown_keys_are_errors_with_position() {
         let e = Config::parse(Path::new("c.toml"), "[runtime]\nnative_backnd = \"x\"\n")
             .expect_err("invalid");
