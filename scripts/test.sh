@@ -24,5 +24,9 @@ engines/build-llama-server.sh "$MODVISOR_TEST_LLAMA"
 engines/build-llama-image.sh "$MODVISOR_TEST_LLAMA"
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
+# The Debian package the packaging test installs (release build, man pages, completions).
+scripts/package.sh
 cargo nextest run --profile ci --locked
+# The fuzz target of the manifest parser and validator, for a bounded time.
+FUZZ_SECONDS=${FUZZ_SECONDS:-60} scripts/fuzz.sh
 echo "scripts/test.sh: all green in $(( $(date +%s) - t0 )) s"
