@@ -8,9 +8,17 @@ use std::process::Command;
 fn deb() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/debian");
     let found = std::fs::read_dir(&dir).ok().and_then(|rd| {
-        rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "deb")).max()
+        rd.flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "deb"))
+            .max()
     });
-    found.unwrap_or_else(|| panic!("no .deb in {} (make test builds it with scripts/package.sh)", dir.display()))
+    found.unwrap_or_else(|| {
+        panic!(
+            "no .deb in {} (make test builds it with scripts/package.sh)",
+            dir.display()
+        )
+    })
 }
 
 struct Purge;
@@ -24,8 +32,17 @@ impl Drop for Purge {
 fn the_deb_installs_where_the_contract_says_and_verifies() {
     let deb = deb();
     let _p = Purge;
-    let out = Command::new("dpkg").arg("-i").arg(&deb).output().expect("dpkg");
-    assert!(out.status.success(), "dpkg -i: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("dpkg")
+        .arg("-i")
+        .arg(&deb)
+        .output()
+        .expect("dpkg");
+    assert!(
+        out.status.success(),
+        "dpkg -i: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     for f in [
         "/usr/bin/modvisord",
         "/usr/bin/modvisorctl",
@@ -41,18 +58,29 @@ fn the_deb_installs_where_the_contract_says_and_verifies() {
     ] {
         assert!(Path::new(f).exists(), "{f} is installed");
     }
-    assert!(Path::new("/etc/modvisor/modules.d").is_dir(), "postinst creates the admin's manifest directory");
-    let group = Command::new("getent").args(["group", "modvisor"]).output().expect("getent");
+    assert!(
+        Path::new("/etc/modvisor/modules.d").is_dir(),
+        "postinst creates the admin's manifest directory"
+    );
+    let group = Command::new("getent")
+        .args(["group", "modvisor"])
+        .output()
+        .expect("getent");
     assert!(group.status.success(), "postinst creates group modvisor");
     // Every unit file shipped passes systemd-analyze verify.
-    let units: Vec<PathBuf> = std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("units"))
-        .expect("units/")
-        .flatten()
-        .map(|e| Path::new("/usr/lib/systemd/system").join(e.file_name()))
-        .collect();
+    let units: Vec<PathBuf> =
+        std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("units"))
+            .expect("units/")
+            .flatten()
+            .map(|e| Path::new("/usr/lib/systemd/system").join(e.file_name()))
+            .collect();
     assert!(!units.is_empty());
     for u in units {
-        let out = Command::new("systemd-analyze").arg("verify").arg(&u).output().expect("systemd-analyze");
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&u)
+            .output()
+            .expect("systemd-analyze");
         assert!(
             out.status.success(),
             "systemd-analyze verify {}: {}{}",
@@ -62,11 +90,22 @@ fn the_deb_installs_where_the_contract_says_and_verifies() {
         );
     }
     // The installed default config is valid and is the contract's defaults.
-    let c = modvisor::config::Config::load(Some(Path::new("/etc/modvisor/modvisor.toml"))).expect("installed config parses");
+    let c = modvisor::config::Config::load(Some(Path::new("/etc/modvisor/modvisor.toml")))
+        .expect("installed config parses");
     assert_eq!(c.state, PathBuf::from("/var/lib/modvisor"));
     // The installed tools work: the examples validate, the man page renders.
-    let out = Command::new("/usr/bin/modvisorctl").args(["validate", "/usr/share/doc/modvisor/examples"]).output().expect("validate");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = Command::new("/usr/bin/modvisord").arg("--version").output().expect("version");
+    let out = Command::new("/usr/bin/modvisorctl")
+        .args(["validate", "/usr/share/doc/modvisor/examples"])
+        .output()
+        .expect("validate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new("/usr/bin/modvisord")
+        .arg("--version")
+        .output()
+        .expect("version");
     assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
 }
