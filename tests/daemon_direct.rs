@@ -534,7 +534,11 @@ async fn sd_notify_ready_status_and_stopping() {
     let sock_path = dir.path().join("notify");
     let sock = UnixDatagram::bind(&sock_path).expect("bind notify socket");
     sock.set_read_timeout(Some(T)).expect("timeout");
-    let env = vec![("NOTIFY_SOCKET".to_string(), sock_path.display().to_string())];
+    let env = vec![
+        ("NOTIFY_SOCKET".to_string(), sock_path.display().to_string()),
+        // systemd's WatchdogSec=: modvisord must send WATCHDOG=1 at half of it.
+        ("WATCHDOG_USEC".to_string(), "400000".to_string()),
+    ];
     let mut d = Daemon::start_with(
         &[("n", &sh_module(SLEEPER, ""))],
         Options {
@@ -553,6 +557,13 @@ async fn sd_notify_ready_status_and_stopping() {
     }
     let ready = got.iter().find(|m| m.contains("READY=1")).expect("ready");
     assert!(ready.contains("STATUS=1 modules:"), "{ready}");
+    let mut pings = 0;
+    while pings < 2 {
+        let n = sock.recv(&mut buf).expect("WATCHDOG=1 within the timeout");
+        if String::from_utf8_lossy(&buf[..n]).contains("WATCHDOG=1") {
+            pings += 1;
+        }
+    }
     assert_eq!(d.stop(), Some(0), "a clean exit after SIGTERM");
     let mut stopping = false;
     while let Ok(n) = sock.recv(&mut buf) {
@@ -695,4 +706,43 @@ async fn a_manifest_writable_by_others_is_refused_with_the_reason() {
         d.module("untrusted").await.main_pid().await.expect("pid"),
         0
     );
+}
+
+#[tokio::test]
+async fn module_objects_emit_properties_changed() {
+    let d = Daemon::start(&[(
+        "watched",
+        &sh_module(SLEEPER, "[restart]\ndelay = \"100ms\"\n"),
+    )])
+    .await;
+    d.wait_state("watched", "running").await;
+    let props = zbus::fdo::PropertiesProxy::builder(&d.conn)
+        .destination("org.modvisor1")
+        .path("/org/modvisor1/module/watched")
+        .build()
+        .await
+        .expect("properties proxy");
+    let mut changes = props.receive_properties_changed().await.expect("subscribe");
+    let pid = d.module("watched").await.main_pid().await.expect("pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    let mut seen: Vec<String> = Vec::new();
+    let deadline = Instant::now() + T;
+    use futures_util::StreamExt;
+    while !(seen.iter().any(|k| k == "State")
+        && seen.iter().any(|k| k == "MainPID")
+        && seen.iter().any(|k| k == "Restarts"))
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let sig = tokio::time::timeout(left, changes.next())
+            .await
+            .expect("PropertiesChanged in time")
+            .expect("signal");
+        let args = sig.args().expect("args");
+        assert_eq!(args.interface_name().as_str(), "org.modvisor1.Module");
+        seen.extend(args.changed_properties().keys().map(|k| k.to_string()));
+    }
 }

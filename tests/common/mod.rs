@@ -27,7 +27,11 @@ pub struct Bus {
 
 impl Bus {
     pub fn start() -> Bus {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Bus::start_in(tempfile::tempdir().expect("tempdir"))
+    }
+
+    /// A bus whose socket lives in `dir` (e.g. outside /tmp, for a daemon with PrivateTmp=).
+    pub fn start_in(dir: tempfile::TempDir) -> Bus {
         // Other users (the authorization tests) must reach the socket.
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
