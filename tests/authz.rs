@@ -135,45 +135,8 @@ async fn only_root_and_group_modvisor_may_change_anything() {
     drop(d);
 
     // The embedded bus has no policy file: modvisord's own check of the caller is the gate.
-    let dir = tempfile::tempdir().expect("tempdir");
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let modules = dir.path().join("modules.d");
-    std::fs::create_dir_all(&modules).expect("mkdir");
-    std::fs::write(modules.join("svc.toml"), sh_module("exec sleep 1000", "")).expect("write");
-    let run_dir = dir.path().join("run");
-    let cfg = dir.path().join("modvisor.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[paths]\nmodules = [\"{}\"]\nstate = \"{}\"\nruntime = \"{}\"\n[runtime]\nnative_backend = \"direct\"\n[dbus]\nbus = \"embedded\"\n",
-            modules.display(),
-            dir.path().join("state").display(),
-            run_dir.display()
-        ),
-    )
-    .expect("config");
-    let notify = dir.path().join("notify");
-    let sock = std::os::unix::net::UnixDatagram::bind(&notify).expect("bind");
-    sock.set_read_timeout(Some(T)).expect("timeout");
-    let log = std::fs::File::create(dir.path().join("log")).expect("log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_modvisord"))
-        .arg("--config")
-        .arg(&cfg)
-        .env_remove("MODVISOR_BUS_ADDRESS")
-        .env("NOTIFY_SOCKET", &notify)
-        .env("MODVISOR_LOG_STDERR", "1")
-        .stderr(log)
-        .spawn()
-        .expect("spawn");
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = sock.recv(&mut buf).expect("READY=1 in time");
-        if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
-            break;
-        }
-    }
-    let embedded = format!("unix:path={}", run_dir.join("bus").display());
+    let mut e = EmbeddedDaemon::start(&[("svc", &sh_module("exec sleep 1000", ""))]);
+    let embedded = e.address();
     for args in MUTATING {
         let o = ctl_as(OUTSIDER, &embedded, args);
         assert_eq!(
@@ -192,14 +155,10 @@ async fn only_root_and_group_modvisor_may_change_anything() {
     assert_eq!(code(&ctl_as(OUTSIDER, &embedded, &["status"])), Some(0));
     let o = ctl_as(MEMBER, &embedded, &["restart", "svc"]);
     assert_eq!(code(&o), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = child.wait();
-    let text = std::fs::read_to_string(dir.path().join("log")).unwrap_or_default();
+    e.stop();
     assert!(
-        text.contains("denied StartModule to uid"),
-        "the refusal is logged: {text}"
+        e.log().contains("denied StartModule to uid"),
+        "the refusal is logged: {}",
+        e.log()
     );
 }

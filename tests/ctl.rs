@@ -4,7 +4,6 @@
 mod common;
 
 use std::process::{Command, Output};
-use std::time::Duration;
 
 use common::*;
 
@@ -129,61 +128,14 @@ async fn status_list_explain_and_exit_codes_over_the_system_bus() {
 
 #[tokio::test]
 async fn embedded_bus_is_found_without_flags() {
-    use std::os::unix::net::UnixDatagram;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let modules = dir.path().join("modules.d");
-    std::fs::create_dir_all(&modules).expect("mkdir");
-    std::fs::write(modules.join("emb.toml"), sh_module("exec sleep 1000", "")).expect("write");
-    let run = dir.path().join("run");
-    let cfg = dir.path().join("modvisor.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[paths]\nmodules = [\"{}\"]\nstate = \"{}\"\nruntime = \"{}\"\n[runtime]\nnative_backend = \"direct\"\n[dbus]\nbus = \"embedded\"\n",
-            modules.display(),
-            dir.path().join("state").display(),
-            run.display()
-        ),
-    )
-    .expect("config");
-    let notify = dir.path().join("notify");
-    let sock = UnixDatagram::bind(&notify).expect("bind");
-    sock.set_read_timeout(Some(T)).expect("timeout");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_modvisord"))
-        .arg("--config")
-        .arg(&cfg)
-        .env_remove("MODVISOR_BUS_ADDRESS")
-        .env("NOTIFY_SOCKET", &notify)
-        .env("MODVISOR_LOG_STDERR", "1")
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = sock.recv(&mut buf).expect("READY=1 within the timeout");
-        if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
-            break;
-        }
-    }
+    let mut d = EmbeddedDaemon::start(&[("emb", &sh_module("exec sleep 1000", ""))]);
+    let run = d.run.clone();
     let env = [("MODVISOR_RUNTIME_DIR", run.to_str().unwrap_or_default())];
     let o = ctl(&["--json", "list"], &env);
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(0), "{err}");
     assert!(out.contains("\"emb\""), "{out}");
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("term");
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Ok(Some(st)) = child.try_wait() {
-            assert!(st.success());
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "modvisord did not stop"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(d.stop(), "a clean exit after SIGTERM");
     assert!(
         !run.join("bus").exists(),
         "the embedded bus is gone with the daemon"

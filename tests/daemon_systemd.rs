@@ -15,24 +15,6 @@ fn uniq(tag: &str) -> String {
     format!("sd{}-{tag}", std::process::id())
 }
 
-/// Stops and forgets the units a test made, whatever happened (units outlive modvisord).
-struct Units(Vec<String>);
-
-impl Drop for Units {
-    fn drop(&mut self) {
-        for u in &self.0 {
-            let _ = std::process::Command::new("systemctl")
-                .args(["--user", "stop", u])
-                .env("XDG_RUNTIME_DIR", "/run/user/0")
-                .output();
-            let _ = std::process::Command::new("systemctl")
-                .args(["--user", "reset-failed", u])
-                .env("XDG_RUNTIME_DIR", "/run/user/0")
-                .output();
-        }
-    }
-}
-
 async fn system_bus() -> zbus::Connection {
     zbus::Connection::system()
         .await

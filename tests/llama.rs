@@ -125,22 +125,6 @@ async fn completes(port: u16) {
     );
 }
 
-struct Units(Vec<String>);
-impl Drop for Units {
-    fn drop(&mut self) {
-        for u in &self.0 {
-            let _ = std::process::Command::new("systemctl")
-                .args(["--user", "stop", u])
-                .env("XDG_RUNTIME_DIR", "/run/user/0")
-                .output();
-            let _ = std::process::Command::new("systemctl")
-                .args(["--user", "reset-failed", u])
-                .env("XDG_RUNTIME_DIR", "/run/user/0")
-                .output();
-        }
-    }
-}
-
 struct Containers(Vec<String>);
 impl Drop for Containers {
     fn drop(&mut self) {

@@ -427,3 +427,134 @@ pub fn alive(pid: u32) -> bool {
             .map(|s| !s.contains(") Z "))
             .unwrap_or(false)
 }
+
+/// Stops and forgets units a test made, whatever happened (units outlive modvisord). Through
+/// the manager's D-Bus API on the system bus, like modvisord itself.
+pub struct Units(pub Vec<String>);
+
+impl Drop for Units {
+    fn drop(&mut self) {
+        let m = [
+            "org.freedesktop.systemd1",
+            "/org/freedesktop/systemd1",
+            "org.freedesktop.systemd1.Manager",
+        ];
+        for u in &self.0 {
+            let _ = Command::new("busctl")
+                .args([
+                    "--system", "call", m[0], m[1], m[2], "StopUnit", "ss", u, "replace",
+                ])
+                .output();
+            let _ = Command::new("busctl")
+                .args([
+                    "--system",
+                    "call",
+                    m[0],
+                    m[1],
+                    m[2],
+                    "ResetFailedUnit",
+                    "s",
+                    u,
+                ])
+                .output();
+        }
+    }
+}
+
+/// modvisord on its embedded bus (no --bus-address), started the way an admin would, ready
+/// when it says READY=1 on a NOTIFY_SOCKET of ours.
+pub struct EmbeddedDaemon {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub run: PathBuf,
+}
+
+impl EmbeddedDaemon {
+    pub fn start(manifests: &[(&str, &str)]) -> EmbeddedDaemon {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Other users (the authorization tests) must reach the bus socket.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let modules = dir.path().join("modules.d");
+        std::fs::create_dir_all(&modules).expect("mkdir");
+        for (name, text) in manifests {
+            std::fs::write(modules.join(format!("{name}.toml")), text).expect("write manifest");
+        }
+        let run = dir.path().join("run");
+        let cfg = dir.path().join("modvisor.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[paths]\nmodules = [\"{}\"]\nstate = \"{}\"\nruntime = \"{}\"\n[runtime]\nnative_backend = \"direct\"\n[dbus]\nbus = \"embedded\"\n",
+                modules.display(),
+                dir.path().join("state").display(),
+                run.display()
+            ),
+        )
+        .expect("config");
+        let notify = dir.path().join("notify");
+        let sock = std::os::unix::net::UnixDatagram::bind(&notify).expect("bind notify socket");
+        sock.set_read_timeout(Some(T)).expect("timeout");
+        let log = std::fs::File::create(dir.path().join("modvisord.log")).expect("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_modvisord"))
+            .arg("--config")
+            .arg(&cfg)
+            .env_remove("MODVISOR_BUS_ADDRESS")
+            .env("NOTIFY_SOCKET", &notify)
+            .env("MODVISOR_LOG_STDERR", "1")
+            .stdin(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn modvisord");
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = sock.recv(&mut buf).expect("READY=1 within the timeout");
+            if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
+                break;
+            }
+        }
+        EmbeddedDaemon {
+            child: Some(child),
+            dir,
+            run,
+        }
+    }
+
+    pub fn address(&self) -> String {
+        format!("unix:path={}", self.run.join("bus").display())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("modvisord.log")).unwrap_or_default()
+    }
+
+    /// SIGTERM, bounded wait; true when it exited cleanly.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return false;
+        };
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st.success();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for EmbeddedDaemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
