@@ -12,6 +12,7 @@ pub mod manifest;
 pub mod model;
 pub mod monitor;
 pub mod policy;
+pub mod procfs;
 pub mod reaper;
 pub mod runtime;
 pub mod state;

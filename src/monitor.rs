@@ -51,43 +51,20 @@ struct Proc {
 }
 
 fn scan_proc() -> HashMap<u32, Proc> {
-    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-        .ok()
-        .flatten()
-        .unwrap_or(4096) as u64;
-    let mut out = HashMap::new();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in procs.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-            continue;
-        };
-        // Fields after COMM: state(0) ppid(1) pgrp(2) ... rss(21)
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let (Some(ppid), Some(pgrp), Some(rss)) = (
-            f.get(1).and_then(|s| s.parse::<u32>().ok()),
-            f.get(2).and_then(|s| s.parse::<i32>().ok()),
-            f.get(21).and_then(|s| s.parse::<u64>().ok()),
-        ) else {
-            continue;
-        };
-        out.insert(
-            pid,
-            Proc {
-                ppid,
-                pgrp,
-                rss: rss * page,
-            },
-        );
-    }
-    out
+    let page = crate::procfs::page_size();
+    crate::procfs::all()
+        .into_iter()
+        .map(|s| {
+            (
+                s.pid,
+                Proc {
+                    ppid: s.ppid,
+                    pgrp: s.pgrp,
+                    rss: s.rss_pages * page,
+                },
+            )
+        })
+        .collect()
 }
 
 /// The cgroup directory (v2, or the named systemd hierarchy on hybrid systems) of a process.

@@ -59,27 +59,13 @@ fn children() -> Vec<i32> {
     if have_children_files {
         return pids;
     }
-    let me = std::process::id() as i32;
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return pids;
-    };
-    for e in procs.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // "PID (COMM) STATE PPID ...": COMM may hold spaces and parentheses; split after the last ')'.
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-            continue;
-        };
-        let mut f = rest.split_whitespace();
-        let (state, ppid) = (f.next(), f.next().and_then(|p| p.parse::<i32>().ok()));
-        if state == Some("Z") && ppid == Some(me) {
-            pids.push(pid);
-        }
-    }
+    let me = std::process::id();
+    pids.extend(
+        crate::procfs::all()
+            .into_iter()
+            .filter(|s| s.state == 'Z' && s.ppid == me)
+            .map(|s| s.pid as i32),
+    );
     pids
 }
 

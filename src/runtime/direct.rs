@@ -31,13 +31,10 @@ pub struct DirectBackend {
 
 /// Field 22 of /proc/PID/stat: the start time, which tells a reused PID from the original.
 fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut f = rest.split_whitespace();
-    if f.next()? == "Z" {
-        return None; // exited, only not yet reaped by its new parent
-    }
-    f.nth(18)?.parse().ok()
+    // A zombie has exited, only not yet been reaped by its new parent.
+    crate::procfs::stat(pid)
+        .filter(|s| s.state != 'Z')
+        .map(|s| s.start_time)
 }
 
 impl DirectBackend {

@@ -381,44 +381,29 @@ pub fn toml_str(s: &str) -> String {
 
 /// Zombie children of `pid`.
 pub fn zombie_children(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
-            continue;
-        };
-        let Some(rest) = stat.rfind(')').map(|i| stat[i + 1..].to_string()) else {
-            continue;
-        };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        if f.first() == Some(&"Z") && f.get(1).and_then(|s| s.parse::<u32>().ok()) == Some(pid) {
-            out.push(p);
-        }
-    }
-    out
+    modvisor::procfs::all()
+        .into_iter()
+        .filter(|s| s.state == 'Z' && s.ppid == pid)
+        .map(|s| s.pid)
+        .collect()
 }
 
-/// Processes whose process group is `pgid`.
+/// Live processes whose process group is `pgid`.
 pub fn group_members(pgid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
-            continue;
-        };
-        let Some(rest) = stat.rfind(')').map(|i| stat[i + 1..].to_string()) else {
-            continue;
-        };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        if f.get(2).and_then(|s| s.parse::<u32>().ok()) == Some(pgid) && f.first() != Some(&"Z") {
-            out.push(p);
-        }
-    }
-    out
+    modvisor::procfs::all()
+        .into_iter()
+        .filter(|s| s.pgrp == pgid as i32 && s.state != 'Z')
+        .map(|s| s.pid)
+        .collect()
+}
+
+/// Children of `pid`.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    modvisor::procfs::all()
+        .into_iter()
+        .filter(|s| s.ppid == pid)
+        .map(|s| s.pid)
+        .collect()
 }
 
 pub fn alive(pid: u32) -> bool {

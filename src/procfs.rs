@@ -1,0 +1,78 @@
+//! `/proc/PID/stat`, parsed once for everyone (reaper, resource sampling, leftover detection).
+
+/// The fields of `/proc/PID/stat` modvisor uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stat {
+    pub pid: u32,
+    /// 'R', 'S', 'Z', ...
+    pub state: char,
+    pub ppid: u32,
+    pub pgrp: i32,
+    /// Resident set size, in pages.
+    pub rss_pages: u64,
+    /// Start time after boot, in clock ticks: tells a reused PID from the original.
+    pub start_time: u64,
+}
+
+/// Parses a stat line. COMM may hold spaces and parentheses: fields are split after the last ')'.
+pub fn parse(pid: u32, line: &str) -> Option<Stat> {
+    let rest = &line[line.rfind(')')? + 1..];
+    // After COMM: state(0) ppid(1) pgrp(2) ... starttime(19) vsize(20) rss(21)
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(Stat {
+        pid,
+        state: f.first()?.chars().next()?,
+        ppid: f.get(1)?.parse().ok()?,
+        pgrp: f.get(2)?.parse().ok()?,
+        start_time: f.get(19)?.parse().ok()?,
+        rss_pages: f.get(21)?.parse().ok()?,
+    })
+}
+
+/// One process, if it exists.
+pub fn stat(pid: u32) -> Option<Stat> {
+    parse(
+        pid,
+        &std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?,
+    )
+}
+
+/// Every process, in one pass over /proc.
+pub fn all() -> Vec<Stat> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
+        .filter_map(stat)
+        .collect()
+}
+
+pub fn page_size() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn comm_with_spaces_and_parens() {
+        let line = "42 (we (ird) name) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 12345 1000 77 18446744073709551615";
+        let s = parse(42, line).expect("parse");
+        assert_eq!(
+            (s.state, s.ppid, s.pgrp, s.start_time, s.rss_pages),
+            ('S', 1, 42, 12345, 77)
+        );
+    }
+
+    #[test]
+    fn this_process() {
+        let me = stat(std::process::id()).expect("own stat");
+        assert_eq!(me.pid, std::process::id());
+        assert!(me.rss_pages > 0);
+    }
+}
