@@ -38,9 +38,11 @@ pub fn init() -> &'static str {
         }
         return "stderr";
     }
+    use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
     "stderr"

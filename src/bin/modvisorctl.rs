@@ -296,6 +296,14 @@ fn logs(name: &str, follow: bool, lines: u32) -> Result<(), Fail> {
     if let Err(e) = modvisor::manifest::validate_name(name) {
         return Err(Fail::Code(2, e));
     }
+    if !std::path::Path::new(modvisor::journal::JOURNAL_SOCKET).exists() {
+        return Err(Fail::Code(
+            1,
+            "no journal runs on this machine: module output goes to modvisord's stderr (or to \
+             module_log_dir/NAME.log when [logging] module_log_dir is set)"
+                .into(),
+        ));
+    }
     let unit = format!("modvisor-{name}.service");
     let mut cmd = std::process::Command::new("journalctl");
     cmd.arg("--no-pager")
