@@ -306,12 +306,13 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     );
     dir_watch.spawn(handle.clone());
     let (conn, bus) = connect_bus(&cfg, &opts).await?;
-    dbus::server::serve(&conn, handle.clone()).await?;
+    let published = dbus::server::serve(&conn, handle.clone()).await?;
     // Wait for the first reconcile so the module objects exist before the name appears.
     ready
         .await
         .map_err(|_| DaemonError::Setup("the supervisor ended during start-up".into()))?;
-    let publisher = dbus::server::Publisher::new(conn.clone(), handle.state.clone()).await?;
+    let publisher =
+        dbus::server::Publisher::new(conn.clone(), handle.state.clone(), published).await?;
     tokio::spawn(publisher.run(handle.activations.subscribe()));
     if !matches!(bus, Bus::System) {
         conn.request_name(BUS_NAME).await?;

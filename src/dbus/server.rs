@@ -100,6 +100,9 @@ fn user_in_group(uid: u32, gid: u32) -> bool {
 
 pub struct Manager {
     handle: Handle,
+    /// What the bus shows: the snapshot whose module objects exist (the Publisher's last sync),
+    /// so ListModules never names an object a client cannot reach yet.
+    published: watch::Receiver<Arc<Snapshot>>,
 }
 
 type ModuleRow = (String, String, String, String, String, OwnedObjectPath);
@@ -113,7 +116,7 @@ fn path(name: &str) -> OwnedObjectPath {
 #[interface(name = "org.modvisor1.Manager")]
 impl Manager {
     async fn list_modules(&self) -> Vec<ModuleRow> {
-        let snap = self.handle.state.borrow().clone();
+        let snap = self.published.borrow().clone();
         snap.modules
             .values()
             .map(|m| {
@@ -131,7 +134,7 @@ impl Manager {
 
     async fn get_module(&self, name: &str) -> Result<OwnedObjectPath, Error> {
         check_name(name)?;
-        if self.handle.state.borrow().modules.contains_key(name) {
+        if self.published.borrow().modules.contains_key(name) {
             Ok(path(name))
         } else {
             Err(Error::NoSuchModule(format!("no module named \"{name}\"")))
@@ -436,11 +439,18 @@ async fn emit_changed(
 }
 
 /// Registers the manager and the ObjectManager on `conn`.
-pub async fn serve(conn: &Connection, handle: Handle) -> zbus::Result<()> {
+/// Returns the sender the Publisher reports each synced snapshot on.
+pub async fn serve(
+    conn: &Connection,
+    handle: Handle,
+) -> zbus::Result<watch::Sender<Arc<Snapshot>>> {
+    let (published_tx, published) = watch::channel(Arc::new(Snapshot::default()));
     let server = conn.object_server();
     server.at(MANAGER_PATH, zbus::fdo::ObjectManager).await?;
-    server.at(MANAGER_PATH, Manager { handle }).await?;
-    Ok(())
+    server
+        .at(MANAGER_PATH, Manager { handle, published })
+        .await?;
+    Ok(published_tx)
 }
 
 /// Follows the supervisor's snapshots and mirrors them onto the bus until the supervisor ends.
@@ -449,18 +459,21 @@ pub struct Publisher {
     conn: Connection,
     state: watch::Receiver<Arc<Snapshot>>,
     last: Arc<Snapshot>,
+    published: watch::Sender<Arc<Snapshot>>,
 }
 
 impl Publisher {
     pub async fn new(
         conn: Connection,
         mut state: watch::Receiver<Arc<Snapshot>>,
+        published: watch::Sender<Arc<Snapshot>>,
     ) -> zbus::Result<Publisher> {
         let first = state.borrow_and_update().clone();
         let mut p = Publisher {
             conn,
             state,
             last: Arc::new(Snapshot::default()),
+            published,
         };
         p.sync(first).await?;
         Ok(p)
@@ -504,8 +517,25 @@ impl Publisher {
         let old = std::mem::replace(&mut self.last, new.clone());
         let server = self.conn.object_server();
         let manager = SignalEmitter::new(&self.conn, MANAGER_PATH)?;
-        for name in old.modules.keys().filter(|n| !new.modules.contains_key(*n)) {
+        // Objects first, then what ListModules shows, then the signals: a client that reacts
+        // to a signal always finds the state it announces, and the object it names.
+        let gone: Vec<&String> = old
+            .modules
+            .keys()
+            .filter(|n| !new.modules.contains_key(*n))
+            .collect();
+        for name in &gone {
             server.remove::<ModuleObject, _>(module_path(name)).await?;
+        }
+        for name in new.modules.keys().filter(|n| !old.modules.contains_key(*n)) {
+            let obj = ModuleObject {
+                name: name.clone(),
+                state: self.state.clone(),
+            };
+            server.at(module_path(name), obj).await?;
+        }
+        self.published.send_replace(new.clone());
+        for name in gone {
             // Watchers learn of the removal from the same signal as of every other change.
             Manager::module_changed(
                 &manager,
@@ -517,51 +547,30 @@ impl Publisher {
             .await?;
         }
         for (name, m) in &new.modules {
-            let p = module_path(name);
-            match old.modules.get(name) {
-                None => {
-                    server
-                        .at(
-                            p.clone(),
-                            ModuleObject {
-                                name: name.clone(),
-                                state: self.state.clone(),
-                            },
-                        )
-                        .await?;
-                    Manager::module_changed(
-                        &manager,
-                        name,
-                        m.state.as_str(),
-                        m.health.as_str(),
-                        &m.health_reason,
-                    )
-                    .await?;
-                }
+            let announce = match old.modules.get(name) {
+                None => true,
                 Some(o) if o != m => {
                     emit_changed(
                         &self.conn,
-                        &p,
+                        &module_path(name),
                         MODULE_IFACE,
                         &module_props(o),
                         &module_props(m),
                     )
                     .await?;
-                    if o.state != m.state
-                        || o.health != m.health
-                        || o.health_reason != m.health_reason
-                    {
-                        Manager::module_changed(
-                            &manager,
-                            name,
-                            m.state.as_str(),
-                            m.health.as_str(),
-                            &m.health_reason,
-                        )
-                        .await?;
-                    }
+                    o.state != m.state || o.health != m.health || o.health_reason != m.health_reason
                 }
-                Some(_) => {}
+                Some(_) => false,
+            };
+            if announce {
+                Manager::module_changed(
+                    &manager,
+                    name,
+                    m.state.as_str(),
+                    m.health.as_str(),
+                    &m.health_reason,
+                )
+                .await?;
             }
         }
         emit_changed(
