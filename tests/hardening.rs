@@ -56,6 +56,19 @@ async fn modvisord_works_under_its_hardened_unit() {
     )
     .expect("config");
 
+    // The unit has a private /tmp: the build under test may live there (a CI clone), so the
+    // binary is copied where the unit can see it.
+    let bin_dir = Path::new("/usr/local/libexec/modvisor-test");
+    std::fs::create_dir_all(bin_dir).expect("mkdir");
+    let bin = bin_dir.join(format!("modvisord-{tag}"));
+    std::fs::copy(env!("CARGO_BIN_EXE_modvisord"), &bin).expect("copy modvisord");
+    struct RmBin(std::path::PathBuf);
+    impl Drop for RmBin {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _rm = RmBin(bin.clone());
     // The shipped unit, pointed at this build and these paths; everything else as shipped.
     let shipped = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("units/modvisord.service"),
@@ -66,7 +79,7 @@ async fn modvisord_works_under_its_hardened_unit() {
             "ExecStart=/usr/bin/modvisord",
             &format!(
                 "ExecStart={} --config {} --bus-address {}",
-                env!("CARGO_BIN_EXE_modvisord"),
+                bin.display(),
                 cfg.display(),
                 bus.address
             ),
@@ -148,7 +161,10 @@ async fn modvisord_works_under_its_hardened_unit() {
         );
         assert!(
             Instant::now() < deadline,
-            "not active (READY=1) in time: {st}; {}",
+            "not active (READY=1) in time: {st}/{}; {}",
+            futures_util::FutureExt::now_or_never(u.sub_state())
+                .and_then(|r| r.ok())
+                .unwrap_or_default(),
             journal(&unit)
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
