@@ -258,14 +258,6 @@ impl ContainerBackend {
         &self.description
     }
 
-    pub fn engine(&self) -> Engine {
-        self.engine
-    }
-
-    pub fn socket(&self) -> &Path {
-        &self.sock
-    }
-
     /// Follows the engine's container events for the whole life of the daemon, reconnecting
     /// when the engine goes away and comes back.
     fn spawn_events(self: Arc<Self>) {

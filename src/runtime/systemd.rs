@@ -13,7 +13,6 @@
 //! - `SyslogIdentifier`/`LogExtraFields=MODVISOR_MODULE=NAME`: the journal can be filtered by module.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -553,5 +552,3 @@ async fn wait_gone(conn: &Connection, path: &str, limit: Duration) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
-
-pub type Shared = Arc<SystemdBackend>;
