@@ -12,11 +12,17 @@ fi
 t0=$(date +%s)
 testbed/install.sh
 command -v cargo-nextest >/dev/null 2>&1 || cargo install cargo-nextest --locked
-trap 'testbed/down.sh >/dev/null 2>&1 || true' EXIT
+trap 'testbed/sysmgr/down.sh >/dev/null 2>&1; testbed/down.sh >/dev/null 2>&1 || true' EXIT
 testbed/up.sh
 # shellcheck disable=SC1091
 . "${TESTBED_STATE:-/tmp/testbed-state}/env"
 export DBUS_SYSTEM_BUS_ADDRESS XDG_RUNTIME_DIR PODMAN_SOCK DOCKER_HOST
+# A clean slate: nothing an earlier run, `make run` or an installed package left outside the
+# checkout can make a test pass (each test creates the system paths it needs).
+scripts/clean-slate.sh
+# The rootfs of the real systemd system manager the sysmgr tests boot (debootstrap, ~1 min
+# once, cached).
+testbed/sysmgr/up.sh --prepare
 # A real llama.cpp server and tiny GGUF models, built once per machine (~6 min the first time),
 # cached outside the checkout; then its container image for both engines.
 export MODVISOR_TEST_LLAMA=${MODVISOR_TEST_LLAMA:-/var/cache/modvisor-test/llama}

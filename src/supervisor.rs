@@ -18,9 +18,7 @@ use crate::journal::{Journal, OutputSink};
 use crate::manifest::{self, ManifestError, Mode, Module, NativeExec};
 use crate::monitor::Target;
 use crate::policy::{self, Availability, Decision};
-use crate::runtime::{
-    Backend, Exec, ExitInfo, Owned, RunHandle, RunPhase, RunRequest, RuntimeEvent,
-};
+use crate::runtime::{Backend, ExitInfo, Owned, RunHandle, RunPhase, RunRequest, RuntimeEvent};
 use crate::state::{Health, ModuleStatus, Snapshot, State};
 
 /// Stable journal MESSAGE_IDs.
@@ -278,19 +276,6 @@ fn now_us(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
-}
-
-/// Substitutes `${model}`, `${model_file}`, `${name}`, `${state_dir}`.
-pub fn substitute(s: &str, name: &str, state_dir: &Path, model: Option<&Path>) -> String {
-    let model_s = model.map(|m| m.display().to_string()).unwrap_or_default();
-    let model_file = model
-        .and_then(|m| m.file_name())
-        .map(|f| f.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    s.replace("${model}", &model_s)
-        .replace("${model_file}", &model_file)
-        .replace("${name}", name)
-        .replace("${state_dir}", &state_dir.display().to_string())
 }
 
 /// Whether a program can be found: absolute and executable, or on the modules' PATH.
@@ -941,7 +926,6 @@ impl Supervisor {
             }
         };
         let model = e.active_model.clone();
-        let sub = |s: &str| substitute(s, n, &state_dir, model.as_deref());
         if let Err(err) = std::fs::create_dir_all(&state_dir) {
             tracing::warn!(
                 modvisor_module = n,
@@ -949,41 +933,10 @@ impl Supervisor {
                 state_dir.display()
             );
         }
-        let exec = match (mode, e.module.native.clone(), e.module.container.clone()) {
-            (Mode::Container, _, Some(mut c)) => {
-                c.command = c.command.iter().map(|a| sub(a)).collect();
-                c.environment = c
-                    .environment
-                    .iter()
-                    .map(|(k, v)| (k.clone(), sub(v)))
-                    .collect();
-                Exec::Container(c)
-            }
-            (Mode::Container, _, None) | (Mode::Native, None, _) => {
-                return Err(OpError::Failed(format!(
-                    "the manifest has no [{mode}] section"
-                )));
-            }
-            (
-                Mode::Native,
-                Some(NativeExec::Command {
-                    argv,
-                    environment,
-                    working_directory,
-                    user,
-                }),
-                _,
-            ) => Exec::Command {
-                argv: argv.iter().map(|a| sub(a)).collect(),
-                environment: environment
-                    .iter()
-                    .map(|(k, v)| (k.clone(), sub(v)))
-                    .collect(),
-                working_directory: working_directory
-                    .map(|w| PathBuf::from(sub(&w.display().to_string()))),
-                user,
-            },
-            (Mode::Native, Some(NativeExec::Unit(u)), _) => Exec::Unit(u),
+        let Some(exec) = e.module.render(mode, &state_dir, model.as_deref()) else {
+            return Err(OpError::Failed(format!(
+                "the manifest has no [{mode}] section"
+            )));
         };
         e.generation += 1;
         let generation = e.generation;
@@ -995,7 +948,12 @@ impl Supervisor {
             restart: e.module.restart.clone(),
             stop_timeout: e.module.stop_timeout,
             memory_max: e.module.resources.memory_max,
-            guard_port: e.module.health.probe.as_ref().and_then(probe_address),
+            guard_port: e
+                .module
+                .health
+                .probe
+                .as_ref()
+                .and_then(manifest::Probe::address),
             sink: OutputSink::new(
                 n,
                 self.journal.clone(),
@@ -1744,11 +1702,10 @@ impl Supervisor {
             // systemd applied the restart policy; this is the end of it.
             let (max, window) = (r.max, r.window);
             let (state, why) = match &info {
-                ExitInfo::Other(t) if t.ends_with("; start limit hit") => (
+                ExitInfo::StartLimitHit(last) => (
                     State::Failed,
                     format!(
-                        "{}; restart limit reached ({max} restarts within {window:?}), left stopped",
-                        t.trim_end_matches("; start limit hit")
+                        "{last}; restart limit reached ({max} restarts within {window:?}), left stopped"
                     ),
                 ),
                 i if i.success() => (State::Inactive, format!("exited: {i}")),
@@ -1856,18 +1813,6 @@ fn no_such(n: &str) -> OpError {
     OpError::NoSuchModule(format!("no module named \"{n}\""))
 }
 
-/// The address a probe talks to, if any ("127.0.0.1:8080").
-pub fn probe_address(p: &manifest::Probe) -> Option<String> {
-    match p {
-        manifest::Probe::Http { url, .. } => url
-            .strip_prefix("http://")
-            .and_then(|r| r.split('/').next())
-            .map(str::to_string),
-        manifest::Probe::Tcp { address } => Some(address.clone()),
-        manifest::Probe::Exec { .. } => None,
-    }
-}
-
 /// The threshold crossed by a module's RAM or VRAM, if any, with the figures.
 fn resource_warning(e: &Entry, cfg: &Config, machine_total: u64) -> Option<String> {
     use crate::manifest::units::format_bytes;
@@ -1940,19 +1885,5 @@ mod tests {
     fn zero_max_never_restarts() {
         let mut b = RestartBudget::new(0, Duration::from_secs(60));
         assert_eq!(b.try_take(Instant::now()), None);
-    }
-
-    #[test]
-    fn placeholders() {
-        let s = substitute(
-            "${name}:${model}:${model_file}:${state_dir}",
-            "m",
-            Path::new("/var/lib/modvisor/modules/m"),
-            Some(Path::new("/srv/models/tiny.gguf")),
-        );
-        assert_eq!(
-            s,
-            "m:/srv/models/tiny.gguf:tiny.gguf:/var/lib/modvisor/modules/m"
-        );
     }
 }

@@ -2,24 +2,12 @@
 //! machine with dpkg: files land where the contract says, the unit verifies, the shipped
 //! config and examples are valid. Purged again at the end.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn deb() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/debian");
-    let found = std::fs::read_dir(&dir).ok().and_then(|rd| {
-        rd.flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "deb"))
-            .max()
-    });
-    found.unwrap_or_else(|| {
-        panic!(
-            "no .deb in {} (make test builds it with scripts/package.sh)",
-            dir.display()
-        )
-    })
-}
+use common::sysmgr::deb;
 
 struct Purge;
 impl Drop for Purge {

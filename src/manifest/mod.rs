@@ -3,6 +3,7 @@
 
 mod load;
 mod raw;
+mod render;
 pub mod units;
 mod validate;
 
@@ -12,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use load::{LoadResult, ManifestSource, load_dirs, load_dirs_checked, scan_dirs, untrusted};
+pub use render::{Exec, substitute};
 pub use validate::{parse_manifest, validate_name};
 
 /// An execution mode of a module.

@@ -16,6 +16,7 @@ use super::{
     Backend, BoxFuture, Exec, ExitInfo, RunHandle, RunRequest, RuntimeError, RuntimeEvent,
 };
 use crate::journal::{OutputSink, Stream};
+use crate::manifest::NativeExec;
 use crate::reaper;
 
 /// The PATH modules get (they do not inherit the daemon's environment, as under systemd).
@@ -126,12 +127,12 @@ impl Backend for DirectBackend {
         req: RunRequest,
         events: mpsc::UnboundedSender<RuntimeEvent>,
     ) -> Result<RunHandle, RuntimeError> {
-        let Exec::Command {
+        let Exec::Native(NativeExec::Command {
             argv,
             environment,
             working_directory,
             user,
-        } = &req.exec
+        }) = &req.exec
         else {
             return Err(RuntimeError::Unsupported(
                 "existing units need the systemd backend".into(),

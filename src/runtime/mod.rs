@@ -7,10 +7,8 @@ pub mod container;
 pub mod direct;
 pub mod systemd;
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -27,6 +25,8 @@ pub enum ExitInfo {
     Signal(i32),
     /// Anything else the backend knows: "oom-kill", "timeout", a start failure.
     Other(String),
+    /// The backend's own restart budget is spent (systemd's start-limit-hit) after this exit.
+    StartLimitHit(Box<ExitInfo>),
 }
 
 impl ExitInfo {
@@ -45,6 +45,7 @@ impl fmt::Display for ExitInfo {
                 Err(_) => write!(f, "signal {s}"),
             },
             ExitInfo::Other(s) => f.write_str(s),
+            ExitInfo::StartLimitHit(last) => write!(f, "{last}; start limit hit"),
         }
     }
 }
@@ -84,20 +85,8 @@ pub enum RuntimeEvent {
     },
 }
 
-/// What to run natively.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Exec {
-    Command {
-        argv: Vec<String>,
-        environment: BTreeMap<String, String>,
-        working_directory: Option<PathBuf>,
-        user: Option<String>,
-    },
-    /// An existing unit: started, stopped and observed, never duplicated.
-    Unit(String),
-    /// A container (placeholders already substituted).
-    Container(crate::manifest::ContainerSpec),
-}
+/// What to run: a native command or unit, or a container (placeholders substituted).
+pub use crate::manifest::Exec;
 
 /// A run of ours a backend found (adoption after a daemon restart).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -20,6 +20,8 @@ use tokio::sync::{mpsc, watch};
 use zbus::{Connection, OwnedObjectPath, OwnedVariant, Variant};
 use zbus_systemd::systemd1::ManagerProxy;
 
+use crate::manifest::NativeExec;
+
 use super::{
     Backend, BoxFuture, Exec, ExitInfo, Owned, RunHandle, RunPhase, RunRequest, RuntimeError,
     RuntimeEvent, fnv,
@@ -40,12 +42,12 @@ pub fn unit_path(unit: &str) -> String {
 /// The hash of what a transient unit runs: a change means the unit must be replaced.
 pub fn spec_hash(req: &RunRequest) -> String {
     let mut parts: Vec<String> = Vec::new();
-    if let Exec::Command {
+    if let Exec::Native(NativeExec::Command {
         argv,
         environment,
         working_directory,
         user,
-    } = &req.exec
+    }) = &req.exec
     {
         parts.extend(argv.iter().cloned());
         parts.push("--env".into());
@@ -165,12 +167,12 @@ impl SystemdBackend {
         hash: &str,
         owner: &str,
     ) -> Vec<(String, OwnedVariant)> {
-        let Exec::Command {
+        let Exec::Native(NativeExec::Command {
             argv,
             environment,
             working_directory,
             user,
-        } = &req.exec
+        }) = &req.exec
         else {
             return Vec::new();
         };
@@ -296,7 +298,7 @@ async fn follow(
             if final_state {
                 let mut info = st.exit_info();
                 if st.result == "start-limit-hit" {
-                    info = ExitInfo::Other(format!("{}; start limit hit", last.exit_info()));
+                    info = ExitInfo::StartLimitHit(Box::new(last.exit_info()));
                 } else if st.result == "success" && st.active_state == "inactive" {
                     info = ExitInfo::Code(st.exec_main_status);
                 }
@@ -358,8 +360,8 @@ impl Backend for SystemdBackend {
 
     fn unit_for(&self, req: &RunRequest) -> String {
         match &req.exec {
-            Exec::Unit(u) => u.clone(),
-            Exec::Command { .. } | Exec::Container(_) => unit_name(&req.name),
+            Exec::Native(NativeExec::Unit(u)) => u.clone(),
+            Exec::Native(NativeExec::Command { .. }) | Exec::Container(_) => unit_name(&req.name),
         }
     }
 
@@ -414,7 +416,7 @@ impl Backend for SystemdBackend {
                 "active" | "activating" | "reloading"
             );
             match &req.exec {
-                Exec::Unit(_) => {
+                Exec::Native(NativeExec::Unit(_)) => {
                     if running {
                         tracing::info!(modvisor_module = %name, "{unit} is already running (pid {}): observing it, not starting a second copy", now.main_pid);
                     } else if let Some(addr) =
@@ -429,7 +431,7 @@ impl Backend for SystemdBackend {
                     }
                 }
                 Exec::Container(_) => return fail("containers are not run by systemd".into()),
-                Exec::Command { .. } => {
+                Exec::Native(NativeExec::Command { .. }) => {
                     let hash = spec_hash(&req);
                     let ours = now
                         .environment

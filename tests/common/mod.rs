@@ -3,6 +3,8 @@
 //! Every wait is event-driven (bus signals) and bounded by an explicit timeout.
 #![allow(dead_code)]
 
+pub mod sysmgr;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -1,0 +1,116 @@
+//! `${...}` placeholders: what a module runs, rendered for one start (its active model, its
+//! state directory). Pure string work on the validated [`Module`].
+
+use std::path::Path;
+
+use super::{Mode, Module, NativeExec, Probe};
+
+/// Substitutes `${model}`, `${model_file}`, `${name}`, `${state_dir}`.
+pub fn substitute(s: &str, name: &str, state_dir: &Path, model: Option<&Path>) -> String {
+    let model_s = model.map(|m| m.display().to_string()).unwrap_or_default();
+    let model_file = model
+        .and_then(|m| m.file_name())
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    s.replace("${model}", &model_s)
+        .replace("${model_file}", &model_file)
+        .replace("${name}", name)
+        .replace("${state_dir}", &state_dir.display().to_string())
+}
+
+/// What to run for one start, placeholders substituted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exec {
+    Native(NativeExec),
+    Container(super::ContainerSpec),
+}
+
+impl Module {
+    /// The command (native) or container spec of `mode`, rendered for `model`; None when the
+    /// manifest has no section for that mode.
+    pub fn render(&self, mode: Mode, state_dir: &Path, model: Option<&Path>) -> Option<Exec> {
+        let sub = |s: &str| substitute(s, &self.name, state_dir, model);
+        match mode {
+            Mode::Container => self.container.clone().map(|mut c| {
+                c.command = c.command.iter().map(|a| sub(a)).collect();
+                c.environment = c
+                    .environment
+                    .iter()
+                    .map(|(k, v)| (k.clone(), sub(v)))
+                    .collect();
+                Exec::Container(c)
+            }),
+            Mode::Native => self.native.clone().map(|n| match n {
+                NativeExec::Command {
+                    argv,
+                    environment,
+                    working_directory,
+                    user,
+                } => Exec::Native(NativeExec::Command {
+                    argv: argv.iter().map(|a| sub(a)).collect(),
+                    environment: environment
+                        .iter()
+                        .map(|(k, v)| (k.clone(), sub(v)))
+                        .collect(),
+                    working_directory: working_directory
+                        .map(|w| sub(&w.display().to_string()).into()),
+                    user,
+                }),
+                unit @ NativeExec::Unit(_) => Exec::Native(unit),
+            }),
+        }
+    }
+}
+
+impl Probe {
+    /// The address the probe talks to, if any ("127.0.0.1:8080"): where the engine listens.
+    pub fn address(&self) -> Option<String> {
+        match self {
+            Probe::Http { url, .. } => url
+                .strip_prefix("http://")
+                .and_then(|r| r.split('/').next())
+                .map(str::to_string),
+            Probe::Tcp { address } => Some(address.clone()),
+            Probe::Exec { .. } => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders() {
+        let s = substitute(
+            "${name}:${model}:${model_file}:${state_dir}",
+            "m",
+            Path::new("/var/lib/modvisor/modules/m"),
+            Some(Path::new("/srv/models/tiny.gguf")),
+        );
+        assert_eq!(
+            s,
+            "m:/srv/models/tiny.gguf:tiny.gguf:/var/lib/modvisor/modules/m"
+        );
+    }
+
+    #[test]
+    fn probe_addresses() {
+        let http = Probe::Http {
+            url: "http://127.0.0.1:8080/health".into(),
+            expect: None,
+        };
+        assert_eq!(http.address().as_deref(), Some("127.0.0.1:8080"));
+        let tcp = Probe::Tcp {
+            address: "[::1]:9".into(),
+        };
+        assert_eq!(tcp.address().as_deref(), Some("[::1]:9"));
+        assert_eq!(
+            Probe::Exec {
+                argv: vec!["true".into()]
+            }
+            .address(),
+            None
+        );
+    }
+}
