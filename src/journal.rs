@@ -213,6 +213,31 @@ impl OutputSink {
     }
 }
 
+/// The last error line of a unit in the journal (system or user manager). `journalctl` is
+/// spawned through the reaper's registry, so the subreaper never steals its exit status.
+pub async fn unit_error_line(unit: &str) -> Option<String> {
+    let mut cmd = tokio::process::Command::new("journalctl");
+    cmd.args(["--no-pager", "-o", "cat", "-n", "40"])
+        .arg(format!("_SYSTEMD_UNIT={unit}"))
+        .arg("+")
+        .arg(format!("_SYSTEMD_USER_UNIT={unit}"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let child = crate::reaper::spawn(&mut cmd).ok()?;
+    let pid = child.id().unwrap_or(0);
+    let out =
+        tokio::time::timeout(std::time::Duration::from_secs(5), child.wait_with_output()).await;
+    crate::reaper::forget(pid);
+    let out = out.ok()?.ok()?;
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    crate::model::last_error_line(&lines)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

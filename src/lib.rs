@@ -6,6 +6,7 @@ pub mod config;
 pub mod daemon;
 pub mod dbus;
 pub mod health;
+pub mod host;
 pub mod journal;
 pub mod logging;
 pub mod manifest;

@@ -1,0 +1,359 @@
+//! The actor: owns the module table (one [`Lifecycle`] per module plus the I/O side of its
+//! run), routes inputs to the machines, carries out their effects (effects.rs) and publishes
+//! the snapshot after every input. Commands come from D-Bus, events from its own tasks and
+//! the backends; nothing here blocks.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::AbortHandle;
+
+use super::module::{Input, Lifecycle, Now, Started};
+use super::resources::Usage;
+use super::{ActivationStep, Backends, Command, Found, Handle, OpError, Reply, ReplyId};
+use crate::config::Config;
+use crate::journal::{Journal, OutputSink};
+use crate::manifest::{ManifestError, Mode};
+use crate::policy::Decision;
+use crate::runtime::{Backend, RunHandle, RuntimeEvent};
+use crate::state::Snapshot;
+
+/// What comes back to the actor from its own tasks.
+pub(super) enum Event {
+    /// An input for one module's machine.
+    Module(String, Input),
+    /// The backend started a run (or adopted one): the handle the actor keeps.
+    Started {
+        name: String,
+        generation: u64,
+        backend: Arc<dyn Backend>,
+        handle: RunHandle,
+        fallback: Option<String>,
+    },
+    MemoryTick,
+    Sample(Box<crate::monitor::Sample>),
+}
+
+/// The I/O side of a module's current run.
+pub(super) struct RunSlot {
+    pub generation: u64,
+    pub backend: Arc<dyn Backend>,
+    pub handle: RunHandle,
+    pub container_id: String,
+}
+
+/// One module: its machine, and what the actor holds for it.
+pub(super) struct Slot {
+    pub lc: Lifecycle,
+    pub override_mode: Option<Mode>,
+    pub decision: Decision,
+    pub run: Option<RunSlot>,
+    pub probe: Option<AbortHandle>,
+    /// Timers and helper tasks of this module, aborted when it is removed.
+    pub tasks: Vec<AbortHandle>,
+    pub sink: Option<OutputSink>,
+    /// The unit or container of the latest run ("" for direct children).
+    pub last_unit: String,
+    pub usage: Usage,
+    /// Runs of ours found at start-up, consumed by the first start.
+    pub found: Vec<Found>,
+}
+
+impl Slot {
+    pub fn own(&mut self, task: AbortHandle) {
+        self.tasks.retain(|t| !t.is_finished());
+        self.tasks.push(task);
+    }
+    pub fn abort_all(&mut self) {
+        if let Some(p) = self.probe.take() {
+            p.abort();
+        }
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+    }
+}
+
+pub(super) struct Supervisor {
+    pub cfg: Arc<Config>,
+    pub native: Option<Arc<dyn Backend>>,
+    pub container: Result<Arc<dyn Backend>, String>,
+    pub container_engine: String,
+    pub journal: Option<Arc<Journal>>,
+    pub slots: BTreeMap<String, Slot>,
+    pub manifest_errors: Vec<ManifestError>,
+    pub events: mpsc::UnboundedSender<Event>,
+    pub runtime_tx: mpsc::UnboundedSender<RuntimeEvent>,
+    pub state_tx: watch::Sender<Arc<Snapshot>>,
+    pub activations: tokio::sync::broadcast::Sender<ActivationStep>,
+    pub gpu: Option<Arc<crate::monitor::Gpu>>,
+    pub gpu_error_logged: bool,
+    pub sampling: bool,
+    pub machine_total: u64,
+    pub gpus: Vec<crate::monitor::GpuRow>,
+    pub foreign: Vec<(u32, String, u64)>,
+    /// Runs of ours found at start-up, by module, consumed by the first reload.
+    pub existing: BTreeMap<String, Vec<Found>>,
+    pub replies: HashMap<ReplyId, Reply<()>>,
+    pub next_reply: ReplyId,
+    /// Helper tasks of the daemon itself (the sampling ticker, stops of unclaimed runs).
+    pub tasks: tokio::task::JoinSet<()>,
+}
+
+/// Spawns the supervisor actor; returns its handle, a receiver that fires after the first
+/// reconcile (when the daemon may say READY=1), and the actor's task.
+pub fn spawn(
+    cfg: Arc<Config>,
+    backends: Backends,
+    journal: Option<Arc<Journal>>,
+    existing: Vec<Found>,
+    gpu: Result<Arc<crate::monitor::Gpu>, String>,
+) -> (Handle, oneshot::Receiver<()>, tokio::task::JoinHandle<()>) {
+    let (cmd_tx, cmd_rx) = mpsc::channel(64);
+    let (events, events_rx) = mpsc::unbounded_channel();
+    let (runtime_tx, runtime_rx) = mpsc::unbounded_channel();
+    let mut by_module: BTreeMap<String, Vec<Found>> = BTreeMap::new();
+    for (b, o) in existing {
+        by_module.entry(o.module.clone()).or_default().push((b, o));
+    }
+    let (state_tx, state_rx) = watch::channel(Arc::new(Snapshot::default()));
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let (activations, _) = tokio::sync::broadcast::channel(64);
+    let sup = Supervisor {
+        cfg,
+        native: backends.native,
+        container: backends.container,
+        container_engine: backends.container_engine,
+        journal,
+        slots: BTreeMap::new(),
+        manifest_errors: Vec::new(),
+        events,
+        runtime_tx,
+        state_tx,
+        existing: by_module,
+        activations: activations.clone(),
+        gpu: gpu.ok(),
+        gpu_error_logged: false,
+        sampling: false,
+        machine_total: 0,
+        gpus: Vec::new(),
+        foreign: Vec::new(),
+        replies: HashMap::new(),
+        next_reply: 0,
+        tasks: tokio::task::JoinSet::new(),
+    };
+    let task = tokio::spawn(sup.run(cmd_rx, events_rx, runtime_rx, ready_tx));
+    let handle = Handle {
+        commands: cmd_tx,
+        state: state_rx,
+        activations,
+    };
+    (handle, ready_rx, task)
+}
+
+impl Supervisor {
+    async fn run(
+        mut self,
+        mut cmd_rx: mpsc::Receiver<Command>,
+        mut events_rx: mpsc::UnboundedReceiver<Event>,
+        mut runtime_rx: mpsc::UnboundedReceiver<RuntimeEvent>,
+        ready: oneshot::Sender<()>,
+    ) {
+        self.reload();
+        self.publish();
+        let _ = ready.send(());
+        self.start_ticker();
+        let mut shutdown: Option<oneshot::Sender<()>> = None;
+        loop {
+            tokio::select! {
+                cmd = cmd_rx.recv(), if shutdown.is_none() => match cmd {
+                    Some(Command::Shutdown(done)) => shutdown = Some(self.shutdown(done)),
+                    Some(c) => self.command(c),
+                    // Every handle is gone: stop as if asked to.
+                    None => shutdown = Some(self.shutdown(oneshot::channel().0)),
+                },
+                Some(ev) = runtime_rx.recv() => self.runtime(ev),
+                Some(ev) = events_rx.recv() => self.event(ev),
+            }
+            self.publish();
+            if shutdown.is_some() && self.slots.values().all(|s| s.lc.is_down()) {
+                break;
+            }
+        }
+        for s in self.slots.values_mut() {
+            s.abort_all();
+        }
+        self.tasks.abort_all();
+        if let Some(done) = shutdown {
+            let _ = done.send(());
+        }
+    }
+
+    fn start_ticker(&mut self) {
+        let tx = self.events.clone();
+        let interval = self.cfg.monitor_interval;
+        self.tasks.spawn(async move {
+            let mut t = tokio::time::interval(interval);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                t.tick().await;
+                if tx.send(Event::MemoryTick).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Direct children are stopped (they cannot outlive the daemon); units and containers
+    /// keep running and are adopted by the next modvisord.
+    fn shutdown(&mut self, done: oneshot::Sender<()>) -> oneshot::Sender<()> {
+        let names: Vec<String> = self.slots.keys().cloned().collect();
+        for n in names {
+            self.feed(&n, Input::Shutdown);
+        }
+        done
+    }
+
+    /// Feeds one input to a module's machine and carries out what it returns.
+    pub fn feed(&mut self, name: &str, input: Input) {
+        let Some(slot) = self.slots.get_mut(name) else {
+            return;
+        };
+        let fx = slot.lc.handle(input, Now::current());
+        for e in fx {
+            self.carry_out(name, e);
+        }
+    }
+
+    pub fn reply_id(&mut self, r: Reply<()>) -> ReplyId {
+        self.next_reply += 1;
+        self.replies.insert(self.next_reply, r);
+        self.next_reply
+    }
+
+    fn runtime(&mut self, ev: RuntimeEvent) {
+        match ev {
+            RuntimeEvent::Exited {
+                name,
+                generation,
+                info,
+            } => {
+                if let Some(s) = self.slots.get_mut(&name)
+                    && s.run.as_ref().is_some_and(|r| r.generation == generation)
+                {
+                    s.run = None;
+                }
+                self.feed(&name, Input::Exited { generation, info });
+            }
+            RuntimeEvent::Status {
+                name,
+                generation,
+                main_pid,
+                restarts,
+                phase,
+                container_id,
+            } => {
+                if let (Some(id), Some(s)) = (container_id, self.slots.get_mut(&name))
+                    && let Some(r) = s.run.as_mut().filter(|r| r.generation == generation)
+                {
+                    r.container_id = id;
+                }
+                let input = Input::Progress {
+                    generation,
+                    main_pid,
+                    restarts,
+                    phase,
+                };
+                self.feed(&name, input);
+            }
+        }
+    }
+
+    fn event(&mut self, ev: Event) {
+        match ev {
+            Event::Module(name, input) => self.feed(&name, input),
+            Event::Started {
+                name,
+                generation,
+                backend,
+                handle,
+                fallback,
+            } => self.started(name, generation, backend, handle, fallback),
+            Event::MemoryTick => self.memory_tick(),
+            Event::Sample(s) => {
+                self.sampling = false;
+                self.sampled(*s);
+            }
+        }
+    }
+
+    fn started(
+        &mut self,
+        name: String,
+        generation: u64,
+        backend: Arc<dyn Backend>,
+        handle: RunHandle,
+        fallback: Option<String>,
+    ) {
+        let Some(s) = self.slots.get_mut(&name) else {
+            return;
+        };
+        // A run that already ended (or was replaced) before its start was answered.
+        if s.lc.running() != Some(generation) {
+            return;
+        }
+        s.last_unit = handle.unit.clone();
+        let started = Started {
+            generation,
+            main_pid: handle.pid,
+            unit: handle.unit.clone(),
+            restarts_itself: backend.restarts_itself(),
+            survives: backend.survives_daemon(),
+            fallback,
+        };
+        s.usage = Usage::default();
+        s.run = Some(RunSlot {
+            generation,
+            backend,
+            handle,
+            container_id: String::new(),
+        });
+        self.feed(&name, Input::Started(started));
+    }
+
+    pub fn publish(&self) {
+        let snap = super::snapshot::project(self);
+        self.state_tx.send_if_modified(|cur| {
+            if **cur == snap {
+                false
+            } else {
+                *cur = Arc::new(snap);
+                true
+            }
+        });
+    }
+
+    pub fn state_dir(&self, name: &str) -> PathBuf {
+        self.cfg.state.join("modules").join(name)
+    }
+
+    pub fn host(&self) -> crate::host::Backends {
+        crate::host::Backends {
+            native_is_systemd: self.native.as_ref().map(|n| n.restarts_itself()),
+            container: self.container.as_ref().map(|_| ()).map_err(|e| e.clone()),
+            search_path: crate::runtime::direct::DEFAULT_PATH.to_string(),
+        }
+    }
+
+    pub fn decide(&self, s: &Slot) -> Decision {
+        let m = s.lc.module();
+        let avail = crate::host::availability(&self.host(), m);
+        crate::policy::decide(m, &self.cfg.policy, &avail, s.override_mode)
+    }
+
+    pub fn no_such(n: &str) -> OpError {
+        OpError::NoSuchModule(format!("no module named \"{n}\""))
+    }
+}

@@ -1,0 +1,195 @@
+//! The actor's side of commands and reloads: replies are registered, inputs fed to machines.
+
+use super::actor::{Slot, Supervisor};
+use super::module::{Input, Lifecycle, Now};
+use super::reconcile::{self, Change};
+use super::{Command, OpError};
+use crate::manifest::{self, Mode, Module};
+use crate::supervisor::MSG_MANIFEST_ERROR;
+
+impl Supervisor {
+    pub(super) fn command(&mut self, c: Command) {
+        match c {
+            Command::Start(n, r) => self.module_command(&n, r, Input::Start),
+            Command::Stop(n, r) => self.module_command(&n, r, Input::Stop),
+            Command::Restart(n, r) => self.module_command(&n, r, Input::Restart),
+            Command::ActivateModel(n, model, r) => {
+                self.module_command(&n, r, |reply| Input::ActivateModel {
+                    reply,
+                    requested: model,
+                })
+            }
+            Command::Reload(r) => {
+                let errs = self.reload();
+                let _ = r.send(errs);
+            }
+            Command::SetModeOverride(n, mode, r) => {
+                let _ = r.send(self.set_override(&n, &mode));
+            }
+            Command::Explain(n, r) => {
+                let _ = r.send(self.explain(&n));
+            }
+            Command::Ping(r) => {
+                let _ = r.send(());
+            }
+            Command::Shutdown(_) => {}
+        }
+    }
+
+    fn module_command(
+        &mut self,
+        n: &str,
+        r: super::Reply<()>,
+        input: impl FnOnce(super::ReplyId) -> Input,
+    ) {
+        if !self.slots.contains_key(n) {
+            let _ = r.send(Err(Self::no_such(n)));
+            return;
+        }
+        let id = self.reply_id(r);
+        self.feed(n, input(id));
+    }
+
+    fn set_override(&mut self, n: &str, mode: &str) -> Result<(), OpError> {
+        let new = match mode {
+            "" => None,
+            m => Some(Mode::parse(m).ok_or_else(|| {
+                OpError::InvalidArgument(format!(
+                    "invalid mode \"{m}\": expected \"native\", \"container\" or \"\" to clear"
+                ))
+            })?),
+        };
+        let host = self.host();
+        let Some(s) = self.slots.get(n) else {
+            return Err(Self::no_such(n));
+        };
+        if s.lc.activating() {
+            return Err(OpError::Busy(format!(
+                "a model activation of {n} is in progress"
+            )));
+        }
+        if let Some(m) = new {
+            let avail = crate::host::availability(&host, s.lc.module());
+            crate::policy::possible(s.lc.module(), &self.cfg.policy, &avail, m)
+                .map_err(|why| OpError::NotAllowed(format!("cannot run {n} as {m}: {why}")))?;
+        }
+        let old_mode = s.decision.mode;
+        let running = s.lc.running().is_some();
+        let mut decision = None;
+        if let Some(s) = self.slots.get_mut(n) {
+            s.override_mode = new;
+        }
+        if let Some(s) = self.slots.get(n) {
+            decision = Some(self.decide(s));
+        }
+        let changed = decision.as_ref().is_some_and(|d| d.mode != old_mode);
+        if let (Some(s), Some(d)) = (self.slots.get_mut(n), decision) {
+            s.decision = d;
+        }
+        if changed && running {
+            self.feed(n, Input::Respawn);
+        }
+        Ok(())
+    }
+
+    /// Rescans the manifests and applies the difference; returns the manifest errors.
+    pub(super) fn reload(&mut self) -> Vec<(String, String)> {
+        // In system mode (running as root) a manifest anyone else can change is refused.
+        let check = self.cfg.manifest_trust_check && nix::unistd::geteuid().is_root();
+        let res = manifest::load_dirs_checked(&self.cfg.modules, check);
+        for e in &res.errors {
+            tracing::error!(message_id = MSG_MANIFEST_ERROR, "manifest error: {e}");
+        }
+        self.manifest_errors = res.errors.clone();
+        let changes = reconcile::diff(self.slots.values().map(|s| s.lc.module()), &res);
+        for change in changes {
+            match change {
+                Change::Remove(n) => {
+                    tracing::info!(modvisor_module = %n, "manifest removed: stopping {n}");
+                    self.feed(&n, Input::Remove);
+                }
+                Change::Add(m) => self.add(m),
+                Change::Update { module, respawn } => {
+                    let n = module.name.clone();
+                    if respawn {
+                        tracing::info!(modvisor_module = %n, "manifest changed what {n} runs: restarting");
+                    }
+                    let input = Input::Reconfigure {
+                        module: Box::new(module),
+                        respawn,
+                    };
+                    self.feed(&n, input);
+                    if let Some(s) = self.slots.get(&n) {
+                        let d = self.decide(s);
+                        if let Some(s) = self.slots.get_mut(&n) {
+                            s.decision = d;
+                        }
+                    }
+                }
+            }
+        }
+        self.stop_unclaimed(&res.broken_stems);
+        self.manifest_errors
+            .iter()
+            .map(|e| (e.path.display().to_string(), e.to_string()))
+            .collect()
+    }
+
+    fn add(&mut self, module: Module) {
+        let name = module.name.clone();
+        let active = read_active_model(&self.state_dir(&name), &module);
+        let found = self.existing.remove(&name).unwrap_or_default();
+        // A run left by an earlier modvisord is adopted whatever `enabled` says.
+        let boot = module.enabled || found.iter().any(|(_, o)| o.running);
+        let mut slot = Slot {
+            lc: Lifecycle::new(module, active, Now::current()),
+            override_mode: None,
+            decision: crate::policy::Decision {
+                mode: None,
+                reason: String::new(),
+                fallback: false,
+            },
+            run: None,
+            probe: None,
+            tasks: Vec::new(),
+            sink: None,
+            last_unit: String::new(),
+            usage: Default::default(),
+            found,
+        };
+        slot.decision = self.decide(&slot);
+        self.slots.insert(name.clone(), slot);
+        if boot {
+            self.feed(&name, Input::Boot);
+        }
+    }
+
+    /// Runs of ours that no manifest (valid or broken) claims any more are stopped, once.
+    fn stop_unclaimed(&mut self, broken: &std::collections::BTreeSet<String>) {
+        let existing = std::mem::take(&mut self.existing);
+        for (name, found) in existing {
+            if self.slots.contains_key(&name) || broken.contains(&name) {
+                continue;
+            }
+            for (b, o) in found {
+                tracing::info!(modvisor_module = %name, "stopping {} of a module with no manifest", o.id);
+                self.tasks.spawn(b.stop_unit(&o.id));
+            }
+        }
+    }
+}
+
+/// The active model recorded in the state directory (when still inside `model.directory`),
+/// else the manifest's default.
+fn read_active_model(state_dir: &std::path::Path, m: &Module) -> Option<std::path::PathBuf> {
+    let recorded = std::fs::read_to_string(state_dir.join("active-model")).ok();
+    let dir = m.model.as_ref().and_then(|mm| mm.directory.as_ref());
+    let recorded = recorded
+        .map(|s| std::path::PathBuf::from(s.trim()))
+        .filter(|p| {
+            dir.is_some_and(|d| {
+                p.starts_with(d) || std::fs::canonicalize(d).is_ok_and(|c| p.starts_with(c))
+            })
+        });
+    recorded.or_else(|| m.model.as_ref().and_then(|mm| mm.default.clone()))
+}

@@ -1,0 +1,282 @@
+//! Carrying out the machines' effects: backends, probes, timers, model I/O, journal lookups.
+//! Everything that can take time runs in a task whose result comes back as an input.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::actor::{Event, Supervisor};
+use super::module::{Effect, Input, Timer};
+use super::{MSG_MODEL_ACTIVATION, MSG_STATE_CHANGED};
+use crate::health;
+use crate::journal::OutputSink;
+use crate::manifest::Mode;
+use crate::runtime::{Backend, RunRequest};
+
+impl Supervisor {
+    pub(super) fn carry_out(&mut self, n: &str, e: Effect) {
+        match e {
+            Effect::Start { generation, model } => self.start(n, generation, model),
+            Effect::Stop { generation } => self.stop(n, generation),
+            Effect::Detach { generation } => {
+                if let Some(s) = self.slots.get_mut(n)
+                    && let Some(r) = s.run.take_if(|r| r.generation == generation)
+                {
+                    tracing::info!(
+                        modvisor_module = n,
+                        "leaving {} running ({})",
+                        r.handle.unit,
+                        r.backend.kind()
+                    );
+                }
+            }
+            Effect::StartProbe { generation } => self.start_probe(n, generation),
+            Effect::StopProbe => {
+                if let Some(p) = self.slots.get_mut(n).and_then(|s| s.probe.take()) {
+                    p.abort();
+                }
+            }
+            Effect::Arm { timer, after } => self.arm(n, timer, after),
+            Effect::Reply(id, result) => {
+                if let Some(r) = self.replies.remove(&id) {
+                    let _ = r.send(result);
+                }
+            }
+            Effect::Changed {
+                state,
+                health,
+                reason,
+            } => tracing::info!(
+                modvisor_module = n,
+                message_id = MSG_STATE_CHANGED,
+                modvisor_state = state.as_str(),
+                modvisor_health = health.as_str(),
+                "{n}: {state}, {health}: {reason}"
+            ),
+            Effect::Step {
+                model,
+                step,
+                detail,
+            } => self.step(n, &model, step, &detail),
+            Effect::ValidateModel { requested } => self.validate_model(n, requested),
+            Effect::RecordModel { model, previous } => self.record_model(n, model, previous),
+            Effect::LookupEngineLine => self.lookup_engine_line(n),
+            Effect::Removed => {
+                if let Some(mut s) = self.slots.remove(n) {
+                    s.abort_all();
+                    tracing::info!(modvisor_module = n, "{n} stopped and removed");
+                }
+            }
+        }
+    }
+
+    /// Sends an input back to a module's machine from a task.
+    fn back(&self, n: &str) -> impl Fn(Input) + Send + 'static {
+        let tx = self.events.clone();
+        let n = n.to_string();
+        move |input| {
+            let _ = tx.send(Event::Module(n.clone(), input));
+        }
+    }
+
+    fn spawn_for(&mut self, n: &str, fut: impl Future<Output = ()> + Send + 'static) {
+        let h = tokio::spawn(fut).abort_handle();
+        if let Some(s) = self.slots.get_mut(n) {
+            s.own(h);
+        }
+    }
+
+    /// Decides the mode, renders what to run, and starts it off the actor.
+    fn start(&mut self, n: &str, generation: u64, model: Option<PathBuf>) {
+        let back = self.back(n);
+        let fail = |why: String| Input::StartFailed { generation, why };
+        let Some(s) = self.slots.get(n) else { return };
+        let decision = self.decide(s);
+        let Some(mode) = decision.mode else {
+            return back(fail(decision.reason.clone()));
+        };
+        let backend = match mode {
+            Mode::Native => self.native.clone().ok_or("no native backend".to_string()),
+            Mode::Container => self.container.clone(),
+        };
+        let backend = match backend {
+            Ok(b) => b,
+            Err(why) => return back(fail(why)),
+        };
+        let state_dir = self.state_dir(n);
+        let m = s.lc.module();
+        let Some(exec) = m.render(mode, &state_dir, model.as_deref()) else {
+            return back(fail(format!("the manifest has no [{mode}] section")));
+        };
+        let sink = OutputSink::new(
+            n,
+            self.journal.clone(),
+            self.cfg.module_log_dir.as_deref(),
+            self.cfg.module_log_max_bytes,
+        );
+        let req = RunRequest {
+            name: n.to_string(),
+            generation,
+            description: m.description.clone(),
+            exec,
+            restart: m.restart.clone(),
+            stop_timeout: m.stop_timeout,
+            memory_max: m.resources.memory_max,
+            guard_port: m.health.probe.as_ref().and_then(|p| p.address()),
+            sink: sink.clone(),
+        };
+        let fallback = decision.fallback.then(|| decision.reason.clone());
+        let Some(s) = self.slots.get_mut(n) else {
+            return;
+        };
+        s.decision = decision;
+        s.sink = Some(sink);
+        // A run left in another backend than the one chosen now would be a second copy.
+        for (b, o) in std::mem::take(&mut s.found) {
+            if b.kind() != backend.kind() {
+                tokio::spawn(b.stop_unit(&o.id));
+            }
+        }
+        let (tx, rtx, name) = (self.events.clone(), self.runtime_tx.clone(), n.to_string());
+        self.spawn_for(n, async move {
+            let r = run_start(backend.clone(), req, rtx, state_dir).await;
+            let ev = match r {
+                Ok(handle) => Event::Started {
+                    name,
+                    generation,
+                    backend,
+                    handle,
+                    fallback,
+                },
+                Err(why) => Event::Module(name, Input::StartFailed { generation, why }),
+            };
+            let _ = tx.send(ev);
+        });
+    }
+
+    fn stop(&mut self, n: &str, generation: u64) {
+        let Some(s) = self.slots.get(n) else { return };
+        let Some(r) = s.run.as_ref().filter(|r| r.generation == generation) else {
+            return;
+        };
+        let fut = r.backend.stop(&r.handle, s.lc.module().stop_timeout);
+        // Not owned by the module: a stop must finish even if the module is removed meanwhile.
+        tokio::spawn(fut);
+    }
+
+    fn start_probe(&mut self, n: &str, generation: u64) {
+        let Some(s) = self.slots.get(n) else { return };
+        let h = s.lc.module().health.clone();
+        let Some(p) = h.probe else { return };
+        let back = self.back(n);
+        let task = tokio::spawn(async move {
+            let report = |result| {
+                back(Input::Probe { generation, result });
+                true
+            };
+            health::probe_loop(|| health::probe(&p, h.timeout), h.interval, report).await;
+        });
+        if let Some(s) = self.slots.get_mut(n)
+            && let Some(old) = s.probe.replace(task.abort_handle())
+        {
+            old.abort();
+        }
+    }
+
+    fn arm(&mut self, n: &str, timer: Timer, after: Duration) {
+        let back = self.back(n);
+        self.spawn_for(n, async move {
+            tokio::time::sleep(after).await;
+            back(Input::Timer(timer));
+        });
+    }
+
+    fn step(&self, n: &str, model: &std::path::Path, step: &str, detail: &str) {
+        let model_s = model.display().to_string();
+        tracing::info!(
+            modvisor_module = n,
+            message_id = MSG_MODEL_ACTIVATION,
+            modvisor_model = %model_s,
+            modvisor_step = step,
+            "{n}: model activation {step}: {model_s}{}{detail}",
+            if detail.is_empty() { "" } else { ": " }
+        );
+        let step = (n.to_string(), model_s, step.to_string(), detail.to_string());
+        let _ = self.activations.send(step);
+    }
+
+    fn validate_model(&mut self, n: &str, requested: String) {
+        let Some(s) = self.slots.get(n) else { return };
+        let spec = s.lc.module().model.clone();
+        let back = self.back(n);
+        self.spawn_for(n, async move {
+            let r = tokio::task::spawn_blocking(move || {
+                crate::model::validate(spec.as_ref(), &requested)
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("validation did not finish: {e}")));
+            back(Input::ModelValidated(r));
+        });
+    }
+
+    fn record_model(&mut self, n: &str, model: PathBuf, previous: Option<PathBuf>) {
+        let dir = self.state_dir(n);
+        let back = self.back(n);
+        let name = n.to_string();
+        self.spawn_for(n, async move {
+            let r = tokio::task::spawn_blocking(move || {
+                crate::model::record(&dir, &model, previous.as_deref()).map_err(|e| e.to_string())
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("recording did not finish: {e}")));
+            if let Err(e) = &r {
+                tracing::error!(modvisor_module = %name, "cannot record the active model: {e}");
+            }
+            back(Input::ModelRecorded(r));
+        });
+    }
+
+    /// The engine's last error line: from its output (container logs may still be on their
+    /// way: look again shortly), else from the journal (a unit writes there directly).
+    fn lookup_engine_line(&mut self, n: &str) {
+        let Some(s) = self.slots.get(n) else { return };
+        let sink = s.sink.clone();
+        let unit = Some(s.last_unit.clone()).filter(|u| u.ends_with(".service"));
+        let back = self.back(n);
+        self.spawn_for(n, async move {
+            let from_output = || {
+                sink.as_ref()
+                    .and_then(|s| crate::model::last_error_line(&s.recent()))
+            };
+            let mut line = from_output();
+            if line.is_none() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                line = from_output();
+            }
+            if line.is_none()
+                && let Some(u) = unit
+            {
+                line = crate::journal::unit_error_line(&u).await;
+            }
+            back(Input::EngineLine(line));
+        });
+    }
+}
+
+/// Creates the module's state directory and starts the backend, off the actor (a start may
+/// fork, look up the port it will listen on, or talk to systemd).
+async fn run_start(
+    backend: Arc<dyn Backend>,
+    req: RunRequest,
+    events: tokio::sync::mpsc::UnboundedSender<crate::runtime::RuntimeEvent>,
+    state_dir: PathBuf,
+) -> Result<crate::runtime::RunHandle, String> {
+    tokio::task::spawn_blocking(move || {
+        if let Err(err) = std::fs::create_dir_all(&state_dir) {
+            tracing::warn!(modvisor_module = %req.name, "cannot create {}: {err}", state_dir.display());
+        }
+        backend.start(req, events).map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("the start did not finish: {e}")))
+}

@@ -1,0 +1,46 @@
+//! The `Explain` text: the mode decision with every rule, the override, the policy, the state.
+
+use super::OpError;
+use super::actor::Supervisor;
+use crate::manifest::Mode;
+
+impl Supervisor {
+    pub(super) fn explain(&self, n: &str) -> Result<String, OpError> {
+        let Some(s) = self.slots.get(n) else {
+            return Err(Self::no_such(n));
+        };
+        let m = s.lc.module();
+        let avail = crate::host::availability(&self.host(), m);
+        let p = &self.cfg.policy;
+        let join = |modes: &[Mode], sep: &str| {
+            modes
+                .iter()
+                .map(|m| m.as_str())
+                .collect::<Vec<_>>()
+                .join(sep)
+        };
+        let mut out = format!("module {} ({})\n", m.name, m.source.display());
+        out.push_str(&format!("decision: {}\n", s.decision.reason));
+        out.push_str(&format!("modes in order: {}\n", join(&m.modes, ", ")));
+        for mode in [Mode::Native, Mode::Container] {
+            let v = match crate::policy::possible(m, p, &avail, mode) {
+                Ok(()) => "possible".to_string(),
+                Err(w) => format!("not possible: {w}"),
+            };
+            out.push_str(&format!("  {mode}: {v}\n"));
+        }
+        let ov = s.override_mode.map(|m| m.to_string());
+        out.push_str(&format!("override: {}\n", ov.as_deref().unwrap_or("none")));
+        out.push_str(&format!(
+            "policy: default_mode={} allowed_modes={} native_enabled={} docker_enabled={} trusted={}\n",
+            p.default_mode,
+            join(&p.allowed_modes, ","),
+            p.native_enabled,
+            p.docker_enabled,
+            m.trusted
+        ));
+        let (health, reason) = s.lc.effective();
+        out.push_str(&format!("state: {} ({health}): {reason}\n", s.lc.state()));
+        Ok(out)
+    }
+}

@@ -1,0 +1,234 @@
+//! The lifecycle's handling of what the run does: started, progressed, probed, exited, timers.
+
+use super::*;
+
+impl Lifecycle {
+    /// A new run: the actor decides the mode, renders and starts it, then answers Started or
+    /// StartFailed.
+    pub(super) fn start(&mut self, _now: Now, fx: &mut Fx) {
+        self.generation += 1;
+        let g = self.generation;
+        self.phase = Phase::Up(Run::new(g, &self.module.health));
+        if let Some(a) = self.activation.as_mut()
+            && a.generation == 0
+        {
+            a.generation = g;
+        }
+        fx.push(Effect::Start {
+            generation: g,
+            model: self.active_model.clone(),
+        });
+        self.set(State::Starting, Health::Unknown, "starting".into());
+    }
+
+    pub(super) fn on_started(&mut self, s: Started, fx: &mut Fx) {
+        let has_probe = self.module.health.probe.is_some();
+        let start_timeout = self.module.health.start_timeout;
+        let shutting_down = self.shutting_down;
+        let Some(run) = self.run_mut(s.generation) else {
+            return;
+        };
+        run.started = true;
+        run.main_pid = s.main_pid;
+        run.unit = s.unit;
+        run.restarts_itself = s.restarts_itself;
+        run.survives = s.survives;
+        run.fallback = s.fallback;
+        let g = run.generation;
+        if shutting_down && run.survives {
+            fx.push(Effect::Detach { generation: g });
+            self.phase = Phase::Down;
+            return;
+        }
+        if run.stopping.is_some() {
+            // Asked to stop before the backend answered: now it can be.
+            let pid = run.main_pid;
+            fx.push(Effect::Stop { generation: g });
+            self.set(
+                State::Stopping,
+                Health::Offline,
+                format!("stopping (pid {pid})"),
+            );
+            return;
+        }
+        let shown = run.started_shown(has_probe);
+        if has_probe {
+            fx.push(Effect::StartProbe { generation: g });
+            fx.push(Effect::Arm {
+                timer: Timer::StartTimeout(g),
+                after: start_timeout,
+            });
+        }
+        self.shown = shown;
+        for w in self.start_waiters.drain(..) {
+            fx.push(Effect::Reply(w, Ok(())));
+        }
+    }
+
+    pub(super) fn on_start_failed(&mut self, generation: u64, why: String, now: Now, fx: &mut Fx) {
+        let Some(run) = self.run_mut(generation) else {
+            return;
+        };
+        let then = run.stopping;
+        self.phase = Phase::Down;
+        self.set(State::Failed, Health::Offline, why.clone());
+        for w in self.start_waiters.drain(..) {
+            fx.push(Effect::Reply(w, Err(OpError::Failed(why.clone()))));
+        }
+        for w in self.stop_waiters.drain(..) {
+            fx.push(Effect::Reply(w, Ok(())));
+        }
+        if then == Some(Stopping::Asked(Then::Remove)) {
+            fx.push(Effect::Removed);
+            return;
+        }
+        self.activation_failed(generation, &why, now, fx);
+    }
+
+    pub(super) fn on_progress(
+        &mut self,
+        generation: u64,
+        main_pid: u32,
+        restarts: Option<u32>,
+        phase: RunPhase,
+        now: Now,
+        fx: &mut Fx,
+    ) {
+        if phase == RunPhase::Ended {
+            // The final counters of a run: its Exited follows.
+            if let (Some(r), Some(_)) = (restarts, self.run_mut(generation)) {
+                self.restarts = r;
+            }
+            return;
+        }
+        let activating = self.activation.is_some();
+        let Phase::Up(run) = &mut self.phase else {
+            return;
+        };
+        if run.generation != generation || run.stopping.is_some() {
+            return;
+        }
+        run.main_pid = main_pid;
+        if let Some(r) = restarts {
+            self.restarts = r;
+        }
+        if let RunPhase::Restarting(info) = &phase
+            && activating
+        {
+            // systemd restarts the engine on the model being activated: that is a failure.
+            let why = format!("pid {} exited: {info}", run.main_pid);
+            self.activation_failed(generation, &why, now, fx);
+            return;
+        }
+        if let Some(shown) = run.progress_shown(&phase, self.restarts, &self.module.health) {
+            self.shown = shown;
+        }
+    }
+
+    pub(super) fn on_probe(&mut self, generation: u64, result: ProbeResult, _fx: &mut Fx) {
+        let failures = self.module.health.failures;
+        let current = self.shown.clone();
+        let Some(run) = self.run_mut(generation) else {
+            return;
+        };
+        // A unit or container is not online before its backend has said it runs (and which
+        // process it is): an answer on its port could still come from something else.
+        if run.stopping.is_some() || !run.started || (run.survives && run.main_pid == 0) {
+            return;
+        }
+        if let Some(shown) = run.probe_shown(&result, &current, failures) {
+            self.shown = shown;
+        }
+    }
+
+    pub(super) fn on_timer(&mut self, t: Timer, now: Now, fx: &mut Fx) {
+        match t {
+            Timer::RestartDue(token) => {
+                if matches!(self.phase, Phase::RestartWait { token: w } if w == token) {
+                    self.start(now, fx);
+                }
+            }
+            Timer::StartTimeout(g) => {
+                let starting = self.shown.0 == State::Starting;
+                let Some(run) = self.run_mut(g) else { return };
+                if !starting || run.stopping.is_some() {
+                    return;
+                }
+                run.stopping = Some(Stopping::StartTimeout);
+                fx.push(Effect::StopProbe);
+                fx.push(Effect::Stop { generation: g });
+            }
+        }
+    }
+
+    pub(super) fn on_exited(&mut self, generation: u64, info: ExitInfo, now: Now, fx: &mut Fx) {
+        let Some(run) = self.run_mut(generation).cloned() else {
+            return;
+        };
+        self.phase = Phase::Down;
+        fx.push(Effect::StopProbe);
+        match run.stopping {
+            Some(Stopping::Asked(then)) => self.stopped(then, &info, now, fx),
+            timed_out => self.ended(&run, &info, timed_out.is_some(), now, fx),
+        }
+    }
+
+    /// The run ended because it was asked to.
+    fn stopped(&mut self, then: Then, info: &ExitInfo, now: Now, fx: &mut Fx) {
+        for w in self.stop_waiters.drain(..) {
+            fx.push(Effect::Reply(w, Ok(())));
+        }
+        match then {
+            Then::Remove => self.removed(fx),
+            Then::Start => {
+                self.set(
+                    State::Inactive,
+                    Health::Offline,
+                    format!("stopped ({info}), restarting"),
+                );
+                self.start(now, fx);
+            }
+            Then::Nothing => self.set(State::Inactive, Health::Offline, "stopped".into()),
+        }
+    }
+
+    /// The run ended on its own (or never became healthy): activation or restart policy.
+    fn ended(&mut self, run: &Run, info: &ExitInfo, timed_out: bool, now: Now, fx: &mut Fx) {
+        let what = if timed_out {
+            let st = self.module.health.start_timeout;
+            format!("no successful health probe within start_timeout ({st:?})")
+        } else if run.main_pid > 0 {
+            format!("pid {} exited: {info}", run.main_pid)
+        } else {
+            format!("the engine exited: {info}")
+        };
+        if self.activation.is_some() {
+            // The engine died on the model being activated (or on the rollback): the
+            // transaction decides, not the restart policy.
+            self.set(State::Inactive, Health::Offline, what.clone());
+            self.activation_failed(run.generation, &what, now, fx);
+            return;
+        }
+        let ended = restart::Ended {
+            info,
+            what: &what,
+            timed_out,
+            by_backend: run.restarts_itself,
+            restarts: self.restarts,
+        };
+        match restart::after_exit(&self.module.restart, &mut self.budget, &ended, now.mono) {
+            AfterExit::Stay(state, why) => self.set(state, Health::Offline, why),
+            AfterExit::Restart { delay, reason } => {
+                self.restarts += 1;
+                self.generation += 1;
+                let token = self.generation;
+                self.phase = Phase::RestartWait { token };
+                fx.push(Effect::Arm {
+                    timer: Timer::RestartDue(token),
+                    after: delay,
+                });
+                self.set(State::Starting, Health::Offline, reason);
+            }
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! Resource sampling: one pass over /proc (and NVML) for all modules, off the actor, never
+//! overlapping; its figures become each module's usage and threshold warning.
+
+use super::actor::{Event, Supervisor};
+use super::module::Input;
+use super::resources;
+use crate::monitor::Target;
+use crate::supervisor::MSG_FOREIGN_GPU;
+
+impl Supervisor {
+    pub(super) fn memory_tick(&mut self) {
+        let targets: Vec<Target> = self
+            .slots
+            .iter()
+            .filter_map(|(n, s)| {
+                let r = s.run.as_ref()?;
+                let main_pid = s.lc.main_pid();
+                (main_pid > 1).then(|| Target {
+                    name: n.clone(),
+                    main_pid,
+                    pgid: r.handle.pgid,
+                    // A unit or a container has a cgroup of its own; a direct child shares
+                    // the daemon's.
+                    own_cgroup: r.backend.kind() != "direct",
+                })
+            })
+            .collect();
+        // Nothing runs and no GPU to watch: sampling costs nothing.
+        if (targets.is_empty() && self.gpu.is_none()) || self.sampling {
+            return;
+        }
+        self.sampling = true;
+        let tx = self.events.clone();
+        let gpu = self.gpu.clone();
+        self.tasks.spawn_blocking(move || {
+            let s = crate::monitor::sample(&targets, gpu.as_deref());
+            let _ = tx.send(Event::Sample(Box::new(s)));
+        });
+    }
+
+    /// Applies one sample: figures, thresholds (degraded), GPUs, foreign processes.
+    pub(super) fn sampled(&mut self, s: crate::monitor::Sample) {
+        self.machine_total = s.machine_total;
+        if !s.gpu_error.is_empty() && !self.gpu_error_logged {
+            tracing::warn!("VRAM unknown: {}", s.gpu_error);
+            self.gpu_error_logged = true;
+        }
+        self.gpus = s.gpus;
+        for (pid, comm, bytes) in s
+            .foreign
+            .iter()
+            .filter(|f| !self.foreign.iter().any(|o| o.0 == f.0))
+        {
+            tracing::warn!(
+                message_id = MSG_FOREIGN_GPU,
+                "GPU process {pid} ({comm}) holds {} of VRAM and belongs to no module (an orphaned engine?)",
+                crate::manifest::units::format_bytes(*bytes)
+            );
+        }
+        self.foreign = s.foreign;
+        let (ram_pct, vram_pct) = (self.cfg.ram_warn_percent, self.cfg.vram_warn_percent);
+        let names: Vec<String> = self.slots.keys().cloned().collect();
+        for n in names {
+            let Some(slot) = self.slots.get_mut(&n) else {
+                continue;
+            };
+            let warning = if slot.run.is_none() {
+                None
+            } else {
+                if let Some(m) = s.modules.get(&n) {
+                    slot.usage = resources::Usage {
+                        memory: m.rss,
+                        vram: m.vram,
+                        vram_total: m.vram_total,
+                    };
+                }
+                let r = &slot.lc.module().resources;
+                resources::warning(r, &slot.usage, self.machine_total, ram_pct, vram_pct)
+            };
+            self.feed(&n, Input::Warning(warning));
+        }
+    }
+}

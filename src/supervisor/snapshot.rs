@@ -1,0 +1,121 @@
+//! The projection of the table into the published [`Snapshot`] (what D-Bus and sd_notify see).
+
+use std::time::UNIX_EPOCH;
+
+use super::actor::{Slot, Supervisor};
+use crate::manifest::{Mode, NativeExec};
+use crate::state::{ModuleStatus, Snapshot};
+
+/// Longest reason published (a module's output can end up in it): a few KiB.
+const MAX_REASON: usize = 4096;
+
+pub(super) fn project(sup: &Supervisor) -> Snapshot {
+    Snapshot {
+        modules: sup
+            .slots
+            .iter()
+            .map(|(n, s)| (n.clone(), status(sup, s)))
+            .collect(),
+        manifest_errors: sup
+            .manifest_errors
+            .iter()
+            .map(|e| (e.path.display().to_string(), e.to_string()))
+            .collect(),
+        native_backend: sup
+            .native
+            .as_ref()
+            .map(|n| n.kind().to_string())
+            .unwrap_or_default(),
+        container_engine: sup.container_engine.clone(),
+        gpus: sup.gpus.clone(),
+        foreign_gpu_processes: sup.foreign.clone(),
+    }
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary, marking the cut.
+pub fn cap(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+fn status(sup: &Supervisor, s: &Slot) -> ModuleStatus {
+    let m = s.lc.module();
+    let mode = s.decision.mode;
+    let (health, reason) = s.lc.effective();
+    let running = s.run.is_some();
+    let backend = match (&s.run, mode) {
+        (Some(r), _) => r.backend.kind().to_string(),
+        (None, Some(Mode::Native)) => sup
+            .native
+            .as_ref()
+            .map(|n| n.kind().to_string())
+            .unwrap_or_default(),
+        (None, Some(Mode::Container)) => sup
+            .container
+            .as_ref()
+            .map(|c| c.kind().to_string())
+            .unwrap_or_default(),
+        (None, None) => String::new(),
+    };
+    let unit = match (&s.run, mode, &sup.native) {
+        (Some(r), _, _) if r.backend.restarts_itself() => r.handle.unit.clone(),
+        (Some(_), _, _) => String::new(),
+        (None, Some(Mode::Native), Some(b)) if b.restarts_itself() => match &m.native {
+            Some(NativeExec::Unit(u)) => u.clone(),
+            _ => crate::runtime::systemd::unit_name(&m.name),
+        },
+        _ => String::new(),
+    };
+    ModuleStatus {
+        name: m.name.clone(),
+        description: m.description.clone(),
+        mode: mode.map(|m| m.to_string()).unwrap_or_default(),
+        mode_reason: s.decision.reason.clone(),
+        backend,
+        state: s.lc.state(),
+        health,
+        health_reason: cap(reason, MAX_REASON),
+        unit,
+        container_id: s
+            .run
+            .as_ref()
+            .map(|r| r.container_id.clone())
+            .unwrap_or_default(),
+        main_pid: if running { s.lc.main_pid() } else { 0 },
+        memory_bytes: if running { s.usage.memory } else { 0 },
+        memory_max_bytes: m.resources.memory_max.unwrap_or(0),
+        vram_bytes: if running { s.usage.vram } else { 0 },
+        restarts: s.lc.restarts(),
+        active_model: s
+            .lc
+            .active_model()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        since_us: s
+            .lc
+            .since()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0),
+        manifest_path: m.source.display().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cap_cuts_on_a_char_boundary() {
+        assert_eq!(super::cap("abc", 10), "abc");
+        assert_eq!(super::cap("aéb", 2), "a…");
+        assert_eq!(
+            super::cap(&"x".repeat(10_000), 4096).len(),
+            4096 + '…'.len_utf8()
+        );
+    }
+}
