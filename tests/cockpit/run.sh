@@ -96,8 +96,9 @@ busctl --system call org.freedesktop.DBus /org/freedesktop/DBus org.freedesktop.
 groupadd -f --system modvisor
 id "$TESTUSER" >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin "$TESTUSER"
 gpasswd -d "$TESTUSER" modvisor >/dev/null 2>&1 || true
-mkdir -p "$W/home"
-chown "$TESTUSER" "$W/home"
+mkdir -p "$W/home/.cache" "$W/home/run"
+chmod 700 "$W/home/run"
+chown -R "$TESTUSER" "$W/home"
 
 # --- the page, where both bridges find it (XDG_DATA_DIRS), readable by the test user
 mkdir -p "$W/share/cockpit"
@@ -109,7 +110,9 @@ mkdir -p "$W/nvml"
 cc -shared -fPIC -O1 -o "$W/nvml/libnvidia-ml.so.1" tests/nvml-stub/nvml_stub.c
 printf 'gpu Stand-in_GPU GPU-c0c0-0001 8589934592 1610612736\n' >"$W/gpus"
 # An engine left over from an earlier run, holding VRAM: a GPU process of no module.
-setsid bash -c 'exec -a llama-server-orphan sleep 100000' </dev/null >/dev/null 2>&1 &
+# (A copy of sleep, so that its command name is the one an operator would see.)
+cp /bin/sleep "$W/llama-server"
+setsid "$W/llama-server" 100000 </dev/null >/dev/null 2>&1 &
 FOREIGN=$!
 PGIDS+=("$FOREIGN")
 
@@ -207,6 +210,7 @@ XDG_DATA_DIRS="$W/share:/usr/share" setsid "$WS" --no-tls -p "$ROOT_PORT" -a 127
 PGIDS+=("$!")
 USER_PORT=$(free_port)
 setsid runuser -u "$TESTUSER" -- env -i PATH=/usr/bin:/bin HOME="$W/home" USER="$TESTUSER" LANG=C.UTF-8 \
+  XDG_CACHE_HOME="$W/home/.cache" XDG_RUNTIME_DIR="$W/home/run" \
   XDG_DATA_DIRS="$W/share:/usr/share" DBUS_SYSTEM_BUS_ADDRESS="$DBUS_SYSTEM_BUS_ADDRESS" \
   "$WS" --no-tls -p "$USER_PORT" -a 127.0.0.1 --local-session=cockpit-bridge \
   </dev/null >"$W/cockpit-ws-user.log" 2>&1 &

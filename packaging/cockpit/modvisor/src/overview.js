@@ -26,7 +26,7 @@ export function actionState(ctx, m) {
     return {
         why,
         start: !why && !active,
-        stop: !why && m.State !== "inactive",
+        stop: !why && active,
         restart: !why,
         op,
         busy,
@@ -62,7 +62,7 @@ function moduleLink(ctx, name) {
     }, name);
 }
 
-const COLUMNS = () => [_("Module"), _("Mode"), _("Backend"), _("State"), _("Health"), _("RAM"), _("VRAM"), _("Restarts"), _("Since"), _("Actions")];
+const COLUMNS = () => [_("Module"), _("Mode"), _("State"), _("Health"), _("RAM"), _("VRAM"), _("Restarts"), _("Since"), _("Actions")];
 
 /// The cells of a module's row, each with the key that says when it must be built again.
 function moduleCells(ctx, m, vramTotal, now) {
@@ -72,8 +72,8 @@ function moduleCells(ctx, m, vramTotal, now) {
     const sinceText = ago(m.Since, now) || "—";
     return [
         [[m.Description], () => [moduleLink(ctx, m.Name), m.Description && h("div", { class: "mv-muted mv-small" }, m.Description)]],
-        [[m.Mode], () => m.Mode || "—"],
-        [[m.Backend], () => m.Backend || "—"],
+        [[m.Mode, m.Backend], () => [h("div", { "data-field": "mode" }, m.Mode || "—"),
+                                     h("div", { class: "mv-muted mv-small", "data-field": "backend", title: _("Backend") }, m.Backend || "—")]],
         [[m.State, s.op], () => h("span", { class: "mv-state", "data-state": m.State }, m.State,
                                   s.op && h("span", { class: "mv-muted" }, " (" + s.op + "…)"))],
         [[m.Health, m.HealthReason], () => h("div", { class: "mv-health-cell" }, healthLabel(m.Health),

@@ -42,7 +42,7 @@ export function bar(label, used, total, { warn = 85 } = {}) {
     }
     const p = percent(used, total);
     const mod = used > total ? "pf-m-danger" : p >= warn ? "pf-m-warning" : "";
-    return h("div", { class: ["pf-v6-c-progress", "pf-m-sm", "pf-m-singleline", "mv-bar", mod] },
+    return h("div", { class: ["pf-v6-c-progress", "pf-m-sm", "mv-bar", mod] },
              h("div", { class: "pf-v6-c-progress__status", "aria-hidden": "true" },
                h("span", { class: "pf-v6-c-progress__measure" },
                  cockpit.format(_("$0 of $1"), bytes(used), bytes(total)))),
