@@ -249,9 +249,22 @@ test("kill -9 of an engine from outside: offline, then online again, without a r
     const after = ctl("status", "mvck-svc");
     assert.notEqual(after.main_pid, before.main_pid);
     assert.equal(await row("mvck-svc").locator("td").nth(6).innerText(), String(after.restarts));
-    const seen = (await page.evaluate(() => window.__mvck.health)).filter(([n]) => n === "mvck-svc").map(([, h]) => h);
-    assert.deepEqual([seen[0], seen[seen.length - 1]], ["offline", "online"], JSON.stringify(seen));
+    const seen = (await page.evaluate(() => window.__mvck.health)).filter(([n]) => n === "mvck-svc").map(([, h]) => h)
+            .filter((h, i, all) => i === 0 || all[i - 1] !== h);
+    assert.deepEqual(seen, ["offline", "online"], "the badge went offline, then online: " + JSON.stringify(seen));
     await shot("05-killed-online");
+    await sameDocument();
+});
+
+test("a manifest dropped in appears live (InterfacesAdded), and goes when removed", async () => {
+    const file = path.join(WORK, "modules.d/mvck-new.toml");
+    fs.writeFileSync(file + ".tmp", 'description = "dropped in while the page is open"\ntrusted = true\n[native]\ncommand = ["/bin/sh", "-c", "exec sleep 100000"]\n');
+    fs.renameSync(file + ".tmp", file);
+    await waitHealth("mvck-new", "online", "running");
+    assert.equal(await row("mvck-new").locator(".mv-muted").first().innerText(), "dropped in while the page is open");
+    fs.unlinkSync(file);
+    await page.waitForFunction(() => !document.querySelector('tr[data-module="mvck-new"]'), null, { timeout: T });
+    await until("its unit is gone", () => ["inactive", "unloaded"].includes(unitState("modvisor-mvck-new.service")));
     await sameDocument();
 });
 

@@ -32,7 +32,7 @@ PAGE=$ROOT/target/cockpit/modvisor
 SHOTS=$ROOT/target/cockpit-screenshots
 TESTUSER=mvtest-cockpit-ro
 POLICY=/etc/dbus-1/system.d/org.modvisor1-cockpit-test.conf
-MODULES=(mvck-svc mvck-stop mvck-mem mvck-fail mvck-llm)
+MODULES=(mvck-svc mvck-stop mvck-mem mvck-fail mvck-llm mvck-new)
 
 # --- what must be there (missing is a failure)
 for f in "$WS" /usr/bin/cockpit-bridge /usr/share/cockpit/shell/manifest.json /usr/bin/chromium; do

@@ -88,9 +88,9 @@ function moduleCells(ctx, m, vramTotal, now) {
 
 function moduleRow(ctx, tr, m, vramTotal, now) {
     const cols = COLUMNS();
-    tr.dataset.module = m.Name;
-    tr.dataset.health = m.Health;
-    tr.dataset.state = m.State;
+    for (const [k, v] of [["module", m.Name], ["health", m.Health], ["state", m.State]])
+        if (tr.dataset[k] !== v)
+            tr.dataset[k] = v;
     patch(tr, moduleCells(ctx, m, vramTotal, now).map(([key, build], i) => ({
         id: i,
         key: JSON.stringify(key),
