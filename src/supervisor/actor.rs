@@ -34,6 +34,16 @@ pub(super) enum Event {
     },
     MemoryTick,
     Sample(Box<crate::monitor::Sample>),
+    /// A manifest scan finished.
+    Scanned(Box<crate::manifest::LoadResult>),
+}
+
+/// Manifest scans: one at a time; replies wait for the scan that started after they asked.
+#[derive(Default)]
+pub(super) struct Scans {
+    pub running: bool,
+    pub current: Vec<oneshot::Sender<Vec<(String, String)>>>,
+    pub next: Vec<oneshot::Sender<Vec<(String, String)>>>,
 }
 
 /// The I/O side of a module's current run.
@@ -100,6 +110,7 @@ pub(super) struct Supervisor {
     pub next_reply: ReplyId,
     /// Helper tasks of the daemon itself (the sampling ticker, stops of unclaimed runs).
     pub tasks: tokio::task::JoinSet<()>,
+    pub scan: Scans,
 }
 
 /// Spawns the supervisor actor; returns its handle, a receiver that fires after the first
@@ -143,6 +154,7 @@ pub fn spawn(
         replies: HashMap::new(),
         next_reply: 0,
         tasks: tokio::task::JoinSet::new(),
+        scan: Scans::default(),
     };
     let task = tokio::spawn(sup.run(cmd_rx, events_rx, runtime_rx, ready_tx));
     let handle = Handle {
@@ -176,6 +188,8 @@ impl Supervisor {
                 },
                 Some(ev) = runtime_rx.recv() => self.runtime(ev),
                 Some(ev) = events_rx.recv() => self.event(ev),
+                // Finished helper tasks of the daemon are reaped here (a JoinSet keeps them).
+                Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => continue,
             }
             self.publish();
             if shutdown.is_some() && self.slots.values().all(|s| s.lc.is_down()) {
@@ -282,6 +296,7 @@ impl Supervisor {
                 fallback,
             } => self.started(name, generation, backend, handle, fallback),
             Event::MemoryTick => self.memory_tick(),
+            Event::Scanned(res) => self.scanned(*res),
             Event::Sample(s) => {
                 self.sampling = false;
                 self.sampled(*s);

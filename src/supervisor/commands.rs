@@ -1,10 +1,12 @@
 //! The actor's side of commands and reloads: replies are registered, inputs fed to machines.
 
-use super::actor::{Slot, Supervisor};
+use tokio::sync::oneshot;
+
+use super::actor::{Event, Slot, Supervisor};
 use super::module::{Input, Lifecycle, Now};
 use super::reconcile::{self, Change};
 use super::{Command, OpError};
-use crate::manifest::{self, Mode, Module};
+use crate::manifest::{self, LoadResult, Mode, Module};
 use crate::supervisor::MSG_MANIFEST_ERROR;
 
 impl Supervisor {
@@ -19,10 +21,7 @@ impl Supervisor {
                     requested: model,
                 })
             }
-            Command::Reload(r) => {
-                let errs = self.reload();
-                let _ = r.send(errs);
-            }
+            Command::Reload(r) => self.request_scan(r),
             Command::SetModeOverride(n, mode, r) => {
                 let _ = r.send(self.set_override(&n, &mode));
             }
@@ -92,47 +91,91 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Rescans the manifests and applies the difference; returns the manifest errors.
+    /// Rescans the manifests off the actor (a scan reads every file); the reply waits for the
+    /// scan that started after it was asked, so it sees what was on disk then.
+    fn request_scan(&mut self, r: oneshot::Sender<Vec<(String, String)>>) {
+        self.scan.next.push(r);
+        if !self.scan.running {
+            self.start_scan();
+        }
+    }
+
+    fn start_scan(&mut self) {
+        self.scan.running = true;
+        self.scan.current = std::mem::take(&mut self.scan.next);
+        let dirs = self.cfg.modules.clone();
+        let check = self.trust_check();
+        let tx = self.events.clone();
+        self.tasks.spawn_blocking(move || {
+            let res = manifest::load_dirs_checked(&dirs, check);
+            let _ = tx.send(Event::Scanned(Box::new(res)));
+        });
+    }
+
+    pub(super) fn scanned(&mut self, res: LoadResult) {
+        let errs = self.apply(res);
+        for r in std::mem::take(&mut self.scan.current) {
+            let _ = r.send(errs.clone());
+        }
+        self.scan.running = false;
+        if !self.scan.next.is_empty() {
+            self.start_scan();
+        }
+    }
+
+    /// In system mode (running as root) a manifest anyone else can change is refused.
+    fn trust_check(&self) -> bool {
+        self.cfg.manifest_trust_check && nix::unistd::geteuid().is_root()
+    }
+
+    /// The first scan, before the loop runs (the daemon says READY=1 after it).
     pub(super) fn reload(&mut self) -> Vec<(String, String)> {
-        // In system mode (running as root) a manifest anyone else can change is refused.
-        let check = self.cfg.manifest_trust_check && nix::unistd::geteuid().is_root();
-        let res = manifest::load_dirs_checked(&self.cfg.modules, check);
+        let res = manifest::load_dirs_checked(&self.cfg.modules, self.trust_check());
+        self.apply(res)
+    }
+
+    /// Applies a scan: the difference to the table; returns the manifest errors.
+    fn apply(&mut self, res: LoadResult) -> Vec<(String, String)> {
         for e in &res.errors {
             tracing::error!(message_id = MSG_MANIFEST_ERROR, "manifest error: {e}");
         }
         self.manifest_errors = res.errors.clone();
         let changes = reconcile::diff(self.slots.values().map(|s| s.lc.module()), &res);
         for change in changes {
-            match change {
-                Change::Remove(n) => {
-                    tracing::info!(modvisor_module = %n, "manifest removed: stopping {n}");
-                    self.feed(&n, Input::Remove);
-                }
-                Change::Add(m) => self.add(m),
-                Change::Update { module, respawn } => {
-                    let n = module.name.clone();
-                    if respawn {
-                        tracing::info!(modvisor_module = %n, "manifest changed what {n} runs: restarting");
-                    }
-                    let input = Input::Reconfigure {
-                        module: Box::new(module),
-                        respawn,
-                    };
-                    self.feed(&n, input);
-                    if let Some(s) = self.slots.get(&n) {
-                        let d = self.decide(s);
-                        if let Some(s) = self.slots.get_mut(&n) {
-                            s.decision = d;
-                        }
-                    }
-                }
-            }
+            self.change(change);
         }
         self.stop_unclaimed(&res.broken_stems);
         self.manifest_errors
             .iter()
             .map(|e| (e.path.display().to_string(), e.to_string()))
             .collect()
+    }
+
+    fn change(&mut self, change: Change) {
+        match change {
+            Change::Remove(n) => {
+                tracing::info!(modvisor_module = %n, "manifest removed: stopping {n}");
+                self.feed(&n, Input::Remove);
+            }
+            Change::Add(m) => self.add(m),
+            Change::Update { module, respawn } => {
+                let n = module.name.clone();
+                if respawn {
+                    tracing::info!(modvisor_module = %n, "manifest changed what {n} runs: restarting");
+                }
+                let input = Input::Reconfigure {
+                    module: Box::new(module),
+                    respawn,
+                };
+                self.feed(&n, input);
+                if let Some(s) = self.slots.get(&n) {
+                    let d = self.decide(s);
+                    if let Some(s) = self.slots.get_mut(&n) {
+                        s.decision = d;
+                    }
+                }
+            }
+        }
     }
 
     fn add(&mut self, module: Module) {

@@ -163,6 +163,7 @@ mod tests {
         use AfterExit::*;
         let code = |c| ExitInfo::Code(c);
         let limit = ExitInfo::StartLimitHit(Box::new(ExitInfo::Code(1)));
+        #[rustfmt::skip]
         let rows: Vec<(RestartPolicy, ExitInfo, bool, bool, u32, AfterExit)> = vec![
             (
                 RestartPolicy::OnFailure,
