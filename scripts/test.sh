@@ -30,9 +30,17 @@ engines/build-llama-server.sh "$MODVISOR_TEST_LLAMA"
 engines/build-llama-image.sh "$MODVISOR_TEST_LLAMA"
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
+# The Cockpit page (npm, esbuild; no CDN) and its browser test's dependencies; the package
+# ships the page, so it is built first.
+(cd packaging/cockpit && npm ci --no-audit --no-fund && npm run build)
+(cd tests/cockpit && npm ci --no-audit --no-fund)
 # The Debian package the packaging test installs (release build, man pages, completions).
 scripts/package.sh
 cargo nextest run --profile ci --locked
+# The Cockpit page in a real cockpit-ws and Debian's Chromium against a real modvisord
+# (bounded: 150 s), outside nextest because of its own bound.
+cargo build --locked --bins
+tests/cockpit/run.sh
 # The fuzz target of the manifest parser and validator, for a bounded time.
 FUZZ_SECONDS=${FUZZ_SECONDS:-60} scripts/fuzz.sh
 echo "scripts/test.sh: all green in $(( $(date +%s) - t0 )) s"
