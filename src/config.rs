@@ -134,7 +134,7 @@ struct RawMonitor {
 #[serde(deny_unknown_fields)]
 struct RawLogging {
     module_log_dir: Option<String>,
-    module_log_max_bytes: Option<u64>,
+    module_log_max_bytes: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -156,6 +156,92 @@ fn mode(m: RawMode) -> Mode {
     match m {
         RawMode::Native => Mode::Native,
         RawMode::Container => Mode::Container,
+    }
+}
+
+/// Longest `monitor.interval` (as written in errors): past far larger values a timer's deadline
+/// overflows the clock and panics; a day is already longer than any sampling needs.
+const MAX_INTERVAL: (Duration, &str) = (Duration::from_secs(86_400), "1d");
+/// Smallest rotation size of per-module log files.
+const MIN_LOG_BYTES: u64 = 4096;
+
+/// The file being parsed, for errors at a value's position.
+struct Ctx<'a> {
+    path: &'a Path,
+    src: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err<T>(&self, offset: usize, msg: String) -> Result<T, ManifestError> {
+        Err(ManifestError::at(self.path, self.src, offset, msg))
+    }
+
+    /// A duration that a timer runs on: more than zero (a zero period panics) and at most `max`.
+    fn interval(
+        &self,
+        v: &Spanned<String>,
+        key: &str,
+        max: (Duration, &str),
+    ) -> Result<Duration, ManifestError> {
+        let at = v.span().start;
+        match parse_duration(v.get_ref()) {
+            Err(e) => self.err(at, format!("{key}: {e}")),
+            Ok(d) if d.is_zero() => {
+                self.err(at, format!("{key}: expected a duration greater than zero"))
+            }
+            Ok(d) if d > max.0 => self.err(
+                at,
+                format!(
+                    "{key}: expected at most {}, found \"{}\"",
+                    max.1,
+                    v.get_ref()
+                ),
+            ),
+            Ok(d) => Ok(d),
+        }
+    }
+
+    fn monitor(&self, m: RawMonitor, c: &mut Config) -> Result<(), ManifestError> {
+        if let Some(i) = &m.interval {
+            c.monitor_interval = self.interval(i, "monitor.interval", MAX_INTERVAL)?;
+        }
+        for (v, slot, key) in [
+            (
+                m.ram_warn_percent,
+                &mut c.ram_warn_percent,
+                "monitor.ram_warn_percent",
+            ),
+            (
+                m.vram_warn_percent,
+                &mut c.vram_warn_percent,
+                "monitor.vram_warn_percent",
+            ),
+        ] {
+            if let Some(p) = v {
+                if !(1..=100).contains(p.get_ref()) {
+                    return self.err(p.span().start, format!("{key}: expected 1 to 100"));
+                }
+                *slot = *p.get_ref();
+            }
+        }
+        if let Some(n) = m.nvml_library {
+            c.nvml_library = n;
+        }
+        Ok(())
+    }
+
+    /// Rotating at zero bytes would rotate at every line.
+    fn log_max_bytes(&self, n: &Spanned<u64>) -> Result<u64, ManifestError> {
+        let v = *n.get_ref();
+        if v < MIN_LOG_BYTES {
+            return self.err(
+                n.span().start,
+                format!(
+                    "logging.module_log_max_bytes: expected at least {MIN_LOG_BYTES}, found {v}"
+                ),
+            );
+        }
+        Ok(v)
     }
 }
 
@@ -238,46 +324,16 @@ impl Config {
                 };
             }
         }
+        let cx = Ctx { path, src };
         if let Some(m) = raw.monitor {
-            if let Some(i) = m.interval {
-                c.monitor_interval = parse_duration(i.get_ref()).map_err(|e| {
-                    ManifestError::at(path, src, i.span().start, format!("monitor.interval: {e}"))
-                })?;
-            }
-            for (v, slot, key) in [
-                (
-                    m.ram_warn_percent,
-                    &mut c.ram_warn_percent,
-                    "monitor.ram_warn_percent",
-                ),
-                (
-                    m.vram_warn_percent,
-                    &mut c.vram_warn_percent,
-                    "monitor.vram_warn_percent",
-                ),
-            ] {
-                if let Some(p) = v {
-                    if !(1..=100).contains(p.get_ref()) {
-                        return Err(ManifestError::at(
-                            path,
-                            src,
-                            p.span().start,
-                            format!("{key}: expected 1 to 100"),
-                        ));
-                    }
-                    *slot = *p.get_ref();
-                }
-            }
-            if let Some(n) = m.nvml_library {
-                c.nvml_library = n;
-            }
+            cx.monitor(m, &mut c)?;
         }
         if let Some(l) = raw.logging {
             if let Some(d) = l.module_log_dir.filter(|d| !d.is_empty()) {
                 c.module_log_dir = Some(resolve(&d));
             }
             if let Some(n) = l.module_log_max_bytes {
-                c.module_log_max_bytes = n.max(4096);
+                c.module_log_max_bytes = cx.log_max_bytes(&n)?;
             }
         }
         if let Some(d) = raw.dbus {
@@ -360,5 +416,65 @@ module_log_dir = "/var/log/modvisor"
     #[test]
     fn missing_default_file_is_defaults_but_missing_given_file_is_error() {
         assert!(Config::load(Some(Path::new("/nonexistent/modvisor.toml"))).is_err());
+    }
+
+    fn error(src: &str) -> String {
+        Config::parse(Path::new("/etc/modvisor/modvisor.toml"), src)
+            .expect_err("invalid")
+            .to_string()
+    }
+
+    #[test]
+    fn a_zero_monitor_interval_is_an_error_at_its_value() {
+        for zero in ["0s", "0", "0ms", "0h0m"] {
+            assert_eq!(
+                error(&format!(
+                    "[monitor]\nram_warn_percent = 80\ninterval = \"{zero}\"\n"
+                )),
+                "/etc/modvisor/modvisor.toml:3:12: monitor.interval: expected a duration greater than zero",
+                "{zero}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_monitor_interval_past_a_day_or_unreadable_is_an_error() {
+        assert_eq!(
+            error("[monitor]\ninterval = \"200000000000000d\"\n"),
+            "/etc/modvisor/modvisor.toml:2:12: monitor.interval: expected at most 1d, found \"200000000000000d\""
+        );
+        assert_eq!(
+            error("[monitor]\ninterval = \"soon\"\n"),
+            "/etc/modvisor/modvisor.toml:2:12: monitor.interval: expected a duration such as \"5s\", \"500ms\" or \"10m\", found \"soon\""
+        );
+        let c =
+            Config::parse(Path::new("c.toml"), "[monitor]\ninterval = \"1d\"\n").expect("valid");
+        assert_eq!(c.monitor_interval, Duration::from_secs(86_400));
+    }
+
+    #[test]
+    fn module_log_files_rotate_at_no_less_than_4096_bytes() {
+        assert_eq!(
+            error("[logging]\nmodule_log_max_bytes = 0\n"),
+            "/etc/modvisor/modvisor.toml:2:24: logging.module_log_max_bytes: expected at least 4096, found 0"
+        );
+        assert_eq!(
+            error("[logging]\nmodule_log_max_bytes = 4095\n"),
+            "/etc/modvisor/modvisor.toml:2:24: logging.module_log_max_bytes: expected at least 4096, found 4095"
+        );
+        let c = Config::parse(
+            Path::new("c.toml"),
+            "[logging]\nmodule_log_max_bytes = 4096\n",
+        )
+        .expect("valid");
+        assert_eq!(c.module_log_max_bytes, 4096);
+    }
+
+    #[test]
+    fn warn_percentages_outside_1_to_100_are_errors_at_their_value() {
+        assert_eq!(
+            error("[monitor]\nvram_warn_percent = 0\n"),
+            "/etc/modvisor/modvisor.toml:2:21: monitor.vram_warn_percent: expected 1 to 100"
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! modvisorctl: the client. Talks to modvisord over D-Bus only (`validate` and `logs` need no daemon).
 //! Exit codes: 0 ok, 1 failure, 2 usage, 3 no such module, 4 not allowed, 5 daemon not reachable.
 
+use std::collections::{BTreeMap, HashMap};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,9 +9,13 @@ use std::process::ExitCode;
 use clap::Parser;
 use futures_util::StreamExt;
 use modvisor::cli::{Cli, Cmd};
-use modvisor::dbus::client::{ManagerProxy, ModuleProxy, connect};
+use modvisor::dbus::client::{ManagerProxy, connect};
+use modvisor::dbus::{BUS_NAME, MANAGER_IFACE, MANAGER_PATH, MODULE_IFACE};
 use modvisor::manifest::units::format_bytes;
 use serde_json::json;
+use zbus::OwnedVariant;
+use zbus::fdo::{ObjectManagerProxy, PropertiesProxy};
+use zbus::names::InterfaceName;
 
 enum Fail {
     Code(u8, String),
@@ -72,35 +77,94 @@ async fn manager(cli: &Cli) -> Result<(zbus::Connection, ManagerProxy<'static>),
     Ok((conn, m))
 }
 
-async fn module_json(
-    conn: &zbus::Connection,
-    path: zbus::OwnedObjectPath,
-) -> Result<serde_json::Value, Fail> {
-    let p = ModuleProxy::builder(conn)
+/// A D-Bus object's properties, as one GetAll (or GetManagedObjects) returns them.
+type Props = HashMap<String, OwnedVariant>;
+
+fn take<T>(p: &mut Props, name: &str) -> Result<T, Fail>
+where
+    T: TryFrom<OwnedVariant>,
+    T::Error: std::fmt::Display,
+{
+    let v = p
+        .remove(name)
+        .ok_or_else(|| Fail::Code(1, format!("the daemon did not report the property {name}")))?;
+    T::try_from(v).map_err(|e| Fail::Code(1, format!("the property {name}: {e}")))
+}
+
+/// All properties of the manager in one call; failing it means the daemon is not reachable.
+async fn manager_props(conn: &zbus::Connection) -> Result<Props, Fail> {
+    let unreachable = |e: zbus::Error| match from_zbus(e) {
+        Fail::Code(_, t) => Fail::Code(5, format!("modvisord is not reachable: {t}")),
+    };
+    let p = PropertiesProxy::builder(conn)
+        .destination(BUS_NAME)
+        .path(MANAGER_PATH)
+        .build()
+        .await
+        .map_err(unreachable)?;
+    let iface = InterfaceName::from_static_str_unchecked(MANAGER_IFACE);
+    p.get_all(iface).await.map_err(|e| unreachable(e.into()))
+}
+
+/// One module's properties in one call.
+async fn module_props(conn: &zbus::Connection, path: zbus::OwnedObjectPath) -> Result<Props, Fail> {
+    let p = PropertiesProxy::builder(conn)
+        .destination(BUS_NAME)
         .path(path)
         .build()
         .await
         .map_err(from_zbus)?;
-    let z = from_zbus;
+    let iface = InterfaceName::from_static_str_unchecked(MODULE_IFACE);
+    p.get_all(iface).await.map_err(|e| from_zbus(e.into()))
+}
+
+/// Every module's properties in one call, ordered by name (as ListModules orders them).
+async fn all_module_props(conn: &zbus::Connection) -> Result<Vec<Props>, Fail> {
+    let om = ObjectManagerProxy::builder(conn)
+        .destination(BUS_NAME)
+        .path(MANAGER_PATH)
+        .build()
+        .await
+        .map_err(from_zbus)?;
+    let objects = om
+        .get_managed_objects()
+        .await
+        .map_err(|e| from_zbus(e.into()))?;
+    let mut mods: BTreeMap<String, Props> = BTreeMap::new();
+    for (_, mut ifaces) in objects {
+        let Some(props) = ifaces.remove(MODULE_IFACE) else {
+            continue;
+        };
+        let name = props
+            .get("Name")
+            .and_then(|v| String::try_from(v.try_clone().ok()?).ok())
+            .unwrap_or_default();
+        mods.insert(name, props);
+    }
+    Ok(mods.into_values().collect())
+}
+
+fn module_json(mut p: Props) -> Result<serde_json::Value, Fail> {
+    let p = &mut p;
     Ok(json!({
-        "name": p.name().await.map_err(z)?,
-        "description": p.description().await.map_err(z)?,
-        "mode": p.mode().await.map_err(z)?,
-        "mode_reason": p.mode_reason().await.map_err(z)?,
-        "backend": p.backend().await.map_err(z)?,
-        "state": p.state().await.map_err(z)?,
-        "health": p.health().await.map_err(z)?,
-        "health_reason": p.health_reason().await.map_err(z)?,
-        "unit": p.unit().await.map_err(z)?,
-        "container_id": p.container_id().await.map_err(z)?,
-        "main_pid": p.main_pid().await.map_err(z)?,
-        "memory_bytes": p.memory_bytes().await.map_err(z)?,
-        "memory_max_bytes": p.memory_max_bytes().await.map_err(z)?,
-        "vram_bytes": p.vram_bytes().await.map_err(z)?,
-        "restarts": p.restarts().await.map_err(z)?,
-        "active_model": p.active_model().await.map_err(z)?,
-        "since_us": p.since().await.map_err(z)?,
-        "manifest_path": p.manifest_path().await.map_err(z)?,
+        "name": take::<String>(p, "Name")?,
+        "description": take::<String>(p, "Description")?,
+        "mode": take::<String>(p, "Mode")?,
+        "mode_reason": take::<String>(p, "ModeReason")?,
+        "backend": take::<String>(p, "Backend")?,
+        "state": take::<String>(p, "State")?,
+        "health": take::<String>(p, "Health")?,
+        "health_reason": take::<String>(p, "HealthReason")?,
+        "unit": take::<String>(p, "Unit")?,
+        "container_id": take::<String>(p, "ContainerId")?,
+        "main_pid": take::<u32>(p, "MainPID")?,
+        "memory_bytes": take::<u64>(p, "MemoryBytes")?,
+        "memory_max_bytes": take::<u64>(p, "MemoryMaxBytes")?,
+        "vram_bytes": take::<u64>(p, "VramBytes")?,
+        "restarts": take::<u32>(p, "Restarts")?,
+        "active_model": take::<String>(p, "ActiveModel")?,
+        "since_us": take::<u64>(p, "Since")?,
+        "manifest_path": take::<String>(p, "ManifestPath")?,
     }))
 }
 
@@ -111,80 +175,100 @@ fn s(v: &serde_json::Value, k: &str) -> String {
     }
 }
 
+async fn connect_daemon(cli: &Cli) -> Result<zbus::Connection, Fail> {
+    connect(cli.bus_address.as_deref())
+        .await
+        .map_err(|e| Fail::Code(5, e))
+}
+
 async fn status(cli: &Cli, name: Option<&str>) -> Result<(), Fail> {
-    let (conn, m) = manager(cli).await?;
-    let tty = std::io::stdout().is_terminal();
-    if let Some(name) = name {
-        let path = m.get_module(name).await.map_err(from_zbus)?;
-        let v = module_json(&conn, path).await?;
-        if cli.json {
-            println!("{v:#}");
-            return Ok(());
-        }
-        println!("{} - {}", s(&v, "name"), s(&v, "description"));
-        println!(
-            "      State: {} ({})",
-            s(&v, "state"),
-            color(&s(&v, "health"), tty)
-        );
-        println!("     Reason: {}", s(&v, "health_reason"));
-        println!(
-            "       Mode: {} via {} ({})",
-            s(&v, "mode"),
-            s(&v, "backend"),
-            s(&v, "mode_reason")
-        );
-        println!("   Main PID: {}", s(&v, "main_pid"));
-        let mem = v["memory_bytes"].as_u64().unwrap_or(0);
-        let max = v["memory_max_bytes"].as_u64().unwrap_or(0);
-        let max_s = if max > 0 {
-            format!(" (max {})", format_bytes(max))
-        } else {
-            String::new()
-        };
-        println!("     Memory: {}{max_s}", format_bytes(mem));
-        println!(
-            "       VRAM: {}",
-            format_bytes(v["vram_bytes"].as_u64().unwrap_or(0))
-        );
-        println!("   Restarts: {}", s(&v, "restarts"));
-        for (label, key) in [
-            ("Unit", "unit"),
-            ("Container", "container_id"),
-            ("Model", "active_model"),
-        ] {
-            let val = s(&v, key);
-            if !val.is_empty() {
-                println!("{label:>11}: {val}");
-            }
-        }
-        println!("   Manifest: {}", s(&v, "manifest_path"));
+    let conn = connect_daemon(cli).await?;
+    // One GetAll on the manager: the manager's properties, and whether the daemon answers.
+    let mut mgr = manager_props(&conn).await?;
+    match name {
+        Some(name) => status_one(cli, &conn, name).await,
+        None => status_all(cli, &conn, &mut mgr).await,
+    }
+}
+
+async fn status_one(cli: &Cli, conn: &zbus::Connection, name: &str) -> Result<(), Fail> {
+    let m = ManagerProxy::new(conn).await.map_err(from_zbus)?;
+    let path = m.get_module(name).await.map_err(from_zbus)?;
+    let v = module_json(module_props(conn, path).await?)?;
+    if cli.json {
+        println!("{v:#}");
         return Ok(());
     }
-    let rows = m.list_modules().await.map_err(from_zbus)?;
-    let mut mods = Vec::new();
-    for r in rows {
-        mods.push(module_json(&conn, r.5).await?);
+    let tty = std::io::stdout().is_terminal();
+    println!("{} - {}", s(&v, "name"), s(&v, "description"));
+    println!(
+        "      State: {} ({})",
+        s(&v, "state"),
+        color(&s(&v, "health"), tty)
+    );
+    println!("     Reason: {}", s(&v, "health_reason"));
+    println!(
+        "       Mode: {} via {} ({})",
+        s(&v, "mode"),
+        s(&v, "backend"),
+        s(&v, "mode_reason")
+    );
+    println!("   Main PID: {}", s(&v, "main_pid"));
+    let mem = v["memory_bytes"].as_u64().unwrap_or(0);
+    let max = v["memory_max_bytes"].as_u64().unwrap_or(0);
+    let max_s = if max > 0 {
+        format!(" (max {})", format_bytes(max))
+    } else {
+        String::new()
+    };
+    println!("     Memory: {}{max_s}", format_bytes(mem));
+    println!(
+        "       VRAM: {}",
+        format_bytes(v["vram_bytes"].as_u64().unwrap_or(0))
+    );
+    println!("   Restarts: {}", s(&v, "restarts"));
+    for (label, key) in [
+        ("Unit", "unit"),
+        ("Container", "container_id"),
+        ("Model", "active_model"),
+    ] {
+        let val = s(&v, key);
+        if !val.is_empty() {
+            println!("{label:>11}: {val}");
+        }
     }
-    let errors = m.manifest_errors().await.map_err(from_zbus)?;
+    println!("   Manifest: {}", s(&v, "manifest_path"));
+    Ok(())
+}
+
+async fn status_all(cli: &Cli, conn: &zbus::Connection, mgr: &mut Props) -> Result<(), Fail> {
+    let mut mods = Vec::new();
+    for p in all_module_props(conn).await? {
+        mods.push(module_json(p)?);
+    }
+    let errors: Vec<(String, String)> = take(mgr, "ManifestErrors")?;
+    let version: String = take(mgr, "Version")?;
+    let health: String = take(mgr, "Health")?;
+    let native_backend: String = take(mgr, "NativeBackend")?;
+    let container_engine: String = take(mgr, "ContainerEngine")?;
     if cli.json {
         let v = json!({
-            "version": m.version().await.map_err(from_zbus)?,
-            "health": m.health().await.map_err(from_zbus)?,
-            "native_backend": m.native_backend().await.map_err(from_zbus)?,
-            "container_engine": m.container_engine().await.map_err(from_zbus)?,
+            "version": version,
+            "health": health,
+            "native_backend": native_backend,
+            "container_engine": container_engine,
             "modules": mods,
             "manifest_errors": errors.iter().map(|(f, e)| json!({"file": f, "error": e})).collect::<Vec<_>>(),
         });
         println!("{v:#}");
         return Ok(());
     }
+    let tty = std::io::stdout().is_terminal();
     println!(
-        "modvisord {}: {} (native backend: {}, container engine: {})",
-        m.version().await.map_err(from_zbus)?,
-        color(&m.health().await.map_err(from_zbus)?, tty),
-        or_none(m.native_backend().await.map_err(from_zbus)?),
-        or_none(m.container_engine().await.map_err(from_zbus)?),
+        "modvisord {version}: {} (native backend: {}, container engine: {})",
+        color(&health, tty),
+        or_none(native_backend),
+        or_none(container_engine),
     );
     println!(
         "{:<20} {:<9} {:<9} {:<9} {:>8} {:>10} {:>9}  REASON",
@@ -207,8 +291,7 @@ async fn status(cli: &Cli, name: Option<&str>) -> Result<(), Fail> {
             s(v, "health_reason"),
         );
     }
-    for (f, e) in &errors {
-        let _ = f;
+    for (_, e) in &errors {
         println!("manifest error: {e}");
     }
     Ok(())

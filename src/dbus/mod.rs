@@ -1,9 +1,13 @@
 //! The `org.modvisor1` D-Bus face (thin: methods forward to the supervisor handle) and the
 //! client proxies `modvisorctl` and the tests use.
 
+mod authz;
 pub mod client;
 pub mod embedded;
+pub mod props;
+mod publisher;
 pub mod server;
+pub mod text;
 
 pub const BUS_NAME: &str = "org.modvisor1";
 pub const MANAGER_PATH: &str = "/org/modvisor1";

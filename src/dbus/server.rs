@@ -1,21 +1,23 @@
 //! The service side: `org.modvisor1.Manager` on `/org/modvisor1`, one `org.modvisor1.Module`
-//! object per module, the ObjectManager, and a publisher task that turns snapshot changes
-//! into PropertiesChanged, ModuleChanged and object additions/removals.
+//! object per module, and the ObjectManager. Methods forward to the supervisor handle;
+//! properties read through the table in `props.rs`; `publisher.rs` mirrors changes onto the bus.
 
-use std::borrow::Cow;
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::sync::watch;
 use zbus::message::Header;
-use zbus::names::{BusName, InterfaceName};
 use zbus::object_server::SignalEmitter;
-use zbus::{Connection, OwnedObjectPath, Variant, interface};
+use zbus::{Connection, OwnedObjectPath, interface};
 
-use super::{ADMIN_GROUP, MANAGER_IFACE, MANAGER_PATH, MODULE_IFACE, module_path};
+use super::authz::authorize;
+use super::props::{manager as mp, module as mo};
+use super::text::clean;
+use super::{MANAGER_PATH, module_path};
 use crate::manifest::validate_name;
-use crate::state::{Health, ModuleStatus, Snapshot};
+use crate::state::{ModuleStatus, Snapshot};
 use crate::supervisor::{Handle, OpError};
+
+pub use super::publisher::Publisher;
 
 #[derive(zbus::DBusError, Debug)]
 #[zbus(prefix = "org.modvisor1.Error")]
@@ -32,70 +34,17 @@ pub enum Error {
 impl From<OpError> for Error {
     fn from(e: OpError) -> Self {
         match e {
-            OpError::NoSuchModule(s) => Error::NoSuchModule(s),
-            OpError::InvalidArgument(s) => Error::InvalidArgument(s),
-            OpError::NotAllowed(s) => Error::NotAllowed(s),
-            OpError::Busy(s) => Error::Busy(s),
-            OpError::Failed(s) => Error::Failed(s),
+            OpError::NoSuchModule(s) => Error::NoSuchModule(clean(&s)),
+            OpError::InvalidArgument(s) => Error::InvalidArgument(clean(&s)),
+            OpError::NotAllowed(s) => Error::NotAllowed(clean(&s)),
+            OpError::Busy(s) => Error::Busy(clean(&s)),
+            OpError::Failed(s) => Error::Failed(clean(&s)),
         }
     }
 }
 
 fn check_name(name: &str) -> Result<(), Error> {
     validate_name(name).map_err(Error::InvalidArgument)
-}
-
-/// Decides whether the caller of a mutating method may act: root, or a member of the
-/// `modvisor` group. The caller is identified by the bus (its credentials), never by our pid.
-async fn authorize(conn: &Connection, hdr: &Header<'_>, what: &str) -> Result<(), Error> {
-    let sender = hdr
-        .sender()
-        .ok_or_else(|| Error::NotAllowed("the call has no sender".into()))?;
-    let dbus = zbus::fdo::DBusProxy::new(conn)
-        .await
-        .map_err(|e| Error::Failed(e.to_string()))?;
-    let creds = dbus
-        .get_connection_credentials(BusName::from(sender.to_owned()))
-        .await
-        .map_err(|e| Error::NotAllowed(format!("cannot identify the caller: {e}")))?;
-    let uid = creds
-        .unix_user_id()
-        .ok_or_else(|| Error::NotAllowed("the bus did not say who the caller is".into()))?;
-    if uid == 0 {
-        return Ok(());
-    }
-    let admin_gid = nix::unistd::Group::from_name(ADMIN_GROUP)
-        .ok()
-        .flatten()
-        .map(|g| g.gid.as_raw());
-    if let Some(gid) = admin_gid {
-        let in_group = match creds.unix_group_ids() {
-            Some(gids) => gids.contains(&gid),
-            None => user_in_group(uid, gid),
-        };
-        if in_group {
-            return Ok(());
-        }
-    }
-    tracing::warn!(caller_uid = uid, "denied {what} to uid {uid}");
-    Err(Error::NotAllowed(format!(
-        "{what} needs root or membership in the \"{ADMIN_GROUP}\" group (caller uid {uid})"
-    )))
-}
-
-fn user_in_group(uid: u32, gid: u32) -> bool {
-    let Ok(Some(user)) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) else {
-        return false;
-    };
-    if user.gid.as_raw() == gid {
-        return true;
-    }
-    let Ok(name) = std::ffi::CString::new(user.name.clone()) else {
-        return false;
-    };
-    nix::unistd::getgrouplist(&name, user.gid)
-        .map(|gs| gs.iter().any(|g| g.as_raw() == gid))
-        .unwrap_or(false)
 }
 
 pub struct Manager {
@@ -113,6 +62,12 @@ fn path(name: &str) -> OwnedObjectPath {
         .unwrap_or_else(|_| OwnedObjectPath::try_from("/org/modvisor1").expect("static path"))
 }
 
+impl Manager {
+    fn read<T>(&self, f: fn(&Snapshot) -> T) -> T {
+        f(&self.handle.state.borrow())
+    }
+}
+
 #[interface(name = "org.modvisor1.Manager")]
 impl Manager {
     async fn list_modules(&self) -> Vec<ModuleRow> {
@@ -121,11 +76,11 @@ impl Manager {
             .values()
             .map(|m| {
                 (
-                    m.name.clone(),
-                    m.mode.clone(),
+                    clean(&m.name),
+                    clean(&m.mode),
                     m.state.to_string(),
                     m.health.to_string(),
-                    m.health_reason.clone(),
+                    clean(&m.health_reason),
                     path(&m.name),
                 )
             })
@@ -180,7 +135,8 @@ impl Manager {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<Vec<(String, String)>, Error> {
         authorize(conn, &hdr, "Reload").await?;
-        Ok(self.handle.reload().await?)
+        let errors = self.handle.reload().await?;
+        Ok(errors.iter().map(|(f, e)| (clean(f), clean(e))).collect())
     }
 
     async fn set_mode_override(
@@ -209,62 +165,63 @@ impl Manager {
 
     async fn explain(&self, name: &str) -> Result<String, Error> {
         check_name(name)?;
-        Ok(self.handle.explain(name).await?)
+        Ok(clean(&self.handle.explain(name).await?))
     }
 
+    // Every getter reads through the property table (props.rs), as PropertiesChanged does.
     #[zbus(property(emits_changed_signal = "const"))]
     fn version(&self) -> String {
-        env!("CARGO_PKG_VERSION").to_string()
+        self.read(mp::version)
     }
 
     #[zbus(property)]
     fn health(&self) -> String {
-        self.handle.state.borrow().health().to_string()
+        self.read(mp::health)
     }
 
     #[zbus(property)]
     fn modules_online(&self) -> u32 {
-        self.handle.state.borrow().count(Health::Online)
+        self.read(mp::modules_online)
     }
 
     #[zbus(property)]
     fn modules_degraded(&self) -> u32 {
-        self.handle.state.borrow().count(Health::Degraded)
+        self.read(mp::modules_degraded)
     }
 
     #[zbus(property)]
     fn modules_offline(&self) -> u32 {
-        self.handle.state.borrow().count(Health::Offline)
+        self.read(mp::modules_offline)
     }
 
     #[zbus(property)]
     fn manifest_errors(&self) -> Vec<(String, String)> {
-        self.handle.state.borrow().manifest_errors.clone()
+        self.read(mp::manifest_errors)
     }
 
     #[zbus(property)]
     fn container_engine(&self) -> String {
-        self.handle.state.borrow().container_engine.clone()
+        self.read(mp::container_engine)
     }
 
     #[zbus(property)]
     fn native_backend(&self) -> String {
-        self.handle.state.borrow().native_backend.clone()
+        self.read(mp::native_backend)
     }
 
     #[zbus(property)]
     fn gpus(&self) -> Vec<(u32, String, String, u64, u64)> {
-        self.handle.state.borrow().gpus.clone()
+        self.read(mp::gpus)
     }
 
     /// GPU processes that belong to no module (pid, command, bytes): usually orphaned engines.
     #[zbus(property)]
     fn foreign_gpu_processes(&self) -> Vec<(u32, String, u64)> {
-        self.handle.state.borrow().foreign_gpu_processes.clone()
+        self.read(mp::foreign_gpu_processes)
     }
 
     #[zbus(signal)]
-    async fn module_changed(
+    pub(super) async fn module_changed(
         emitter: &SignalEmitter<'_>,
         name: &str,
         state: &str,
@@ -273,7 +230,7 @@ impl Manager {
     ) -> zbus::Result<()>;
 
     #[zbus(signal)]
-    async fn model_activation(
+    pub(super) async fn model_activation(
         emitter: &SignalEmitter<'_>,
         name: &str,
         model: &str,
@@ -282,14 +239,15 @@ impl Manager {
     ) -> zbus::Result<()>;
 }
 
-/// One module object; its properties read the latest snapshot.
+/// One module object; its properties read the supervisor's latest snapshot through the table.
 pub struct ModuleObject {
-    name: String,
-    state: watch::Receiver<Arc<Snapshot>>,
+    pub(super) name: String,
+    pub(super) state: watch::Receiver<Arc<Snapshot>>,
 }
 
 impl ModuleObject {
-    fn get<T: Default>(&self, f: impl FnOnce(&ModuleStatus) -> T) -> T {
+    /// A module gone from the snapshot (its object about to be removed) reads as defaults.
+    fn read<T: Default>(&self, f: fn(&ModuleStatus) -> T) -> T {
         self.state
             .borrow()
             .modules
@@ -303,139 +261,76 @@ impl ModuleObject {
 impl ModuleObject {
     #[zbus(property(emits_changed_signal = "const"))]
     fn name(&self) -> String {
-        self.name.clone()
+        self.read(mo::name)
     }
     #[zbus(property)]
     fn description(&self) -> String {
-        self.get(|m| m.description.clone())
+        self.read(mo::description)
     }
     #[zbus(property)]
     fn mode(&self) -> String {
-        self.get(|m| m.mode.clone())
+        self.read(mo::mode)
     }
     #[zbus(property)]
     fn mode_reason(&self) -> String {
-        self.get(|m| m.mode_reason.clone())
+        self.read(mo::mode_reason)
     }
     #[zbus(property)]
     fn backend(&self) -> String {
-        self.get(|m| m.backend.clone())
+        self.read(mo::backend)
     }
     #[zbus(property)]
     fn state(&self) -> String {
-        self.get(|m| m.state.to_string())
+        self.read(mo::state)
     }
     #[zbus(property)]
     fn health(&self) -> String {
-        self.get(|m| m.health.to_string())
+        self.read(mo::health)
     }
     #[zbus(property)]
     fn health_reason(&self) -> String {
-        self.get(|m| m.health_reason.clone())
+        self.read(mo::health_reason)
     }
     #[zbus(property)]
     fn unit(&self) -> String {
-        self.get(|m| m.unit.clone())
+        self.read(mo::unit)
     }
     #[zbus(property)]
     fn container_id(&self) -> String {
-        self.get(|m| m.container_id.clone())
+        self.read(mo::container_id)
     }
     #[zbus(property, name = "MainPID")]
     fn main_pid(&self) -> u32 {
-        self.get(|m| m.main_pid)
+        self.read(mo::main_pid)
     }
     #[zbus(property)]
     fn memory_bytes(&self) -> u64 {
-        self.get(|m| m.memory_bytes)
+        self.read(mo::memory_bytes)
     }
     #[zbus(property)]
     fn memory_max_bytes(&self) -> u64 {
-        self.get(|m| m.memory_max_bytes)
+        self.read(mo::memory_max_bytes)
     }
     #[zbus(property)]
     fn vram_bytes(&self) -> u64 {
-        self.get(|m| m.vram_bytes)
+        self.read(mo::vram_bytes)
     }
     #[zbus(property)]
     fn restarts(&self) -> u32 {
-        self.get(|m| m.restarts)
+        self.read(mo::restarts)
     }
     #[zbus(property)]
     fn active_model(&self) -> String {
-        self.get(|m| m.active_model.clone())
+        self.read(mo::active_model)
     }
     #[zbus(property)]
     fn since(&self) -> u64 {
-        self.get(|m| m.since_us)
+        self.read(mo::since)
     }
     #[zbus(property)]
     fn manifest_path(&self) -> String {
-        self.get(|m| m.manifest_path.clone())
+        self.read(mo::manifest_path)
     }
-}
-
-fn module_props(m: &ModuleStatus) -> Vec<(&'static str, Variant<'static>)> {
-    vec![
-        ("Description", Variant::from(m.description.clone())),
-        ("Mode", Variant::from(m.mode.clone())),
-        ("ModeReason", Variant::from(m.mode_reason.clone())),
-        ("Backend", Variant::from(m.backend.clone())),
-        ("State", Variant::from(m.state.to_string())),
-        ("Health", Variant::from(m.health.to_string())),
-        ("HealthReason", Variant::from(m.health_reason.clone())),
-        ("Unit", Variant::from(m.unit.clone())),
-        ("ContainerId", Variant::from(m.container_id.clone())),
-        ("MainPID", Variant::from(m.main_pid)),
-        ("MemoryBytes", Variant::from(m.memory_bytes)),
-        ("MemoryMaxBytes", Variant::from(m.memory_max_bytes)),
-        ("VramBytes", Variant::from(m.vram_bytes)),
-        ("Restarts", Variant::from(m.restarts)),
-        ("ActiveModel", Variant::from(m.active_model.clone())),
-        ("Since", Variant::from(m.since_us)),
-        ("ManifestPath", Variant::from(m.manifest_path.clone())),
-    ]
-}
-
-fn manager_props(s: &Snapshot) -> Vec<(&'static str, Variant<'static>)> {
-    vec![
-        ("Health", Variant::from(s.health().to_string())),
-        ("ModulesOnline", Variant::from(s.count(Health::Online))),
-        ("ModulesDegraded", Variant::from(s.count(Health::Degraded))),
-        ("ModulesOffline", Variant::from(s.count(Health::Offline))),
-        ("ManifestErrors", Variant::from(s.manifest_errors.clone())),
-        ("ContainerEngine", Variant::from(s.container_engine.clone())),
-        ("Backend", Variant::from(s.native_backend.clone())),
-    ]
-}
-
-async fn emit_changed(
-    conn: &Connection,
-    path: &str,
-    iface: &'static str,
-    old: &[(&'static str, Variant<'static>)],
-    new: &[(&'static str, Variant<'static>)],
-) -> zbus::Result<()> {
-    let changed: HashMap<&str, Variant<'_>> = new
-        .iter()
-        .filter(|(k, v)| {
-            old.iter()
-                .find(|(ok, _)| ok == k)
-                .is_none_or(|(_, ov)| ov != v)
-        })
-        .map(|(k, v)| (*k, v.clone()))
-        .collect();
-    if changed.is_empty() {
-        return Ok(());
-    }
-    let emitter = SignalEmitter::new(conn, path.to_string())?;
-    zbus::fdo::Properties::properties_changed(
-        &emitter,
-        InterfaceName::from_static_str_unchecked(iface),
-        changed,
-        Cow::Borrowed(&[]),
-    )
-    .await
 }
 
 /// Registers the manager and the ObjectManager on `conn`.
@@ -453,134 +348,94 @@ pub async fn serve(
     Ok(published_tx)
 }
 
-/// Follows the supervisor's snapshots and mirrors them onto the bus until the supervisor ends.
-/// Module objects for the current snapshot exist when the first `sync` returns.
-pub struct Publisher {
-    conn: Connection,
-    state: watch::Receiver<Arc<Snapshot>>,
-    last: Arc<Snapshot>,
-    published: watch::Sender<Arc<Snapshot>>,
-}
+#[cfg(test)]
+mod tests {
+    use zbus::object_server::Interface;
 
-impl Publisher {
-    pub async fn new(
-        conn: Connection,
-        mut state: watch::Receiver<Arc<Snapshot>>,
-        published: watch::Sender<Arc<Snapshot>>,
-    ) -> zbus::Result<Publisher> {
-        let first = state.borrow_and_update().clone();
-        let mut p = Publisher {
-            conn,
-            state,
-            last: Arc::new(Snapshot::default()),
-            published,
+    use super::*;
+    use crate::dbus::props::{self, Emits, Prop};
+
+    fn manager() -> Manager {
+        let (_, state) = watch::channel(Arc::new(Snapshot::default()));
+        let handle = Handle {
+            commands: tokio::sync::mpsc::channel(1).0,
+            state: state.clone(),
+            activations: tokio::sync::broadcast::channel(1).0,
         };
-        p.sync(first).await?;
-        Ok(p)
-    }
-
-    pub async fn run(
-        mut self,
-        mut activations: tokio::sync::broadcast::Receiver<crate::supervisor::ActivationStep>,
-    ) {
-        loop {
-            tokio::select! {
-                changed = self.state.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    let snap = self.state.borrow_and_update().clone();
-                    if let Err(e) = self.sync(snap).await {
-                        tracing::warn!("publishing state on D-Bus: {e}");
-                    }
-                }
-                step = activations.recv() => match step {
-                    Ok((name, model, step, detail)) => {
-                        // The module's state first, so that a client sees ActiveModel updated.
-                        let snap = self.state.borrow_and_update().clone();
-                        if let Err(e) = self.sync(snap).await {
-                            tracing::warn!("publishing state on D-Bus: {e}");
-                        }
-                        if let Ok(em) = SignalEmitter::new(&self.conn, MANAGER_PATH)
-                            && let Err(e) = Manager::model_activation(&em, &name, &model, &step, &detail).await {
-                                tracing::warn!("ModelActivation signal: {e}");
-                            }
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => tracing::warn!("{n} activation steps not signalled"),
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                },
-            }
+        Manager {
+            handle,
+            published: state,
         }
     }
 
-    async fn sync(&mut self, new: Arc<Snapshot>) -> zbus::Result<()> {
-        let old = std::mem::replace(&mut self.last, new.clone());
-        let server = self.conn.object_server();
-        let manager = SignalEmitter::new(&self.conn, MANAGER_PATH)?;
-        // Objects first, then what ListModules shows, then the signals: a client that reacts
-        // to a signal always finds the state it announces, and the object it names.
-        let gone: Vec<&String> = old
-            .modules
-            .keys()
-            .filter(|n| !new.modules.contains_key(*n))
+    fn xml(iface: &dyn Interface) -> String {
+        let mut s = String::new();
+        iface.introspect_to_writer(&mut s, 0);
+        s
+    }
+
+    /// (name, type, emits) of each property in an interface's introspection XML.
+    fn introspected(xml: &str) -> Vec<(String, String, Emits)> {
+        let attr = |tag: &str, key: &str| -> String {
+            let pat = format!("{key}=\"");
+            tag.split_once(&pat)
+                .and_then(|(_, rest)| rest.split_once('"'))
+                .map(|(v, _)| v.to_string())
+                .unwrap_or_default()
+        };
+        let mut out = Vec::new();
+        for (i, chunk) in xml.split("<property ").enumerate().skip(1) {
+            let tag = chunk.split('>').next().unwrap_or_default();
+            // A property with annotations is not self-closing; its body ends at </property>.
+            let body = if tag.ends_with('/') {
+                ""
+            } else {
+                chunk.split("</property>").next().unwrap_or_default()
+            };
+            let emits = if body.contains("EmitsChangedSignal\" value=\"const\"") {
+                Emits::Const
+            } else {
+                Emits::Changes
+            };
+            assert!(
+                !body.contains("EmitsChangedSignal") || emits == Emits::Const,
+                "property {i}: only \"const\" is used: {body}"
+            );
+            out.push((attr(tag, "name"), attr(tag, "type"), emits));
+        }
+        out.sort();
+        out
+    }
+
+    fn table<S>(t: &[Prop<S>], sample: &S) -> Vec<(String, String, Emits)> {
+        let mut v: Vec<_> = t
+            .iter()
+            .map(|p| {
+                let sig = (p.value)(sample).value_signature().to_string();
+                (p.name.to_string(), sig, p.emits)
+            })
             .collect();
-        for name in &gone {
-            server.remove::<ModuleObject, _>(module_path(name)).await?;
-        }
-        for name in new.modules.keys().filter(|n| !old.modules.contains_key(*n)) {
-            let obj = ModuleObject {
-                name: name.clone(),
-                state: self.state.clone(),
-            };
-            server.at(module_path(name), obj).await?;
-        }
-        self.published.send_replace(new.clone());
-        for name in gone {
-            // Watchers learn of the removal from the same signal as of every other change.
-            Manager::module_changed(
-                &manager,
-                name,
-                "inactive",
-                "offline",
-                "removed: its manifest is gone",
-            )
-            .await?;
-        }
-        for (name, m) in &new.modules {
-            let announce = match old.modules.get(name) {
-                None => true,
-                Some(o) if o != m => {
-                    emit_changed(
-                        &self.conn,
-                        &module_path(name),
-                        MODULE_IFACE,
-                        &module_props(o),
-                        &module_props(m),
-                    )
-                    .await?;
-                    o.state != m.state || o.health != m.health || o.health_reason != m.health_reason
-                }
-                Some(_) => false,
-            };
-            if announce {
-                Manager::module_changed(
-                    &manager,
-                    name,
-                    m.state.as_str(),
-                    m.health.as_str(),
-                    &m.health_reason,
-                )
-                .await?;
-            }
-        }
-        emit_changed(
-            &self.conn,
-            MANAGER_PATH,
-            MANAGER_IFACE,
-            &manager_props(&old),
-            &manager_props(&new),
-        )
-        .await?;
-        Ok(())
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn the_property_tables_are_exactly_what_the_interfaces_introspect() {
+        let snap = Snapshot::default();
+        assert_eq!(
+            introspected(&xml(&manager())),
+            table(props::manager::TABLE, &snap),
+            "org.modvisor1.Manager: name, type, EmitsChangedSignal"
+        );
+        let (_, state) = watch::channel(Arc::new(Snapshot::default()));
+        let obj = ModuleObject {
+            name: "a".into(),
+            state,
+        };
+        assert_eq!(
+            introspected(&xml(&obj)),
+            table(props::module::TABLE, &props::tests::status("a")),
+            "org.modvisor1.Module: name, type, EmitsChangedSignal"
+        );
     }
 }
