@@ -4,6 +4,7 @@
 mod load;
 mod raw;
 mod render;
+mod text;
 pub mod units;
 mod validate;
 

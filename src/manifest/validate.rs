@@ -36,6 +36,11 @@ impl Ctx<'_> {
                     s.span().start,
                     format!("{key}: expected a duration greater than zero"),
                 ),
+                // Longer would overflow the deadlines computed from it (Instant + d).
+                Ok(d) if d > MAX_DURATION => self.err(
+                    s.span().start,
+                    format!("{key}: expected a duration of at most 366d"),
+                ),
                 Ok(d) => Ok(d),
                 Err(e) => self.err(s.span().start, format!("{key}: {e}")),
             },
@@ -135,6 +140,9 @@ fn is_absolute_clean(p: &str) -> bool {
     path.is_absolute() && !path.components().any(|c| matches!(c, Component::ParentDir))
 }
 
+/// The longest duration a manifest may give (a timer or deadline is computed from it).
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
 /// Parses and validates one manifest. `stem` is the file name without `.toml`.
 pub fn parse_manifest(path: &Path, src: &str, stem: &str) -> Result<Module, ManifestError> {
     let raw: RawManifest = match toml::from_str(src) {
@@ -150,6 +158,12 @@ pub fn parse_manifest(path: &Path, src: &str, stem: &str) -> Result<Module, Mani
         }
     };
     let cx = Ctx { path, src };
+    if let Some((at, key)) = super::text::first_control_char(src) {
+        return cx.err(
+            at,
+            format!("{key}: control characters (such as NUL) are not allowed in a manifest"),
+        );
+    }
 
     let name = match &raw.name {
         Some(n) => {
@@ -373,8 +387,14 @@ pub fn parse_manifest(path: &Path, src: &str, stem: &str) -> Result<Module, Mani
             },
             delay: match r.and_then(|r| r.delay.as_ref()) {
                 None => Duration::from_secs(2),
-                Some(s) => parse_duration(s.get_ref())
-                    .or_else(|e| cx.err(s.span().start, format!("restart.delay: {e}")))?,
+                Some(s) => match parse_duration(s.get_ref()) {
+                    Ok(d) if d > MAX_DURATION => cx.err(
+                        s.span().start,
+                        "restart.delay: expected a duration of at most 366d",
+                    )?,
+                    Ok(d) => d,
+                    Err(e) => cx.err(s.span().start, format!("restart.delay: {e}"))?,
+                },
             },
             max: cx.count(&r.and_then(|r| r.max.clone()), "restart.max", 0, 10_000, 5)?,
             window: cx.duration(
