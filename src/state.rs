@@ -57,7 +57,7 @@ impl fmt::Display for Health {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ModuleStatus {
     pub name: String,
     pub description: String,
@@ -78,9 +78,45 @@ pub struct ModuleStatus {
     /// µs since the epoch of the last state change.
     pub since_us: u64,
     pub manifest_path: String,
+    /// Running totals for monitoring (metrics); not D-Bus properties.
+    pub counters: ModuleCounters,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// Upper bounds (seconds) of the probe latency histogram's buckets (+Inf is implied).
+pub const PROBE_BUCKETS: [f64; 10] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+
+/// Counters of one module since modvisord started, for monitoring.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ModuleCounters {
+    /// Probe latency: count per bucket of [`PROBE_BUCKETS`] (not cumulative) and +Inf last.
+    pub probe_buckets: [u64; PROBE_BUCKETS.len() + 1],
+    pub probe_seconds_sum: f64,
+    pub probe_count: u64,
+    pub probe_failures: u64,
+    /// Seconds from the last start to online (0 before the first).
+    pub last_start_seconds: f64,
+    pub activations_online: u64,
+    pub activations_rolled_back: u64,
+    /// Failed without a rollback, or the rollback failed too.
+    pub activations_failed: u64,
+}
+
+impl ModuleCounters {
+    pub fn observe_probe(&mut self, seconds: f64, ok: bool) {
+        let i = PROBE_BUCKETS
+            .iter()
+            .position(|b| seconds <= *b)
+            .unwrap_or(PROBE_BUCKETS.len());
+        self.probe_buckets[i] += 1;
+        self.probe_seconds_sum += seconds;
+        self.probe_count += 1;
+        if !ok {
+            self.probe_failures += 1;
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Snapshot {
     pub modules: BTreeMap<String, ModuleStatus>,
     /// (manifest file, error)

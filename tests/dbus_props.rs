@@ -210,6 +210,7 @@ fn status(name: &str, description: String) -> ModuleStatus {
         active_model: String::new(),
         since_us: 1,
         manifest_path: format!("/m/{name}.toml"),
+        counters: Default::default(),
     }
 }
 

@@ -153,6 +153,7 @@ pub(crate) mod tests {
             active_model: String::new(),
             since_us: 1,
             manifest_path: "/m.toml".into(),
+            counters: Default::default(),
         }
     }
 

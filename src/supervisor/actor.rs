@@ -34,6 +34,12 @@ pub(super) enum Event {
     },
     MemoryTick,
     Sample(Box<crate::monitor::Sample>),
+    /// One probe's duration and outcome (metrics).
+    ProbeTimed {
+        name: String,
+        seconds: f64,
+        ok: bool,
+    },
     /// A manifest scan finished.
     Scanned(Box<crate::manifest::LoadResult>),
 }
@@ -69,6 +75,9 @@ pub(super) struct Slot {
     pub usage: Usage,
     /// Runs of ours found at start-up, consumed by the first start.
     pub found: Vec<Found>,
+    pub counters: crate::state::ModuleCounters,
+    /// When the current start began (until it is online: the start duration).
+    pub start_at: Option<std::time::Instant>,
 }
 
 impl Slot {
@@ -297,6 +306,11 @@ impl Supervisor {
             } => self.started(name, generation, backend, handle, fallback),
             Event::MemoryTick => self.memory_tick(),
             Event::Scanned(res) => self.scanned(*res),
+            Event::ProbeTimed { name, seconds, ok } => {
+                if let Some(s) = self.slots.get_mut(&name) {
+                    s.counters.observe_probe(seconds, ok);
+                }
+            }
             Event::Sample(s) => {
                 self.sampling = false;
                 self.sampled(*s);

@@ -199,6 +199,8 @@ impl Supervisor {
             last_unit: String::new(),
             usage: Default::default(),
             found,
+            counters: Default::default(),
+            start_at: None,
         };
         slot.decision = self.decide(&slot);
         self.slots.insert(name.clone(), slot);

@@ -12,11 +12,17 @@ use crate::health;
 use crate::journal::OutputSink;
 use crate::manifest::Mode;
 use crate::runtime::{Backend, RunRequest};
+use crate::state::{Health, State};
 
 impl Supervisor {
     pub(super) fn carry_out(&mut self, n: &str, e: Effect) {
         match e {
-            Effect::Start { generation, model } => self.start(n, generation, model),
+            Effect::Start { generation, model } => {
+                if let Some(s) = self.slots.get_mut(n) {
+                    s.start_at = Some(std::time::Instant::now());
+                }
+                self.start(n, generation, model)
+            }
             Effect::Stop { generation } => self.stop(n, generation),
             Effect::Detach { generation } => {
                 if let Some(s) = self.slots.get_mut(n)
@@ -46,18 +52,22 @@ impl Supervisor {
                 state,
                 health,
                 reason,
-            } => tracing::info!(
-                modvisor_module = n,
-                message_id = MSG_STATE_CHANGED,
-                modvisor_state = state.as_str(),
-                modvisor_health = health.as_str(),
-                "{n}: {state}, {health}: {reason}"
-            ),
+            } => {
+                self.count_start(n, state, health);
+                tracing::info!(
+                    modvisor_module = n,
+                    message_id = MSG_STATE_CHANGED,
+                    modvisor_state = state.as_str(),
+                    modvisor_health = health.as_str(),
+                    "{n}: {state}, {health}: {reason}"
+                )
+            }
             Effect::Step {
                 model,
                 step,
                 detail,
             } => self.step(n, &model, step, &detail),
+            Effect::Activated(outcome) => self.count_activation(n, outcome),
             Effect::ValidateModel { requested } => self.validate_model(n, requested),
             Effect::RecordModel { model, previous } => self.record_model(n, model, previous),
             Effect::LookupEngineLine => self.lookup_engine_line(n),
@@ -67,6 +77,28 @@ impl Supervisor {
                     tracing::info!(modvisor_module = n, "{n} stopped and removed");
                 }
             }
+        }
+    }
+
+    /// The start duration, once a start is online.
+    fn count_start(&mut self, n: &str, state: State, health: Health) {
+        let online = state == State::Running && matches!(health, Health::Online | Health::Degraded);
+        if let Some(s) = self.slots.get_mut(n)
+            && online
+            && let Some(t0) = s.start_at.take()
+        {
+            s.counters.last_start_seconds = t0.elapsed().as_secs_f64();
+        }
+    }
+
+    fn count_activation(&mut self, n: &str, outcome: &str) {
+        let Some(c) = self.slots.get_mut(n).map(|s| &mut s.counters) else {
+            return;
+        };
+        match outcome {
+            "online" => c.activations_online += 1,
+            "rolled-back" => c.activations_rolled_back += 1,
+            _ => c.activations_failed += 1,
         }
     }
 
@@ -169,12 +201,27 @@ impl Supervisor {
         let h = s.lc.module().health.clone();
         let Some(p) = h.probe else { return };
         let back = self.back(n);
+        let (tx, name) = (self.events.clone(), n.to_string());
         let task = tokio::spawn(async move {
+            let timed = || {
+                let (tx, name, p) = (tx.clone(), name.clone(), &p);
+                async move {
+                    let t0 = std::time::Instant::now();
+                    let r = health::probe(p, h.timeout).await;
+                    let seconds = t0.elapsed().as_secs_f64();
+                    let _ = tx.send(Event::ProbeTimed {
+                        name,
+                        seconds,
+                        ok: r.ok,
+                    });
+                    r
+                }
+            };
             let report = |result| {
                 back(Input::Probe { generation, result });
                 true
             };
-            health::probe_loop(|| health::probe(&p, h.timeout), h.interval, report).await;
+            health::probe_loop(timed, h.interval, report).await;
         });
         if let Some(s) = self.slots.get_mut(n)
             && let Some(old) = s.probe.replace(task.abort_handle())

@@ -136,6 +136,8 @@ pub enum Effect {
         step: &'static str,
         detail: String,
     },
+    /// A model activation ended: "online", "rolled-back" or "failed" (metrics).
+    Activated(&'static str),
     ValidateModel {
         requested: String,
     },

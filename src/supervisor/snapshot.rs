@@ -104,6 +104,7 @@ fn status(sup: &Supervisor, s: &Slot) -> ModuleStatus {
             .map(|d| d.as_micros() as u64)
             .unwrap_or(0),
         manifest_path: m.source.display().to_string(),
+        counters: s.counters.clone(),
     }
 }
 

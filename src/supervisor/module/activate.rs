@@ -154,6 +154,10 @@ impl Lifecycle {
                     step,
                     detail,
                 });
+                fx.push(Effect::Activated(match step {
+                    "online" | "rolled-back" => step,
+                    _ => "failed",
+                }));
                 fx.push(Effect::Reply(reply, result.map_err(OpError::Failed)));
                 if respawn {
                     self.respawn(fx);

@@ -632,6 +632,7 @@ fn activation_confirmed_online() {
                 "running (pid 43), no health probe configured",
             ),
             step("/models/b.gguf", "online", ""),
+            Effect::Activated("online"),
             ok(1),
         ],
         Running,
@@ -679,6 +680,7 @@ fn activation_fails_rolls_back_once_with_the_engine_line() {
         (started(3), vec![changed(Running, Health::Online, "running (pid 44), no health probe configured")], Running),
         (Input::EngineLine(Some("error loading model".into())), vec![
             step("/models/b.gguf", "rolled-back", "activating /models/b.gguf failed: the engine exited: exit-code 1; the engine said: error loading model; rolled back to /models/a.gguf, which is online"),
+            Effect::Activated("rolled-back"),
             Effect::Reply(1, Err(OpError::Failed("activating /models/b.gguf failed: the engine exited: exit-code 1; the engine said: error loading model; rolled back to /models/a.gguf, which is online".into()))),
         ], Running),
     ]);
@@ -700,6 +702,7 @@ fn rollback_that_fails_too() {
         fx,
         vec![
             step("/models/b.gguf", "rollback-failed", msg),
+            Effect::Activated("failed"),
             Effect::Reply(1, Err(OpError::Failed(msg.into()))),
             changed(Failed, Health::Offline, "program gone"),
         ]
@@ -761,6 +764,7 @@ fn reload_during_an_activation_restarts_after_it() {
         &fx[1..],
         &[
             step("/models/b.gguf", "online", ""),
+            Effect::Activated("online"),
             ok(1),
             Effect::StopProbe,
             Effect::Stop { generation: 2 },
@@ -802,6 +806,7 @@ fn an_activation_with_no_previous_model_fails_without_rollback() {
         fx,
         vec![
             step("/models/b.gguf", "failed", msg),
+            Effect::Activated("failed"),
             Effect::Reply(1, Err(OpError::Failed(msg.into())))
         ]
     );
