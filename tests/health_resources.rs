@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use common::*;
 
 /// A small HTTP server whose behaviour the test switches through a file: ok (200), error
-/// (500), hang (never answers), loading (503 and 4 MiB more memory per request), die (exit 3).
+/// (500), hang (never answers), loading (503 and 4 MiB more memory per request: progress),
+/// stalled (503, memory unchanged: no progress), die (exit 3).
 const SERVER: &str = r#"
 import http.server, os, sys, time
 mode_file, port = sys.argv[1], int(sys.argv[2])
@@ -24,7 +25,7 @@ class H(http.server.BaseHTTPRequestHandler):
             os._exit(3)
         if mode == "loading":
             hog.append(bytearray(4 << 20))
-        code = {"ok": 200, "error": 500, "loading": 503}.get(mode, 500)
+        code = {"ok": 200, "error": 500, "loading": 503, "stalled": 503}.get(mode, 500)
         self.send_response(code)
         self.send_header("Content-Length", "2")
         self.end_headers()
@@ -161,10 +162,10 @@ async fn a_slow_loader_is_not_cut_off_before_start_timeout() {
 }
 
 #[tokio::test]
-async fn start_timeout_ends_a_start_phase_that_never_succeeds() {
+async fn start_timeout_ends_a_start_phase_that_makes_no_progress() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mode = dir.path().join("mode");
-    set_mode(&mode, "loading");
+    set_mode(&mode, "stalled");
     let port = free_port();
     let m = server_module(
         &mode,
@@ -181,7 +182,75 @@ async fn start_timeout_ends_a_start_phase_that_never_succeeds() {
     );
     assert_eq!((s.as_str(), h.as_str()), ("failed", "offline"));
     assert!(
-        r.contains("no successful health probe within start_timeout"),
+        r.contains(
+            "no successful health probe within start_timeout (1.5s) and no progress meanwhile"
+        ),
+        "{r}"
+    );
+}
+
+#[tokio::test]
+async fn a_loader_whose_memory_keeps_growing_is_not_cut_off_at_start_timeout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mode = dir.path().join("mode");
+    set_mode(&mode, "loading");
+    let port = free_port();
+    let m = server_module(
+        &mode,
+        port,
+        // Memory is sampled every second (the harness's monitor.interval): two samples fit
+        // in start_timeout.
+        "interval = \"200ms\"\nstart_timeout = \"2500ms\"\nstart_limit = \"1m\"\n",
+        "[restart]\npolicy = \"no\"\n",
+    );
+    let d = Daemon::start(&[("grower", &m)]).await;
+    let (_, _, r) = d
+        .wait_module("grower", T, |_, _, r| r.contains("resident"))
+        .await;
+    assert!(
+        r.contains("loading") && r.contains("since the last sample"),
+        "{r}"
+    );
+    let pid = d.module("grower").await.main_pid().await.expect("pid");
+    // Over twice start_timeout of loading with memory growing: still starting, never cut off.
+    let until = Instant::now() + Duration::from_millis(6000);
+    while Instant::now() < until {
+        let st = d.module("grower").await.state().await.expect("state");
+        assert_eq!(
+            st,
+            "starting",
+            "cut off while making progress; log:\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    set_mode(&mode, "ok");
+    d.wait_module("grower", T, |s, h, _| s == "running" && h == "online")
+        .await;
+    assert_eq!(d.module("grower").await.main_pid().await.expect("pid"), pid);
+}
+
+#[tokio::test]
+async fn start_limit_holds_whatever_the_progress() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mode = dir.path().join("mode");
+    set_mode(&mode, "loading");
+    let port = free_port();
+    let m = server_module(
+        &mode,
+        port,
+        "interval = \"200ms\"\nstart_timeout = \"2500ms\"\nstart_limit = \"6s\"\n",
+        "[restart]\npolicy = \"no\"\n",
+    );
+    let d = Daemon::start(&[("capped", &m)]).await;
+    let t0 = Instant::now();
+    let (_, _, r) = d.wait_state("capped", "failed").await;
+    assert!(
+        t0.elapsed() >= Duration::from_millis(5900),
+        "not before start_limit"
+    );
+    assert!(
+        r.contains("no successful health probe within start_limit (6s), progress or not"),
         "{r}"
     );
 }

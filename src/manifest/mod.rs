@@ -124,7 +124,11 @@ pub struct HealthSpec {
     pub probe: Option<Probe>,
     pub interval: Duration,
     pub timeout: Duration,
+    /// How long a start may go without progress (memory growing, the probe's answer
+    /// changing) before it is cut off.
     pub start_timeout: Duration,
+    /// How long a start may take at most, progress or not.
+    pub start_limit: Duration,
     pub failures: u32,
     pub successes: u32,
 }

@@ -101,6 +101,7 @@ pub struct RawHealth {
     pub interval: Option<Spanned<String>>,
     pub timeout: Option<Spanned<String>>,
     pub start_timeout: Option<Spanned<String>>,
+    pub start_limit: Option<Spanned<String>>,
     pub failures: Option<Spanned<i64>>,
     pub successes: Option<Spanned<i64>>,
 }

@@ -69,6 +69,11 @@ pub enum Input {
         result: ProbeResult,
     },
     Timer(Timer),
+    /// A sign that a start makes progress (its memory grew): start_timeout starts again.
+    Progressing {
+        generation: u64,
+        what: String,
+    },
     /// A resource threshold crossed (or none), from the latest sample.
     Warning(Option<String>),
     ActivateModel {
@@ -95,8 +100,10 @@ pub struct Started {
 pub enum Timer {
     /// An automatic restart is due (token: the wait it belongs to).
     RestartDue(u64),
-    /// The run (generation) has had start_timeout to become healthy.
+    /// A start has gone start_timeout without progress (token: the arming it belongs to).
     StartTimeout(u64),
+    /// The run (generation) has had start_limit to become healthy.
+    StartLimit(u64),
 }
 
 /// What the actor must do.
@@ -167,6 +174,8 @@ pub struct Lifecycle {
     logged: (State, Health),
     since: SystemTime,
     generation: u64,
+    /// Tokens of start_timeout armings.
+    timers: u64,
     budget: RestartBudget,
     restarts: u32,
     warning: Option<String>,
@@ -211,6 +220,7 @@ impl Lifecycle {
             logged: (State::Inactive, Health::Offline),
             since: now.wall,
             generation: 0,
+            timers: 0,
             restarts: 0,
             warning: None,
             active_model,
@@ -302,6 +312,20 @@ impl Lifecycle {
             Input::Probe { generation, result } => self.on_probe(generation, result, &mut fx),
             Input::Timer(t) => self.on_timer(t, now, &mut fx),
             Input::Warning(w) => self.warning = w,
+            Input::Progressing { generation, what } => {
+                if self.progressed(generation, &mut fx) {
+                    let pid = self.main_pid();
+                    let probe = self
+                        .run()
+                        .map(|r| r.last_detail.clone())
+                        .unwrap_or_default();
+                    let why = match probe.is_empty() {
+                        true => format!("starting (pid {pid}), loading: {what}"),
+                        false => format!("starting (pid {pid}), loading: {probe}; {what}"),
+                    };
+                    self.set(State::Starting, Health::Unknown, why);
+                }
+            }
             Input::ActivateModel { reply, requested } => {
                 self.on_activate(reply, requested, &mut fx)
             }
@@ -390,7 +414,7 @@ impl Lifecycle {
                     }
                     // Running and not asked to stop: a start is done; a restart stops it first.
                     (None, false) => fx.extend(reply.map(|r| Effect::Reply(r, Ok(())))),
-                    (None, true) | (Some(Stopping::StartTimeout), _) => {
+                    (None, true) | (Some(Stopping::StartTimeout { .. }), _) => {
                         self.start_waiters.extend(reply);
                         self.begin_stop(&mut run, Then::Start, fx);
                     }

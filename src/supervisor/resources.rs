@@ -12,6 +12,27 @@ pub struct Usage {
     pub vram_total: u64,
 }
 
+/// What grew from one sample to the next (a loading engine's progress), if anything did:
+/// resident memory by more than 1 MiB, or VRAM at all.
+pub fn growth(before: &Usage, now: &Usage) -> Option<String> {
+    const MIB: u64 = 1024 * 1024;
+    if before.memory > 0 && now.memory > before.memory + MIB {
+        return Some(format!(
+            "{} resident, +{} since the last sample",
+            format_bytes(now.memory),
+            format_bytes(now.memory - before.memory)
+        ));
+    }
+    if now.vram > before.vram {
+        return Some(format!(
+            "{} of VRAM, +{} since the last sample",
+            format_bytes(now.vram),
+            format_bytes(now.vram - before.vram)
+        ));
+    }
+    None
+}
+
 /// The threshold crossed by a module's RAM or VRAM, if any, with the figures.
 pub fn warning(
     r: &Resources,

@@ -11,8 +11,9 @@ use crate::state::{Health, State};
 pub enum Stopping {
     /// Asked (a user, a reload, a removal): then do `Then`.
     Asked(Then),
-    /// It never became healthy within start_timeout: the restart policy decides.
-    StartTimeout,
+    /// It never became healthy: start_timeout passed without progress, or start_limit
+    /// (`limit`) passed whatever the progress. The restart policy decides.
+    StartTimeout { limit: bool },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +36,10 @@ pub struct Run {
     pub unit: String,
     pub hysteresis: Hysteresis,
     pub stopping: Option<Stopping>,
+    /// The armed start_timeout (re-armed on every sign of progress).
+    pub start_token: u64,
+    /// The probe's last answer in the start phase (a change is progress).
+    pub last_detail: String,
 }
 
 /// The published triple.
@@ -52,6 +57,8 @@ impl Run {
             unit: String::new(),
             hysteresis: Hysteresis::new(health.failures, health.successes),
             stopping: None,
+            start_token: 0,
+            last_detail: String::new(),
         }
     }
 

@@ -64,20 +64,27 @@ impl Supervisor {
             let Some(slot) = self.slots.get_mut(&n) else {
                 continue;
             };
+            let mut progress = None;
             let warning = if slot.run.is_none() {
                 None
             } else {
                 if let Some(m) = s.modules.get(&n) {
-                    slot.usage = resources::Usage {
+                    let now = resources::Usage {
                         memory: m.rss,
                         vram: m.vram,
                         vram_total: m.vram_total,
                     };
+                    progress = resources::growth(&slot.usage, &now);
+                    slot.usage = now;
                 }
                 let r = &slot.lc.module().resources;
                 resources::warning(r, &slot.usage, self.machine_total, ram_pct, vram_pct)
             };
+            let generation = slot.lc.running().unwrap_or(0);
             self.feed(&n, Input::Warning(warning));
+            if let Some(what) = progress {
+                self.feed(&n, Input::Progressing { generation, what });
+            }
         }
     }
 }

@@ -23,7 +23,7 @@ impl Lifecycle {
 
     pub(super) fn on_started(&mut self, s: Started, fx: &mut Fx) {
         let has_probe = self.module.health.probe.is_some();
-        let start_timeout = self.module.health.start_timeout;
+        let start_limit = self.module.health.start_limit;
         let shutting_down = self.shutting_down;
         let Some(run) = self.run_mut(s.generation) else {
             return;
@@ -52,14 +52,15 @@ impl Lifecycle {
             return;
         }
         let shown = run.started_shown(has_probe);
+        self.shown = shown;
         if has_probe {
             fx.push(Effect::StartProbe { generation: g });
             fx.push(Effect::Arm {
-                timer: Timer::StartTimeout(g),
-                after: start_timeout,
+                timer: Timer::StartLimit(g),
+                after: start_limit,
             });
+            self.progressed(g, fx);
         }
-        self.shown = shown;
         for w in self.start_waiters.drain(..) {
             fx.push(Effect::Reply(w, Ok(())));
         }
@@ -125,7 +126,7 @@ impl Lifecycle {
         }
     }
 
-    pub(super) fn on_probe(&mut self, generation: u64, result: ProbeResult, _fx: &mut Fx) {
+    pub(super) fn on_probe(&mut self, generation: u64, result: ProbeResult, fx: &mut Fx) {
         let failures = self.module.health.failures;
         let current = self.shown.clone();
         let Some(run) = self.run_mut(generation) else {
@@ -136,9 +137,37 @@ impl Lifecycle {
         if run.stopping.is_some() || !run.started || (run.survives && run.main_pid == 0) {
             return;
         }
+        let in_start = run.hysteresis.verdict().is_none();
+        let changed = run.last_detail != result.detail;
+        run.last_detail.clone_from(&result.detail);
         if let Some(shown) = run.probe_shown(&result, &current, failures) {
             self.shown = shown;
         }
+        if in_start && changed {
+            self.progressed(generation, fx);
+        }
+    }
+
+    /// A start shows progress (or just began): start_timeout is armed again. Returns whether
+    /// the run is in its start phase (and so whether this counted).
+    pub(super) fn progressed(&mut self, generation: u64, fx: &mut Fx) -> bool {
+        let after = self.module.health.start_timeout;
+        let starting = self.shown.0 == State::Starting && self.module.health.probe.is_some();
+        self.timers += 1;
+        let token = self.timers;
+        let Some(run) = self.run_mut(generation) else {
+            return false;
+        };
+        if !starting || !run.started || run.stopping.is_some() || run.hysteresis.verdict().is_some()
+        {
+            return false;
+        }
+        run.start_token = token;
+        fx.push(Effect::Arm {
+            timer: Timer::StartTimeout(token),
+            after,
+        });
+        true
     }
 
     pub(super) fn on_timer(&mut self, t: Timer, now: Now, fx: &mut Fx) {
@@ -148,17 +177,26 @@ impl Lifecycle {
                     self.start(now, fx);
                 }
             }
-            Timer::StartTimeout(g) => {
-                let starting = self.shown.0 == State::Starting;
-                let Some(run) = self.run_mut(g) else { return };
-                if !starting || run.stopping.is_some() {
-                    return;
+            Timer::StartTimeout(token) => {
+                let g = self.running().unwrap_or(0);
+                if self.run().is_some_and(|r| r.start_token == token) {
+                    self.start_timed_out(g, false, fx);
                 }
-                run.stopping = Some(Stopping::StartTimeout);
-                fx.push(Effect::StopProbe);
-                fx.push(Effect::Stop { generation: g });
             }
+            Timer::StartLimit(g) => self.start_timed_out(g, true, fx),
         }
+    }
+
+    /// No successful probe in time: the run is stopped and its exit goes through the policy.
+    fn start_timed_out(&mut self, g: u64, limit: bool, fx: &mut Fx) {
+        let starting = self.shown.0 == State::Starting;
+        let Some(run) = self.run_mut(g) else { return };
+        if !starting || run.stopping.is_some() || !run.started {
+            return;
+        }
+        run.stopping = Some(Stopping::StartTimeout { limit });
+        fx.push(Effect::StopProbe);
+        fx.push(Effect::Stop { generation: g });
     }
 
     pub(super) fn on_exited(&mut self, generation: u64, info: ExitInfo, now: Now, fx: &mut Fx) {
@@ -169,7 +207,8 @@ impl Lifecycle {
         fx.push(Effect::StopProbe);
         match run.stopping {
             Some(Stopping::Asked(then)) => self.stopped(then, &info, now, fx),
-            timed_out => self.ended(&run, &info, timed_out.is_some(), now, fx),
+            Some(Stopping::StartTimeout { limit }) => self.ended(&run, &info, Some(limit), now, fx),
+            None => self.ended(&run, &info, None, now, fx),
         }
     }
 
@@ -193,10 +232,23 @@ impl Lifecycle {
     }
 
     /// The run ended on its own (or never became healthy): activation or restart policy.
-    fn ended(&mut self, run: &Run, info: &ExitInfo, timed_out: bool, now: Now, fx: &mut Fx) {
-        let what = if timed_out {
-            let st = self.module.health.start_timeout;
-            format!("no successful health probe within start_timeout ({st:?})")
+    fn ended(
+        &mut self,
+        run: &Run,
+        info: &ExitInfo,
+        timed_out: Option<bool>,
+        now: Now,
+        fx: &mut Fx,
+    ) {
+        let h = &self.module.health;
+        let what = if timed_out == Some(true) {
+            let lim = h.start_limit;
+            format!("no successful health probe within start_limit ({lim:?}), progress or not")
+        } else if timed_out == Some(false) {
+            let st = h.start_timeout;
+            format!(
+                "no successful health probe within start_timeout ({st:?}) and no progress meanwhile"
+            )
         } else if run.main_pid > 0 {
             format!("pid {} exited: {info}", run.main_pid)
         } else {
@@ -212,7 +264,7 @@ impl Lifecycle {
         let ended = restart::Ended {
             info,
             what: &what,
-            timed_out,
+            timed_out: timed_out.is_some(),
             by_backend: run.restarts_itself,
             restarts: self.restarts,
         };

@@ -301,15 +301,30 @@ fn start_timeout_stops_then_a_stop_wins_over_the_restart_policy() {
             vec![
                 Effect::StartProbe { generation: 1 },
                 Effect::Arm {
+                    timer: Timer::StartLimit(1),
+                    after: Duration::from_secs(3600),
+                },
+                Effect::Arm {
                     timer: Timer::StartTimeout(1),
                     after: Duration::from_secs(30),
                 },
             ],
             Starting,
         ),
-        (probe(1, false), vec![], Starting),
+        // The first answer is news (progress: start_timeout starts again) ...
         (
-            Input::Timer(Timer::StartTimeout(1)),
+            probe(1, false),
+            vec![Effect::Arm {
+                timer: Timer::StartTimeout(2),
+                after: Duration::from_secs(30),
+            }],
+            Starting,
+        ),
+        // ... the same answer again is not, and the first arming is stale now.
+        (probe(1, false), vec![], Starting),
+        (Input::Timer(Timer::StartTimeout(1)), vec![], Starting),
+        (
+            Input::Timer(Timer::StartTimeout(2)),
             vec![Effect::StopProbe, Effect::Stop { generation: 1 }],
             Starting,
         ),
@@ -344,7 +359,7 @@ fn start_timeout_goes_through_the_restart_policy() {
         Some(&changed(
             Starting,
             Health::Offline,
-            "no successful health probe within start_timeout (30s); restarting in 2s (restart 1 of 5 within 600s)"
+            "no successful health probe within start_timeout (30s) and no progress meanwhile; restarting in 2s (restart 1 of 5 within 600s)"
         ))
     );
     // A start timeout of a run that is healthy by then does nothing.
@@ -809,5 +824,76 @@ fn an_activation_with_no_previous_model_fails_without_rollback() {
             Effect::Activated("failed"),
             Effect::Reply(1, Err(OpError::Failed(msg.into())))
         ]
+    );
+}
+
+#[test]
+fn progress_keeps_a_start_alive_until_start_limit() {
+    let mut t =
+        T::new("[health]\ntcp = \"127.0.0.1:9\"\nstart_timeout = \"10s\"\nstart_limit = \"1m\"\n");
+    t.feed(Input::Boot);
+    t.feed(started(1));
+    let grow = |g| Input::Progressing {
+        generation: g,
+        what: "2.0 GiB resident, +100.0 MiB since the last sample".into(),
+    };
+    t.rows(vec![
+        (
+            grow(1),
+            vec![Effect::Arm {
+                timer: Timer::StartTimeout(2),
+                after: Duration::from_secs(10),
+            }],
+            Starting,
+        ),
+        // The timeout armed before the progress is stale.
+        (Input::Timer(Timer::StartTimeout(1)), vec![], Starting),
+        (
+            grow(1),
+            vec![Effect::Arm {
+                timer: Timer::StartTimeout(3),
+                after: Duration::from_secs(10),
+            }],
+            Starting,
+        ),
+        // Progress of another run counts for nothing.
+        (grow(7), vec![], Starting),
+        // The hard cap holds whatever the progress.
+        (
+            Input::Timer(Timer::StartLimit(1)),
+            vec![Effect::StopProbe, Effect::Stop { generation: 1 }],
+            Starting,
+        ),
+        (grow(1), vec![], Starting),
+    ]);
+    let fx = t.feed(exited(1, 143));
+    assert!(
+        fx.iter().any(|e| matches!(e, Effect::Changed { reason, .. } if reason.starts_with("no successful health probe within start_limit (60s), progress or not"))),
+        "{fx:?}"
+    );
+}
+
+#[test]
+fn progress_after_the_start_phase_changes_nothing() {
+    let mut t = T::new(PROBE);
+    t.feed(Input::Boot);
+    t.feed(started(1));
+    t.feed(probe(1, true));
+    let fx = t.feed(Input::Progressing {
+        generation: 1,
+        what: "x".into(),
+    });
+    assert_eq!(fx, vec![]);
+    assert_eq!(t.lc.state(), Running);
+}
+
+#[test]
+fn a_manifest_start_limit_below_start_timeout_is_refused() {
+    let src = "name = \"m\"\n[native]\ncommand = [\"/bin/true\"]\n[health]\ntcp = \"127.0.0.1:9\"\nstart_timeout = \"10m\"\nstart_limit = \"1m\"\n";
+    let e =
+        crate::manifest::parse_manifest(Path::new("/m/m.toml"), src, NAME).expect_err("refused");
+    assert_eq!(
+        e.to_string(),
+        "/m/m.toml:7:15: health.start_limit: expected at least health.start_timeout"
     );
 }
