@@ -14,6 +14,7 @@ pub mod model;
 pub mod monitor;
 pub mod policy;
 pub mod procfs;
+pub mod proxy;
 pub mod reaper;
 pub mod runtime;
 pub mod state;

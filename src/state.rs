@@ -35,6 +35,9 @@ impl fmt::Display for State {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Health {
     Online,
+    /// Stopped, and started by the next connection to its listen address (on demand, or
+    /// after an idle stop): not a failure, counted as online in the Manager's figures.
+    Standby,
     Unknown,
     Degraded,
     Offline,
@@ -47,6 +50,7 @@ impl Health {
             Health::Degraded => "degraded",
             Health::Offline => "offline",
             Health::Unknown => "unknown",
+            Health::Standby => "standby",
         }
     }
 }
@@ -80,6 +84,12 @@ pub struct ModuleStatus {
     pub manifest_path: String,
     /// Running totals for monitoring (metrics); not D-Bus properties.
     pub counters: ModuleCounters,
+    /// `[serve]`: open connections, µs since the epoch of the last connection opened or
+    /// closed, of the armed idle stop (0: none), and whether it starts on demand.
+    pub connections: u32,
+    pub last_activity_us: u64,
+    pub idle_stop_at_us: u64,
+    pub on_demand: bool,
 }
 
 /// Upper bounds (seconds) of the probe latency histogram's buckets (+Inf is implied).
@@ -130,17 +140,32 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// The worst health of all modules ("online" when there are none).
+    /// The worst health of all modules ("online" when there are none); a module in standby
+    /// counts as online.
     pub fn health(&self) -> Health {
         self.modules
             .values()
-            .map(|m| m.health)
+            .map(|m| match m.health {
+                Health::Standby => Health::Online,
+                h => h,
+            })
             .max()
             .unwrap_or(Health::Online)
     }
 
     pub fn count(&self, h: Health) -> u32 {
-        self.modules.values().filter(|m| m.health == h).count() as u32
+        // A module in standby counts as online.
+        let norm = |h: Health| {
+            if h == Health::Standby {
+                Health::Online
+            } else {
+                h
+            }
+        };
+        self.modules
+            .values()
+            .filter(|m| norm(m.health) == norm(h))
+            .count() as u32
     }
 
     /// One line for `STATUS=`.

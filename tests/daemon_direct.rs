@@ -154,8 +154,17 @@ async fn crash_loop_ends_failed_with_reason() {
     // It stays stopped until started again; a start resets the budget.
     let m = d.manager().await;
     m.start_module("crashy").await.expect("StartModule");
-    d.wait_module("crashy", T, |_, _, r| r.contains("restart 1 of 2"))
-        .await;
+    // The budget was reset: two more restarts (the loop takes ~100 ms, too quick to catch
+    // "restart 1 of 2" in passing), then failed again.
+    let deadline = Instant::now() + T;
+    while p.restarts().await.expect("Restarts") < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "the start reset the restart budget"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    d.wait_state("crashy", "failed").await;
 }
 
 #[tokio::test]

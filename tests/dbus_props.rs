@@ -175,15 +175,26 @@ async fn properties_changed_names_only_introspected_properties_and_carries_nativ
 
 #[tokio::test]
 async fn a_nul_in_a_description_does_not_cost_the_daemon_its_bus() {
-    let d = Daemon::start(&[(
-        "nul",
-        &sh_module("exec sleep 1000", "description = \"a\\u0000b\"\n"),
-    )])
+    // Refused at load with its position (a NUL cannot cross D-Bus); the daemon stays on the
+    // bus and the others run.
+    let d = Daemon::start(&[
+        (
+            "nul",
+            &sh_module("exec sleep 1000", "description = \"a\\u0000b\"\n"),
+        ),
+        ("fine", &sh_module("exec sleep 1000", "")),
+    ])
     .await;
-    d.wait_state("nul", "running").await;
-    let p = d.module("nul").await;
-    assert_eq!(p.description().await.expect("Description"), "a\u{fffd}b");
+    d.wait_state("fine", "running").await;
     let m = d.manager().await;
+    let errs = m.manifest_errors().await.expect("ManifestErrors");
+    assert!(
+        errs.iter().any(|(f, e)| f.ends_with("nul.toml")
+            && e.contains(
+                "nul.toml:2:15: description: control characters (such as NUL) are not allowed"
+            )),
+        "{errs:?}"
+    );
     assert_eq!(
         m.version().await.expect("still on the bus"),
         env!("CARGO_PKG_VERSION")
@@ -211,6 +222,10 @@ fn status(name: &str, description: String) -> ModuleStatus {
         since_us: 1,
         manifest_path: format!("/m/{name}.toml"),
         counters: Default::default(),
+        connections: 0,
+        last_activity_us: 0,
+        idle_stop_at_us: 0,
+        on_demand: false,
     }
 }
 

@@ -101,6 +101,14 @@ pub trait Module {
     fn since(&self) -> zbus::Result<u64>;
     #[zbus(property)]
     fn manifest_path(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn connections(&self) -> zbus::Result<u32>;
+    #[zbus(property)]
+    fn last_activity(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
+    fn idle_stop_at(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
+    fn on_demand(&self) -> zbus::Result<bool>;
 }
 
 /// The runtime directory where the embedded bus lives, as clients see it.

@@ -74,6 +74,10 @@ pub mod module {
             Changes "ActiveModel" active_model -> String = |m| clean(&m.active_model);
             Changes "Since" since -> u64 = |m| m.since_us;
             Changes "ManifestPath" manifest_path -> String = |m| clean(&m.manifest_path);
+            Changes "Connections" connections -> u32 = |m| m.connections;
+            Changes "LastActivity" last_activity -> u64 = |m| m.last_activity_us;
+            Changes "IdleStopAt" idle_stop_at -> u64 = |m| m.idle_stop_at_us;
+            Changes "OnDemand" on_demand -> bool = |m| m.on_demand;
         }
     }
 }
@@ -154,6 +158,10 @@ pub(crate) mod tests {
             since_us: 1,
             manifest_path: "/m.toml".into(),
             counters: Default::default(),
+            connections: 0,
+            last_activity_us: 0,
+            idle_stop_at_us: 0,
+            on_demand: false,
         }
     }
 

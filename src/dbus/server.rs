@@ -331,6 +331,26 @@ impl ModuleObject {
     fn manifest_path(&self) -> String {
         self.read(mo::manifest_path)
     }
+    /// Open connections to the module's listen address ([serve]).
+    #[zbus(property)]
+    fn connections(&self) -> u32 {
+        self.read(mo::connections)
+    }
+    /// µs since the epoch of the last connection opened or closed.
+    #[zbus(property)]
+    fn last_activity(&self) -> u64 {
+        self.read(mo::last_activity)
+    }
+    /// µs since the epoch when the idle stop fires (0: not armed).
+    #[zbus(property)]
+    fn idle_stop_at(&self) -> u64 {
+        self.read(mo::idle_stop_at)
+    }
+    /// Started by the first connection rather than at boot.
+    #[zbus(property)]
+    fn on_demand(&self) -> bool {
+        self.read(mo::on_demand)
+    }
 }
 
 /// Registers the manager and the ObjectManager on `conn`.

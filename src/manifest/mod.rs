@@ -4,6 +4,7 @@
 mod load;
 mod raw;
 mod render;
+mod serve;
 mod text;
 pub mod units;
 mod validate;
@@ -166,6 +167,20 @@ pub struct RestartSpec {
     pub window: Duration,
 }
 
+/// `[serve]`: modvisord listens on `listen` and forwards each connection to `upstream`, where
+/// the engine listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServeSpec {
+    pub listen: Vec<std::net::SocketAddr>,
+    pub upstream: std::net::SocketAddr,
+    /// Not started at boot: the first connection starts it.
+    pub on_demand: bool,
+    /// Stopped after this long with no open connection.
+    pub idle_stop: Option<Duration>,
+    /// Connections held while the engine starts; more are refused.
+    pub max_pending: u32,
+}
+
 /// A validated module: everything downstream of `manifest` works with this type only.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Module {
@@ -183,6 +198,8 @@ pub struct Module {
     pub health: HealthSpec,
     pub resources: Resources,
     pub restart: RestartSpec,
+    /// The module's public address, owned by modvisord (start on demand, stop when idle).
+    pub serve: Option<ServeSpec>,
     /// The file the module came from.
     pub source: PathBuf,
 }
@@ -197,6 +214,7 @@ impl Module {
             || self.model != other.model
             || self.resources.memory_max != other.resources.memory_max
             || self.trusted != other.trusted
+            || self.serve.as_ref().map(|s| s.upstream) != other.serve.as_ref().map(|s| s.upstream)
     }
 }
 

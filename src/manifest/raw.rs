@@ -21,6 +21,17 @@ pub struct RawManifest {
     pub health: Option<Spanned<RawHealth>>,
     pub resources: Option<RawResources>,
     pub restart: Option<RawRestart>,
+    pub serve: Option<Spanned<RawServe>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServe {
+    pub listen: Option<Spanned<Vec<Spanned<String>>>>,
+    pub upstream: Option<Spanned<String>>,
+    pub on_demand: Option<bool>,
+    pub idle_stop: Option<Spanned<String>>,
+    pub max_pending: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]

@@ -7,6 +7,20 @@ use super::{Mode, Module, NativeExec, Probe};
 
 /// Substitutes `${model}`, `${model_file}`, `${name}`, `${state_dir}`.
 pub fn substitute(s: &str, name: &str, state_dir: &Path, model: Option<&Path>) -> String {
+    substitute_all(s, name, state_dir, model, None)
+}
+
+/// Also `${upstream}` ("127.0.0.1:18080") and `${port}` (18080) of `[serve]`.
+fn substitute_all(
+    s: &str,
+    name: &str,
+    state_dir: &Path,
+    model: Option<&Path>,
+    upstream: Option<std::net::SocketAddr>,
+) -> String {
+    let (up, port) = upstream
+        .map(|u| (u.to_string(), u.port().to_string()))
+        .unwrap_or_default();
     let model_s = model.map(|m| m.display().to_string()).unwrap_or_default();
     let model_file = model
         .and_then(|m| m.file_name())
@@ -16,6 +30,8 @@ pub fn substitute(s: &str, name: &str, state_dir: &Path, model: Option<&Path>) -
         .replace("${model_file}", &model_file)
         .replace("${name}", name)
         .replace("${state_dir}", &state_dir.display().to_string())
+        .replace("${upstream}", &up)
+        .replace("${port}", &port)
 }
 
 /// What to run for one start, placeholders substituted.
@@ -29,7 +45,8 @@ impl Module {
     /// The command (native) or container spec of `mode`, rendered for `model`; None when the
     /// manifest has no section for that mode.
     pub fn render(&self, mode: Mode, state_dir: &Path, model: Option<&Path>) -> Option<Exec> {
-        let sub = |s: &str| substitute(s, &self.name, state_dir, model);
+        let upstream = self.serve.as_ref().map(|s| s.upstream);
+        let sub = |s: &str| substitute_all(s, &self.name, state_dir, model, upstream);
         match mode {
             Mode::Container => self.container.clone().map(|mut c| {
                 c.command = c.command.iter().map(|a| sub(a)).collect();

@@ -11,19 +11,26 @@ use super::raw::*;
 use super::units::{parse_duration, parse_size};
 use super::*;
 
-const PLACEHOLDERS: [&str; 4] = ["model", "model_file", "name", "state_dir"];
+const PLACEHOLDERS: [&str; 6] = [
+    "model",
+    "model_file",
+    "name",
+    "state_dir",
+    "port",
+    "upstream",
+];
 
-struct Ctx<'a> {
+pub(super) struct Ctx<'a> {
     path: &'a Path,
     src: &'a str,
 }
 
 impl Ctx<'_> {
-    fn err<T>(&self, offset: usize, msg: impl Into<String>) -> Result<T, ManifestError> {
+    pub(super) fn err<T>(&self, offset: usize, msg: impl Into<String>) -> Result<T, ManifestError> {
         Err(ManifestError::at(self.path, self.src, offset, msg))
     }
 
-    fn duration(
+    pub(super) fn duration(
         &self,
         v: &Option<Spanned<String>>,
         key: &str,
@@ -47,7 +54,7 @@ impl Ctx<'_> {
         }
     }
 
-    fn count(
+    pub(super) fn count(
         &self,
         v: &Option<Spanned<i64>>,
         key: &str,
@@ -419,6 +426,7 @@ pub fn parse_manifest(path: &Path, src: &str, stem: &str) -> Result<Module, Mani
         health,
         resources,
         restart,
+        serve: super::serve::validate(&cx, raw.serve.as_ref())?,
         source: path.to_path_buf(),
     })
 }

@@ -76,6 +76,10 @@ pub(super) struct Slot {
     /// Runs of ours found at start-up, consumed by the first start.
     pub found: Vec<Found>,
     pub counters: crate::state::ModuleCounters,
+    /// What the module's listen address does with a connection now ([serve]).
+    pub gate: watch::Sender<crate::proxy::Gate>,
+    /// The listener's tasks (aborted when the module goes or its listen addresses change).
+    pub listener: Vec<AbortHandle>,
     /// When the current start began (until it is online: the start duration).
     pub start_at: Option<std::time::Instant>,
 }
@@ -88,6 +92,9 @@ impl Slot {
     pub fn abort_all(&mut self) {
         if let Some(p) = self.probe.take() {
             p.abort();
+        }
+        for t in self.listener.drain(..) {
+            t.abort();
         }
         for t in self.tasks.drain(..) {
             t.abort();
@@ -245,6 +252,12 @@ impl Supervisor {
             return;
         };
         let fx = slot.lc.handle(input, Now::current());
+        let gate = slot.lc.gate();
+        slot.gate.send_if_modified(|g| {
+            let changed = *g != gate;
+            *g = gate;
+            changed
+        });
         for e in fx {
             self.carry_out(name, e);
         }

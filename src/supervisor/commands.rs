@@ -1,6 +1,6 @@
 //! The actor's side of commands and reloads: replies are registered, inputs fed to machines.
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use super::actor::{Event, Slot, Supervisor};
 use super::module::{Input, Lifecycle, Now};
@@ -160,6 +160,10 @@ impl Supervisor {
             Change::Add(m) => self.add(m),
             Change::Update { module, respawn } => {
                 let n = module.name.clone();
+                let relisten = self.slots.get(&n).is_some_and(|s| {
+                    s.lc.module().serve.as_ref().map(|v| &v.listen)
+                        != module.serve.as_ref().map(|v| &v.listen)
+                });
                 if respawn {
                     tracing::info!(modvisor_module = %n, "manifest changed what {n} runs: restarting");
                 }
@@ -168,6 +172,9 @@ impl Supervisor {
                     respawn,
                 };
                 self.feed(&n, input);
+                if relisten {
+                    self.listen(&n);
+                }
                 if let Some(s) = self.slots.get(&n) {
                     let d = self.decide(s);
                     if let Some(s) = self.slots.get_mut(&n) {
@@ -183,7 +190,9 @@ impl Supervisor {
         let active = read_active_model(&self.state_dir(&name), &module);
         let found = self.existing.remove(&name).unwrap_or_default();
         // A run left by an earlier modvisord is adopted whatever `enabled` says.
-        let boot = module.enabled || found.iter().any(|(_, o)| o.running);
+        // An on-demand module waits for its first connection.
+        let on_demand = module.serve.as_ref().is_some_and(|s| s.on_demand);
+        let boot = (module.enabled && !on_demand) || found.iter().any(|(_, o)| o.running);
         let mut slot = Slot {
             lc: Lifecycle::new(module, active, Now::current()),
             override_mode: None,
@@ -201,11 +210,41 @@ impl Supervisor {
             found,
             counters: Default::default(),
             start_at: None,
+            gate: watch::channel(crate::proxy::Gate::Wait).0,
+            listener: Vec::new(),
         };
         slot.decision = self.decide(&slot);
         self.slots.insert(name.clone(), slot);
+        self.listen(&name);
         if boot {
             self.feed(&name, Input::Boot);
+        }
+    }
+
+    /// (Re)binds a module's listen addresses ([serve]); the proxy reports back as inputs.
+    fn listen(&mut self, name: &str) {
+        let events = self.events.clone();
+        let Some(s) = self.slots.get_mut(name) else {
+            return;
+        };
+        for t in s.listener.drain(..) {
+            t.abort();
+        }
+        let Some(spec) = s.lc.module().serve.clone() else {
+            return;
+        };
+        let n = name.to_string();
+        let report: crate::proxy::Report = std::sync::Arc::new(move |ev| {
+            let input = match ev {
+                crate::proxy::ProxyEvent::Demand(peer) => Input::Demand { peer },
+                crate::proxy::ProxyEvent::Connections(c) => Input::Connections(c),
+            };
+            let _ = events.send(Event::Module(n.clone(), input));
+        });
+        let hold = s.lc.module().health.start_limit;
+        match crate::proxy::listen(&spec, s.gate.subscribe(), report, hold) {
+            Ok(tasks) => s.listener = tasks,
+            Err(why) => tracing::error!(modvisor_module = name, "{why}"),
         }
     }
 

@@ -68,6 +68,9 @@ impl Supervisor {
                 detail,
             } => self.step(n, &model, step, &detail),
             Effect::Activated(outcome) => self.count_activation(n, outcome),
+            Effect::Notice(id, text) => {
+                tracing::info!(modvisor_module = n, message_id = id, "{text}")
+            }
             Effect::ValidateModel { requested } => self.validate_model(n, requested),
             Effect::RecordModel { model, previous } => self.record_model(n, model, previous),
             Effect::LookupEngineLine => self.lookup_engine_line(n),

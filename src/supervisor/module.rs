@@ -69,6 +69,12 @@ pub enum Input {
         result: ProbeResult,
     },
     Timer(Timer),
+    /// A connection arrived at the listen address while the engine was not serving.
+    Demand {
+        peer: String,
+    },
+    /// The number of open connections to the listen address.
+    Connections(u32),
     /// A sign that a start makes progress (its memory grew): start_timeout starts again.
     Progressing {
         generation: u64,
@@ -104,6 +110,8 @@ pub enum Timer {
     StartTimeout(u64),
     /// The run (generation) has had start_limit to become healthy.
     StartLimit(u64),
+    /// No connection for idle_stop (token: the arming it belongs to).
+    IdleStop(u64),
 }
 
 /// What the actor must do.
@@ -145,6 +153,8 @@ pub enum Effect {
     },
     /// A model activation ended: "online", "rolled-back" or "failed" (metrics).
     Activated(&'static str),
+    /// A journal entry of its own (MESSAGE_ID, text): on-demand starts, idle stops.
+    Notice(&'static str, String),
     ValidateModel {
         requested: String,
     },
@@ -184,6 +194,12 @@ pub struct Lifecycle {
     start_waiters: Vec<ReplyId>,
     stop_waiters: Vec<ReplyId>,
     shutting_down: bool,
+    /// Open connections to the listen address, and the armed idle stop.
+    connections: u32,
+    last_activity: SystemTime,
+    idle_token: u64,
+    idle_stop_at: Option<SystemTime>,
+    idle_stopping: bool,
 }
 
 /// The time an input happens at: monotonic for budgets, wall clock for `Since`.
@@ -206,18 +222,30 @@ type Fx = Vec<Effect>;
 
 impl Lifecycle {
     pub fn new(module: Module, active_model: Option<PathBuf>, now: Now) -> Self {
-        let reason = if module.enabled {
-            "not started"
-        } else {
-            "not started (enabled = false)"
+        let on_demand = module
+            .serve
+            .as_ref()
+            .filter(|s| s.on_demand && module.enabled);
+        let shown = match on_demand {
+            Some(s) => (
+                State::Inactive,
+                Health::Standby,
+                format!("starts on the first connection to {}", listen_list(s)),
+            ),
+            None if module.enabled => (State::Inactive, Health::Offline, "not started".into()),
+            None => (
+                State::Inactive,
+                Health::Offline,
+                "not started (enabled = false)".into(),
+            ),
         };
         Lifecycle {
             name: module.name.clone(),
             budget: RestartBudget::new(&module.restart),
             module,
             phase: Phase::Down,
-            shown: (State::Inactive, Health::Offline, reason.into()),
-            logged: (State::Inactive, Health::Offline),
+            logged: (shown.0, shown.1),
+            shown,
             since: now.wall,
             generation: 0,
             timers: 0,
@@ -228,6 +256,11 @@ impl Lifecycle {
             start_waiters: Vec::new(),
             stop_waiters: Vec::new(),
             shutting_down: false,
+            connections: 0,
+            last_activity: now.wall,
+            idle_token: 0,
+            idle_stop_at: None,
+            idle_stopping: false,
         }
     }
 
@@ -261,6 +294,15 @@ impl Lifecycle {
     /// The generation of the current run, if one exists.
     pub fn running(&self) -> Option<u64> {
         self.run().map(|r| r.generation)
+    }
+    pub fn connections(&self) -> u32 {
+        self.connections
+    }
+    pub fn last_activity(&self) -> SystemTime {
+        self.last_activity
+    }
+    pub fn idle_stop_at(&self) -> Option<SystemTime> {
+        self.idle_stop_at
     }
     pub fn activating(&self) -> bool {
         self.activation.is_some()
@@ -298,7 +340,7 @@ impl Lifecycle {
             Input::Respawn => self.respawn(&mut fx),
             Input::Remove => self.on_remove(&mut fx),
             Input::Shutdown => self.on_shutdown(&mut fx),
-            Input::Started(s) => self.on_started(s, &mut fx),
+            Input::Started(s) => self.on_started(s, now, &mut fx),
             Input::StartFailed { generation, why } => {
                 self.on_start_failed(generation, why, now, &mut fx)
             }
@@ -312,6 +354,8 @@ impl Lifecycle {
             Input::Probe { generation, result } => self.on_probe(generation, result, &mut fx),
             Input::Timer(t) => self.on_timer(t, now, &mut fx),
             Input::Warning(w) => self.warning = w,
+            Input::Demand { peer } => self.on_demand(peer, now, &mut fx),
+            Input::Connections(n) => self.on_connections(n, now, &mut fx),
             Input::Progressing { generation, what } => {
                 if self.progressed(generation, &mut fx) {
                     let pid = self.main_pid();
@@ -561,7 +605,17 @@ impl Lifecycle {
     }
 }
 
+/// "127.0.0.1:8080" or "127.0.0.1:8080, [::1]:8080".
+pub(super) fn listen_list(s: &crate::manifest::ServeSpec) -> String {
+    s.listen
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 mod activate;
 mod events;
+mod serve;
 #[cfg(test)]
 mod tests;

@@ -44,6 +44,12 @@ pub fn cap(s: &str, max: usize) -> String {
     format!("{}…", &s[..end])
 }
 
+fn us(t: std::time::SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
 fn status(sup: &Supervisor, s: &Slot) -> ModuleStatus {
     let m = s.lc.module();
     let mode = s.decision.mode;
@@ -97,14 +103,13 @@ fn status(sup: &Supervisor, s: &Slot) -> ModuleStatus {
             .active_model()
             .map(|p| p.display().to_string())
             .unwrap_or_default(),
-        since_us: s
-            .lc
-            .since()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_micros() as u64)
-            .unwrap_or(0),
+        since_us: us(s.lc.since()),
         manifest_path: m.source.display().to_string(),
         counters: s.counters.clone(),
+        connections: s.lc.connections(),
+        last_activity_us: us(s.lc.last_activity()),
+        idle_stop_at_us: s.lc.idle_stop_at().map(us).unwrap_or(0),
+        on_demand: m.serve.as_ref().is_some_and(|v| v.on_demand),
     }
 }
 

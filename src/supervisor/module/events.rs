@@ -21,7 +21,7 @@ impl Lifecycle {
         self.set(State::Starting, Health::Unknown, "starting".into());
     }
 
-    pub(super) fn on_started(&mut self, s: Started, fx: &mut Fx) {
+    pub(super) fn on_started(&mut self, s: Started, now: Now, fx: &mut Fx) {
         let has_probe = self.module.health.probe.is_some();
         let start_limit = self.module.health.start_limit;
         let shutting_down = self.shutting_down;
@@ -53,6 +53,7 @@ impl Lifecycle {
         }
         let shown = run.started_shown(has_probe);
         self.shown = shown;
+        self.arm_idle(now, fx);
         if has_probe {
             fx.push(Effect::StartProbe { generation: g });
             fx.push(Effect::Arm {
@@ -184,6 +185,7 @@ impl Lifecycle {
                 }
             }
             Timer::StartLimit(g) => self.start_timed_out(g, true, fx),
+            Timer::IdleStop(token) => self.idle_timer(token, now, fx),
         }
     }
 
@@ -227,7 +229,7 @@ impl Lifecycle {
                 );
                 self.start(now, fx);
             }
-            Then::Nothing => self.set(State::Inactive, Health::Offline, "stopped".into()),
+            Then::Nothing => self.stopped_for_good(),
         }
     }
 

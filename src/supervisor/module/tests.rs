@@ -897,3 +897,121 @@ fn a_manifest_start_limit_below_start_timeout_is_refused() {
         "/m/m.toml:7:15: health.start_limit: expected at least health.start_timeout"
     );
 }
+
+// ------------------------------------------------------------ start on demand, stop when idle
+
+const SERVE: &str = "[serve]\nlisten = [\"127.0.0.1:8080\"]\nupstream = \"127.0.0.1:18080\"\non_demand = true\nidle_stop = \"15m\"\n";
+
+#[test]
+fn on_demand_idle_stop_and_wake() {
+    let mut t = T::new(SERVE);
+    assert_eq!(t.lc.state(), Inactive);
+    assert_eq!(t.lc.effective().0, Health::Standby);
+    assert_eq!(
+        t.lc.gate(),
+        crate::proxy::Gate::Wait,
+        "held: a connection starts it"
+    );
+    let idle = |token| Effect::Arm {
+        timer: Timer::IdleStop(token),
+        after: Duration::from_secs(900),
+    };
+    t.rows(vec![
+        (
+            Input::Demand {
+                peer: "127.0.0.1:5000".into(),
+            },
+            vec![
+                Effect::Notice(
+                    serve::MSG_ON_DEMAND,
+                    "starting m on demand: connection from 127.0.0.1:5000".into(),
+                ),
+                start(1),
+                changed(Starting, Health::Unknown, "starting"),
+            ],
+            Starting,
+        ),
+        (Input::Connections(1), vec![], Starting),
+        (
+            started(1),
+            vec![changed(
+                Running,
+                Health::Online,
+                "running (pid 42), no health probe configured",
+            )],
+            Running,
+        ),
+        (Input::Connections(0), vec![idle(2)], Running),
+        (Input::Connections(3), vec![], Running),
+        // Armed before the connections came: stale.
+        (Input::Timer(Timer::IdleStop(1)), vec![], Running),
+        (Input::Connections(0), vec![idle(4)], Running),
+        (
+            Input::Timer(Timer::IdleStop(4)),
+            vec![
+                Effect::Notice(
+                    serve::MSG_IDLE_STOP,
+                    "stopping m: no connection for 900s".into(),
+                ),
+                Effect::StopProbe,
+                Effect::Stop { generation: 1 },
+                changed(Stopping, Health::Offline, "stopping (pid 42)"),
+            ],
+            Stopping,
+        ),
+        (
+            exited(1, 0),
+            vec![
+                Effect::StopProbe,
+                changed(
+                    Inactive,
+                    Health::Standby,
+                    "stopped after 900s idle; starts on the next connection to 127.0.0.1:8080",
+                ),
+            ],
+            Inactive,
+        ),
+    ]);
+    assert_eq!(t.lc.gate(), crate::proxy::Gate::Wait);
+}
+
+#[test]
+fn a_connection_during_the_idle_stop_starts_it_again() {
+    let mut t = T::new(SERVE);
+    t.feed(Input::Demand { peer: "p".into() });
+    t.feed(started(1));
+    // Armed at the start (no connection then), again when the count drops to 0.
+    t.feed(Input::Connections(0));
+    t.feed(Input::Timer(Timer::IdleStop(2)));
+    assert_eq!(t.feed(Input::Demand { peer: "p".into() }), vec![]);
+    let fx = t.feed(exited(1, 0));
+    assert!(fx.contains(&start(2)), "{fx:?}");
+}
+
+#[test]
+fn a_user_stop_of_an_on_demand_module_leaves_it_in_standby() {
+    let mut t = T::new(SERVE);
+    t.feed(Input::Demand { peer: "p".into() });
+    t.feed(started(1));
+    t.feed(Input::Stop(1));
+    assert!(
+        matches!(t.lc.gate(), crate::proxy::Gate::Closed(_)),
+        "closed while a user stop runs"
+    );
+    t.feed(exited(1, 0));
+    assert_eq!(
+        t.lc.effective(),
+        (
+            Health::Standby,
+            "stopped; starts on the next connection to 127.0.0.1:8080"
+        )
+    );
+    // Not on demand: a user stop is a stop, and the listen address closes connections.
+    let mut t =
+        T::running("[serve]\nlisten = [\"127.0.0.1:8080\"]\nupstream = \"127.0.0.1:18080\"\n");
+    t.feed(Input::Stop(1));
+    t.feed(exited(1, 0));
+    assert_eq!(t.lc.effective(), (Health::Offline, "stopped"));
+    assert_eq!(t.lc.gate(), crate::proxy::Gate::Closed("stopped".into()));
+    assert_eq!(t.feed(Input::Demand { peer: "p".into() }), vec![]);
+}

@@ -1,0 +1,72 @@
+//! `[serve]`: the module's public address, owned by modvisord.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::raw::RawServe;
+use super::validate::Ctx;
+use super::{ManifestError, ServeSpec};
+
+fn addr(cx: &Ctx<'_>, s: &Spanned<String>, key: &str) -> Result<SocketAddr, ManifestError> {
+    s.get_ref().parse::<SocketAddr>().or_else(|_| {
+        cx.err(
+            s.span().start,
+            format!("{key}: expected an address with a port, such as \"127.0.0.1:8080\" or \"[::1]:8080\""),
+        )
+    })
+}
+
+pub(super) fn validate(
+    cx: &Ctx<'_>,
+    raw: Option<&Spanned<RawServe>>,
+) -> Result<Option<ServeSpec>, ManifestError> {
+    let Some(raw) = raw else { return Ok(None) };
+    let at = raw.span().start;
+    let r = raw.get_ref();
+    let Some(list) = r.listen.as_ref().filter(|l| !l.get_ref().is_empty()) else {
+        return cx.err(
+            at,
+            "serve.listen: expected at least one address modvisord listens on",
+        );
+    };
+    let mut listen = Vec::new();
+    for s in list.get_ref() {
+        let a = addr(cx, s, "serve.listen")?;
+        if a.ip().is_unspecified() {
+            return cx.err(
+                s.span().start,
+                format!("serve.listen: {a} would listen on every address: name the one to serve on (127.0.0.1, or a LAN address)"),
+            );
+        }
+        if listen.contains(&a) {
+            return cx.err(s.span().start, format!("serve.listen: {a} is listed twice"));
+        }
+        listen.push(a);
+    }
+    let Some(up) = r.upstream.as_ref() else {
+        return cx.err(
+            at,
+            "serve.upstream: expected the address the engine listens on",
+        );
+    };
+    let upstream = addr(cx, up, "serve.upstream")?;
+    if listen.contains(&upstream) {
+        return cx.err(
+            up.span().start,
+            format!("serve.upstream: {upstream} is also a listen address (modvisord listens there; the engine needs another)"),
+        );
+    }
+    let idle_stop = match &r.idle_stop {
+        None => None,
+        Some(_) => Some(cx.duration(&r.idle_stop, "serve.idle_stop", Duration::ZERO)?),
+    };
+    Ok(Some(ServeSpec {
+        listen,
+        upstream,
+        on_demand: r.on_demand.unwrap_or(false),
+        idle_stop,
+        max_pending: cx.count(&r.max_pending, "serve.max_pending", 1, 4096, 64)?,
+    }))
+}

@@ -1,0 +1,179 @@
+//! The public address of a module: modvisord listens there for as long as the module exists
+//! and forwards every connection, byte for byte, to the engine's `upstream` (no protocol
+//! parsing). A connection that arrives while the engine is not serving asks for a start and is
+//! held (up to `max_pending`; more are refused by closing them) until the engine is online, or
+//! closed when the start fails. The supervisor tells the proxy through a [`Gate`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::AbortHandle;
+
+use crate::manifest::ServeSpec;
+
+/// Whether connections may pass now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Gate {
+    /// The engine serves: forward.
+    Open,
+    /// It starts (or will, on demand): hold.
+    Wait,
+    /// It will not serve (stopped, failed): close, with why.
+    Closed(String),
+}
+
+/// What the proxy reports to the supervisor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProxyEvent {
+    /// A connection arrived while the engine was not serving (the peer's address).
+    Demand(String),
+    /// The number of open connections changed (at once for 0 <-> n, else at most 1/s).
+    Connections(u32),
+}
+
+pub type Report = Arc<dyn Fn(ProxyEvent) + Send + Sync>;
+
+/// Binds every listen address of `spec` and serves them; returns the tasks (abort them to stop
+/// listening) or why an address cannot be bound.
+pub fn listen(
+    spec: &ServeSpec,
+    gate: watch::Receiver<Gate>,
+    report: Report,
+    hold_limit: Duration,
+) -> Result<Vec<AbortHandle>, String> {
+    let open = Arc::new(AtomicU32::new(0));
+    let pending = Arc::new(Semaphore::new(spec.max_pending as usize));
+    let mut tasks = Vec::new();
+    for addr in &spec.listen {
+        let std = std::net::TcpListener::bind(addr)
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        std.set_nonblocking(true)
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        let l = TcpListener::from_std(std).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        let ctx = Conn {
+            upstream: spec.upstream,
+            gate: gate.clone(),
+            report: report.clone(),
+            open: open.clone(),
+            pending: pending.clone(),
+            hold_limit,
+        };
+        tasks.push(tokio::spawn(accept_loop(l, ctx)).abort_handle());
+    }
+    tasks.push(tokio::spawn(count_reporter(open, report)).abort_handle());
+    Ok(tasks)
+}
+
+#[derive(Clone)]
+struct Conn {
+    upstream: SocketAddr,
+    gate: watch::Receiver<Gate>,
+    report: Report,
+    open: Arc<AtomicU32>,
+    pending: Arc<Semaphore>,
+    hold_limit: Duration,
+}
+
+async fn accept_loop(l: TcpListener, ctx: Conn) {
+    loop {
+        let (sock, peer) = match l.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!("accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = sock.set_nodelay(true);
+        if ctx.open.fetch_add(1, Ordering::SeqCst) == 0 {
+            (ctx.report)(ProxyEvent::Connections(1));
+        }
+        let c = ctx.clone();
+        tokio::spawn(async move {
+            c.serve(sock, peer).await;
+            if c.open.fetch_sub(1, Ordering::SeqCst) == 1 {
+                (c.report)(ProxyEvent::Connections(0));
+            }
+        });
+    }
+}
+
+/// Reports the count when it changed while connections stay open (at most once a second).
+async fn count_reporter(open: Arc<AtomicU32>, report: Report) {
+    let mut last = 0;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = open.load(Ordering::SeqCst);
+        if now != last && now > 0 && last > 0 {
+            report(ProxyEvent::Connections(now));
+        }
+        last = now;
+    }
+}
+
+impl Conn {
+    async fn serve(&self, mut sock: TcpStream, peer: SocketAddr) {
+        if !self.wait_open(peer).await {
+            return; // dropped: the client sees the connection closed
+        }
+        let mut up = match connect(self.upstream).await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!("forwarding a connection from {peer}: {e}");
+                return;
+            }
+        };
+        let _ = tokio::io::copy_bidirectional(&mut sock, &mut up).await;
+    }
+
+    /// Holds until the gate opens; false when it closes, the hold is too long, or too many wait.
+    async fn wait_open(&self, peer: SocketAddr) -> bool {
+        let mut gate = self.gate.clone();
+        let initial = gate.borrow_and_update().clone();
+        if initial == Gate::Open {
+            return true;
+        }
+        let Ok(_permit) = self.pending.try_acquire() else {
+            tracing::warn!(
+                "refusing a connection from {peer}: too many held while the engine starts"
+            );
+            return false;
+        };
+        (self.report)(ProxyEvent::Demand(peer.to_string()));
+        if let Gate::Closed(_) = initial {
+            // A start on demand changes the gate at once; an unchanged one will not serve.
+            match tokio::time::timeout(Duration::from_secs(2), gate.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return false,
+            }
+        }
+        let done = gate.wait_for(|g| *g != Gate::Wait);
+        match tokio::time::timeout(self.hold_limit, done).await {
+            Ok(Ok(g)) => *g == Gate::Open,
+            _ => false,
+        }
+    }
+}
+
+/// Connects to the engine; a fresh engine may accept a moment after it reports running.
+async fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for _ in 0..50 {
+        match TcpStream::connect(addr).await {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no attempt")))
+}
