@@ -242,3 +242,101 @@ async fn a_start_that_fails_closes_the_held_connections_with_the_reason() {
     assert_eq!(s, "failed");
     assert!(reason.contains("exit-code 1"), "{reason}");
 }
+
+fn llama_dir() -> std::path::PathBuf {
+    let d = std::path::PathBuf::from(
+        std::env::var("MODVISOR_TEST_LLAMA")
+            .unwrap_or_else(|_| "/var/cache/modvisor-test/llama".into()),
+    );
+    assert!(
+        d.join("bin/llama-server").exists() && d.join("tiny.gguf").exists(),
+        "llama-server and tiny.gguf must be built (make test runs engines/build-llama-server.sh) in {}",
+        d.display()
+    );
+    d
+}
+
+fn completion(a: SocketAddr) -> Result<String, String> {
+    let mut s =
+        TcpStream::connect_timeout(&a, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    let body = r#"{"prompt":"Hello","n_predict":4}"#;
+    write!(
+        s,
+        "POST /completion HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// A real llama-server under the testbed's systemd, on demand: nothing runs before the first
+/// request, which is served on the first try; a `kill -9` of modvisord leaves the engine
+/// running and the next modvisord adopts it and serves the address again; idle, it stops.
+#[tokio::test]
+async fn llama_server_on_demand_under_systemd_adopted_after_kill_9_and_idle_stopped() {
+    let name = format!("odl{}", std::process::id());
+    let unit = format!("modvisor-{name}.service");
+    let _u = Units(vec![unit.clone()]);
+    let p = Ports {
+        listen: free_port(),
+        upstream: free_port(),
+    };
+    let llama = llama_dir();
+    let m = format!(
+        "trusted = true\n[native]\ncommand = [\"{}\", \"-m\", \"{}\", \"--host\", \"127.0.0.1\", \"--port\", \"${{port}}\"]\n[health]\nhttp = \"http://127.0.0.1:{u}/health\"\ninterval = \"300ms\"\n[serve]\nlisten = [\"127.0.0.1:{l}\"]\nupstream = \"127.0.0.1:{u}\"\non_demand = true\nidle_stop = \"4s\"\n",
+        llama.join("bin/llama-server").display(),
+        llama.join("tiny.gguf").display(),
+        l = p.listen,
+        u = p.upstream
+    );
+    let opts = Options {
+        backend: "systemd",
+        ..Options::default()
+    };
+    let mut d = Daemon::start_with(&[(&name, &m)], opts).await;
+    d.wait_module(&name, T, |_, h, _| h == "standby").await;
+    assert_eq!(
+        d.module(&name).await.main_pid().await.expect("MainPID"),
+        0,
+        "nothing before the first request"
+    );
+    let a = addr(p.listen);
+    let out = tokio::task::spawn_blocking(move || completion(a))
+        .await
+        .expect("join")
+        .expect("first request");
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.contains("\"content\""),
+        "{out}"
+    );
+    let pid = d.module(&name).await.main_pid().await.expect("MainPID");
+    assert!(pid > 0);
+    // kill -9 of modvisord: the unit lives on; the next modvisord adopts it (same PID) and
+    // listens again.
+    d.kill9();
+    assert!(alive(pid));
+    d.spawn(&[]).await;
+    d.wait_module(&name, T, |s, h, _| s == "running" && h == "online")
+        .await;
+    assert_eq!(
+        d.module(&name).await.main_pid().await.expect("MainPID"),
+        pid,
+        "adopted, no second copy"
+    );
+    let out = tokio::task::spawn_blocking(move || completion(a))
+        .await
+        .expect("join")
+        .expect("after the restart");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    // Idle: stopped (no process, the unit inactive), standby, the Manager online.
+    d.wait_module(&name, Duration::from_secs(30), |s, h, _| {
+        s == "inactive" && h == "standby"
+    })
+    .await;
+    assert!(!alive(pid), "the engine is gone after the idle stop");
+    assert_eq!(d.manager().await.health().await.expect("Health"), "online");
+}
