@@ -1,0 +1,136 @@
+//! The on-demand proxy against a direct connection to the same upstream, side by side in one
+//! run (`cargo bench --bench proxy`): added latency of a small HTTP request (p50/p99), the
+//! throughput of a large response, and the memory of open idle connections.
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const BIG: usize = 256 << 20;
+
+/// An upstream: "GET /s" answers 2 bytes, "GET /big" answers BIG bytes, then closes.
+async fn upstream() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let a = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else { continue };
+            tokio::spawn(async move {
+                let _ = s.set_nodelay(true);
+                let mut buf = [0u8; 1024];
+                let Ok(n) = s.read(&mut buf).await else { return };
+                if buf[..n].starts_with(b"GET /big") {
+                    let chunk = vec![b'x'; 1 << 20];
+                    let _ = s.write_all(b"HTTP/1.0 200 OK\r\n\r\n").await;
+                    for _ in 0..(BIG >> 20) {
+                        if s.write_all(&chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                } else {
+                    let _ = s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+                }
+            });
+        }
+    });
+    a
+}
+
+fn proxy(upstream: SocketAddr) -> SocketAddr {
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let spec = modvisor::manifest::ServeSpec {
+        listen: vec![listen],
+        upstream,
+        on_demand: false,
+        idle_stop: None,
+        max_pending: 64,
+    };
+    let (tx, rx) = tokio::sync::watch::channel(modvisor::proxy::Gate::Open);
+    std::mem::forget(tx); // open for the whole run
+    let tasks = modvisor::proxy::listen(&spec, rx, Arc::new(|_| {}), Duration::from_secs(10))
+        .expect("listen");
+    std::mem::forget(tasks);
+    listen
+}
+
+async fn request(a: SocketAddr, path: &str) -> usize {
+    let mut s = TcpStream::connect(a).await.expect("connect");
+    let _ = s.set_nodelay(true);
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0;
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return total,
+            Ok(n) => total += n,
+        }
+    }
+}
+
+async fn latency(a: SocketAddr) -> (Duration, Duration) {
+    let mut v = Vec::new();
+    for _ in 0..200 {
+        request(a, "/s").await;
+    }
+    for _ in 0..3000 {
+        let t = Instant::now();
+        request(a, "/s").await;
+        v.push(t.elapsed());
+    }
+    v.sort();
+    (v[v.len() / 2], v[v.len() * 99 / 100])
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let up = upstream().await;
+    let px = proxy(up);
+    let (d50, d99) = latency(up).await;
+    let (p50, p99) = latency(px).await;
+    println!("small request, direct   p50 {d50:>10?}  p99 {d99:>10?}");
+    println!("small request, proxied  p50 {p50:>10?}  p99 {p99:>10?}");
+    println!(
+        "added by the proxy      p50 {:>10?}  p99 {:>10?}",
+        p50.saturating_sub(d50),
+        p99.saturating_sub(d99)
+    );
+    for (what, a) in [("direct", up), ("proxied", px)] {
+        request(a, "/big").await;
+        let t = Instant::now();
+        let n = request(a, "/big").await;
+        let s = t.elapsed().as_secs_f64();
+        println!("256 MiB response, {what:<8} {:>8.0} MiB/s", n as f64 / s / (1 << 20) as f64);
+    }
+    // Idle connections held open through the proxy (the client side lives here too: both
+    // ends of each connection are counted, so this is an upper bound).
+    let before = rss_kib();
+    let mut held = Vec::new();
+    for _ in 0..2000 {
+        held.push(TcpStream::connect(px).await.expect("connect"));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_kib();
+    println!(
+        "2000 idle proxied connections: +{} KiB RSS, {:.1} KiB each (proxy and clients)",
+        after.saturating_sub(before),
+        after.saturating_sub(before) as f64 / 2000.0
+    );
+    drop(held);
+}
