@@ -584,7 +584,7 @@ impl Supervisor {
     fn reload(&mut self) -> Vec<(String, String)> {
         // In system mode (running as root) a manifest anyone else can change is refused.
         let check = self.cfg.manifest_trust_check && nix::unistd::geteuid().is_root();
-        let res = manifest::load_dirs_checked(&self.cfg.modules, check);
+        let res = manifest::load_dirs_with(&self.cfg.modules, check, &self.cfg.containment);
         tracing::debug!(
             "manifests scanned: {} modules, {} errors",
             res.modules.len(),
