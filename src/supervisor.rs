@@ -975,9 +975,10 @@ impl Supervisor {
             let tx = self.events_tx.clone();
             let name = n.to_string();
             let (interval, timeout) = (health.interval, health.timeout);
+            let (b, h) = (backend.clone(), handle.clone());
             tokio::spawn(async move {
                 health::probe_loop(
-                    || health::probe(&p, timeout),
+                    || crate::runtime::probe(&*b, &h, &p, timeout),
                     interval,
                     |result| {
                         tx.send(Event::Probe {

@@ -30,6 +30,7 @@ use super::{
     Backend, BoxFuture, Exec, ExitInfo, Owned, RunHandle, RunPhase, RunRequest, RuntimeError,
     RuntimeEvent, fnv,
 };
+use crate::health::ProbeResult;
 use crate::journal::{OutputSink, Stream};
 use crate::manifest::{ContainerSpec, Gpus, Pull};
 
@@ -457,10 +458,12 @@ impl ContainerBackend {
         };
         // Core 0 always. Podman replaces all its default ulimits as soon as one is sent, and
         // then asks for more open files than this machine allows: send nofile/nproc too.
+        // RLIMIT_NPROC counts every process of the uid on the host (no user namespace here),
+        // so it is no container limit (the pids cgroup is); it only must not be lower.
         let mut ulimits = vec![ulimit("core", 0)];
         if self.engine == Engine::Podman {
             ulimits.push(ulimit("nofile", 20000));
-            ulimits.push(ulimit("nproc", 4096));
+            ulimits.push(ulimit("nproc", spec.pids_limit as i64));
         }
         let (device_requests, devices) = match (&spec.gpus, self.engine) {
             (None, _) => (None, None),
@@ -505,6 +508,8 @@ impl ContainerBackend {
         };
         let host = HostConfig {
             memory: req.memory_max.map(|m| m as i64),
+            // The pids cgroup of the container (both engines): a fork bomb inside stops there.
+            pids_limit: Some(spec.pids_limit as i64),
             ulimits: Some(ulimits),
             init: Some(true),
             privileged: Some(false),
@@ -552,6 +557,7 @@ impl ContainerBackend {
                     .chain([format!("MODVISOR_MODULE={}", req.name)])
                     .collect(),
             ),
+            user: spec.user.clone(),
             labels: Some(labels),
             exposed_ports: if exposed.is_empty() {
                 None
@@ -816,6 +822,30 @@ impl Backend for Arc<ContainerBackend> {
         Ok(handle)
     }
 
+    fn exec_probe(
+        &self,
+        handle: &RunHandle,
+        argv: &[String],
+        timeout: Duration,
+    ) -> Option<BoxFuture<ProbeResult>> {
+        let docker = self.docker.clone();
+        let cname = handle.unit.clone();
+        let argv = argv.to_vec();
+        Some(Box::pin(async move {
+            let what = format!("exec {} in {cname}", argv.join(" "));
+            match tokio::time::timeout(timeout, exec_in(&docker, &cname, argv)).await {
+                Ok(Ok(0)) => ProbeResult {
+                    ok: true,
+                    detail: format!("{what}: exited 0"),
+                    loading: false,
+                },
+                Ok(Ok(code)) => probe_failed(format!("{what}: exited with {code}")),
+                Ok(Err(e)) => probe_failed(format!("{what}: {e}")),
+                Err(_) => probe_failed(format!("{what}: timed out after {timeout:?}")),
+            }
+        }))
+    }
+
     fn stop(&self, handle: &RunHandle, timeout: Duration) -> BoxFuture<()> {
         let me = self.clone();
         let cname = handle.unit.clone();
@@ -888,6 +918,57 @@ impl Backend for Arc<ContainerBackend> {
                 tracing::warn!("{e}");
             }
         })
+    }
+}
+
+fn probe_failed(detail: String) -> ProbeResult {
+    ProbeResult {
+        ok: false,
+        detail,
+        loading: false,
+    }
+}
+
+/// Runs `argv` inside the container through the engine's exec API (as the container's user,
+/// never privileged) and returns its exit code. Its output is read and dropped.
+async fn exec_in(docker: &Docker, cname: &str, argv: Vec<String>) -> Result<i64, String> {
+    use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
+    let opts = CreateExecOptions {
+        cmd: Some(argv),
+        attach_stdout: Some(true),
+        attach_stderr: Some(true),
+        privileged: Some(false),
+        ..Default::default()
+    };
+    let exec = docker
+        .create_exec(cname, opts)
+        .await
+        .map_err(|e| format!("create exec: {e}"))?;
+    let start = StartExecOptions {
+        detach: false,
+        tty: false,
+        output_capacity: None,
+    };
+    match docker.start_exec(&exec.id, Some(start)).await {
+        Ok(StartExecResults::Attached { mut output, .. }) => {
+            while let Some(Ok(_)) = output.next().await {}
+        }
+        Ok(StartExecResults::Detached) => {}
+        Err(e) => return Err(format!("start exec: {e}")),
+    }
+    // The stream ends with the process; the engine may record its exit a moment later. The
+    // caller's timeout bounds this.
+    loop {
+        let i = docker
+            .inspect_exec(&exec.id)
+            .await
+            .map_err(|e| format!("inspect exec: {e}"))?;
+        if i.running != Some(true) {
+            return i
+                .exit_code
+                .ok_or_else(|| "the engine reported no exit code".to_string());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
