@@ -30,6 +30,7 @@ use super::{
     Backend, BoxFuture, Exec, ExitInfo, Owned, RunHandle, RunPhase, RunRequest, RuntimeError,
     RuntimeEvent, fnv,
 };
+use crate::bounded::{LineSplitter, MAX_LINE};
 use crate::health::ProbeResult;
 use crate::journal::{OutputSink, Stream};
 use crate::manifest::{ContainerSpec, Gpus, Pull};
@@ -613,29 +614,25 @@ impl ContainerBackend {
                 .since(since)
                 .build();
             let mut s = docker.logs(&id, Some(opts));
-            let (mut out, mut err) = (Vec::new(), Vec::new());
+            // Lines split at 64 KiB, as for direct children: bounded whatever the engine sends.
+            let mut out = LineSplitter::new(MAX_LINE);
+            let mut err = LineSplitter::new(MAX_LINE);
+            let mut emit_out = |l: &[u8]| sink.line(Stream::Stdout, l);
+            let mut emit_err = |l: &[u8]| sink.line(Stream::Stderr, l);
             while let Some(Ok(chunk)) = s.next().await {
-                let (buf, stream, bytes) = match chunk {
+                match chunk {
                     bollard::container::LogOutput::StdErr { message } => {
-                        (&mut err, Stream::Stderr, message)
+                        err.push(&message, &mut emit_err)
                     }
                     bollard::container::LogOutput::StdOut { message }
                     | bollard::container::LogOutput::Console { message } => {
-                        (&mut out, Stream::Stdout, message)
+                        out.push(&message, &mut emit_out)
                     }
-                    bollard::container::LogOutput::StdIn { .. } => continue,
-                };
-                buf.extend_from_slice(&bytes);
-                while let Some(i) = buf.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = buf.drain(..=i).collect();
-                    sink.line(stream, &line);
+                    bollard::container::LogOutput::StdIn { .. } => {}
                 }
             }
-            for (buf, stream) in [(out, Stream::Stdout), (err, Stream::Stderr)] {
-                if !buf.is_empty() {
-                    sink.line(stream, &buf);
-                }
-            }
+            out.finish(&mut emit_out);
+            err.finish(&mut emit_err);
         });
     }
 
