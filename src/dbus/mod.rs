@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod embedded;
+pub mod ratelimit;
 pub mod server;
 
 pub const BUS_NAME: &str = "org.modvisor1";
