@@ -52,6 +52,32 @@ impl Journal {
     }
 }
 
+/// The journalctl matches for a module's (or a unit's) entries, from trusted writers only:
+/// entries with `MODVISOR_MODULE=NAME` written by root (modvisord forwards direct and
+/// container output so), the output of the system manager's unit (`_SYSTEMD_UNIT`: only root
+/// makes system units; its processes run as root or the engine's user), and a user manager's
+/// unit only when that manager is root's (`_UID=0`, as in the testbed). Never another user's
+/// unit of the same name, nor anyone else's entry that sets `MODVISOR_MODULE` itself. Fields
+/// starting with `_` are journald's own, not the writer's. Terms within one group are ANDed,
+/// `+` separates the alternatives.
+pub fn trusted_matches(module: Option<&str>, unit: &str) -> Vec<String> {
+    let mut m = Vec::new();
+    if let Some(name) = module {
+        m.extend([
+            format!("MODVISOR_MODULE={name}"),
+            "_UID=0".into(),
+            "+".into(),
+        ]);
+    }
+    m.extend([
+        format!("_SYSTEMD_UNIT={unit}"),
+        "+".into(),
+        format!("_SYSTEMD_USER_UNIT={unit}"),
+        "_UID=0".into(),
+    ]);
+    m
+}
+
 /// A per-module log file, rotated at `max_bytes` (NAME.log -> NAME.log.1 -> ... .3).
 #[derive(Debug)]
 pub struct RotatingFile {
@@ -231,6 +257,18 @@ impl OutputSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn matches_need_trusted_writers() {
+        assert_eq!(
+            trusted_matches(Some("m"), "modvisor-m.service").join(" "),
+            "MODVISOR_MODULE=m _UID=0 + _SYSTEMD_UNIT=modvisor-m.service + _SYSTEMD_USER_UNIT=modvisor-m.service _UID=0"
+        );
+        assert_eq!(
+            trusted_matches(None, "ollama.service").join(" "),
+            "_SYSTEMD_UNIT=ollama.service + _SYSTEMD_USER_UNIT=ollama.service _UID=0"
+        );
+    }
 
     #[test]
     fn recent_lines_are_bounded_in_bytes() {

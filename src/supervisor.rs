@@ -1847,9 +1847,7 @@ fn resource_warning(e: &Entry, cfg: &Config, machine_total: u64) -> Option<Strin
 fn journal_error_line(unit: &str) -> Option<String> {
     let out = std::process::Command::new("journalctl")
         .args(["--no-pager", "-o", "cat", "-n", "40"])
-        .arg(format!("_SYSTEMD_UNIT={unit}"))
-        .arg("+")
-        .arg(format!("_SYSTEMD_USER_UNIT={unit}"))
+        .args(crate::journal::trusted_matches(None, unit))
         .output()
         .ok()?;
     let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
