@@ -171,6 +171,9 @@ struct Run {
     events: mpsc::UnboundedSender<RuntimeEvent>,
     exited: watch::Sender<bool>,
     oom: bool,
+    /// modvisor asked for the stop: the container is removed before its exit is reported, so
+    /// whoever waits for the stop finds it gone.
+    stopping: bool,
     sink: OutputSink,
 }
 
@@ -401,12 +404,17 @@ impl ContainerBackend {
                             .build();
                         let fetch = async {
                             let mut lines = Vec::new();
+                            let mut bytes = 0;
                             let mut s = docker.logs(&run.id, Some(opts));
+                            // Bounded: 40 lines of any length are still at most 64 KiB here.
                             while let Some(Ok(chunk)) = s.next().await {
+                                let chunk = chunk.into_bytes();
+                                bytes += chunk.len();
+                                if bytes > MAX_LINE {
+                                    break;
+                                }
                                 lines.extend(
-                                    String::from_utf8_lossy(&chunk.into_bytes())
-                                        .lines()
-                                        .map(str::to_string),
+                                    String::from_utf8_lossy(&chunk).lines().map(str::to_string),
                                 );
                             }
                             lines
@@ -414,6 +422,12 @@ impl ContainerBackend {
                         if let Ok(lines) = tokio::time::timeout(Duration::from_secs(2), fetch).await
                         {
                             run.sink.remember(&lines);
+                        }
+                        if run.stopping {
+                            let opts = RemoveContainerOptionsBuilder::default().force(true).build();
+                            if let Err(e) = docker.remove_container(&run.id, Some(opts)).await {
+                                tracing::debug!("removing {}: {e}", run.id);
+                            }
                         }
                         let _ = run.exited.send(true);
                         let _ = run.events.send(RuntimeEvent::Exited {
@@ -693,6 +707,7 @@ impl ContainerBackend {
                             events: events.clone(),
                             exited,
                             oom: false,
+                            stopping: false,
                             sink: req.sink.clone(),
                         },
                     ),
@@ -742,6 +757,7 @@ impl ContainerBackend {
                     events: events.clone(),
                     exited,
                     oom: false,
+                    stopping: false,
                     sink: req.sink.clone(),
                 },
             ),
@@ -847,6 +863,9 @@ impl Backend for Arc<ContainerBackend> {
         let me = self.clone();
         let cname = handle.unit.clone();
         let mut exited = handle.exited.clone();
+        if let Some((_, run)) = lock(&self.runs).get_mut(&cname) {
+            run.stopping = true;
+        }
         Box::pin(async move {
             let t = timeout.as_secs().max(1) as i32;
             let opts = StopContainerOptionsBuilder::default().t(t).build();
