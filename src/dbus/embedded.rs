@@ -81,6 +81,13 @@ async fn reusable(socket: &Path, conf: &Path, me: u32) -> Result<(), String> {
                     nix::unistd::Pid::from_raw(pid),
                     nix::sys::signal::Signal::SIGTERM,
                 );
+                // It unlinks its socket path when it exits: gone before a new bus listens there.
+                let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                while crate::procfs::stat(pid as u32).is_some_and(|s| s.state != 'Z')
+                    && std::time::Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
             }
             return Err(format!(
                 "{} is owned there by uid {uid}: stopped that bus (pid {pid})",
@@ -155,7 +162,11 @@ impl EmbeddedBus {
                 }
                 Err(why) => tracing::warn!("not reusing the bus at {address}: {why}"),
             }
-            std::fs::remove_file(&socket)?;
+            // The old dbus-daemon may have removed it on its way out.
+            match std::fs::remove_file(&socket) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
         }
         std::fs::write(&conf, config(&socket, me))?;
         let mut cmd = Command::new("dbus-daemon");
