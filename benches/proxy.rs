@@ -16,11 +16,15 @@ async fn upstream() -> SocketAddr {
     let a = l.local_addr().expect("addr");
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = l.accept().await else { continue };
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
             tokio::spawn(async move {
                 let _ = s.set_nodelay(true);
                 let mut buf = [0u8; 1024];
-                let Ok(n) = s.read(&mut buf).await else { return };
+                let Ok(n) = s.read(&mut buf).await else {
+                    return;
+                };
                 if buf[..n].starts_with(b"GET /big") {
                     let chunk = vec![b'x'; 1 << 20];
                     let _ = s.write_all(b"HTTP/1.0 200 OK\r\n\r\n").await;
@@ -30,7 +34,9 @@ async fn upstream() -> SocketAddr {
                         }
                     }
                 } else {
-                    let _ = s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+                    let _ = s
+                        .write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .await;
                 }
             });
         }
@@ -116,7 +122,10 @@ async fn main() {
         let t = Instant::now();
         let n = request(a, "/big").await;
         let s = t.elapsed().as_secs_f64();
-        println!("256 MiB response, {what:<8} {:>8.0} MiB/s", n as f64 / s / (1 << 20) as f64);
+        println!(
+            "256 MiB response, {what:<8} {:>8.0} MiB/s",
+            n as f64 / s / (1 << 20) as f64
+        );
     }
     // Idle connections held open through the proxy (the client side lives here too: both
     // ends of each connection are counted, so this is an upper bound).

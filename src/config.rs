@@ -7,7 +7,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::manifest::units::parse_duration;
-use crate::manifest::{ManifestError, Mode};
+use crate::manifest::{Containment, ManifestError, Mode};
 use crate::policy::Policy;
 
 pub const DEFAULT_CONFIG: &str = "/etc/modvisor/modvisor.toml";
@@ -48,6 +48,8 @@ pub struct Config {
     pub bus_address: Option<String>,
     /// Refuse manifests (and directories) that anyone but root can change (when running as root).
     pub manifest_trust_check: bool,
+    /// `[containers]`: what untrusted modules' containers may mount read-write.
+    pub containment: Containment,
 }
 
 impl Default for Config {
@@ -72,6 +74,7 @@ impl Default for Config {
             bus: BusChoice::Auto,
             bus_address: None,
             manifest_trust_check: true,
+            containment: Containment::default(),
         }
     }
 }
@@ -84,6 +87,7 @@ struct RawConfig {
     monitor: Option<RawMonitor>,
     logging: Option<RawLogging>,
     dbus: Option<RawDbus>,
+    containers: Option<RawContainers>,
 }
 
 #[derive(Deserialize)]
@@ -151,6 +155,73 @@ struct RawDbus {
     bus: Option<RawBus>,
     address: Option<String>,
 }
+
+// ---------------------------------------------------------------- [containers]
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawContainers {
+    writable_volumes: Option<Vec<Spanned<String>>>,
+}
+
+/// `[containers] writable_volumes`: absolute host directories (no `..`).
+fn containment(raw: RawContainers, path: &Path, src: &str) -> Result<Containment, ManifestError> {
+    let mut c = Containment::default();
+    if let Some(list) = raw.writable_volumes {
+        c.writable_volumes = Vec::new();
+        for d in list {
+            let p = Path::new(d.get_ref());
+            let clean = p.is_absolute()
+                && !p
+                    .components()
+                    .any(|x| matches!(x, std::path::Component::ParentDir));
+            if !clean || p == Path::new("/") {
+                return Err(ManifestError::at(
+                    path,
+                    src,
+                    d.span().start,
+                    format!(
+                        "containers.writable_volumes: expected an absolute directory other than /, found \"{}\"",
+                        d.get_ref()
+                    ),
+                ));
+            }
+            c.writable_volumes.push(p.to_path_buf());
+        }
+    }
+    Ok(c)
+}
+
+#[cfg(test)]
+mod containers_tests {
+    use super::*;
+
+    #[test]
+    fn writable_volumes() {
+        let c = Config::parse(
+            Path::new("c.toml"),
+            "[containers]\nwritable_volumes = [\"/srv/rw\", \"/var/lib/modvisor\"]\n",
+        )
+        .expect("valid");
+        assert_eq!(
+            c.containment.writable_volumes,
+            vec![PathBuf::from("/srv/rw"), PathBuf::from("/var/lib/modvisor")]
+        );
+        assert_eq!(
+            Config::parse(Path::new("c.toml"), "")
+                .expect("valid")
+                .containment,
+            Containment::default()
+        );
+        for bad in ["\"/\"", "\"rel\"", "\"/a/../etc\""] {
+            let src = format!("[containers]\nwritable_volumes = [{bad}]\n");
+            let e = Config::parse(Path::new("c.toml"), &src).expect_err(bad);
+            assert_eq!((e.line, e.column), (2, 21), "{e}");
+        }
+    }
+}
+
+// ----------------------------------------------------------------
 
 fn mode(m: RawMode) -> Mode {
     match m {
@@ -345,6 +416,9 @@ impl Config {
                 };
             }
             c.bus_address = d.address.filter(|a| !a.is_empty());
+        }
+        if let Some(k) = raw.containers {
+            c.containment = containment(k, path, src)?;
         }
         Ok(c)
     }

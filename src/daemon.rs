@@ -67,8 +67,11 @@ async fn connect_bus(cfg: &Config, opts: &Options) -> Result<(zbus::Connection, 
         match zbus::Connection::system().await {
             Ok(c) => {
                 // Only keep the system bus if it lets us own the name (the policy file is installed).
-                match c.request_name(BUS_NAME).await {
-                    Ok(()) => return Ok((c, Bus::System)),
+                match c
+                    .request_name_with_flags(BUS_NAME, dbus::embedded::OWN_NAME_FLAGS)
+                    .await
+                {
+                    Ok(_) => return Ok((c, Bus::System)),
                     Err(e) if choice == BusChoice::System => {
                         return Err(DaemonError::Setup(format!(
                             "cannot own {BUS_NAME} on the system bus: {e}"
@@ -315,7 +318,8 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         dbus::server::Publisher::new(conn.clone(), handle.state.clone(), published).await?;
     tokio::spawn(publisher.run(handle.activations.subscribe()));
     if !matches!(bus, Bus::System) {
-        conn.request_name(BUS_NAME).await?;
+        conn.request_name_with_flags(BUS_NAME, dbus::embedded::OWN_NAME_FLAGS)
+            .await?;
     }
     spawn_watchdog(handle.clone());
 

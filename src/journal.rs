@@ -52,6 +52,32 @@ impl Journal {
     }
 }
 
+/// The journalctl matches for a module's (or a unit's) entries, from trusted writers only:
+/// entries with `MODVISOR_MODULE=NAME` written by root (modvisord forwards direct and
+/// container output so), the output of the system manager's unit (`_SYSTEMD_UNIT`: only root
+/// makes system units; its processes run as root or the engine's user), and a user manager's
+/// unit only when that manager is root's (`_UID=0`, as in the testbed). Never another user's
+/// unit of the same name, nor anyone else's entry that sets `MODVISOR_MODULE` itself. Fields
+/// starting with `_` are journald's own, not the writer's. Terms within one group are ANDed,
+/// `+` separates the alternatives.
+pub fn trusted_matches(module: Option<&str>, unit: &str) -> Vec<String> {
+    let mut m = Vec::new();
+    if let Some(name) = module {
+        m.extend([
+            format!("MODVISOR_MODULE={name}"),
+            "_UID=0".into(),
+            "+".into(),
+        ]);
+    }
+    m.extend([
+        format!("_SYSTEMD_UNIT={unit}"),
+        "+".into(),
+        format!("_SYSTEMD_USER_UNIT={unit}"),
+        "_UID=0".into(),
+    ]);
+    m
+}
+
 /// A per-module log file, rotated at `max_bytes` (NAME.log -> NAME.log.1 -> ... .3).
 #[derive(Debug)]
 pub struct RotatingFile {
@@ -110,12 +136,37 @@ impl RotatingFile {
 pub struct OutputSink {
     module: Arc<str>,
     /// The last lines the module wrote (for error reports such as a failed model activation).
-    recent: Arc<Mutex<std::collections::VecDeque<String>>>,
+    recent: Arc<Mutex<Recent>>,
     journal: Option<Arc<Journal>>,
     file: Option<Arc<Mutex<RotatingFile>>>,
 }
 
 const RECENT_LINES: usize = 40;
+/// The recent lines together never hold more than this (a module decides how long its lines are).
+const RECENT_BYTES: usize = 16 * 1024;
+/// Each kept line is cut to this (error lines are short; the journal has the whole line).
+const RECENT_LINE_MAX: usize = 2048;
+
+/// The last lines of a module, bounded in count and in bytes.
+#[derive(Debug, Default)]
+struct Recent {
+    lines: std::collections::VecDeque<String>,
+    bytes: usize,
+}
+
+impl Recent {
+    fn push(&mut self, line: &str) {
+        let line = crate::bounded::cap_str(line, RECENT_LINE_MAX).into_owned();
+        self.bytes += line.len();
+        self.lines.push_back(line);
+        while self.lines.len() > RECENT_LINES || self.bytes > RECENT_BYTES {
+            match self.lines.pop_front() {
+                Some(old) => self.bytes -= old.len(),
+                None => break,
+            }
+        }
+    }
+}
 
 impl OutputSink {
     /// Adds lines to the recent ones (not to the journal) unless they are there already: the
@@ -124,24 +175,17 @@ impl OutputSink {
         let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         let start = lines
             .iter()
-            .position(|l| !r.contains(l))
+            .position(|l| !r.lines.contains(l))
             .unwrap_or(lines.len());
         for l in &lines[start..] {
-            if r.len() >= RECENT_LINES {
-                r.pop_front();
-            }
-            r.push_back(l.clone());
+            r.push(l);
         }
     }
 
     /// The last lines the module wrote, oldest first.
     pub fn recent(&self) -> Vec<String> {
-        self.recent
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .cloned()
-            .collect()
+        let r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        r.lines.iter().cloned().collect()
     }
 }
 
@@ -171,7 +215,7 @@ impl OutputSink {
         });
         OutputSink {
             module: module.into(),
-            recent: Arc::new(Mutex::new(std::collections::VecDeque::new())),
+            recent: Arc::new(Mutex::new(Recent::default())),
             journal,
             file,
         }
@@ -180,13 +224,10 @@ impl OutputSink {
     pub fn line(&self, stream: Stream, line: &[u8]) {
         let text = String::from_utf8_lossy(line);
         let text = text.trim_end_matches(['\r', '\n']);
-        {
-            let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-            if r.len() >= RECENT_LINES {
-                r.pop_front();
-            }
-            r.push_back(text.to_string());
-        }
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(text);
         if let Some(f) = &self.file {
             let mut f = f.lock().unwrap_or_else(|p| p.into_inner());
             if let Err(e) = f.write_line(text.as_bytes()) {
@@ -218,9 +259,7 @@ impl OutputSink {
 pub async fn unit_error_line(unit: &str) -> Option<String> {
     let mut cmd = tokio::process::Command::new("journalctl");
     cmd.args(["--no-pager", "-o", "cat", "-n", "40"])
-        .arg(format!("_SYSTEMD_UNIT={unit}"))
-        .arg("+")
-        .arg(format!("_SYSTEMD_USER_UNIT={unit}"))
+        .args(trusted_matches(None, unit))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -241,6 +280,32 @@ pub async fn unit_error_line(unit: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn matches_need_trusted_writers() {
+        assert_eq!(
+            trusted_matches(Some("m"), "modvisor-m.service").join(" "),
+            "MODVISOR_MODULE=m _UID=0 + _SYSTEMD_UNIT=modvisor-m.service + _SYSTEMD_USER_UNIT=modvisor-m.service _UID=0"
+        );
+        assert_eq!(
+            trusted_matches(None, "ollama.service").join(" "),
+            "_SYSTEMD_UNIT=ollama.service + _SYSTEMD_USER_UNIT=ollama.service _UID=0"
+        );
+    }
+
+    #[test]
+    fn recent_lines_are_bounded_in_bytes() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let sink = OutputSink::new("m", None, Some(t.path()), 1 << 20);
+        for _ in 0..100 {
+            sink.line(Stream::Stdout, &vec![b'a'; 64 * 1024]);
+        }
+        sink.line(Stream::Stderr, b"error: the last words\n");
+        let r = sink.recent();
+        assert!(r.iter().map(String::len).sum::<usize>() <= RECENT_BYTES);
+        assert!(r.iter().all(|l| l.len() <= RECENT_LINE_MAX + 40));
+        assert_eq!(r.last().map(String::as_str), Some("error: the last words"));
+    }
 
     #[test]
     fn rotation_keeps_three() {

@@ -392,11 +392,7 @@ fn logs(name: &str, follow: bool, lines: u32) -> Result<(), Fail> {
     cmd.arg("--no-pager")
         .arg("-n")
         .arg(lines.to_string())
-        .arg(format!("MODVISOR_MODULE={name}"))
-        .arg("+")
-        .arg(format!("_SYSTEMD_UNIT={unit}"))
-        .arg("+")
-        .arg(format!("_SYSTEMD_USER_UNIT={unit}"));
+        .args(modvisor::journal::trusted_matches(Some(name), &unit));
     if follow {
         cmd.arg("-f");
     }

@@ -39,7 +39,19 @@ pub async fn authorize(conn: &Connection, hdr: &Header<'_>, what: &str) -> Resul
             return Ok(());
         }
     }
-    tracing::warn!(caller_uid = uid, "denied {what} to uid {uid}");
+    // A caller decides how often this happens: at most 5 lines per 10 s.
+    static DENIED: super::ratelimit::RateLimit =
+        super::ratelimit::RateLimit::new(std::time::Duration::from_secs(10), 5);
+    if let Some(left_out) = DENIED.check(std::time::Instant::now()) {
+        tracing::warn!(
+            caller_uid = uid,
+            "denied {what} to uid {uid}{}",
+            match left_out {
+                0 => String::new(),
+                n => format!(" ({n} refusals before this one not logged)"),
+            }
+        );
+    }
     Err(Error::NotAllowed(format!(
         "{what} needs root or membership in the \"{ADMIN_GROUP}\" group (caller uid {uid})"
     )))

@@ -1,7 +1,9 @@
 //! The embedded bus: on a machine without a system bus (or one that will not let us own
 //! `org.modvisor1`), modvisord starts a private `dbus-daemon` listening on `RUNTIME/bus`,
 //! which `modvisorctl` finds without flags. Everyone may connect and read; the daemon itself
-//! checks the caller's uid before any change.
+//! checks the caller's uid before any change. Only the daemon's user (root) may own
+//! `org.modvisor1` there, so nobody can take the name and answer root's `modvisorctl`; a bus
+//! left by an earlier daemon is reused only when its socket and its dbus-daemon are root's.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -13,13 +15,101 @@ use tokio::process::{Child, Command};
 
 use crate::reaper;
 
+/// The runtime directory holds the bus socket: nobody else may be able to swap it.
+fn check_runtime_dir(runtime: &Path, me: u32) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(runtime)?;
+    if !m.is_dir() || m.uid() != me || m.mode() & 0o022 != 0 {
+        return Err(io::Error::other(format!(
+            "{} must be a directory of uid {me} that nobody else can write (it is uid {}, mode {:04o}): the embedded bus socket lives there",
+            runtime.display(),
+            m.uid(),
+            m.mode() & 0o7777
+        )));
+    }
+    Ok(())
+}
+
+/// Whether the bus at `socket` is ours to reuse: a socket of our uid, served by a dbus-daemon
+/// of our uid (the peer's credentials, from the kernel). Then the config file is rewritten and
+/// reloaded, so a bus of an older modvisord gets today's policy.
+async fn reusable(socket: &Path, conf: &Path, me: u32) -> Result<(), String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let m = std::fs::symlink_metadata(socket).map_err(|e| e.to_string())?;
+    if !m.file_type().is_socket() || m.uid() != me {
+        return Err(format!("not a socket of uid {me} (uid {})", m.uid()));
+    }
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let peer = stream
+        .peer_cred()
+        .map_err(|e| format!("peer credentials: {e}"))?;
+    let pid = peer.pid().unwrap_or(0);
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if peer.uid() != me || comm.trim() != "dbus-daemon" {
+        return Err(format!(
+            "served by pid {pid} ({}) of uid {}, not a dbus-daemon of uid {me}",
+            comm.trim(),
+            peer.uid()
+        ));
+    }
+    drop(stream);
+    std::fs::write(conf, config(socket, me)).map_err(|e| format!("{}: {e}", conf.display()))?;
+    let address = format!("unix:path={}", socket.display());
+    let conn = zbus::connection::Builder::address(address.as_str())
+        .build()
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let dbus = zbus::fdo::DBusProxy::new(&conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    dbus.reload_config()
+        .await
+        .map_err(|e| format!("ReloadConfig: {e}"))?;
+    // An owner of our name that is not us (taken before this policy): start a new bus.
+    let name = zbus::names::BusName::try_from(super::BUS_NAME).map_err(|e| e.to_string())?;
+    if let Ok(owner) = dbus.get_name_owner(name).await {
+        let uid = dbus
+            .get_connection_unix_user(owner.clone().into())
+            .await
+            .map_err(|e| e.to_string())?;
+        if uid != me {
+            // Our own old dbus-daemon (checked above): stop it, its clients follow us.
+            if pid > 1 {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+                // It unlinks its socket path when it exits: gone before a new bus listens there.
+                let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                while crate::procfs::stat(pid as u32).is_some_and(|s| s.state != 'Z')
+                    && std::time::Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            return Err(format!(
+                "{} is owned there by uid {uid}: stopped that bus (pid {pid})",
+                super::BUS_NAME
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// How modvisord asks for `org.modvisor1` on any bus: never queued, and never with
+/// ALLOW_REPLACEMENT (zbus's default), so nobody can take the name over while it runs.
+pub const OWN_NAME_FLAGS: zbus::fdo::RequestNameFlags = zbus::fdo::RequestNameFlags::DO_NOT_QUEUE;
+
 pub struct EmbeddedBus {
     pub address: String,
     child: Option<Child>,
     socket: PathBuf,
 }
 
-fn config(socket: &Path) -> String {
+/// The bus config. `owner`: the only uid that may own `org.modvisor1` (the daemon's own).
+fn config(socket: &Path, owner: u32) -> String {
     format!(
         r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -31,6 +121,7 @@ fn config(socket: &Path) -> String {
   <policy context="default">
     <allow user="*"/>
     <allow own="*"/>
+    <deny own="{name}"/>
     <allow send_type="method_call"/>
     <allow send_type="signal"/>
     <allow send_requested_reply="true" send_type="method_return"/>
@@ -40,9 +131,13 @@ fn config(socket: &Path) -> String {
     <allow receive_type="error"/>
     <allow receive_type="signal"/>
   </policy>
+  <policy user="{owner}">
+    <allow own="{name}"/>
+  </policy>
 </busconfig>
 "#,
-        socket.display()
+        socket.display(),
+        name = super::BUS_NAME,
     )
 }
 
@@ -50,25 +145,30 @@ impl EmbeddedBus {
     /// Starts the bus (or reuses a live one left by an earlier modvisord). Bounded: 10 s.
     pub async fn start(runtime: &Path) -> io::Result<EmbeddedBus> {
         std::fs::create_dir_all(runtime)?;
+        let me = nix::unistd::geteuid().as_raw();
+        check_runtime_dir(runtime, me)?;
         let socket = runtime.join("bus");
         let address = format!("unix:path={}", socket.display());
-        if socket.exists() {
-            if zbus::connection::Builder::address(address.as_str())
-                .build()
-                .await
-                .is_ok()
-            {
-                tracing::info!("reusing the embedded bus at {address}");
-                return Ok(EmbeddedBus {
-                    address,
-                    child: None,
-                    socket,
-                });
-            }
-            std::fs::remove_file(&socket)?;
-        }
         let conf = runtime.join("bus.conf");
-        std::fs::write(&conf, config(&socket))?;
+        if socket.symlink_metadata().is_ok() {
+            match reusable(&socket, &conf, me).await {
+                Ok(()) => {
+                    tracing::info!("reusing the embedded bus at {address}");
+                    return Ok(EmbeddedBus {
+                        address,
+                        child: None,
+                        socket,
+                    });
+                }
+                Err(why) => tracing::warn!("not reusing the bus at {address}: {why}"),
+            }
+            // The old dbus-daemon may have removed it on its way out.
+            match std::fs::remove_file(&socket) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        std::fs::write(&conf, config(&socket, me))?;
         let mut cmd = Command::new("dbus-daemon");
         cmd.arg(format!("--config-file={}", conf.display()))
             .arg("--nofork")

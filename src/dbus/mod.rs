@@ -6,6 +6,7 @@ pub mod client;
 pub mod embedded;
 pub mod props;
 mod publisher;
+pub mod ratelimit;
 pub mod server;
 pub mod text;
 

@@ -8,7 +8,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use super::{ManifestError, Module, parse_manifest};
+use super::trust::{Opened, open_manifest};
+use super::{Containment, ManifestError, Module, parse_manifest_with};
 
 /// The winning file for a manifest stem.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,27 +27,17 @@ pub struct LoadResult {
     pub errors: Vec<ManifestError>,
     /// Stems whose manifest exists but is broken: a module of that stem keeps running as it was.
     pub broken_stems: BTreeSet<String>,
-    /// Files that are masked (empty or symlinked to /dev/null).
+    /// Files that mask their stem (empty or symlinked to /dev/null).
     pub masked: Vec<PathBuf>,
 }
 
-fn is_mask(path: &Path) -> bool {
-    if let Ok(target) = std::fs::read_link(path)
-        && target == Path::new("/dev/null")
-    {
-        return true;
-    }
-    std::fs::metadata(path)
-        .map(|m| m.len() == 0)
-        .unwrap_or(false)
-}
-
-/// Finds the winning file for each stem. Masked stems map to `None`.
+/// Finds the winning file for each stem (the last directory that has `STEM.toml`). Whether
+/// it masks the stem (empty, or a symlink to /dev/null) is decided when it is opened.
 pub fn scan_dirs(
     dirs: &[PathBuf],
     errors: &mut Vec<ManifestError>,
-) -> BTreeMap<String, Option<ManifestSource>> {
-    let mut found: BTreeMap<String, Option<ManifestSource>> = BTreeMap::new();
+) -> BTreeMap<String, ManifestSource> {
+    let mut found = BTreeMap::new();
     for dir in dirs {
         let entries = match std::fs::read_dir(dir) {
             Ok(e) => e,
@@ -72,128 +63,82 @@ pub fn scan_dirs(
             .collect();
         names.sort();
         for path in names {
-            let Some(stem) = path.file_stem().map(|s| s.to_string_lossy().into_owned()) else {
-                continue;
-            };
-            if is_mask(&path) {
-                found.insert(stem, None);
-            } else {
-                found.insert(stem.clone(), Some(ManifestSource { stem, path }));
+            if let Some(stem) = path.file_stem().map(|s| s.to_string_lossy().into_owned()) {
+                found.insert(stem.clone(), ManifestSource { stem, path });
             }
         }
     }
     found
 }
 
-/// Why a manifest (or its directory) cannot be trusted: anyone but root (and the daemon's own
-/// user) could change what modvisord runs through it.
+/// Why a manifest (or a directory above it) cannot be trusted: anyone but root (and the
+/// daemon's own user) could change what modvisord runs through it.
 pub fn untrusted(path: &Path) -> Option<String> {
-    use std::os::unix::fs::MetadataExt;
-    let me = nix::unistd::geteuid().as_raw();
-    // The file itself (not a symlink's target only: both must be safe).
-    for (what, p) in [
-        (
-            "directory",
-            path.parent().map(Path::to_path_buf).unwrap_or_default(),
-        ),
-        ("manifest", path.to_path_buf()),
-    ] {
-        let Ok(m) = std::fs::metadata(&p) else {
-            continue;
-        };
-        let mode = m.mode() & 0o7777;
-        if m.uid() != 0 && m.uid() != me {
-            return Some(format!(
-                "refusing the {what} {}: owned by uid {}, not root (only root may change what modvisord runs)",
-                p.display(),
-                m.uid()
-            ));
-        }
-        if mode & 0o002 != 0 || (mode & 0o020 != 0 && m.gid() != 0) {
-            return Some(format!(
-                "refusing the {what} {}: writable by others (mode {mode:04o}); only root may change what modvisord runs",
-                p.display()
-            ));
-        }
-    }
-    None
+    open_manifest(path, true).err()
 }
 
-/// Scans the directories and validates every winning manifest. With `check_trust`, a manifest
-/// that anyone but root could change is refused with the reason.
+/// Scans the directories and validates every winning manifest (default containment rules).
 pub fn load_dirs(dirs: &[PathBuf]) -> LoadResult {
-    load_dirs_checked(dirs, false)
+    load_dirs_with(dirs, false, &Containment::default())
 }
 
+/// With `check_trust`, a manifest that anyone but root could change is refused with the reason.
 pub fn load_dirs_checked(dirs: &[PathBuf], check_trust: bool) -> LoadResult {
+    load_dirs_with(dirs, check_trust, &Containment::default())
+}
+
+/// [`load_dirs_checked`] with the daemon config's containment rules for untrusted modules.
+pub fn load_dirs_with(dirs: &[PathBuf], check_trust: bool, rules: &Containment) -> LoadResult {
     let mut res = LoadResult::default();
     let found = scan_dirs(dirs, &mut res.errors);
     let mut owner: BTreeMap<String, PathBuf> = BTreeMap::new();
     for (stem, src) in found {
-        let Some(src) = src else {
-            res.masked.push(PathBuf::from(stem));
-            continue;
+        let fail = |res: &mut LoadResult, e: ManifestError| {
+            res.errors.push(e);
+            res.broken_stems.insert(stem.clone());
         };
-        if check_trust && let Some(why) = untrusted(&src.path) {
-            res.errors.push(ManifestError {
-                path: src.path.clone(),
-                line: 0,
-                column: 0,
-                message: why,
-            });
-            res.broken_stems.insert(stem);
-            continue;
-        }
-        let text = match std::fs::read(&src.path) {
-            Ok(b) => match String::from_utf8(b) {
-                Ok(s) => s,
-                Err(e) => {
-                    let offset = e.utf8_error().valid_up_to();
-                    let text = String::from_utf8_lossy(e.as_bytes()).into_owned();
-                    res.errors.push(ManifestError::at(
-                        &src.path,
-                        &text,
-                        offset,
-                        "expected UTF-8 text",
-                    ));
-                    res.broken_stems.insert(stem);
-                    continue;
-                }
-            },
-            Err(e) => {
-                res.errors.push(ManifestError {
+        let bytes = match open_manifest(&src.path, check_trust) {
+            Ok(Opened::Mask) => {
+                res.masked.push(src.path);
+                continue;
+            }
+            Ok(Opened::Text(b)) => b,
+            Err(why) => {
+                let e = ManifestError {
                     path: src.path.clone(),
                     line: 0,
                     column: 0,
-                    message: format!("cannot read: {e}"),
-                });
-                res.broken_stems.insert(stem);
+                    message: why,
+                };
+                fail(&mut res, e);
                 continue;
             }
         };
-        match parse_manifest(&src.path, &text, &stem) {
+        let text = match String::from_utf8(bytes) {
+            Ok(s) => s,
+            Err(e) => {
+                let offset = e.utf8_error().valid_up_to();
+                let text = String::from_utf8_lossy(e.as_bytes()).into_owned();
+                let e = ManifestError::at(&src.path, &text, offset, "expected UTF-8 text");
+                fail(&mut res, e);
+                continue;
+            }
+        };
+        match parse_manifest_with(&src.path, &text, &stem, rules) {
             Ok(m) => {
                 if let Some(first) = owner.get(&m.name) {
-                    res.errors.push(ManifestError::at(
-                        &src.path,
-                        &text,
-                        0,
-                        format!(
-                            "module name \"{}\" is already defined by {}",
-                            m.name,
-                            first.display()
-                        ),
-                    ));
-                    res.broken_stems.insert(stem);
+                    let msg = format!(
+                        "module name \"{}\" is already defined by {}",
+                        m.name,
+                        first.display()
+                    );
+                    fail(&mut res, ManifestError::at(&src.path, &text, 0, msg));
                     continue;
                 }
                 owner.insert(m.name.clone(), src.path.clone());
                 res.modules.insert(m.name.clone(), m);
             }
-            Err(e) => {
-                res.errors.push(e);
-                res.broken_stems.insert(stem);
-            }
+            Err(e) => fail(&mut res, e),
         }
     }
     res

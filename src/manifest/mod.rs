@@ -1,11 +1,13 @@
 //! Module manifests: strict parsing into raw types, validation into the trusted [`Module`]
 //! type, and loading from the drop-in directories with precedence and masking.
 
+mod containment;
 mod load;
 mod raw;
 mod render;
 mod serve;
 mod text;
+mod trust;
 pub mod units;
 mod validate;
 
@@ -14,9 +16,16 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use load::{LoadResult, ManifestSource, load_dirs, load_dirs_checked, scan_dirs, untrusted};
+pub use containment::{Containment, UNTRUSTED_CAPS};
+pub use load::{
+    LoadResult, ManifestSource, load_dirs, load_dirs_checked, load_dirs_with, scan_dirs, untrusted,
+};
 pub use render::{Exec, substitute};
-pub use validate::{parse_manifest, validate_name};
+pub use trust::acl_write_entry;
+pub use validate::{parse_manifest, parse_manifest_with, validate_name};
+
+/// A container's process limit when the manifest sets none.
+pub const DEFAULT_PIDS_LIMIT: u32 = 4096;
 
 /// An execution mode of a module.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -105,6 +114,10 @@ pub struct ContainerSpec {
     pub network: Option<String>,
     /// Capabilities kept; all others are dropped.
     pub cap_add: Vec<String>,
+    /// The most processes (and threads) the container may have (its pids cgroup).
+    pub pids_limit: u32,
+    /// The user the engine runs as inside ("name", "uid", "uid:gid"); None: the image's.
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

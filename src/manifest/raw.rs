@@ -93,6 +93,8 @@ pub struct RawContainer {
     pub pull: Option<RawPull>,
     pub network: Option<Spanned<String>>,
     pub cap_add: Option<Vec<Spanned<String>>>,
+    pub pids_limit: Option<Spanned<i64>>,
+    pub user: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

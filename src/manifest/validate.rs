@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
+use super::containment::{Containment, check_untrusted};
 use super::raw::*;
 use super::units::{parse_duration, parse_size};
 use super::*;
@@ -150,8 +151,19 @@ fn is_absolute_clean(p: &str) -> bool {
 /// The longest duration a manifest may give (a timer or deadline is computed from it).
 pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 
-/// Parses and validates one manifest. `stem` is the file name without `.toml`.
+/// Parses and validates one manifest. `stem` is the file name without `.toml`. An untrusted
+/// module's container is checked against the default containment rules.
 pub fn parse_manifest(path: &Path, src: &str, stem: &str) -> Result<Module, ManifestError> {
+    parse_manifest_with(path, src, stem, &Containment::default())
+}
+
+/// [`parse_manifest`] with the daemon config's containment rules.
+pub fn parse_manifest_with(
+    path: &Path,
+    src: &str,
+    stem: &str,
+    rules: &Containment,
+) -> Result<Module, ManifestError> {
     let raw: RawManifest = match toml::from_str(src) {
         Ok(r) => r,
         Err(e) => {
@@ -272,7 +284,14 @@ pub fn parse_manifest(path: &Path, src: &str, stem: &str) -> Result<Module, Mani
             }
             None
         }
-        Some(c) => Some(validate_container(&cx, c)?),
+        Some(c) => {
+            if !raw.trusted.unwrap_or(false)
+                && let Err((offset, why)) = check_untrusted(c.get_ref(), rules)
+            {
+                return cx.err(offset, why);
+            }
+            Some(validate_container(&cx, c)?)
+        }
     };
 
     // [model]
@@ -623,9 +642,12 @@ fn validate_container(
         }
         cap_add.push(v.to_string());
     }
+    let (pids_limit, user) = container_limits(cx, r)?;
     Ok(ContainerSpec {
         network,
         cap_add,
+        pids_limit,
+        user,
         image,
         command,
         ports,
@@ -634,6 +656,48 @@ fn validate_container(
         gpus,
         pull,
     })
+}
+
+/// `pids_limit` (default 4096: a fork bomb inside cannot exhaust the host's PIDs) and `user`
+/// ("name", "uid", "uid:gid", "name:group"; the image's default when absent).
+fn container_limits(
+    cx: &Ctx<'_>,
+    r: &RawContainer,
+) -> Result<(u32, Option<String>), ManifestError> {
+    let pids = cx.count(
+        &r.pids_limit,
+        "container.pids_limit",
+        16,
+        1_000_000,
+        DEFAULT_PIDS_LIMIT,
+    )?;
+    let user = match &r.user {
+        None => None,
+        Some(u) => {
+            let s = u.get_ref();
+            let part_ok = |p: &str| {
+                !p.is_empty()
+                    && p.len() <= 32
+                    && !p.starts_with('-')
+                    && p.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+            };
+            let ok = match s.split_once(':') {
+                Some((a, b)) => part_ok(a) && part_ok(b),
+                None => part_ok(s),
+            };
+            if !ok {
+                return cx.err(
+                    u.span().start,
+                    format!(
+                        "container.user: expected \"USER\", \"UID\" or \"UID:GID\", found \"{s}\""
+                    ),
+                );
+            }
+            Some(s.clone())
+        }
+    };
+    Ok((pids, user))
 }
 
 /// `ADDR:HOST_PORT:CONTAINER_PORT[/tcp|/udp]`, the host address explicit (IPv6 in brackets).
@@ -672,7 +736,7 @@ fn parse_port(s: &str) -> Result<PortMap, String> {
     })
 }
 
-fn parse_volume(s: &str) -> Result<Volume, String> {
+pub(super) fn parse_volume(s: &str) -> Result<Volume, String> {
     let expected = || {
         format!(
             "expected \"/HOST/PATH:/CONTAINER/PATH[:ro|:rw]\" with absolute paths, found \"{s}\""

@@ -30,6 +30,8 @@ use super::{
     Backend, BoxFuture, Exec, ExitInfo, Owned, RunHandle, RunPhase, RunRequest, RuntimeError,
     RuntimeEvent, fnv,
 };
+use crate::bounded::{LineSplitter, MAX_LINE};
+use crate::health::ProbeResult;
 use crate::journal::{OutputSink, Stream};
 use crate::manifest::{ContainerSpec, Gpus, Pull};
 
@@ -169,6 +171,9 @@ struct Run {
     events: mpsc::UnboundedSender<RuntimeEvent>,
     exited: watch::Sender<bool>,
     oom: bool,
+    /// modvisor asked for the stop: the container is removed before its exit is reported, so
+    /// whoever waits for the stop finds it gone.
+    stopping: bool,
     sink: OutputSink,
 }
 
@@ -399,12 +404,17 @@ impl ContainerBackend {
                             .build();
                         let fetch = async {
                             let mut lines = Vec::new();
+                            let mut bytes = 0;
                             let mut s = docker.logs(&run.id, Some(opts));
+                            // Bounded: 40 lines of any length are still at most 64 KiB here.
                             while let Some(Ok(chunk)) = s.next().await {
+                                let chunk = chunk.into_bytes();
+                                bytes += chunk.len();
+                                if bytes > MAX_LINE {
+                                    break;
+                                }
                                 lines.extend(
-                                    String::from_utf8_lossy(&chunk.into_bytes())
-                                        .lines()
-                                        .map(str::to_string),
+                                    String::from_utf8_lossy(&chunk).lines().map(str::to_string),
                                 );
                             }
                             lines
@@ -412,6 +422,12 @@ impl ContainerBackend {
                         if let Ok(lines) = tokio::time::timeout(Duration::from_secs(2), fetch).await
                         {
                             run.sink.remember(&lines);
+                        }
+                        if run.stopping {
+                            let opts = RemoveContainerOptionsBuilder::default().force(true).build();
+                            if let Err(e) = docker.remove_container(&run.id, Some(opts)).await {
+                                tracing::debug!("removing {}: {e}", run.id);
+                            }
                         }
                         let _ = run.exited.send(true);
                         let _ = run.events.send(RuntimeEvent::Exited {
@@ -457,10 +473,12 @@ impl ContainerBackend {
         };
         // Core 0 always. Podman replaces all its default ulimits as soon as one is sent, and
         // then asks for more open files than this machine allows: send nofile/nproc too.
+        // RLIMIT_NPROC counts every process of the uid on the host (no user namespace here),
+        // so it is no container limit (the pids cgroup is); it only must not be lower.
         let mut ulimits = vec![ulimit("core", 0)];
         if self.engine == Engine::Podman {
             ulimits.push(ulimit("nofile", 20000));
-            ulimits.push(ulimit("nproc", 4096));
+            ulimits.push(ulimit("nproc", spec.pids_limit as i64));
         }
         let (device_requests, devices) = match (&spec.gpus, self.engine) {
             (None, _) => (None, None),
@@ -505,6 +523,8 @@ impl ContainerBackend {
         };
         let host = HostConfig {
             memory: req.memory_max.map(|m| m as i64),
+            // The pids cgroup of the container (both engines): a fork bomb inside stops there.
+            pids_limit: Some(spec.pids_limit as i64),
             ulimits: Some(ulimits),
             init: Some(true),
             privileged: Some(false),
@@ -552,6 +572,7 @@ impl ContainerBackend {
                     .chain([format!("MODVISOR_MODULE={}", req.name)])
                     .collect(),
             ),
+            user: spec.user.clone(),
             labels: Some(labels),
             exposed_ports: if exposed.is_empty() {
                 None
@@ -607,29 +628,25 @@ impl ContainerBackend {
                 .since(since)
                 .build();
             let mut s = docker.logs(&id, Some(opts));
-            let (mut out, mut err) = (Vec::new(), Vec::new());
+            // Lines split at 64 KiB, as for direct children: bounded whatever the engine sends.
+            let mut out = LineSplitter::new(MAX_LINE);
+            let mut err = LineSplitter::new(MAX_LINE);
+            let mut emit_out = |l: &[u8]| sink.line(Stream::Stdout, l);
+            let mut emit_err = |l: &[u8]| sink.line(Stream::Stderr, l);
             while let Some(Ok(chunk)) = s.next().await {
-                let (buf, stream, bytes) = match chunk {
+                match chunk {
                     bollard::container::LogOutput::StdErr { message } => {
-                        (&mut err, Stream::Stderr, message)
+                        err.push(&message, &mut emit_err)
                     }
                     bollard::container::LogOutput::StdOut { message }
                     | bollard::container::LogOutput::Console { message } => {
-                        (&mut out, Stream::Stdout, message)
+                        out.push(&message, &mut emit_out)
                     }
-                    bollard::container::LogOutput::StdIn { .. } => continue,
-                };
-                buf.extend_from_slice(&bytes);
-                while let Some(i) = buf.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = buf.drain(..=i).collect();
-                    sink.line(stream, &line);
+                    bollard::container::LogOutput::StdIn { .. } => {}
                 }
             }
-            for (buf, stream) in [(out, Stream::Stdout), (err, Stream::Stderr)] {
-                if !buf.is_empty() {
-                    sink.line(stream, &buf);
-                }
-            }
+            out.finish(&mut emit_out);
+            err.finish(&mut emit_err);
         });
     }
 
@@ -690,6 +707,7 @@ impl ContainerBackend {
                             events: events.clone(),
                             exited,
                             oom: false,
+                            stopping: false,
                             sink: req.sink.clone(),
                         },
                     ),
@@ -739,6 +757,7 @@ impl ContainerBackend {
                     events: events.clone(),
                     exited,
                     oom: false,
+                    stopping: false,
                     sink: req.sink.clone(),
                 },
             ),
@@ -816,10 +835,37 @@ impl Backend for Arc<ContainerBackend> {
         Ok(handle)
     }
 
+    fn exec_probe(
+        &self,
+        handle: &RunHandle,
+        argv: &[String],
+        timeout: Duration,
+    ) -> Option<BoxFuture<ProbeResult>> {
+        let docker = self.docker.clone();
+        let cname = handle.unit.clone();
+        let argv = argv.to_vec();
+        Some(Box::pin(async move {
+            let what = format!("exec {} in {cname}", argv.join(" "));
+            match tokio::time::timeout(timeout, exec_in(&docker, &cname, argv)).await {
+                Ok(Ok(0)) => ProbeResult {
+                    ok: true,
+                    detail: format!("{what}: exited 0"),
+                    loading: false,
+                },
+                Ok(Ok(code)) => probe_failed(format!("{what}: exited with {code}")),
+                Ok(Err(e)) => probe_failed(format!("{what}: {e}")),
+                Err(_) => probe_failed(format!("{what}: timed out after {timeout:?}")),
+            }
+        }))
+    }
+
     fn stop(&self, handle: &RunHandle, timeout: Duration) -> BoxFuture<()> {
         let me = self.clone();
         let cname = handle.unit.clone();
         let mut exited = handle.exited.clone();
+        if let Some((_, run)) = lock(&self.runs).get_mut(&cname) {
+            run.stopping = true;
+        }
         Box::pin(async move {
             let t = timeout.as_secs().max(1) as i32;
             let opts = StopContainerOptionsBuilder::default().t(t).build();
@@ -888,6 +934,57 @@ impl Backend for Arc<ContainerBackend> {
                 tracing::warn!("{e}");
             }
         })
+    }
+}
+
+fn probe_failed(detail: String) -> ProbeResult {
+    ProbeResult {
+        ok: false,
+        detail,
+        loading: false,
+    }
+}
+
+/// Runs `argv` inside the container through the engine's exec API (as the container's user,
+/// never privileged) and returns its exit code. Its output is read and dropped.
+async fn exec_in(docker: &Docker, cname: &str, argv: Vec<String>) -> Result<i64, String> {
+    use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
+    let opts = CreateExecOptions {
+        cmd: Some(argv),
+        attach_stdout: Some(true),
+        attach_stderr: Some(true),
+        privileged: Some(false),
+        ..Default::default()
+    };
+    let exec = docker
+        .create_exec(cname, opts)
+        .await
+        .map_err(|e| format!("create exec: {e}"))?;
+    let start = StartExecOptions {
+        detach: false,
+        tty: false,
+        output_capacity: None,
+    };
+    match docker.start_exec(&exec.id, Some(start)).await {
+        Ok(StartExecResults::Attached { mut output, .. }) => {
+            while let Some(Ok(_)) = output.next().await {}
+        }
+        Ok(StartExecResults::Detached) => {}
+        Err(e) => return Err(format!("start exec: {e}")),
+    }
+    // The stream ends with the process; the engine may record its exit a moment later. The
+    // caller's timeout bounds this.
+    loop {
+        let i = docker
+            .inspect_exec(&exec.id)
+            .await
+            .map_err(|e| format!("inspect exec: {e}"))?;
+        if i.running != Some(true) {
+            return i
+                .exit_code
+                .ok_or_else(|| "the engine reported no exit code".to_string());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

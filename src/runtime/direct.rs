@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::AsyncRead;
 use tokio::process::Command;
 use tokio::sync::{mpsc, watch};
 
@@ -105,16 +105,10 @@ fn signal_group(pgid: i32, sig: Signal) {
     }
 }
 
+/// Forwards a pipe line by line, in bounded chunks (lines split at 64 KiB): a module writing
+/// without newlines cannot grow modvisord.
 async fn forward<R: AsyncRead + Unpin>(r: R, sink: OutputSink, stream: Stream) {
-    let mut r = BufReader::new(r);
-    let mut buf = Vec::with_capacity(512);
-    loop {
-        buf.clear();
-        match r.read_until(b'\n', &mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => sink.line(stream, &buf[..buf.len().min(64 * 1024)]),
-        }
-    }
+    crate::bounded::forward_lines(r, |line| sink.line(stream, line)).await;
 }
 
 impl Backend for DirectBackend {

@@ -138,6 +138,24 @@ pub struct RunHandle {
     pub unit: String,
 }
 
+/// Runs one health probe where it belongs: an exec probe inside the run when the backend can
+/// (a container: the engine's exec API), never on the host for such a backend; http and tcp
+/// probes, and exec probes of host-side backends, from modvisord.
+pub fn probe(
+    backend: &dyn Backend,
+    handle: &RunHandle,
+    p: &crate::manifest::Probe,
+    timeout: Duration,
+) -> BoxFuture<crate::health::ProbeResult> {
+    if let crate::manifest::Probe::Exec { argv } = p
+        && let Some(inside) = backend.exec_probe(handle, argv, timeout)
+    {
+        return inside;
+    }
+    let p = p.clone();
+    Box::pin(async move { crate::health::probe(&p, timeout).await })
+}
+
 /// Whether something already accepts connections at `addr` (loopback: answers at once).
 pub fn port_in_use(addr: &str) -> bool {
     use std::net::ToSocketAddrs;
@@ -184,6 +202,16 @@ pub trait Backend: Send + Sync {
     /// Units of ours that exist now, with their active state (adoption after a restart).
     fn list_units(&self) -> BoxFuture<Vec<Owned>> {
         Box::pin(async { Vec::new() })
+    }
+    /// Runs an exec health probe inside the run (a container's exec API), bounded by
+    /// `timeout`. None: the backend runs on the host, and so does the probe.
+    fn exec_probe(
+        &self,
+        _handle: &RunHandle,
+        _argv: &[String],
+        _timeout: Duration,
+    ) -> Option<BoxFuture<crate::health::ProbeResult>> {
+        None
     }
     /// Stops a unit of ours that no manifest wants any more.
     fn stop_unit(&self, _unit: &str) -> BoxFuture<()> {

@@ -104,10 +104,11 @@ impl Supervisor {
         self.scan.running = true;
         self.scan.current = std::mem::take(&mut self.scan.next);
         let dirs = self.cfg.modules.clone();
+        let rules = self.cfg.containment.clone();
         let check = self.trust_check();
         let tx = self.events.clone();
         self.tasks.spawn_blocking(move || {
-            let res = manifest::load_dirs_checked(&dirs, check);
+            let res = manifest::load_dirs_with(&dirs, check, &rules);
             let _ = tx.send(Event::Scanned(Box::new(res)));
         });
     }
@@ -130,7 +131,8 @@ impl Supervisor {
 
     /// The first scan, before the loop runs (the daemon says READY=1 after it).
     pub(super) fn reload(&mut self) -> Vec<(String, String)> {
-        let res = manifest::load_dirs_checked(&self.cfg.modules, self.trust_check());
+        let res =
+            manifest::load_dirs_with(&self.cfg.modules, self.trust_check(), &self.cfg.containment);
         self.apply(res)
     }
 

@@ -203,14 +203,19 @@ impl Supervisor {
         let Some(s) = self.slots.get(n) else { return };
         let h = s.lc.module().health.clone();
         let Some(p) = h.probe else { return };
+        // An exec probe of a container runs inside it (the engine's exec API), never here.
+        let Some(run) = s.run.as_ref().filter(|r| r.generation == generation) else {
+            return;
+        };
+        let (b, rh) = (run.backend.clone(), run.handle.clone());
         let back = self.back(n);
         let (tx, name) = (self.events.clone(), n.to_string());
         let task = tokio::spawn(async move {
             let timed = || {
-                let (tx, name, p) = (tx.clone(), name.clone(), &p);
+                let (tx, name, p, b, rh) = (tx.clone(), name.clone(), &p, b.clone(), rh.clone());
                 async move {
                     let t0 = std::time::Instant::now();
-                    let r = health::probe(p, h.timeout).await;
+                    let r = crate::runtime::probe(&*b, &rh, p, h.timeout).await;
                     let seconds = t0.elapsed().as_secs_f64();
                     let _ = tx.send(Event::ProbeTimed {
                         name,
@@ -251,7 +256,8 @@ impl Supervisor {
             "{n}: model activation {step}: {model_s}{}{detail}",
             if detail.is_empty() { "" } else { ": " }
         );
-        let step = (n.to_string(), model_s, step.to_string(), detail.to_string());
+        let detail = crate::bounded::cap_for_dbus(detail);
+        let step = (n.to_string(), model_s, step.to_string(), detail);
         let _ = self.activations.send(step);
     }
 

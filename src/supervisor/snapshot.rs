@@ -6,9 +6,6 @@ use super::actor::{Slot, Supervisor};
 use crate::manifest::{Mode, NativeExec};
 use crate::state::{ModuleStatus, Snapshot};
 
-/// Longest reason published (a module's output can end up in it): a few KiB.
-const MAX_REASON: usize = 4096;
-
 pub(super) fn project(sup: &Supervisor) -> Snapshot {
     Snapshot {
         modules: sup
@@ -30,18 +27,6 @@ pub(super) fn project(sup: &Supervisor) -> Snapshot {
         gpus: sup.gpus.clone(),
         foreign_gpu_processes: sup.foreign.clone(),
     }
-}
-
-/// Cuts `s` to at most `max` bytes on a character boundary, marking the cut.
-pub fn cap(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
 }
 
 fn us(t: std::time::SystemTime) -> u64 {
@@ -86,7 +71,7 @@ fn status(sup: &Supervisor, s: &Slot) -> ModuleStatus {
         backend,
         state: s.lc.state(),
         health,
-        health_reason: cap(reason, MAX_REASON),
+        health_reason: crate::bounded::cap_for_dbus(reason),
         unit,
         container_id: s
             .run
@@ -110,18 +95,5 @@ fn status(sup: &Supervisor, s: &Slot) -> ModuleStatus {
         last_activity_us: us(s.lc.last_activity()),
         idle_stop_at_us: s.lc.idle_stop_at().map(us).unwrap_or(0),
         on_demand: m.serve.as_ref().is_some_and(|v| v.on_demand),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn cap_cuts_on_a_char_boundary() {
-        assert_eq!(super::cap("abc", 10), "abc");
-        assert_eq!(super::cap("aéb", 2), "a…");
-        assert_eq!(
-            super::cap(&"x".repeat(10_000), 4096).len(),
-            4096 + '…'.len_utf8()
-        );
     }
 }
