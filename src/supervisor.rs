@@ -755,6 +755,13 @@ impl Supervisor {
                     let _ = r.send(Err(no_such(&n)));
                 }
                 Some(e) => {
+                    // [privileges] A model swapped since activation: refused, the running
+                    // engine is left alone.
+                    let mode = e.decision.mode.unwrap_or(Mode::Native);
+                    if let Err(why) = check_model(&e.module, mode, e.active_model.as_deref()) {
+                        let _ = r.send(Err(OpError::Failed(format!("not restarting {n}: {why}"))));
+                        return;
+                    }
                     e.budget.reset();
                     if e.run.is_none() {
                         let res = self.user_start(&n);
@@ -884,6 +891,10 @@ impl Supervisor {
             p.docker_enabled,
             m.trusted
         ));
+        // [privileges] Who the engine runs as (root only when the manifest says so).
+        if let Some(NativeExec::Command { privileges, .. }) = &m.native {
+            out.push_str(&format!("native engine: {}\n", privileges.describe()));
+        }
         out.push_str(&format!(
             "state: {} ({}): {}\n",
             e.state, e.health, e.reason
@@ -926,6 +937,11 @@ impl Supervisor {
             }
         };
         let model = e.active_model.clone();
+        // [privileges] Re-validate the model before every start (blocking I/O on the actor).
+        if let Err(why) = check_model(&e.module, mode, model.as_deref()) {
+            self.set(n, State::Failed, Health::Offline, why.clone());
+            return Err(OpError::Failed(why));
+        }
         if let Err(err) = std::fs::create_dir_all(&state_dir) {
             tracing::warn!(
                 modvisor_module = n,
@@ -1024,6 +1040,9 @@ impl Supervisor {
                 .map(|r| r.handle.unit.clone())
                 .unwrap_or_default();
             (State::Starting, Health::Unknown, format!("starting {unit}"))
+        } else if pid == 0 {
+            // [privileges] The direct backend prepares off the actor; its PID follows as Status.
+            (State::Starting, Health::Unknown, "starting".to_string())
         } else if health.probe.is_some() {
             (
                 State::Starting,
@@ -1140,7 +1159,13 @@ impl Supervisor {
                         e.run.as_ref().filter(|r| r.main_pid > 1).map(|r| Target {
                             name: n.clone(),
                             main_pid: r.main_pid,
-                            pgid: r.handle.pgid,
+                            // [privileges] A direct child leads its own group; its PID
+                            // arrives after the start.
+                            pgid: if r.handle.pgid > 1 || r.backend.kind() != "direct" {
+                                r.handle.pgid
+                            } else {
+                                r.main_pid as i32
+                            },
                             // A unit or a container has a cgroup of its own; a direct child
                             // shares the daemon's.
                             own_cgroup: r.backend.kind() != "direct",
@@ -1280,6 +1305,14 @@ impl Supervisor {
                 return;
             }
         };
+        // [privileges] A root engine only loads what no other user can change.
+        let mode = e.decision.mode.unwrap_or(Mode::Native);
+        if let Err(why) = check_model(&e.module, mode, Some(&model)) {
+            let _ = reply.send(Err(OpError::InvalidArgument(format!(
+                "cannot activate {requested} for {n}: {why}"
+            ))));
+            return;
+        }
         let previous = e.active_model.clone();
         self.step(n, &model, "validated", "");
         if let Err(err) = crate::model::record(&self.state_dir(n), &model, previous.as_deref()) {
@@ -1807,6 +1840,15 @@ fn availability(
         Err(why) => Err(why.clone()),
     };
     Availability { native, container }
+}
+
+/// [privileges] The model check before a start: `model::check_for_start`, with the engine
+/// root only for a native command whose manifest says `user = "root"`.
+fn check_model(m: &Module, mode: Mode, model: Option<&Path>) -> Result<(), String> {
+    let Some(model) = model else { return Ok(()) };
+    let root = mode == Mode::Native
+        && matches!(&m.native, Some(NativeExec::Command { privileges, .. }) if privileges.runs_as_root());
+    crate::model::check_for_start(m.model.as_ref(), model, root)
 }
 
 fn no_such(n: &str) -> OpError {
