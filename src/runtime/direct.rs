@@ -228,6 +228,9 @@ async fn run(l: Launch, backend_record: impl FnOnce(u32) -> Option<PathBuf> + Se
             return l.end(ExitInfo::Other(why));
         }
     };
+    if privileges.runs_as_root() && prep.identity.as_ref().is_some_and(|i| i.is_root()) {
+        tracing::warn!(modvisor_module = %l.req.name, "{} runs as root (user = \"root\" in its manifest): a crafted model would run code as root", l.req.name);
+    }
     let mut cmd = launch::command(
         &argv,
         &environment,
