@@ -239,6 +239,15 @@ pub fn prepare(p: &Privileges, mgr: ManagerKind) -> Result<Host, String> {
             p.user_name()
         ));
     }
+    if !mgr.system && !p.credentials.is_empty() && !p.runs_as_root() {
+        // Measured: a user manager puts them under its own $XDG_RUNTIME_DIR (mode 0700),
+        // which another user cannot enter.
+        return Err(format!(
+            "{} keeps credentials where user {} cannot read them: native.credentials needs a system manager (or environment_file)",
+            mgr.describe(),
+            p.user_name()
+        ));
+    }
     if let Some(f) = &p.environment_file {
         crate::secrets::open_checked(f, "environment_file")?;
     }
