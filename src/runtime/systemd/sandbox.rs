@@ -52,6 +52,8 @@ impl ManagerKind {
 pub struct Host {
     /// `/dev/nvidia*` nodes present now (for `DeviceAllow=`).
     pub nvidia_devices: Vec<String>,
+    /// Of video and render, those that exist (a missing group fails the unit with 216/GROUP).
+    pub gpu_groups: Vec<String>,
 }
 
 /// The NVIDIA device nodes: the fixed ones (which need not exist yet: the driver creates
@@ -90,14 +92,18 @@ pub fn properties(
     state_dir: &Path,
     host: &Host,
 ) -> Vec<(&'static str, Option<OwnedVariant>)> {
-    let mut v = identity(p, mgr);
+    let mut v = identity(p, mgr, host);
     v.extend(sandbox(&p.sandbox, p.gpu, mgr, host));
     v.extend(paths(p, state_dir));
     v.extend(secrets(p));
     v
 }
 
-fn identity(p: &Privileges, mgr: ManagerKind) -> Vec<(&'static str, Option<OwnedVariant>)> {
+fn identity(
+    p: &Privileges,
+    mgr: ManagerKind,
+    host: &Host,
+) -> Vec<(&'static str, Option<OwnedVariant>)> {
     let mut v = Vec::new();
     if !mgr.can_switch_users() {
         // A non-root user manager runs every unit as itself (start() refuses another user).
@@ -254,12 +260,103 @@ pub fn prepare(p: &Privileges, mgr: ManagerKind) -> Result<Host, String> {
     for (name, f) in &p.credentials {
         crate::secrets::open_checked(f, &format!("credential {name}"))?;
     }
+    let gpu_groups = ["video", "render"]
+        .iter()
+        .filter(|g| p.gpu && nix::unistd::Group::from_name(g).ok().flatten().is_some())
+        .map(|g| g.to_string())
+        .collect();
     Ok(Host {
         nvidia_devices: if p.gpu { nvidia_devices() } else { Vec::new() },
+        gpu_groups,
     })
 }
 
 /// The module's state directory, as the supervisor creates it.
 pub fn state_dir(state: &Path, module: &str) -> PathBuf {
     state.join("modules").join(module)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &[(&'static str, Option<OwnedVariant>)]) -> Vec<&'static str> {
+        v.iter().map(|(k, _)| *k).collect()
+    }
+
+    #[test]
+    fn system_only_directives_and_gpu_devices() {
+        let p = Privileges::default();
+        let host = Host::default();
+        let user_mgr = ManagerKind {
+            system: false,
+            uid: 0,
+        };
+        let sys = ManagerKind {
+            system: true,
+            uid: 0,
+        };
+        let u = names(&properties(&p, user_mgr, Path::new("/s"), &host));
+        let s = names(&properties(&p, sys, Path::new("/s"), &host));
+        for k in ["ProtectHome", "ProtectKernelTunables", "ProtectKernelLogs"] {
+            assert!(!u.contains(&k) && s.contains(&k), "{k}");
+        }
+        assert!(u.contains(&"User") && u.contains(&"CapabilityBoundingSet"));
+        let nonroot = ManagerKind {
+            system: false,
+            uid: 1000,
+        };
+        assert!(!names(&properties(&p, nonroot, Path::new("/s"), &host)).contains(&"User"));
+        let gpu = Privileges {
+            gpu: true,
+            ..Privileges::default()
+        };
+        let host = Host {
+            nvidia_devices: vec!["/dev/nvidiactl".into()],
+            gpu_groups: vec!["video".into()],
+        };
+        let g = properties(&gpu, sys, Path::new("/s"), &host);
+        let pd = g
+            .iter()
+            .find(|(k, _)| *k == "PrivateDevices")
+            .and_then(|(_, v)| v.as_ref());
+        assert_eq!(
+            pd.and_then(|v| bool::try_from(v.try_clone().ok()?).ok()),
+            Some(false)
+        );
+        assert!(names(&g).contains(&"DeviceAllow") && names(&g).contains(&"SupplementaryGroups"));
+        let relaxed = Privileges {
+            sandbox: Sandbox {
+                drop_capabilities: false,
+                ..Sandbox::default()
+            },
+            ..Privileges::default()
+        };
+        assert!(
+            !names(&properties(
+                &relaxed,
+                sys,
+                Path::new("/s"),
+                &Host::default()
+            ))
+            .contains(&"CapabilityBoundingSet")
+        );
+    }
+
+    #[test]
+    fn a_non_root_user_manager_cannot_switch() {
+        let p = Privileges {
+            user: Some("alice".into()),
+            ..Privileges::default()
+        };
+        let e = prepare(
+            &p,
+            ManagerKind {
+                system: false,
+                uid: 1000,
+            },
+        )
+        .unwrap_err();
+        assert!(e.contains("cannot run units as user alice"), "{e}");
+    }
 }
