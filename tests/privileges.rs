@@ -270,7 +270,7 @@ async fn stop_module_stops_a_setsid_escapee() {
             .flatten()
             .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
             .find(|p| {
-                cmdline(*p) == "sleep\01001\0"
+                cmdline(*p) == "sleep\u{0}1001\u{0}"
                     && modvisor::procfs::stat(*p).is_some_and(|s| s.ppid == pid)
             });
         if let Some(p) = found {

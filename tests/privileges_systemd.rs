@@ -105,7 +105,7 @@ async fn unit_runs_as_the_engine_user_sandboxed_and_secrets_stay_out_of_show() {
     // Type=simple: running from the fork; the uid changes at the exec.
     let deadline = std::time::Instant::now() + T;
     while std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default()
-        != "/bin/sleep\01000\0"
+        != "/bin/sleep\u{0}1000\u{0}"
     {
         assert!(
             std::time::Instant::now() < deadline,

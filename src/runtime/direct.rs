@@ -42,8 +42,11 @@ pub struct DirectBackend {
     pid_dir: Option<PathBuf>,
     /// `RUNTIME/credentials`: each module's private copy of its credentials.
     cred_dir: Option<PathBuf>,
-    runs: Arc<Mutex<Vec<(watch::Receiver<bool>, Arc<Mutex<RunState>>)>>>,
+    runs: Arc<Mutex<Vec<Run>>>,
 }
+
+/// A run `stop` can find again: its exit channel (the handle's) and its state.
+type Run = (watch::Receiver<bool>, Arc<Mutex<RunState>>);
 
 /// One run, shared by its task (spawn, exit, reap) and `stop`.
 #[derive(Debug, Default)]

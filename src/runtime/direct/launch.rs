@@ -133,13 +133,12 @@ pub fn command(
     // setgid, setuid, prctl); `groups` was allocated before the fork and is only read.
     unsafe {
         cmd.pre_exec(move || {
-            if let Some(i) = &id {
-                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+            if let Some(i) = &id
+                && (libc::setgroups(groups.len(), groups.as_ptr()) != 0
                     || libc::setgid(i.gid) != 0
-                    || libc::setuid(i.uid) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
+                    || libc::setuid(i.uid) != 0)
+            {
+                return Err(std::io::Error::last_os_error());
             }
             if no_new_privileges && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());

@@ -115,15 +115,12 @@ fn identity(
         // The manifest's group instead of the user's primary one.
         v.push(("Group", ov(Variant::from(g.clone()))));
     }
-    if p.gpu {
+    if p.gpu && !host.gpu_groups.is_empty() {
         // GPU device nodes belong to video (NVIDIA) and render (DRM); the engine user is a
         // member through sysusers.d, this keeps it so for another `user`.
         v.push((
             "SupplementaryGroups",
-            ov(Variant::from(vec![
-                "video".to_string(),
-                "render".to_string(),
-            ])),
+            ov(Variant::from(host.gpu_groups.clone())),
         ));
     }
     v
