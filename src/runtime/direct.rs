@@ -242,21 +242,7 @@ async fn run(l: Launch, backend_record: impl FnOnce(u32) -> Option<PathBuf> + Se
         &prep,
         privileges.sandbox.no_new_privileges,
     );
-    let spawned = {
-        let mut st = lock(&l.state);
-        if st.cancelled {
-            Err("stopped before it started".to_string())
-        } else {
-            match reaper::spawn(&mut cmd) {
-                Ok(child) => {
-                    st.pid = child.id();
-                    Ok(child)
-                }
-                Err(e) => Err(format!("cannot start {}: {e}", argv[0])),
-            }
-        }
-    };
-    let mut child = match spawned {
+    let mut child = match spawn_locked(&l.state, &mut cmd, &argv[0]) {
         Ok(c) => c,
         Err(why) => {
             remove_credentials(prep.credentials.as_deref());
@@ -291,6 +277,21 @@ async fn run(l: Launch, backend_record: impl FnOnce(u32) -> Option<PathBuf> + Se
     }
     remove_credentials(prep.credentials.as_deref());
     l.end(info);
+}
+
+/// Spawns under the run's lock, so that a `stop` either cancels it first or sees its PID.
+fn spawn_locked(
+    state: &Mutex<RunState>,
+    cmd: &mut tokio::process::Command,
+    program: &str,
+) -> Result<tokio::process::Child, String> {
+    let mut st = lock(state);
+    if st.cancelled {
+        return Err("stopped before it started".to_string());
+    }
+    let child = reaper::spawn(cmd).map_err(|e| format!("cannot start {program}: {e}"))?;
+    st.pid = child.id();
+    Ok(child)
 }
 
 fn remove_credentials(dir: Option<&Path>) {
