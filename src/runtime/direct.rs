@@ -189,7 +189,6 @@ fn signal_run(st: &mut RunState, sig: Signal) {
 struct Launch {
     req: RunRequest,
     cred_dir: Option<PathBuf>,
-    pid_file: Option<PathBuf>,
     state: Arc<Mutex<RunState>>,
     events: mpsc::UnboundedSender<RuntimeEvent>,
     exited: watch::Sender<bool>,
@@ -272,7 +271,7 @@ async fn run(l: Launch, backend_record: impl FnOnce(u32) -> Option<PathBuf> + Se
     // The Child is only dropped once reaped: tokio never waits for it.
     drop(child);
     reaper::forget(pid);
-    for f in [pid_file, l.pid_file.clone()].into_iter().flatten() {
+    if let Some(f) = pid_file {
         let _ = std::fs::remove_file(f);
     }
     remove_credentials(prep.credentials.as_deref());
@@ -383,7 +382,6 @@ impl Backend for DirectBackend {
         let l = Launch {
             req,
             cred_dir: self.cred_dir.clone(),
-            pid_file: None,
             state,
             events,
             exited: exited_tx,
