@@ -249,6 +249,10 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let mut hup = signal(SignalKind::hangup()).map_err(|e| DaemonError::Setup(e.to_string()))?;
     crate::reaper::become_subreaper()
         .map_err(|e| DaemonError::Setup(format!("become child subreaper: {e}")))?;
+    // No core dumps, of modvisord or of anything it starts (inherited by every direct child;
+    // units get LimitCORE=0): a core of an engine holds its model and its secrets.
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0)
+        .map_err(|e| DaemonError::Setup(format!("set RLIMIT_CORE to 0: {e}")))?;
     tokio::spawn(async {
         if let Err(e) = crate::reaper::run().await {
             tracing::error!("reaper: {e}");

@@ -7,9 +7,13 @@ use std::path::{Path, PathBuf};
 
 use crate::manifest::ModelSpec;
 
+mod start;
+pub use start::check_for_start;
+
 /// Checks a requested model: inside `model.directory` (after resolving symlinks, so no link
 /// can lead out of it), a readable regular file, and for `.gguf` files the GGUF magic bytes.
-/// Returns the canonical path.
+/// Returns the canonical path. A path outside the directory gets the same answer whether it
+/// exists or not: this is no oracle for the rest of the file system.
 pub fn validate(spec: Option<&ModelSpec>, requested: &str) -> Result<PathBuf, String> {
     let dir = spec
         .and_then(|s| s.directory.as_ref())
@@ -25,21 +29,54 @@ pub fn validate(spec: Option<&ModelSpec>, requested: &str) -> Result<PathBuf, St
     };
     let canon_dir = std::fs::canonicalize(dir)
         .map_err(|e| format!("model.directory {}: {e}", dir.display()))?;
-    let canon = std::fs::canonicalize(&joined).map_err(|e| format!("{}: {e}", joined.display()))?;
-    if !canon.starts_with(&canon_dir) {
-        return Err(format!(
-            "{} is not inside model.directory {}",
-            joined.display(),
-            dir.display()
-        ));
-    }
+    let canon = resolve_inside(&joined, &canon_dir, dir)?;
     let meta = std::fs::metadata(&canon).map_err(|e| format!("{}: {e}", canon.display()))?;
     if !meta.is_file() {
         return Err(format!("{} is not a regular file", canon.display()));
     }
     let mut f =
         File::open(&canon).map_err(|e| format!("{} is not readable: {e}", canon.display()))?;
-    if canon
+    check_magic(&mut f, &canon)?;
+    Ok(canon)
+}
+
+/// Canonicalizes `path`, which must lie inside `canon_dir`. For a path that does not exist,
+/// the longest prefix that does is resolved: "no such file" is only said when that prefix is
+/// inside the directory; anything leading outside is "not inside", existing or not.
+fn resolve_inside(path: &Path, canon_dir: &Path, dir: &Path) -> Result<PathBuf, String> {
+    let outside = || {
+        format!(
+            "{} is not inside model.directory {}",
+            path.display(),
+            dir.display()
+        )
+    };
+    for prefix in path.ancestors() {
+        let Ok(canon) = std::fs::canonicalize(prefix) else {
+            continue;
+        };
+        let rest = path.strip_prefix(prefix).map_err(|_| outside())?;
+        if !canon.starts_with(canon_dir)
+            || rest
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err(outside());
+        }
+        if rest.as_os_str().is_empty() {
+            return Ok(canon);
+        }
+        return Err(format!(
+            "{}: no such file in model.directory {}",
+            path.display(),
+            dir.display()
+        ));
+    }
+    Err(outside())
+}
+
+fn check_magic(f: &mut File, path: &Path) -> Result<(), String> {
+    if path
         .extension()
         .is_some_and(|x| x.eq_ignore_ascii_case("gguf"))
     {
@@ -47,11 +84,11 @@ pub fn validate(spec: Option<&ModelSpec>, requested: &str) -> Result<PathBuf, St
         if f.read_exact(&mut magic).is_err() || &magic != b"GGUF" {
             return Err(format!(
                 "{} is not a GGUF file (no GGUF magic bytes)",
-                canon.display()
+                path.display()
             ));
         }
     }
-    Ok(canon)
+    Ok(())
 }
 
 /// Writes `text` to `path` atomically: a temp file in the same directory, fsync, rename, and
@@ -146,7 +183,17 @@ mod tests {
                 .contains("not inside"),
             "symlinks cannot lead out"
         );
-        assert!(validate(Some(&s), "missing.gguf").is_err());
+        assert!(
+            validate(Some(&s), "missing.gguf")
+                .unwrap_err()
+                .contains("no such file in model.directory")
+        );
+        // No oracle: outside, existing or not, the same answer (up to the path asked).
+        let outside = |p: &str| validate(Some(&s), p).unwrap_err().replace(p, "P");
+        assert_eq!(outside("/etc/passwd"), outside("/etc/no-such-file"));
+        assert_eq!(outside("../outside.gguf"), outside("../no-such.gguf"));
+        let via_link = format!("{}/link.gguf/x", models.display());
+        assert_eq!(outside(&via_link), outside("/nonexistent/dir/x"));
         assert!(
             validate(Some(&s), models.to_str().unwrap_or(""))
                 .unwrap_err()

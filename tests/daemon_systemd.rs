@@ -281,7 +281,10 @@ async fn command_change_restarts_exactly_that_unit_and_removal_stops_it() {
     loop {
         let now = d.module(&a).await.main_pid().await.expect("pid");
         let st = d.module(&a).await.state().await.expect("state");
-        if now != 0 && now != pa_ref && st == "running" {
+        // Type=simple: "running" from the fork on; the sandbox setup before the exec takes a
+        // moment, so wait for the new command line too.
+        let cmdline = std::fs::read_to_string(format!("/proc/{now}/cmdline")).unwrap_or_default();
+        if now != 0 && now != pa_ref && st == "running" && cmdline == "sleep\0999\0" {
             break;
         }
         assert!(Instant::now() < deadline, "unit a was not replaced");

@@ -66,10 +66,136 @@ pub enum NativeExec {
         argv: Vec<String>,
         environment: BTreeMap<String, String>,
         working_directory: Option<PathBuf>,
-        user: Option<String>,
+        privileges: Privileges,
     },
     /// An existing systemd unit, started/stopped/observed, never duplicated.
     Unit(String),
+}
+
+/// The user native engines run as when the manifest names none (created by the package's
+/// sysusers.d file, a member of `video` and `render`).
+pub const DEFAULT_ENGINE_USER: &str = "modvisor-engine";
+
+/// Who a native engine runs as, what it may see and its secrets: `[native] user`, `group`,
+/// `environment_file`, `credentials`, `sandbox`, `gpu`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Privileges {
+    /// None: [`DEFAULT_ENGINE_USER`]. Root only when the manifest says `user = "root"`.
+    pub user: Option<String>,
+    /// None: the user's primary group.
+    pub group: Option<String>,
+    /// A root-owned file (mode 0600 or stricter) of `KEY=VALUE` lines: systemd's
+    /// `EnvironmentFile=` (units), read by modvisord (direct children).
+    pub environment_file: Option<PathBuf>,
+    /// Credential name -> root-owned file: `LoadCredential=` (units), a private copy under
+    /// `$CREDENTIALS_DIRECTORY` (direct children).
+    pub credentials: BTreeMap<String, PathBuf>,
+    pub sandbox: Sandbox,
+    /// The engine uses NVIDIA GPUs: their device nodes stay visible (`PrivateDevices=no`,
+    /// `DeviceAllow=` the NVIDIA devices only).
+    pub gpu: bool,
+    /// Not a key: `model.directory` (or the default model's directory), mounted read-only
+    /// into the engine's unit (`ReadOnlyPaths=`).
+    pub model_directory: Option<PathBuf>,
+}
+
+impl Privileges {
+    /// The user name the engine runs as.
+    pub fn user_name(&self) -> &str {
+        self.user.as_deref().unwrap_or(DEFAULT_ENGINE_USER)
+    }
+
+    /// True only for an explicit `user = "root"` (numeric names are refused by validation;
+    /// the backends refuse another name that resolves to uid 0).
+    pub fn runs_as_root(&self) -> bool {
+        self.user_name() == "root"
+    }
+
+    /// One line for `explain`: who the engine runs as and what of its sandbox is relaxed.
+    pub fn describe(&self) -> String {
+        let who = match (&self.user, &self.group) {
+            (None, _) => format!("{DEFAULT_ENGINE_USER} (the default engine user)"),
+            (Some(u), _) if u == "root" => {
+                "root (explicit user = \"root\": the engine and every model it parses run with full privileges)".to_string()
+            }
+            (Some(u), None) => u.clone(),
+            (Some(u), Some(g)) => format!("{u}, group {g}"),
+        };
+        let relaxed = self.sandbox.relaxed();
+        let sandbox = if relaxed.is_empty() {
+            "full sandbox".to_string()
+        } else {
+            format!("sandbox relaxed: {}", relaxed.join(", "))
+        };
+        let gpu = if self.gpu {
+            ", NVIDIA devices allowed"
+        } else {
+            ""
+        };
+        format!("runs as {who}; {sandbox}{gpu}")
+    }
+}
+
+/// The transient unit's sandbox: every setting on unless the manifest relaxes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sandbox {
+    pub no_new_privileges: bool,
+    pub protect_system: bool,
+    pub protect_home: bool,
+    pub private_tmp: bool,
+    pub private_devices: bool,
+    pub restrict_suid_sgid: bool,
+    pub lock_personality: bool,
+    pub protect_kernel_modules: bool,
+    pub protect_kernel_tunables: bool,
+    pub protect_kernel_logs: bool,
+    pub protect_control_groups: bool,
+    /// `CapabilityBoundingSet=` empty.
+    pub drop_capabilities: bool,
+}
+
+impl Default for Sandbox {
+    fn default() -> Self {
+        Sandbox {
+            no_new_privileges: true,
+            protect_system: true,
+            protect_home: true,
+            private_tmp: true,
+            private_devices: true,
+            restrict_suid_sgid: true,
+            lock_personality: true,
+            protect_kernel_modules: true,
+            protect_kernel_tunables: true,
+            protect_kernel_logs: true,
+            protect_control_groups: true,
+            drop_capabilities: true,
+        }
+    }
+}
+
+impl Sandbox {
+    /// The manifest names of the settings it relaxes ("protect_home", ...), for `explain`.
+    pub fn relaxed(&self) -> Vec<&'static str> {
+        let s = self;
+        [
+            ("no_new_privileges", s.no_new_privileges),
+            ("protect_system", s.protect_system),
+            ("protect_home", s.protect_home),
+            ("private_tmp", s.private_tmp),
+            ("private_devices", s.private_devices),
+            ("restrict_suid_sgid", s.restrict_suid_sgid),
+            ("lock_personality", s.lock_personality),
+            ("protect_kernel_modules", s.protect_kernel_modules),
+            ("protect_kernel_tunables", s.protect_kernel_tunables),
+            ("protect_kernel_logs", s.protect_kernel_logs),
+            ("protect_control_groups", s.protect_control_groups),
+            ("drop_capabilities", s.drop_capabilities),
+        ]
+        .into_iter()
+        .filter(|(_, on)| !on)
+        .map(|(n, _)| n)
+        .collect()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -56,7 +56,31 @@ pub struct RawNative {
     pub environment: Option<Spanned<BTreeMap<String, String>>>,
     pub working_directory: Option<Spanned<String>>,
     pub user: Option<Spanned<String>>,
+    pub group: Option<Spanned<String>>,
+    pub environment_file: Option<Spanned<String>>,
+    pub credentials: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
+    pub sandbox: Option<Spanned<RawSandbox>>,
+    pub gpu: Option<bool>,
     pub unit: Option<Spanned<String>>,
+}
+
+/// `[native] sandbox = { protect_home = false, ... }`: each key relaxes one setting of the
+/// transient unit's sandbox (an unknown name is an error at its position).
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawSandbox {
+    pub no_new_privileges: Option<bool>,
+    pub protect_system: Option<bool>,
+    pub protect_home: Option<bool>,
+    pub private_tmp: Option<bool>,
+    pub private_devices: Option<bool>,
+    pub restrict_suid_sgid: Option<bool>,
+    pub lock_personality: Option<bool>,
+    pub protect_kernel_modules: Option<bool>,
+    pub protect_kernel_tunables: Option<bool>,
+    pub protect_kernel_logs: Option<bool>,
+    pub protect_control_groups: Option<bool>,
+    pub drop_capabilities: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -62,7 +62,7 @@ impl Module {
                     argv,
                     environment,
                     working_directory,
-                    user,
+                    privileges,
                 } => Exec::Native(NativeExec::Command {
                     argv: argv.iter().map(|a| sub(a)).collect(),
                     environment: environment
@@ -71,7 +71,7 @@ impl Module {
                         .collect(),
                     working_directory: working_directory
                         .map(|w| sub(&w.display().to_string()).into()),
-                    user,
+                    privileges,
                 }),
                 unit @ NativeExec::Unit(_) => Exec::Native(unit),
             }),

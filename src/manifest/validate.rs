@@ -337,6 +337,16 @@ pub fn parse_manifest_with(
             Some(ModelSpec { default, directory })
         }
     };
+    let mut native = native;
+    if let Some(NativeExec::Command { privileges, .. }) = native.as_mut() {
+        privileges.model_directory = model.as_ref().and_then(|m| {
+            m.directory.clone().or_else(|| {
+                m.default
+                    .as_ref()
+                    .and_then(|d| d.parent().map(Path::to_path_buf))
+            })
+        });
+    }
     let uses_model = |s: &str| s.contains("${model}") || s.contains("${model_file}");
     let mentions_model = match (&native, &container) {
         (
@@ -490,6 +500,17 @@ fn validate_native(cx: &Ctx<'_>, n: &Spanned<RawNative>) -> Result<NativeExec, M
                     r.working_directory.as_ref().map(|s| s.span().start),
                 ),
                 ("native.user", r.user.as_ref().map(|s| s.span().start)),
+                ("native.group", r.group.as_ref().map(|s| s.span().start)),
+                (
+                    "native.environment_file",
+                    r.environment_file.as_ref().map(|s| s.span().start),
+                ),
+                (
+                    "native.credentials",
+                    r.credentials.as_ref().map(|s| s.span().start),
+                ),
+                ("native.sandbox", r.sandbox.as_ref().map(|s| s.span().start)),
+                ("native.gpu", r.gpu.map(|_| n.span().start)),
             ] {
                 if let Some(off) = v {
                     return cx.err(
@@ -534,32 +555,116 @@ fn validate_native(cx: &Ctx<'_>, n: &Spanned<RawNative>) -> Result<NativeExec, M
                     Some(PathBuf::from(w.get_ref()))
                 }
             };
-            let user = match &r.user {
-                None => None,
-                Some(u) => {
-                    let s = u.get_ref();
-                    let ok = !s.is_empty()
-                        && s.len() <= 32
-                        && s.chars()
-                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-                        && !s.starts_with('-');
-                    if !ok {
-                        return cx.err(
-                            u.span().start,
-                            format!("native.user: expected a user name, found \"{s}\""),
-                        );
-                    }
-                    Some(s.clone())
-                }
-            };
+            let privileges = validate_privileges(cx, r)?;
             Ok(NativeExec::Command {
                 argv: argv.clone(),
                 environment,
                 working_directory,
-                user,
+                privileges,
             })
         }
     }
+}
+
+/// A user or group name as `useradd` accepts it; numbers are refused, so that root is only
+/// ever named "root" (an explicit, visible choice).
+fn account_name(cx: &Ctx<'_>, v: &Spanned<String>, key: &str) -> Result<String, ManifestError> {
+    let s = v.get_ref();
+    let ok = !s.is_empty()
+        && s.len() <= 32
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        && !s.starts_with('-');
+    if !ok {
+        let what = if key.ends_with("group") {
+            "group"
+        } else {
+            "user"
+        };
+        return cx.err(
+            v.span().start,
+            format!("{key}: expected a {what} name, found \"{s}\""),
+        );
+    }
+    if s.chars().all(|c| c.is_ascii_digit()) {
+        return cx.err(
+            v.span().start,
+            format!("{key}: expected a name, not a number, found \"{s}\" (write \"root\" to run as root)"),
+        );
+    }
+    Ok(s.clone())
+}
+
+fn secret_path(cx: &Ctx<'_>, v: &Spanned<String>, key: &str) -> Result<PathBuf, ManifestError> {
+    if !is_absolute_clean(v.get_ref()) || v.get_ref().contains("${") {
+        return cx.err(
+            v.span().start,
+            format!(
+                "{key}: expected an absolute path without \"..\" or placeholders, found \"{}\"",
+                v.get_ref()
+            ),
+        );
+    }
+    Ok(PathBuf::from(v.get_ref()))
+}
+
+/// `user`, `group`, `environment_file`, `credentials`, `sandbox`, `gpu` of `[native]`.
+fn validate_privileges(cx: &Ctx<'_>, r: &RawNative) -> Result<Privileges, ManifestError> {
+    let user = match &r.user {
+        Some(u) => Some(account_name(cx, u, "native.user")?),
+        None => None,
+    };
+    let group = match &r.group {
+        Some(g) => Some(account_name(cx, g, "native.group")?),
+        None => None,
+    };
+    let environment_file = match &r.environment_file {
+        Some(f) => Some(secret_path(cx, f, "native.environment_file")?),
+        None => None,
+    };
+    let mut credentials = BTreeMap::new();
+    for (name, path) in r.credentials.iter().flat_map(|c| c.get_ref()) {
+        let ok = !name.is_empty()
+            && name.len() <= 64
+            && name != "."
+            && name != ".."
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        if !ok {
+            return cx.err(
+                path.span().start,
+                format!("native.credentials: invalid credential name \"{name}\", expected letters, digits, '_', '.' and '-'"),
+            );
+        }
+        credentials.insert(name.clone(), secret_path(cx, path, "native.credentials")?);
+    }
+    let d = Sandbox::default();
+    let s = r.sandbox.as_ref().map(|s| s.get_ref());
+    let pick = |f: fn(&RawSandbox) -> Option<bool>, dflt: bool| s.and_then(f).unwrap_or(dflt);
+    let sandbox = Sandbox {
+        no_new_privileges: pick(|s| s.no_new_privileges, d.no_new_privileges),
+        protect_system: pick(|s| s.protect_system, d.protect_system),
+        protect_home: pick(|s| s.protect_home, d.protect_home),
+        private_tmp: pick(|s| s.private_tmp, d.private_tmp),
+        private_devices: pick(|s| s.private_devices, d.private_devices),
+        restrict_suid_sgid: pick(|s| s.restrict_suid_sgid, d.restrict_suid_sgid),
+        lock_personality: pick(|s| s.lock_personality, d.lock_personality),
+        protect_kernel_modules: pick(|s| s.protect_kernel_modules, d.protect_kernel_modules),
+        protect_kernel_tunables: pick(|s| s.protect_kernel_tunables, d.protect_kernel_tunables),
+        protect_kernel_logs: pick(|s| s.protect_kernel_logs, d.protect_kernel_logs),
+        protect_control_groups: pick(|s| s.protect_control_groups, d.protect_control_groups),
+        drop_capabilities: pick(|s| s.drop_capabilities, d.drop_capabilities),
+    };
+    Ok(Privileges {
+        user,
+        group,
+        environment_file,
+        credentials,
+        sandbox,
+        gpu: r.gpu.unwrap_or(false),
+        model_directory: None,
+    })
 }
 
 fn validate_container(

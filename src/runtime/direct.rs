@@ -1,19 +1,31 @@
 //! The direct native backend: each module is a child of modvisord in its own process group,
-//! with RLIMIT_CORE 0; stop is SIGTERM to the group, then SIGKILL after the stop timeout.
-#![allow(unsafe_code)]
+//! as the engine user (RLIMIT_CORE 0 is inherited from modvisord); stop is SIGTERM to the
+//! group and to every process under the main one, then SIGKILL after the stop timeout.
+//!
+//! A start returns at once: the engine's identity (NSS), its environment file and its
+//! credentials are prepared in `spawn_blocking`, never on the supervisor actor; the PID
+//! follows as a `Status` event.
+//!
+//! Stop and exit never signal a reused process group: the exit is awaited on a pidfd
+//! (readable once the process is a zombie, without reaping it), the group is SIGKILLed while
+//! the zombie leader still holds its id, and only then is the leader reaped, all under the
+//! run's lock, under which `stop` also signals.
+
+mod launch;
+mod pidfd;
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
 use nix::unistd::Pid;
 use tokio::io::AsyncRead;
-use tokio::process::Command;
 use tokio::sync::{mpsc, watch};
 
 use super::{
-    Backend, BoxFuture, Exec, ExitInfo, RunHandle, RunRequest, RuntimeError, RuntimeEvent,
+    Backend, BoxFuture, Exec, ExitInfo, RunHandle, RunPhase, RunRequest, RuntimeError, RuntimeEvent,
 };
 use crate::journal::{OutputSink, Stream};
 use crate::manifest::NativeExec;
@@ -25,9 +37,33 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 /// Each running module has `RUNTIME/direct/NAME.pid` ("PID STARTTIME"), so that a modvisord
 /// started after a crash of the previous one finds the process groups it left behind and
 /// stops them before starting anything: never two copies of an engine.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct DirectBackend {
     pid_dir: Option<PathBuf>,
+    /// `RUNTIME/credentials`: each module's private copy of its credentials.
+    cred_dir: Option<PathBuf>,
+    runs: Arc<Mutex<Vec<Run>>>,
+}
+
+/// A run `stop` can find again: its exit channel (the handle's) and its state.
+type Run = (watch::Receiver<bool>, Arc<Mutex<RunState>>);
+
+/// One run, shared by its task (spawn, exit, reap) and `stop`.
+#[derive(Debug, Default)]
+struct RunState {
+    /// The main process (and process group) once spawned.
+    pid: Option<u32>,
+    /// Stopped before it was spawned: it never will be.
+    cancelled: bool,
+    /// The leader is reaped: its PID and group id may belong to someone else now.
+    reaped: bool,
+    /// Processes under the main one when a stop began (with their start times): those that
+    /// left the group (`setsid`) are killed with it.
+    tree: Vec<(u32, u64)>,
+}
+
+fn lock(s: &Mutex<RunState>) -> MutexGuard<'_, RunState> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Field 22 of /proc/PID/stat: the start time, which tells a reused PID from the original.
@@ -46,9 +82,13 @@ impl DirectBackend {
                 "cannot create {}: {e}; leftovers of a crash cannot be found",
                 dir.display()
             );
-            return DirectBackend { pid_dir: None };
+            return DirectBackend::default();
         }
-        DirectBackend { pid_dir: Some(dir) }
+        DirectBackend {
+            pid_dir: Some(dir),
+            cred_dir: Some(runtime.join("credentials")),
+            runs: Arc::default(),
+        }
     }
 
     /// Stops the process groups a previous modvisord left running (SIGTERM, then SIGKILL after
@@ -86,9 +126,12 @@ impl DirectBackend {
         }
         stopped
     }
+}
 
-    fn record(&self, name: &str, pid: u32) -> Option<PathBuf> {
-        let dir = self.pid_dir.as_ref()?;
+/// Writes `PID_DIR/NAME.pid` ("PID STARTTIME") for the leftover search after a crash.
+fn record_pid(dir: Option<&Path>, name: &str, pid: u32) -> Option<PathBuf> {
+    {
+        let dir = dir?;
         let path = dir.join(format!("{name}.pid"));
         let st = start_time(pid)?;
         let tmp = dir.join(format!(".{name}.pid.tmp"));
@@ -111,6 +154,194 @@ async fn forward<R: AsyncRead + Unpin>(r: R, sink: OutputSink, stream: Stream) {
     crate::bounded::forward_lines(r, |line| sink.line(stream, line)).await;
 }
 
+impl DirectBackend {
+    fn state_of(&self, h: &RunHandle) -> Option<Arc<Mutex<RunState>>> {
+        let runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+        runs.iter()
+            .find(|(rx, _)| rx.same_channel(&h.exited))
+            .map(|(_, s)| s.clone())
+    }
+}
+
+/// Signals the group and every process seen under the main one, unless the leader is reaped.
+fn signal_run(st: &mut RunState, sig: Signal) {
+    let Some(pid) = st.pid.filter(|_| !st.reaped) else {
+        return;
+    };
+    for d in pidfd::descendants(pid) {
+        if !st.tree.contains(&d) {
+            st.tree.push(d);
+        }
+    }
+    signal_group(pid as i32, sig);
+    for (p, t) in &st.tree {
+        pidfd::signal_verified(*p, *t, sig);
+    }
+}
+
+/// Everything `run` needs, moved into its task.
+struct Launch {
+    req: RunRequest,
+    cred_dir: Option<PathBuf>,
+    state: Arc<Mutex<RunState>>,
+    events: mpsc::UnboundedSender<RuntimeEvent>,
+    exited: watch::Sender<bool>,
+}
+
+impl Launch {
+    fn end(self, info: ExitInfo) {
+        let _ = self.exited.send(true);
+        let _ = self.events.send(RuntimeEvent::Exited {
+            name: self.req.name.clone(),
+            generation: self.req.generation,
+            info,
+        });
+    }
+}
+
+/// The life of one direct child: prepare (blocking, off the actor), spawn, report the PID,
+/// await the exit on a pidfd, kill the group, reap.
+async fn run(l: Launch, backend_record: impl FnOnce(u32) -> Option<PathBuf> + Send) {
+    let Exec::Native(NativeExec::Command {
+        argv,
+        environment,
+        working_directory,
+        privileges,
+    }) = l.req.exec.clone()
+    else {
+        return l.end(ExitInfo::Other("not a native command".into()));
+    };
+    let (name, cred_dir) = (l.req.name.clone(), l.cred_dir.clone());
+    let p2 = privileges.clone();
+    let prep =
+        tokio::task::spawn_blocking(move || launch::prepare(&name, &p2, cred_dir.as_deref()))
+            .await
+            .unwrap_or_else(|e| Err(format!("preparing the start: {e}")));
+    let prep = match prep {
+        Ok(p) => p,
+        Err(why) => {
+            tracing::error!(modvisor_module = %l.req.name, "not starting {}: {why}", l.req.name);
+            return l.end(ExitInfo::Other(why));
+        }
+    };
+    if privileges.runs_as_root() && prep.identity.as_ref().is_some_and(|i| i.is_root()) {
+        tracing::warn!(modvisor_module = %l.req.name, "{} runs as root (user = \"root\" in its manifest): a crafted model would run code as root", l.req.name);
+    }
+    let mut cmd = launch::command(
+        &argv,
+        &environment,
+        working_directory.as_deref(),
+        &l.req.name,
+        &prep,
+        privileges.sandbox.no_new_privileges,
+    );
+    let mut child = match spawn_locked(&l.state, &mut cmd, &argv[0]) {
+        Ok(c) => c,
+        Err(why) => {
+            remove_credentials(prep.credentials.as_deref());
+            return l.end(ExitInfo::Other(why));
+        }
+    };
+    let pid = child.id().unwrap_or(0);
+    let pid_file = backend_record(pid);
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(forward(out, l.req.sink.clone(), Stream::Stdout));
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(forward(err, l.req.sink.clone(), Stream::Stderr));
+    }
+    if let Some(i) = &prep.identity {
+        tracing::info!(modvisor_module = %l.req.name, "started pid {pid} as {} (uid {})", i.user, i.uid);
+    }
+    let _ = l.events.send(RuntimeEvent::Status {
+        name: l.req.name.clone(),
+        generation: l.req.generation,
+        main_pid: pid,
+        restarts: None,
+        phase: RunPhase::Running,
+        container_id: None,
+    });
+    let info = wait_kill_reap(pid, &l.state).await;
+    // The Child is only dropped once reaped: tokio never waits for it.
+    drop(child);
+    reaper::forget(pid);
+    if let Some(f) = pid_file {
+        let _ = std::fs::remove_file(f);
+    }
+    remove_credentials(prep.credentials.as_deref());
+    l.end(info);
+}
+
+/// Spawns under the run's lock, so that a `stop` either cancels it first or sees its PID.
+fn spawn_locked(
+    state: &Mutex<RunState>,
+    cmd: &mut tokio::process::Command,
+    program: &str,
+) -> Result<tokio::process::Child, String> {
+    let mut st = lock(state);
+    if st.cancelled {
+        return Err("stopped before it started".to_string());
+    }
+    let child = reaper::spawn(cmd).map_err(|e| format!("cannot start {program}: {e}"))?;
+    st.pid = child.id();
+    Ok(child)
+}
+
+fn remove_credentials(dir: Option<&Path>) {
+    if let Some(d) = dir {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+/// Waits for the main process to exit without reaping it (pidfd readable), SIGKILLs its
+/// group (and whatever `stop` saw under it) while the zombie still reserves the group id,
+/// then reaps it, all under the run's lock.
+async fn wait_kill_reap(pid: u32, state: &Mutex<RunState>) -> ExitInfo {
+    let fd = match pidfd::exit_watch(pid as i32) {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            tracing::warn!("pidfd of {pid}: {e}; waiting in a thread");
+            None
+        }
+    };
+    match &fd {
+        Some(fd) => {
+            let _ = fd.readable().await;
+        }
+        None => {
+            let _ = tokio::task::spawn_blocking(move || {
+                loop {
+                    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT;
+                    match waitid(Id::Pid(Pid::from_raw(pid as i32)), flags) {
+                        Err(nix::Error::EINTR) => continue,
+                        _ => return,
+                    }
+                }
+            })
+            .await;
+        }
+    }
+    let mut st = lock(state);
+    // Like KillMode=control-group: nothing of the module outlives its main process.
+    signal_run(&mut st, Signal::SIGKILL);
+    let status = loop {
+        match waitid(Id::Pid(Pid::from_raw(pid as i32)), WaitPidFlag::WEXITED) {
+            Err(nix::Error::EINTR) => continue,
+            other => break other,
+        }
+    };
+    st.reaped = true;
+    match status {
+        Ok(WaitStatus::Exited(_, c)) => ExitInfo::Code(c),
+        Ok(WaitStatus::Signaled(_, s, _)) => ExitInfo::Signal(s as i32),
+        Ok(other) => ExitInfo::Other(format!("{other:?}")),
+        Err(e) => {
+            tracing::error!("waiting for pid {pid}: {e}");
+            ExitInfo::Code(-1)
+        }
+    }
+}
+
 impl Backend for DirectBackend {
     fn kind(&self) -> &'static str {
         "direct"
@@ -121,20 +352,9 @@ impl Backend for DirectBackend {
         req: RunRequest,
         events: mpsc::UnboundedSender<RuntimeEvent>,
     ) -> Result<RunHandle, RuntimeError> {
-        let Exec::Native(NativeExec::Command {
-            argv,
-            environment,
-            working_directory,
-            user,
-        }) = &req.exec
-        else {
+        if !matches!(req.exec, Exec::Native(NativeExec::Command { .. })) {
             return Err(RuntimeError::Unsupported(
                 "existing units need the systemd backend".into(),
-            ));
-        };
-        if user.is_some() {
-            return Err(RuntimeError::Unsupported(
-                "native.user needs the systemd backend (system manager)".into(),
             ));
         }
         if let Some(addr) = req.guard_port.as_deref().filter(|a| super::port_in_use(a)) {
@@ -142,103 +362,60 @@ impl Backend for DirectBackend {
                 "{addr} is already in use by another process: not starting a second copy"
             )));
         }
-        let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..])
-            .env_clear()
-            .env("PATH", DEFAULT_PATH)
-            .env("MODVISOR_MODULE", &req.name)
-            .envs(environment)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(false);
-        if let Some(wd) = working_directory {
-            cmd.current_dir(wd);
-        }
-        // SAFETY: between fork and exec only async-signal-safe calls are made (setrlimit).
-        unsafe {
-            cmd.pre_exec(|| {
-                let zero = libc::rlimit {
-                    rlim_cur: 0,
-                    rlim_max: 0,
-                };
-                if libc::setrlimit(libc::RLIMIT_CORE, &zero) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = reaper::spawn(&mut cmd).map_err(|source| RuntimeError::Spawn {
-            program: argv[0].clone(),
-            source,
-        })?;
-        let pid = child.id().unwrap_or(0);
-        let pgid = pid as i32;
-        let pid_file = self.record(&req.name, pid);
-        if let Some(out) = child.stdout.take() {
-            tokio::spawn(forward(out, req.sink.clone(), Stream::Stdout));
-        }
-        if let Some(err) = child.stderr.take() {
-            tokio::spawn(forward(err, req.sink.clone(), Stream::Stderr));
-        }
         let (exited_tx, exited_rx) = watch::channel(false);
+        let state = Arc::new(Mutex::new(RunState::default()));
+        {
+            let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+            // Forget runs that are over.
+            runs.retain(|(rx, _)| !*rx.borrow());
+            runs.push((exited_rx.clone(), state.clone()));
+        }
         let name = req.name.clone();
-        let generation = req.generation;
-        tokio::spawn(async move {
-            let info = match child.wait().await {
-                Ok(st) => {
-                    use std::os::unix::process::ExitStatusExt;
-                    match (st.code(), st.signal()) {
-                        (Some(c), _) => ExitInfo::Code(c),
-                        (None, Some(s)) => ExitInfo::Signal(s),
-                        (None, None) => ExitInfo::Code(-1),
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(modvisor_module = %name, "waiting for pid {pid}: {e}");
-                    ExitInfo::Code(-1)
-                }
-            };
-            reaper::forget(pid);
-            if let Some(f) = pid_file {
-                let _ = std::fs::remove_file(f);
-            }
-            // Like KillMode=control-group: nothing of the module outlives its main process.
-            signal_group(pgid, Signal::SIGKILL);
-            let _ = exited_tx.send(true);
-            let _ = events.send(RuntimeEvent::Exited {
-                name,
-                generation,
-                info,
-            });
-        });
+        let pid_dir = self.pid_dir.clone();
+        let record = move |pid: u32| record_pid(pid_dir.as_deref(), &name, pid);
+        let l = Launch {
+            req,
+            cred_dir: self.cred_dir.clone(),
+            state,
+            events,
+            exited: exited_tx,
+        };
+        tokio::spawn(run(l, record));
         Ok(RunHandle {
-            pid,
-            pgid,
+            pid: 0,
+            pgid: 0,
             exited: exited_rx,
             unit: String::new(),
         })
     }
 
     fn stop(&self, handle: &RunHandle, timeout: Duration) -> BoxFuture<()> {
-        let pgid = handle.pgid;
+        let state = self.state_of(handle);
         let mut exited = handle.exited.clone();
         Box::pin(async move {
-            signal_group(pgid, Signal::SIGTERM);
+            let Some(state) = state else { return };
+            let pid = {
+                let mut st = lock(&state);
+                if st.pid.is_none() {
+                    st.cancelled = true;
+                }
+                signal_run(&mut st, Signal::SIGTERM);
+                st.pid
+            };
+            let Some(pid) = pid else { return };
             let gone = tokio::time::timeout(timeout, exited.wait_for(|e| *e))
                 .await
                 .is_ok();
             if !gone {
                 tracing::warn!(
-                    "process group {pgid} still running {timeout:?} after SIGTERM: sending SIGKILL"
+                    "pid {pid} and its process group still running {timeout:?} after SIGTERM: sending SIGKILL"
                 );
-                signal_group(pgid, Signal::SIGKILL);
+                signal_run(&mut lock(&state), Signal::SIGKILL);
                 let gone = tokio::time::timeout(Duration::from_secs(5), exited.wait_for(|e| *e))
                     .await
                     .is_ok();
                 if !gone {
-                    tracing::error!("process group {pgid} survived SIGKILL for 5s");
+                    tracing::error!("pid {pid} survived SIGKILL for 5s");
                 }
             }
         })

@@ -11,6 +11,7 @@
 //! - `MemoryMax` when set; `Environment`, `WorkingDirectory`, `User` as the manifest says.
 //! - `Environment=MODVISOR_SPEC=HASH`: a hash of what the unit runs, read back on adoption.
 //! - `SyslogIdentifier`/`LogExtraFields=MODVISOR_MODULE=NAME`: the journal can be filtered by module.
+//! - `User=` (default `modvisor-engine`), the sandbox and the secrets: see [`sandbox`].
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -21,6 +22,9 @@ use zbus::{Connection, OwnedObjectPath, OwnedVariant, Variant};
 use zbus_systemd::systemd1::ManagerProxy;
 
 use crate::manifest::NativeExec;
+
+pub mod sandbox;
+use sandbox::ManagerKind;
 
 use super::{
     Backend, BoxFuture, Exec, ExitInfo, Owned, RunHandle, RunPhase, RunRequest, RuntimeError,
@@ -40,20 +44,22 @@ pub fn unit_path(unit: &str) -> String {
 }
 
 /// The hash of what a transient unit runs: a change means the unit must be replaced.
-pub fn spec_hash(req: &RunRequest) -> String {
+/// It covers the identity and the sandbox (and the manager kind, which decides the directives).
+pub fn spec_hash(req: &RunRequest, kind: ManagerKind) -> String {
     let mut parts: Vec<String> = Vec::new();
     if let Exec::Native(NativeExec::Command {
         argv,
         environment,
         working_directory,
-        user,
+        privileges,
     }) = &req.exec
     {
         parts.extend(argv.iter().cloned());
         parts.push("--env".into());
         parts.extend(environment.iter().map(|(k, v)| format!("{k}={v}")));
         parts.push(format!("wd={:?}", working_directory));
-        parts.push(format!("user={:?}", user));
+        parts.push(format!("privileges={:?}", privileges));
+        parts.push(format!("manager={:?}", kind));
     }
     parts.push(format!("mem={:?}", req.memory_max));
     parts.push(format!("restart={:?}", req.restart));
@@ -106,6 +112,9 @@ pub struct SystemdBackend {
     /// `MODVISOR_OWNER=STATE_DIR` in each transient unit's environment: which modvisord
     /// instance a unit belongs to (one per manager in production; many in tests).
     owner: String,
+    /// The state root (`${state_dir}` of a module is `STATE/modules/NAME`).
+    state: std::path::PathBuf,
+    kind: ManagerKind,
 }
 
 impl SystemdBackend {
@@ -118,12 +127,29 @@ impl SystemdBackend {
         let manager = ManagerProxy::new(&conn).await?;
         let version = manager.version().await?;
         manager.subscribe().await?;
-        tracing::info!("systemd {version} answers on the bus: using transient units");
+        let kind = ManagerKind::detect(&conn).await?;
+        tracing::info!(
+            "systemd {version} answers on the bus ({}): using transient units",
+            kind.describe()
+        );
+        if !kind.system {
+            tracing::warn!(
+                "{} refuses ProtectHome=, ProtectKernelTunables= and ProtectKernelLogs=: engines run without them",
+                kind.describe()
+            );
+        }
         Ok(SystemdBackend {
             conn,
             manager,
             owner: format!("MODVISOR_OWNER={}", state_dir.display()),
+            state: state_dir.to_path_buf(),
+            kind,
         })
+    }
+
+    /// The manager units are created in.
+    pub fn manager_kind(&self) -> ManagerKind {
+        self.kind
     }
 
     async fn status(conn: &Connection, path: &str) -> zbus::Result<UnitStatus> {
@@ -166,12 +192,13 @@ impl SystemdBackend {
         req: &RunRequest,
         hash: &str,
         owner: &str,
+        unit_env: &UnitEnv,
     ) -> Vec<(String, OwnedVariant)> {
         let Exec::Native(NativeExec::Command {
             argv,
             environment,
             working_directory,
-            user,
+            privileges,
         }) = &req.exec
         else {
             return Vec::new();
@@ -245,13 +272,47 @@ impl SystemdBackend {
                 ov(Variant::from(w.display().to_string())),
             ));
         }
-        if let Some(u) = user {
-            p.push(("User", ov(Variant::from(u.clone()))));
-        }
+        p.extend(sandbox::properties(
+            privileges,
+            unit_env.kind,
+            &sandbox::state_dir(&unit_env.state, &req.name),
+            &unit_env.host,
+        ));
         p.into_iter()
             .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))
             .collect()
     }
+}
+
+/// What the properties need besides the request: the manager and the host's devices.
+struct UnitEnv {
+    kind: ManagerKind,
+    state: std::path::PathBuf,
+    host: sandbox::Host,
+}
+
+/// The blocking checks before a transient unit (identity, secret files, devices), off the
+/// supervisor actor; logs a warning for a root engine.
+async fn prepare_unit(
+    req: &RunRequest,
+    kind: ManagerKind,
+    state: &std::path::Path,
+) -> Result<UnitEnv, String> {
+    let Exec::Native(NativeExec::Command { privileges, .. }) = &req.exec else {
+        return Err("not a native command".into());
+    };
+    let p = privileges.clone();
+    let host = tokio::task::spawn_blocking(move || sandbox::prepare(&p, kind))
+        .await
+        .map_err(|e| format!("preparing the unit: {e}"))??;
+    if privileges.runs_as_root() {
+        tracing::warn!(modvisor_module = %req.name, "{} runs as root (user = \"root\" in its manifest): a crafted model would run code as root", req.name);
+    }
+    Ok(UnitEnv {
+        kind,
+        state: state.to_path_buf(),
+        host,
+    })
 }
 
 /// Follows one unit until it is final (inactive with no job, failed, or gone), reporting each
@@ -375,6 +436,7 @@ impl Backend for SystemdBackend {
         let conn = self.conn.clone();
         let manager = self.manager.clone();
         let owner = self.owner.clone();
+        let (kind, state) = (self.kind, self.state.clone());
         let handle = RunHandle {
             pid: 0,
             pgid: 0,
@@ -432,7 +494,7 @@ impl Backend for SystemdBackend {
                 }
                 Exec::Container(_) => return fail("containers are not run by systemd".into()),
                 Exec::Native(NativeExec::Command { .. }) => {
-                    let hash = spec_hash(&req);
+                    let hash = spec_hash(&req, kind);
                     let ours = now
                         .environment
                         .iter()
@@ -457,7 +519,12 @@ impl Backend for SystemdBackend {
                                 "{addr} is already in use by another process: not starting a second copy"
                             ));
                         }
-                        let props = SystemdBackend::transient_properties(&req, &hash, &owner);
+                        let unit_env = match prepare_unit(&req, kind, &state).await {
+                            Ok(u) => u,
+                            Err(why) => return fail(why),
+                        };
+                        let props =
+                            SystemdBackend::transient_properties(&req, &hash, &owner, &unit_env);
                         if let Err(e) = manager
                             .start_transient_unit(unit.clone(), "fail".into(), props, vec![])
                             .await

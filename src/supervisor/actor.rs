@@ -34,6 +34,12 @@ pub(super) enum Event {
     },
     MemoryTick,
     Sample(Box<crate::monitor::Sample>),
+    /// A RestartModule whose model was checked first (off the actor): None, or why not.
+    RestartChecked {
+        name: String,
+        reply: super::Reply<()>,
+        refused: Option<String>,
+    },
     /// One probe's duration and outcome (metrics).
     ProbeTimed {
         name: String,
@@ -319,6 +325,17 @@ impl Supervisor {
             } => self.started(name, generation, backend, handle, fallback),
             Event::MemoryTick => self.memory_tick(),
             Event::Scanned(res) => self.scanned(*res),
+            Event::RestartChecked {
+                name,
+                reply,
+                refused,
+            } => match refused {
+                Some(why) => {
+                    let msg = format!("not restarting {name}: {why}");
+                    let _ = reply.send(Err(OpError::Failed(msg)));
+                }
+                None => self.module_command(&name, reply, Input::Restart),
+            },
             Event::ProbeTimed { name, seconds, ok } => {
                 if let Some(s) = self.slots.get_mut(&name) {
                     s.counters.observe_probe(seconds, ok);

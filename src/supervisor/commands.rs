@@ -14,7 +14,7 @@ impl Supervisor {
         match c {
             Command::Start(n, r) => self.module_command(&n, r, Input::Start),
             Command::Stop(n, r) => self.module_command(&n, r, Input::Stop),
-            Command::Restart(n, r) => self.module_command(&n, r, Input::Restart),
+            Command::Restart(n, r) => self.checked_restart(n, r),
             Command::ActivateModel(n, model, r) => {
                 self.module_command(&n, r, |reply| Input::ActivateModel {
                     reply,
@@ -35,7 +35,33 @@ impl Supervisor {
         }
     }
 
-    fn module_command(
+    /// A restart runs the engine on its model again: a model swapped since its activation is
+    /// refused before anything is stopped (the check is blocking I/O: off the actor).
+    fn checked_restart(&mut self, n: String, r: super::Reply<()>) {
+        let Some(s) = self.slots.get(&n) else {
+            let _ = r.send(Err(Self::no_such(&n)));
+            return;
+        };
+        if s.lc.activating() {
+            return self.module_command(&n, r, Input::Restart);
+        }
+        let mode = s.decision.mode.unwrap_or(Mode::Native);
+        let model = s.lc.active_model().cloned();
+        let check = super::effects::ModelCheck::of(s.lc.module(), mode, model);
+        let tx = self.events.clone();
+        self.tasks.spawn(async move {
+            let refused = tokio::task::spawn_blocking(move || check.run().err())
+                .await
+                .unwrap_or_else(|e| Some(format!("the model check did not finish: {e}")));
+            let _ = tx.send(Event::RestartChecked {
+                name: n,
+                reply: r,
+                refused,
+            });
+        });
+    }
+
+    pub(super) fn module_command(
         &mut self,
         n: &str,
         r: super::Reply<()>,

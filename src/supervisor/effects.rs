@@ -173,8 +173,9 @@ impl Supervisor {
             }
         }
         let (tx, rtx, name) = (self.events.clone(), self.runtime_tx.clone(), n.to_string());
+        let check = ModelCheck::of(s.lc.module(), mode, model);
         self.spawn_for(n, async move {
-            let r = run_start(backend.clone(), req, rtx, state_dir).await;
+            let r = run_start(backend.clone(), req, rtx, state_dir, check).await;
             let ev = match r {
                 Ok(handle) => Event::Started {
                     name,
@@ -263,11 +264,15 @@ impl Supervisor {
 
     fn validate_model(&mut self, n: &str, requested: String) {
         let Some(s) = self.slots.get(n) else { return };
-        let spec = s.lc.module().model.clone();
+        let m = s.lc.module().clone();
+        let mode = s.decision.mode.unwrap_or(Mode::Native);
         let back = self.back(n);
         self.spawn_for(n, async move {
             let r = tokio::task::spawn_blocking(move || {
-                crate::model::validate(spec.as_ref(), &requested)
+                let model = crate::model::validate(m.model.as_ref(), &requested)?;
+                // A root engine only loads what no other user can change.
+                ModelCheck::of(&m, mode, Some(model.clone())).run()?;
+                Ok(model)
             })
             .await
             .unwrap_or_else(|e| Err(format!("validation did not finish: {e}")));
@@ -326,8 +331,11 @@ async fn run_start(
     req: RunRequest,
     events: tokio::sync::mpsc::UnboundedSender<crate::runtime::RuntimeEvent>,
     state_dir: PathBuf,
+    check: ModelCheck,
 ) -> Result<crate::runtime::RunHandle, String> {
     tokio::task::spawn_blocking(move || {
+        // The model is checked again before every start: a member may have swapped it.
+        check.run()?;
         if let Err(err) = std::fs::create_dir_all(&state_dir) {
             tracing::warn!(modvisor_module = %req.name, "cannot create {}: {err}", state_dir.display());
         }
@@ -335,4 +343,33 @@ async fn run_start(
     })
     .await
     .unwrap_or_else(|e| Err(format!("the start did not finish: {e}")))
+}
+
+/// The model check before a start or an activation (`model::check_for_start`): the engine
+/// counts as root only for a native command whose manifest says `user = "root"`.
+pub(super) struct ModelCheck {
+    spec: Option<crate::manifest::ModelSpec>,
+    model: Option<PathBuf>,
+    root: bool,
+}
+
+impl ModelCheck {
+    pub(super) fn of(m: &crate::manifest::Module, mode: Mode, model: Option<PathBuf>) -> Self {
+        use crate::manifest::NativeExec;
+        let root = mode == Mode::Native
+            && matches!(&m.native, Some(NativeExec::Command { privileges, .. }) if privileges.runs_as_root());
+        ModelCheck {
+            spec: m.model.clone(),
+            model,
+            root,
+        }
+    }
+
+    /// Blocking (it opens and stats the model): call off the actor.
+    pub(super) fn run(&self) -> Result<(), String> {
+        match &self.model {
+            Some(m) => crate::model::check_for_start(self.spec.as_ref(), m, self.root),
+            None => Ok(()),
+        }
+    }
 }

@@ -39,6 +39,10 @@ impl Supervisor {
             p.docker_enabled,
             m.trusted
         ));
+        // Who the engine runs as (root only when the manifest says so).
+        if let Some(crate::manifest::NativeExec::Command { privileges, .. }) = &m.native {
+            out.push_str(&format!("native engine: {}\n", privileges.describe()));
+        }
         let (health, reason) = s.lc.effective();
         out.push_str(&format!("state: {} ({health}): {reason}\n", s.lc.state()));
         Ok(out)

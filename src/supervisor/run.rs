@@ -65,7 +65,10 @@ impl Run {
     /// Right after the backend started it.
     pub fn started_shown(&self, has_probe: bool) -> Shown {
         let pid = self.main_pid;
-        if self.survives {
+        if pid == 0 && !self.survives {
+            // The backend prepares the process off the actor; its PID follows as progress.
+            (State::Starting, Health::Unknown, "starting".into())
+        } else if self.survives {
             (
                 State::Starting,
                 Health::Unknown,

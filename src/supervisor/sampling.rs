@@ -18,7 +18,12 @@ impl Supervisor {
                 (main_pid > 1).then(|| Target {
                     name: n.clone(),
                     main_pid,
-                    pgid: r.handle.pgid,
+                    // A direct child leads its own group; its PID arrives after the start.
+                    pgid: if r.handle.pgid > 1 || r.backend.kind() != "direct" {
+                        r.handle.pgid
+                    } else {
+                        main_pid as i32
+                    },
                     // A unit or a container has a cgroup of its own; a direct child shares
                     // the daemon's.
                     own_cgroup: r.backend.kind() != "direct",

@@ -3,6 +3,7 @@
 //! Every wait is event-driven (bus signals) and bounded by an explicit timeout.
 #![allow(dead_code)]
 
+pub mod engine_user;
 pub mod sysmgr;
 
 use std::path::{Path, PathBuf};
@@ -150,7 +151,8 @@ impl Daemon {
         let modules = dir.path().join("modules.d");
         std::fs::create_dir_all(&modules).expect("mkdir");
         for (name, text) in manifests {
-            std::fs::write(modules.join(format!("{name}.toml")), text).expect("write manifest");
+            std::fs::write(modules.join(format!("{name}.toml")), root_engine(text))
+                .expect("write manifest");
         }
         let config = dir.path().join("modvisor.toml");
         let cfg = format!(
@@ -261,7 +263,7 @@ impl Daemon {
     pub fn write_manifest(&self, name: &str, text: &str) {
         // Write then rename, as an admin's editor or config management would.
         let tmp = self.modules.join(format!(".{name}.toml.tmp"));
-        std::fs::write(&tmp, text).expect("write");
+        std::fs::write(&tmp, root_engine(text)).expect("write");
         std::fs::rename(&tmp, self.modules.join(format!("{name}.toml"))).expect("rename");
     }
 
@@ -366,9 +368,40 @@ impl Drop for Daemon {
 
 /// A native module manifest running `sh -c SCRIPT`.
 pub fn sh_module(script: &str, extra: &str) -> String {
-    format!(
+    root_engine(&format!(
         "trusted = true\n{extra}\n[native]\ncommand = [\"/bin/sh\", \"-c\", {}]\n",
         toml_str(script)
+    ))
+}
+
+/// A manifest containing this line keeps the engine defaults (see [`root_engine`]).
+pub const ENGINE_DEFAULTS: &str = "# engine defaults\n";
+
+/// The suites written before engines ran unprivileged keep their engines as they were: root,
+/// with the files of their temp directories (under /tmp, mode 0700) visible. Adds
+/// `user = "root"` and relaxes PrivateTmp/ProtectSystem in a `[native]` command section that
+/// names no user; everything else of the sandbox stays on. tests/privileges.rs and
+/// tests/sysmgr.rs test the defaults (engine user, full sandbox).
+pub fn root_engine(text: &str) -> String {
+    if text.contains(ENGINE_DEFAULTS) {
+        return text.to_string();
+    }
+    let Some(start) = text.find("[native]\n") else {
+        return text.to_string();
+    };
+    let body = start + "[native]\n".len();
+    let end = text[body..]
+        .find("\n[")
+        .map(|i| body + i)
+        .unwrap_or(text.len());
+    let section = &text[body..end];
+    if !section.contains("command = [") || section.contains("user =") {
+        return text.to_string();
+    }
+    format!(
+        "{}user = \"root\"\nsandbox = {{ private_tmp = false, protect_system = false }}\n{}",
+        &text[..body],
+        &text[body..]
     )
 }
 
@@ -466,7 +499,8 @@ impl EmbeddedDaemon {
         let modules = dir.path().join("modules.d");
         std::fs::create_dir_all(&modules).expect("mkdir");
         for (name, text) in manifests {
-            std::fs::write(modules.join(format!("{name}.toml")), text).expect("write manifest");
+            std::fs::write(modules.join(format!("{name}.toml")), root_engine(text))
+                .expect("write manifest");
         }
         let run = dir.path().join("run");
         let cfg = dir.path().join("modvisor.toml");

@@ -115,3 +115,45 @@ pub fn deb() -> PathBuf {
         )
     })
 }
+
+impl Sysmgr {
+    /// Writes a file inside the container (path inside, mode), creating its directory.
+    pub fn write(&self, inside: &str, text: &[u8], mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        let p = self.rootfs.join(inside.trim_start_matches('/'));
+        if let Some(d) = p.parent() {
+            std::fs::create_dir_all(d).expect("mkdir inside");
+        }
+        std::fs::write(&p, text).expect("write inside");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+
+    /// Copies a host program into the container at `inside` with the shared libraries `ldd`
+    /// lists that the container lacks (at the same paths, so its own libc is kept).
+    pub fn install_program(&self, host: &Path, inside: &str) {
+        let bytes = std::fs::read(host).expect("read program");
+        self.write(inside, &bytes, 0o755);
+        let out = Command::new("ldd").arg(host).output().expect("ldd");
+        for lib in String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter(|w| w.starts_with('/') && w.contains(".so"))
+        {
+            let dst = self.rootfs.join(lib.trim_start_matches('/'));
+            if !dst.exists() {
+                let bytes = std::fs::read(lib).expect("read library");
+                self.write(lib, &bytes, 0o644);
+            }
+        }
+    }
+
+    /// Runs a host program in the container's network namespace only (e.g. curl to its
+    /// loopback, which the host cannot reach).
+    pub fn in_netns(&self, args: &[&str]) -> Output {
+        Command::new("timeout")
+            .arg("30")
+            .args(["nsenter", "-t", &self.init.to_string(), "-n"])
+            .args(args)
+            .output()
+            .expect("nsenter -n")
+    }
+}

@@ -135,7 +135,7 @@ impl Lifecycle {
         };
         // A unit or container is not online before its backend has said it runs (and which
         // process it is): an answer on its port could still come from something else.
-        if run.stopping.is_some() || !run.started || (run.survives && run.main_pid == 0) {
+        if run.stopping.is_some() || !run.started || run.main_pid == 0 {
             return;
         }
         let in_start = run.hysteresis.verdict().is_none();
