@@ -87,9 +87,10 @@ fn log_as(user: &User, cgroups: &[PathBuf], module: &str, text: &str) {
         .iter()
         .map(|d| format!("echo $$ > {}/cgroup.procs; ", d.display()))
         .collect();
-    // The process stays a moment so journald can read its credentials and cgroup.
+    // The sender itself stays a moment so journald can read its credentials and cgroup (a
+    // `logger` that exits at once leaves journald a dead PID: no cgroup, no unit).
     let script = format!(
-        "{join}exec setpriv --reuid={} --regid={} --clear-groups sh -c 'printf \"MODVISOR_MODULE={module}\\nMESSAGE={text}\\n\" | logger --journald; sleep 0.5'",
+        "{join}exec setpriv --reuid={} --regid={} --clear-groups /usr/bin/python3 -c 'import socket, time; s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.sendto(b\"MODVISOR_MODULE={module}\\nMESSAGE={text}\\n\", \"/run/systemd/journal/socket\"); time.sleep(1)'",
         user.0, user.1
     );
     let st = Command::new("sh")
