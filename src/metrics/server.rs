@@ -176,7 +176,7 @@ fn respond(
             .and_then(|v| v.to_str().ok()),
     );
     // Clone the Arc and let go of the channel at once; rendering works on our own copy.
-    // Rendering runs inline: 500 modules take about a millisecond (benches/metrics.rs).
+    // Rendering runs inline: 500 modules take about 2 ms (benches/metrics.rs).
     let snapshot = state.borrow().clone();
     match render(snapshot, SelfStats::read(), format) {
         Ok(body) => {
