@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 /// modvisord: supervisor for local AI inference engines.
 #[derive(Parser)]
@@ -73,4 +73,38 @@ pub enum Cmd {
     },
     /// Follow module changes live.
     Watch,
+    /// Export modules as a Kubernetes Deployment + Service or a standalone systemd unit,
+    /// from their manifests (no daemon needed).
+    Export {
+        /// The module to export (required unless --all or --manifest).
+        #[arg(required_unless_present_any = ["all", "manifest"], conflicts_with = "all")]
+        name: Option<String>,
+        /// Every valid module of the config's manifest directories.
+        #[arg(long)]
+        all: bool,
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        /// Daemon config: its [paths] modules directories (precedence and masking as the
+        /// daemon's) and state directory (for ${state_dir}).
+        #[arg(long, value_name = "FILE", default_value = crate::config::DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Export the module of this manifest file instead of the config's directories.
+        #[arg(long, value_name = "FILE", conflicts_with = "all")]
+        manifest: Option<PathBuf>,
+        /// The model to render ${model} and ${model_file} with (default: model.default).
+        #[arg(long, value_name = "PATH")]
+        model: Option<PathBuf>,
+        /// Write each export to DIR (NAME.yaml, modvisor-NAME.service) instead of stdout.
+        #[arg(short, long, value_name = "DIR")]
+        output: Option<PathBuf>,
+    },
+}
+
+/// What `modvisorctl export` writes.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    /// A Kubernetes Deployment and Service (YAML).
+    Kube,
+    /// A systemd service unit, modvisor-NAME.service.
+    Systemd,
 }

@@ -1,5 +1,6 @@
 //! The daemon config (`modvisor.toml`): strict parsing, validated once into [`Config`].
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -50,6 +51,8 @@ pub struct Config {
     pub manifest_trust_check: bool,
     /// `[containers]`: what untrusted modules' containers may mount read-write.
     pub containment: Containment,
+    /// `[metrics] listen`: where `GET /metrics` is served; None (the default): not at all.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for Config {
@@ -75,6 +78,7 @@ impl Default for Config {
             bus_address: None,
             manifest_trust_check: true,
             containment: Containment::default(),
+            metrics_listen: None,
         }
     }
 }
@@ -88,6 +92,7 @@ struct RawConfig {
     logging: Option<RawLogging>,
     dbus: Option<RawDbus>,
     containers: Option<RawContainers>,
+    metrics: Option<RawMetrics>,
 }
 
 #[derive(Deserialize)]
@@ -222,6 +227,40 @@ mod containers_tests {
 }
 
 // ----------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<Spanned<String>>,
+}
+
+/// `[metrics] listen`: `"IP:PORT"` as written (a non-loopback address only when written out),
+/// `":PORT"` for 127.0.0.1, `""` for off. No host names: nothing is resolved to pick where
+/// the daemon listens.
+fn metrics_listen(cx: &Ctx<'_>, v: &Spanned<String>) -> Result<Option<SocketAddr>, ManifestError> {
+    let text = v.get_ref().trim();
+    let at = v.span().start;
+    let addr = if text.is_empty() {
+        return Ok(None);
+    } else if let Some(port) = text.strip_prefix(':') {
+        port.parse::<u16>()
+            .ok()
+            .map(|p| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), p))
+    } else {
+        text.parse::<SocketAddr>().ok()
+    };
+    match addr {
+        Some(a) if a.port() != 0 => Ok(Some(a)),
+        Some(_) => cx.err(at, "metrics.listen: expected a port from 1 to 65535".into()),
+        None => cx.err(
+            at,
+            format!(
+                "metrics.listen: expected an address such as \"127.0.0.1:9184\", \"[::1]:9184\" or \":9184\" (loopback), found \"{}\"",
+                v.get_ref()
+            ),
+        ),
+    }
+}
 
 fn mode(m: RawMode) -> Mode {
     match m {
@@ -420,6 +459,9 @@ impl Config {
         if let Some(k) = raw.containers {
             c.containment = containment(k, path, src)?;
         }
+        if let Some(l) = raw.metrics.and_then(|m| m.listen) {
+            c.metrics_listen = metrics_listen(&cx, &l)?;
+        }
         Ok(c)
     }
 
@@ -542,6 +584,51 @@ module_log_dir = "/var/log/modvisor"
         )
         .expect("valid");
         assert_eq!(c.module_log_max_bytes, 4096);
+    }
+
+    #[test]
+    fn metrics_are_off_by_default_and_loopback_unless_an_address_is_written() {
+        assert_eq!(Config::default().metrics_listen, None);
+        let listen = |v: &str| {
+            Config::parse(
+                Path::new("c.toml"),
+                &format!("[metrics]\nlisten = \"{v}\"\n"),
+            )
+            .map(|c| c.metrics_listen.map(|a| a.to_string()))
+        };
+        assert_eq!(listen("").expect("valid"), None);
+        assert_eq!(
+            listen(":9184").expect("valid").as_deref(),
+            Some("127.0.0.1:9184")
+        );
+        assert_eq!(
+            listen("127.0.0.1:9184").expect("valid").as_deref(),
+            Some("127.0.0.1:9184")
+        );
+        assert_eq!(
+            listen("[::1]:9184").expect("valid").as_deref(),
+            Some("[::1]:9184")
+        );
+        assert_eq!(
+            listen("0.0.0.0:9184").expect("valid").as_deref(),
+            Some("0.0.0.0:9184")
+        );
+        let c = Config::parse(Path::new("c.toml"), "[metrics]\n").expect("valid");
+        assert_eq!(c.metrics_listen, None);
+    }
+
+    #[test]
+    fn a_metrics_address_that_is_a_name_or_port_zero_is_an_error_at_its_value() {
+        assert_eq!(
+            error("[metrics]\nlisten = \"localhost:9184\"\n"),
+            "/etc/modvisor/modvisor.toml:2:10: metrics.listen: expected an address such as \"127.0.0.1:9184\", \"[::1]:9184\" or \":9184\" (loopback), found \"localhost:9184\""
+        );
+        assert_eq!(
+            error("[metrics]\nlisten = \":0\"\n"),
+            "/etc/modvisor/modvisor.toml:2:10: metrics.listen: expected a port from 1 to 65535"
+        );
+        assert!(error("[metrics]\nlisten = \"9184\"\n").contains("expected an address"));
+        assert!(error("[metrics]\nport = 1\n").contains("unknown field `port`"));
     }
 
     #[test]

@@ -240,6 +240,30 @@ fn spawn_watchdog(handle: Handle) {
     });
 }
 
+/// `[metrics] listen`: serve `GET /metrics` from the published snapshot (before READY=1, so a
+/// port that cannot be bound fails the start, as any other config error does).
+async fn start_metrics(
+    cfg: &Config,
+    handle: &Handle,
+) -> Result<Option<crate::metrics::MetricsServer>, DaemonError> {
+    let Some(addr) = cfg.metrics_listen else {
+        return Ok(None);
+    };
+    let server =
+        crate::metrics::MetricsServer::start(addr, handle.state.clone(), Default::default())
+            .await
+            .map_err(|e| DaemonError::Setup(format!("metrics: bind {addr}: {e}")))?;
+    if addr.ip().is_loopback() {
+        tracing::info!("metrics at http://{}/metrics", server.addr);
+    } else {
+        tracing::warn!(
+            "metrics at http://{}/metrics: reachable from other machines ([metrics] listen names a non-loopback address)",
+            server.addr
+        );
+    }
+    Ok(Some(server))
+}
+
 pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let cfg = Arc::new(Config::load(opts.config.as_deref())?);
     // Handlers first: a SIGTERM right after READY=1 must take the orderly path.
@@ -326,6 +350,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             .await?;
     }
     spawn_watchdog(handle.clone());
+    let metrics = start_metrics(&cfg, &handle).await?;
 
     let summary = handle.state.borrow().summary();
     notify(&[NotifyState::Ready, NotifyState::Status(&summary)]);
@@ -362,6 +387,9 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         let _ = rx.await;
     }
     let _ = sup_task.await;
+    if let Some(m) = metrics {
+        m.stop().await;
+    }
     let _ = conn.release_name(BUS_NAME).await;
     drop(conn);
     if let Bus::Embedded(eb) = bus {

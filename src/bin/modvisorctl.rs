@@ -3,12 +3,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
 use futures_util::StreamExt;
-use modvisor::cli::{Cli, Cmd};
+use modvisor::cli::{Cli, Cmd, ExportFormat};
 use modvisor::dbus::client::{ManagerProxy, connect};
 use modvisor::dbus::{BUS_NAME, MANAGER_IFACE, MANAGER_PATH, MODULE_IFACE};
 use modvisor::manifest::units::format_bytes;
@@ -400,6 +400,85 @@ fn logs(name: &str, follow: bool, lines: u32) -> Result<(), Fail> {
     Err(Fail::Code(1, format!("cannot run journalctl: {e}")))
 }
 
+struct ExportArgs<'a> {
+    name: Option<&'a str>,
+    all: bool,
+    format: ExportFormat,
+    config: &'a Path,
+    manifest: Option<&'a Path>,
+    model: Option<&'a Path>,
+    output: Option<&'a Path>,
+}
+
+/// `export`: from the manifests alone, like `validate`. Writes what it can; exits with the
+/// code of the first failure (3 no such module, 1 otherwise, 2 usage).
+fn export(a: &ExportArgs<'_>) -> Result<(), Fail> {
+    use modvisor::export::{self, Format, Selection, Source};
+    if let Some(n) = a.name
+        && let Err(e) = modvisor::manifest::validate_name(n)
+    {
+        return Err(Fail::Code(2, e));
+    }
+    let format = match a.format {
+        ExportFormat::Kube => Format::Kube,
+        ExportFormat::Systemd => Format::Systemd,
+    };
+    if a.all && format == Format::Systemd && a.output.is_none() {
+        return Err(Fail::Code(
+            2,
+            "--all --format systemd writes one unit file per module: give --output DIR".into(),
+        ));
+    }
+    let explicit = a.config.as_os_str() != modvisor::config::DEFAULT_CONFIG;
+    let cfg = modvisor::config::Config::load(explicit.then_some(a.config))
+        .map_err(|e| Fail::Code(1, e.to_string()))?;
+    let source = match a.manifest {
+        Some(p) => Source::File(p),
+        None => Source::Config(&cfg),
+    };
+    let loaded = export::load(source).map_err(|e| Fail::Code(e.exit_code(), e.to_string()))?;
+    let selection = match (a.name, a.all) {
+        (Some(n), _) => Selection::One(n.to_string()),
+        (None, true) => Selection::All,
+        (None, false) => Selection::TheFile,
+    };
+    let (outputs, errors) =
+        export::export_selected(&loaded, &selection, format, &cfg.state, a.model);
+    write_exports(&outputs, a.output)?;
+    match errors.as_slice() {
+        [] => Ok(()),
+        [e] if outputs.is_empty() => Err(Fail::Code(e.exit_code(), e.to_string())),
+        [first, ..] => {
+            for e in &errors {
+                eprintln!("modvisorctl: {e}");
+            }
+            Err(Fail::Code(
+                first.exit_code(),
+                format!(
+                    "{} of {} modules not exported",
+                    errors.len(),
+                    errors.len() + outputs.len()
+                ),
+            ))
+        }
+    }
+}
+
+fn write_exports(outputs: &[modvisor::export::Output], dir: Option<&Path>) -> Result<(), Fail> {
+    let Some(dir) = dir else {
+        let texts: Vec<&str> = outputs.iter().map(|o| o.text.as_str()).collect();
+        print!("{}", texts.join("---\n"));
+        return Ok(());
+    };
+    std::fs::create_dir_all(dir).map_err(|e| Fail::Code(1, format!("{}: {e}", dir.display())))?;
+    for o in outputs {
+        let p = dir.join(&o.file_name);
+        std::fs::write(&p, &o.text).map_err(|e| Fail::Code(1, format!("{}: {e}", p.display())))?;
+        eprintln!("{}: {}", o.module, p.display());
+    }
+    Ok(())
+}
+
 async fn watch(cli: &Cli) -> Result<(), Fail> {
     let (_conn, m) = manager(cli).await?;
     let mut changes = m.receive_module_changed().await.map_err(from_zbus)?;
@@ -506,6 +585,23 @@ async fn run(cli: &Cli) -> Result<(), Fail> {
             lines,
         } => logs(name, *follow, *lines),
         Cmd::Validate { paths } => validate(paths, cli.json),
+        Cmd::Export {
+            name,
+            all,
+            format,
+            config,
+            manifest,
+            model,
+            output,
+        } => export(&ExportArgs {
+            name: name.as_deref(),
+            all: *all,
+            format: *format,
+            config,
+            manifest: manifest.as_deref(),
+            model: model.as_deref(),
+            output: output.as_deref(),
+        }),
         Cmd::Watch => watch(cli).await,
     }
 }
