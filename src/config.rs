@@ -48,6 +48,23 @@ pub struct Config {
     pub bus_address: Option<String>,
     /// Refuse manifests (and directories) that anyone but root can change (when running as root).
     pub manifest_trust_check: bool,
+    /// The model store (`[models]`).
+    pub models: ModelsConfig,
+}
+
+/// `[models]`: where pulled models live and how much they may take.
+#[derive(Debug, Clone, Default)]
+pub struct ModelsConfig {
+    /// The store directory; `None`: `STATE/models`.
+    pub store: Option<PathBuf>,
+    /// Refuse a pull that would take the store past this many bytes.
+    pub max_disk: Option<u64>,
+    /// A pull larger than this needs an explicit confirmation (`--yes`).
+    pub confirm_above: Option<u64>,
+    /// The Ollama registry (`http://` only on loopback); default `https://registry.ollama.ai`.
+    pub ollama_registry: Option<String>,
+    /// The unprivileged user the fetcher runs as; default `modvisor-engine`, else `nobody`.
+    pub fetch_user: Option<String>,
 }
 
 impl Default for Config {
@@ -72,6 +89,7 @@ impl Default for Config {
             bus: BusChoice::Auto,
             bus_address: None,
             manifest_trust_check: true,
+            models: ModelsConfig::default(),
         }
     }
 }
@@ -84,6 +102,17 @@ struct RawConfig {
     monitor: Option<RawMonitor>,
     logging: Option<RawLogging>,
     dbus: Option<RawDbus>,
+    models: Option<RawModels>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModels {
+    store: Option<String>,
+    max_disk: Option<Spanned<String>>,
+    confirm_above: Option<Spanned<String>>,
+    ollama_registry: Option<String>,
+    fetch_user: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -230,6 +259,19 @@ impl Ctx<'_> {
         Ok(())
     }
 
+    /// A size such as "100G"; "0" or "" means no limit.
+    fn size(&self, v: &Option<Spanned<String>>, key: &str) -> Result<Option<u64>, ManifestError> {
+        let Some(v) = v else { return Ok(None) };
+        if v.get_ref().trim().is_empty() {
+            return Ok(None);
+        }
+        match crate::manifest::units::parse_size(v.get_ref()) {
+            Ok(0) => Ok(None),
+            Ok(n) => Ok(Some(n)),
+            Err(e) => self.err(v.span().start, format!("{key}: {e}")),
+        }
+    }
+
     /// Rotating at zero bytes would rotate at every line.
     fn log_max_bytes(&self, n: &Spanned<u64>) -> Result<u64, ManifestError> {
         let v = *n.get_ref();
@@ -346,7 +388,24 @@ impl Config {
             }
             c.bus_address = d.address.filter(|a| !a.is_empty());
         }
+        if let Some(m) = raw.models {
+            c.models = ModelsConfig {
+                store: m.store.filter(|s| !s.is_empty()).map(|s| resolve(&s)),
+                max_disk: cx.size(&m.max_disk, "models.max_disk")?,
+                confirm_above: cx.size(&m.confirm_above, "models.confirm_above")?,
+                ollama_registry: m.ollama_registry.filter(|s| !s.is_empty()),
+                fetch_user: m.fetch_user.filter(|s| !s.is_empty()),
+            };
+        }
         Ok(c)
+    }
+
+    /// The model store directory.
+    pub fn models_store(&self) -> PathBuf {
+        self.models
+            .store
+            .clone()
+            .unwrap_or_else(|| self.state.join("models"))
     }
 
     /// The socket path of the embedded bus.

@@ -17,4 +17,5 @@ pub mod procfs;
 pub mod reaper;
 pub mod runtime;
 pub mod state;
+pub mod store;
 pub mod supervisor;

@@ -255,9 +255,13 @@ impl Supervisor {
     fn validate_model(&mut self, n: &str, requested: String) {
         let Some(s) = self.slots.get(n) else { return };
         let spec = s.lc.module().model.clone();
+        // A store reference (ollama:NAME:TAG, sha256:HEX) becomes its file first.
+        let engine = crate::store::compat::engine_of(s.lc.module());
+        let store = self.cfg.models_store();
         let back = self.back(n);
         self.spawn_for(n, async move {
             let r = tokio::task::spawn_blocking(move || {
+                let requested = crate::store::compat::resolve_for(&store, engine, requested)?;
                 crate::model::validate(spec.as_ref(), &requested)
             })
             .await
