@@ -175,6 +175,25 @@ async fn https_source_resumes_verifies_refuses_over_quota_and_shares_one_downloa
     let slow = format!("{}#sha256={sum}", srv.url("slow", "tiny.gguf"));
     let (a, b) = tokio::join!(start_pull(&d, &slow), start_pull(&d, &slow));
     assert_eq!(a, b, "the second pull joins the first");
+    // The download runs as the unprivileged fetch user, into a directory it owns.
+    let nobody = nix::unistd::User::from_name("nobody")
+        .ok()
+        .flatten()
+        .expect("nobody");
+    let deadline = Instant::now() + T;
+    let owner = loop {
+        let found = std::fs::read_dir(store.path().join(".partial"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .find_map(|e| std::os::unix::fs::MetadataExt::uid(&e.metadata().ok()?).into());
+        if let Some(uid) = found {
+            break uid;
+        }
+        assert!(Instant::now() < deadline, "no partial directory appeared");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    assert_eq!(owner, nobody.uid.as_raw(), "the fetcher's directory");
     assert_eq!(finish(&d, &a).await.0, "completed");
     let gets = srv
         .hits("/slow/")
