@@ -54,7 +54,7 @@ pub enum Cmd {
     /// Explain the mode decision of a module.
     Explain { name: String },
     /// Switch a module's active model (a transaction with rollback). MODEL is a path or a
-    /// store reference (ollama:NAME:TAG, sha256:HEX).
+    /// store reference (ollama:NAME:TAG, hf:ORG/REPO@REV:FILE, sha256:HEX).
     Activate {
         name: String,
         model: String,
@@ -65,12 +65,15 @@ pub enum Cmd {
         #[arg(long)]
         yes: bool,
     },
-    /// Pull a model into the store: ollama:NAME[:TAG] or https://…/FILE#sha256=HEX.
+    /// Pull a model into the store: ollama:NAME[:TAG], hf:ORG/REPO[@REV] or https://…/FILE#sha256=HEX.
     Pull {
         source: String,
         /// The sha256 of a URL source (instead of #sha256=).
         #[arg(long)]
         sha256: Option<String>,
+        /// Files of an hf: repository to pull (glob; repeatable; default: all).
+        #[arg(long, value_name = "GLOB")]
+        include: Vec<String>,
         /// Confirm a pull above models.confirm_above.
         #[arg(long)]
         yes: bool,

@@ -65,6 +65,10 @@ pub struct ModelsConfig {
     pub ollama_registry: Option<String>,
     /// The unprivileged user the fetcher runs as; default `modvisor-engine`, else `nobody`.
     pub fetch_user: Option<String>,
+    /// The Hugging Face endpoint; default `https://huggingface.co`.
+    pub hf_endpoint: Option<String>,
+    /// A file with a Hugging Face token (root-owned, mode 0600 or stricter).
+    pub hf_token_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -113,6 +117,8 @@ struct RawModels {
     confirm_above: Option<Spanned<String>>,
     ollama_registry: Option<String>,
     fetch_user: Option<String>,
+    hf_endpoint: Option<String>,
+    hf_token_file: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -395,6 +401,11 @@ impl Config {
                 confirm_above: cx.size(&m.confirm_above, "models.confirm_above")?,
                 ollama_registry: m.ollama_registry.filter(|s| !s.is_empty()),
                 fetch_user: m.fetch_user.filter(|s| !s.is_empty()),
+                hf_endpoint: m.hf_endpoint.filter(|s| !s.is_empty()),
+                hf_token_file: m
+                    .hf_token_file
+                    .filter(|s| !s.is_empty())
+                    .map(|s| resolve(&s)),
             };
         }
         Ok(c)

@@ -439,3 +439,91 @@ async fn ollama_source_pull_list_activate_into_llama_server_and_remove() {
     assert!(!file.exists());
     assert!(models(&d).await.list().await.expect("List").is_empty());
 }
+
+#[tokio::test]
+async fn hf_source_lays_out_the_hub_cache_and_refuses_traversal() {
+    let data = std::fs::read(tiny()).expect("tiny");
+    let sum = sha256(&data);
+    let srv = FileServer::start(data).await;
+    let store = store_dir();
+    let o = Options {
+        extra_config: models_config(
+            store.path(),
+            &format!("hf_endpoint = \"http://127.0.0.1:{}\"\n", srv.port),
+        ),
+        ..Options::default()
+    };
+    let d = Daemon::start_with(&[], o).await;
+    let mut opts = std::collections::HashMap::new();
+    opts.insert(
+        "include",
+        Variant::from(vec!["*.gguf".to_string(), "config.json".to_string()]),
+    );
+    let job = models(&d)
+        .await
+        .pull("hf:org/tiny", opts)
+        .await
+        .expect("Pull");
+    let (st, err) = finish(&d, &job).await;
+    assert_eq!(st, "completed", "{err}\n{}", d.log());
+    let repo = store.path().join("models--org--tiny");
+    let commit = store_http::COMMIT;
+    let link = repo.join("snapshots").join(commit).join("tiny.gguf");
+    assert_eq!(
+        std::fs::read_link(&link).expect("symlink"),
+        PathBuf::from(format!("../../blobs/{sum}"))
+    );
+    assert_eq!(sha256(&std::fs::read(&link).expect("read")), sum);
+    let cfg = repo.join("snapshots").join(commit).join("config.json");
+    assert_eq!(
+        std::fs::read_to_string(cfg).expect("config"),
+        store_http::CONFIG
+    );
+    assert_eq!(
+        std::fs::read_to_string(repo.join("refs/main")).expect("ref"),
+        commit
+    );
+    assert!(
+        srv.hits("README").is_empty(),
+        "--include leaves other files alone"
+    );
+    assert!(
+        srv.hits("/cdn/tiny.gguf").iter().any(|h| h.method == "GET"),
+        "the LFS redirect is followed"
+    );
+    let resolved = modvisor::store::Store::at(store.path())
+        .resolve("hf:org/tiny@main:tiny.gguf")
+        .expect("resolve");
+    assert_eq!(resolved, link);
+    let rows = models(&d).await.list().await.expect("List");
+    assert!(
+        rows.iter()
+            .any(|r| r.0 == "hf:org/tiny@main" && r.2 == commit),
+        "{rows:?}"
+    );
+
+    let before = ls_r(store.path());
+    let (st, err) = pull(&d, "hf:org/evil").await;
+    assert_eq!(st, "failed");
+    assert!(err.contains("unsafe file name"), "{err}");
+    assert!(!Path::new("/etc/x").exists());
+    let after: Vec<_> = ls_r(store.path())
+        .into_iter()
+        .filter(|p| !p.contains("/.partial"))
+        .collect();
+    let before: Vec<_> = before
+        .into_iter()
+        .filter(|p| !p.contains("/.partial"))
+        .collect();
+    assert_eq!(before, after, "nothing written");
+
+    models(&d)
+        .await
+        .remove("hf:org/tiny@main", false)
+        .await
+        .expect("Remove");
+    assert!(
+        !repo.join("blobs").join(&sum).exists(),
+        "its blobs go with it"
+    );
+}

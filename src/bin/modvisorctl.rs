@@ -503,17 +503,19 @@ async fn run(cli: &Cli) -> Result<(), Fail> {
         } => {
             let (conn, m) = manager(cli).await?;
             if *pull {
-                models::pull(&conn, model, None, *yes).await?;
+                let source = modvisor::store::split_file(model).0;
+                models::pull(&conn, source, None, &[], *yes).await?;
             }
             m.activate_model(name, model).await.map_err(from_zbus)
         }
         Cmd::Pull {
             source,
             sha256,
+            include,
             yes,
         } => {
             let conn = connect_daemon(cli).await?;
-            models::pull(&conn, source, sha256.as_deref(), *yes).await
+            models::pull(&conn, source, sha256.as_deref(), include, *yes).await
         }
         Cmd::Models => models::list(&connect_daemon(cli).await?, cli.json).await,
         Cmd::Rm { model, force } => {

@@ -125,10 +125,22 @@ fn opt_str(o: &HashMap<String, OwnedValue>, k: &str) -> Result<Option<String>, E
     }
 }
 
+/// A string or an array of strings.
+fn opt_strs(o: &HashMap<String, OwnedValue>, k: &str) -> Result<Vec<String>, Error> {
+    let Some(v) = o.get(k) else {
+        return Ok(Vec::new());
+    };
+    if let Ok(s) = String::try_from(v.clone()) {
+        return Ok(vec![s]);
+    }
+    Vec::<String>::try_from(v.clone())
+        .map_err(|_| Error::InvalidArgument(format!("option {k}: expected strings")))
+}
+
 #[interface(name = "org.modvisor1.Models")]
 impl Models {
     /// Starts a pull (or joins the one under way for the same model) and returns its job.
-    /// Options: `yes` or `confirm` (b), `sha256` (s).
+    /// Options: `yes` or `confirm` (b), `sha256` (s), `include` (as or s: globs, hf: only).
     async fn pull(
         &self,
         #[zbus(header)] hdr: Header<'_>,
@@ -138,13 +150,14 @@ impl Models {
     ) -> Result<OwnedObjectPath, Error> {
         authorize(conn, &hdr, "Pull").await?;
         for k in options.keys() {
-            if !matches!(k.as_str(), "yes" | "confirm" | "sha256") {
+            if !matches!(k.as_str(), "yes" | "confirm" | "sha256" | "include") {
                 return Err(Error::InvalidArgument(format!("unknown option {k}")));
             }
         }
         let opts = PullOptions {
             yes: opt_bool(&options, "yes")? || opt_bool(&options, "confirm")?,
             sha256: opt_str(&options, "sha256")?,
+            include: opt_strs(&options, "include")?,
         };
         let (job, joined) = self.puller.pull(source, opts)?;
         let path = job_path(job.number);

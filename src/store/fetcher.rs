@@ -18,7 +18,7 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 
-use super::source::{OLLAMA_MODEL_LAYER, check_scheme, valid_sha256};
+use super::source::{OLLAMA_MODEL_LAYER, check_scheme, glob_match, safe_rel_path, valid_sha256};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -32,6 +32,15 @@ pub enum Wire {
         url: String,
         file: String,
         sha256: String,
+    },
+    Hf {
+        endpoint: String,
+        repo: String,
+        revision: String,
+        include: Vec<String>,
+        /// Sent only to the endpoint's host (reqwest drops it on a redirect elsewhere).
+        #[serde(default)]
+        token: Option<String>,
     },
 }
 
@@ -55,6 +64,8 @@ pub struct PlanFile {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Msg {
+    /// The commit a Hugging Face revision resolved to (before the plan).
+    Revision(String),
     Plan(Vec<PlanFile>),
     Progress(u64),
     Done,
@@ -64,6 +75,14 @@ pub enum Msg {
 /// Files downloaded at once within one pull.
 const PARALLEL: usize = 3;
 const MAX_MANIFEST: usize = 1 << 20;
+const MAX_REPO_INFO: usize = 4 << 20;
+/// A file without a sha256 (not in LFS: config, tokenizer) may be at most this large.
+pub const MAX_UNHASHED: u64 = 16 << 20;
+
+/// The `.part` name of a plan file (repository paths flattened; `%` is never in a safe name).
+pub fn part_name(name: &str) -> String {
+    format!("{}.part", name.replace('/', "%"))
+}
 
 fn emit(m: &Msg) {
     if let Ok(s) = serde_json::to_string(m) {
@@ -105,6 +124,15 @@ pub fn main() -> ExitCode {
     }
 }
 
+fn client_no_redirects() -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(15))
+        .read_timeout(Duration::from_secs(60))
+        .build()
+        .map_err(|e| format!("HTTP client: {e}"))
+}
+
 fn client() -> Result<reqwest::Client, String> {
     let policy = reqwest::redirect::Policy::custom(|a| {
         if a.previous().len() >= 5 {
@@ -138,6 +166,20 @@ async fn run(req: Request) -> Result<(), String> {
             size: head_size(&c, url).await,
             sha256: sha256.clone(),
         }],
+        Wire::Hf {
+            endpoint,
+            repo,
+            revision,
+            include,
+            token,
+        } => {
+            let hf = Hf {
+                c: &c,
+                base: endpoint.trim_end_matches('/'),
+                token: token.as_deref(),
+            };
+            hf.plan(repo, revision, include).await?
+        }
     };
     emit(&Msg::Plan(plan.clone()));
     let go = tokio::task::spawn_blocking(|| {
@@ -160,8 +202,16 @@ async fn run(req: Request) -> Result<(), String> {
             }
         })
     };
+    let auth = match &req.source {
+        Wire::Hf {
+            endpoint,
+            token: Some(t),
+            ..
+        } => Some((endpoint.trim_end_matches('/').to_string(), t.clone())),
+        _ => None,
+    };
     let results: Vec<Result<(), String>> = futures_util::stream::iter(plan.iter())
-        .map(|f| download(&c, f, &req.dir, req.limit, &done))
+        .map(|f| download(&c, f, &req.dir, req.limit, &done, auth.as_ref()))
         .buffer_unordered(PARALLEL)
         .collect()
         .await;
@@ -249,6 +299,140 @@ async fn ollama_plan(
     }])
 }
 
+#[derive(Deserialize)]
+struct RepoInfo {
+    sha: String,
+    siblings: Vec<Sibling>,
+}
+
+#[derive(Deserialize)]
+struct Sibling {
+    rfilename: String,
+}
+
+/// The Hugging Face Hub endpoints: repository info, then `resolve/COMMIT/FILE`.
+struct Hf<'a> {
+    c: &'a reqwest::Client,
+    base: &'a str,
+    token: Option<&'a str>,
+}
+
+impl Hf<'_> {
+    fn auth(&self, r: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    }
+
+    async fn info(&self, repo: &str, rev: &str) -> Result<RepoInfo, String> {
+        let url = format!("{}/api/models/{repo}/revision/{rev}", self.base);
+        let r = self
+            .auth(self.c.get(&url))
+            .send()
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        if !r.status().is_success() {
+            return Err(format!(
+                "{url}: HTTP {} (no such repository or revision?)",
+                r.status()
+            ));
+        }
+        let body = bounded_body(r, MAX_REPO_INFO)
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        serde_json::from_slice(&body).map_err(|e| format!("{url}: not repository info: {e}"))
+    }
+
+    async fn plan(
+        &self,
+        repo: &str,
+        rev: &str,
+        include: &[String],
+    ) -> Result<Vec<PlanFile>, String> {
+        let info = self.info(repo, rev).await?;
+        let commit = info.sha;
+        if commit.len() != 40 || !commit.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "the hub answered an odd commit \"{}\"",
+                commit.escape_debug()
+            ));
+        }
+        emit(&Msg::Revision(commit.clone()));
+        let mut plan = Vec::new();
+        for s in &info.siblings {
+            let n = &s.rfilename;
+            if !include.is_empty() && !include.iter().any(|g| glob_match(g, n)) {
+                continue;
+            }
+            if !safe_rel_path(n) {
+                return Err(format!(
+                    "the repository lists an unsafe file name \"{}\": refused",
+                    n.escape_debug()
+                ));
+            }
+            plan.push(self.file(repo, &commit, n).await?);
+        }
+        if plan.is_empty() {
+            return Err(format!("no file of {repo}@{rev} matches {include:?}"));
+        }
+        Ok(plan)
+    }
+
+    /// HEAD without following redirects: an LFS file's sha256 and size are in `X-Linked-*`.
+    async fn file(&self, repo: &str, commit: &str, name: &str) -> Result<PlanFile, String> {
+        let url = format!("{}/{repo}/resolve/{commit}/{name}", self.base);
+        let nf = client_no_redirects()?;
+        let r = self
+            .auth(nf.head(&url))
+            .send()
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        if !(r.status().is_success() || r.status().is_redirection()) {
+            return Err(format!("{url}: HTTP {}", r.status()));
+        }
+        let h = |k: &str| {
+            r.headers().get(k).and_then(|v| v.to_str().ok()).map(|v| {
+                v.trim()
+                    .trim_start_matches("W/")
+                    .trim_matches('"')
+                    .to_string()
+            })
+        };
+        let etag = h("x-linked-etag").or_else(|| h("etag")).unwrap_or_default();
+        let size = h("x-linked-size")
+            .or_else(|| h("content-length"))
+            .and_then(|v| v.parse::<u64>().ok());
+        let sha256 = if valid_sha256(&etag) {
+            etag
+        } else {
+            String::new()
+        };
+        if sha256.is_empty() && size.is_none_or(|s| s > MAX_UNHASHED) {
+            return Err(format!("{name}: no sha256 and not a small file: refused"));
+        }
+        Ok(PlanFile {
+            name: name.to_string(),
+            url,
+            size,
+            sha256,
+        })
+    }
+}
+
+async fn bounded_body(r: reqwest::Response, max: usize) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    let mut s = r.bytes_stream();
+    while let Some(chunk) = s.next().await {
+        let chunk = chunk.map_err(|e| e.to_string())?;
+        if body.len() + chunk.len() > max {
+            return Err(format!("the answer is larger than {max} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// Where the response starts writing: an append after `have` bytes (206), or from 0 (200).
 fn resume_offset(r: &reqwest::Response, have: u64) -> Result<u64, String> {
     match r.status().as_u16() {
@@ -281,8 +465,9 @@ async fn download(
     dir: &Path,
     limit: u64,
     done: &AtomicU64,
+    auth: Option<&(String, String)>,
 ) -> Result<(), String> {
-    let part = dir.join(format!("{}.part", f.name));
+    let part = dir.join(part_name(&f.name));
     let ctx = |e: &dyn std::fmt::Display| format!("{}: {e}", f.name);
     let mut have = tokio::fs::metadata(&part).await.map_or(0, |m| m.len());
     if f.size.is_some_and(|s| have > s) {
@@ -293,6 +478,11 @@ async fn download(
         return Ok(());
     }
     let mut rq = c.get(&f.url);
+    if let Some((base, t)) = auth
+        && f.url.starts_with(&format!("{base}/"))
+    {
+        rq = rq.bearer_auth(t);
+    }
     if have > 0 {
         rq = rq.header(reqwest::header::RANGE, format!("bytes={have}-"));
     }

@@ -46,6 +46,10 @@ pub struct Settings {
     pub confirm_above: Option<u64>,
     pub ollama_registry: String,
     pub fetch_user: Option<String>,
+    /// The Hugging Face endpoint (`HF_ENDPOINT`-style).
+    pub hf_endpoint: String,
+    /// A root-only file with a Hugging Face token.
+    pub hf_token_file: Option<PathBuf>,
 }
 
 impl Settings {
@@ -60,6 +64,12 @@ impl Settings {
                 .clone()
                 .unwrap_or_else(|| "https://registry.ollama.ai".into()),
             fetch_user: c.models.fetch_user.clone(),
+            hf_endpoint: c
+                .models
+                .hf_endpoint
+                .clone()
+                .unwrap_or_else(|| "https://huggingface.co".into()),
+            hf_token_file: c.models.hf_token_file.clone(),
         }
     }
 }
@@ -125,6 +135,8 @@ impl Store {
             confirm_above: None,
             ollama_registry: String::new(),
             fetch_user: None,
+            hf_endpoint: String::new(),
+            hf_token_file: None,
         })
     }
 
@@ -190,15 +202,22 @@ impl Store {
     }
 
     /// Turns a store reference (`ollama:NAME[:TAG]`, `sha256:HEX`) into the model's path.
+    /// `hf:ORG/REPO@REV:FILE` names one file of the snapshot.
     pub fn resolve(&self, reference: &str) -> Result<PathBuf, StoreError> {
+        let (reference, file) = split_file(reference);
         let id = normalize(reference)?;
         let r = self.get(&id).ok_or_else(|| {
             StoreError::NotFound(format!(
                 "{id} is not in the model store (modvisorctl pull {reference})"
             ))
         })?;
-        self.main_file(&r)
-            .ok_or_else(|| StoreError::Failed(format!("the record of {id} lists no files")))
+        match file {
+            Some(f) if r.files.iter().any(|x| x.name == f) => Ok(self.root().join(&r.dir).join(f)),
+            Some(f) => Err(StoreError::NotFound(format!("{id} has no file {f}"))),
+            None => self
+                .main_file(&r)
+                .ok_or_else(|| StoreError::Failed(format!("the record of {id} lists no files"))),
+        }
     }
 
     /// Removes a model: the record first (so it is gone for readers at once), then its files.
@@ -216,7 +235,28 @@ impl Store {
             return Err(StoreError::Failed(format!("remove {}: {e}", dir.display())));
         }
         let _ = std::fs::remove_dir_all(self.partial_dir(&id));
+        self.remove_unused_blobs(&r);
         Ok(r)
+    }
+
+    /// A Hugging Face snapshot's blobs that no other record uses.
+    fn remove_unused_blobs(&self, r: &Record) {
+        let Some(repo) = r.dir.components().next() else {
+            return;
+        };
+        if !repo.as_os_str().to_string_lossy().starts_with("models--") {
+            return;
+        }
+        let used: std::collections::HashSet<String> = self
+            .list()
+            .into_iter()
+            .flat_map(|o| o.files.into_iter().map(|f| f.sha256))
+            .collect();
+        for f in &r.files {
+            if !used.contains(&f.sha256) && source::valid_sha256(&f.sha256) {
+                let _ = std::fs::remove_file(self.root().join(repo).join("blobs").join(&f.sha256));
+            }
+        }
     }
 
     /// Bytes the store takes: complete models plus partial downloads.
@@ -244,8 +284,19 @@ pub fn is_reference(s: &str) -> bool {
     s.starts_with("ollama:") || s.starts_with("sha256:") || s.starts_with("hf:")
 }
 
+/// `hf:ORG/REPO@REV:FILE` -> (`hf:ORG/REPO@REV`, `FILE`).
+pub fn split_file(r: &str) -> (&str, Option<&str>) {
+    if let Some(rest) = r.strip_prefix("hf:")
+        && let Some((a, f)) = rest.split_once(':')
+    {
+        return (&r[..3 + a.len()], Some(f));
+    }
+    (r, None)
+}
+
 /// The id a reference names (`ollama:tiny` is `ollama:tiny:latest`).
 pub fn normalize(reference: &str) -> Result<String, StoreError> {
+    let reference = split_file(reference).0;
     if let Some(h) = reference.strip_prefix("sha256:") {
         if source::valid_sha256(h) {
             return Ok(reference.to_string());
@@ -270,6 +321,8 @@ mod tests {
             confirm_above: None,
             ollama_registry: "http://127.0.0.1:1".into(),
             fetch_user: None,
+            hf_endpoint: String::new(),
+            hf_token_file: None,
         });
         let dir = PathBuf::from("ollama/library/tiny/latest");
         std::fs::create_dir_all(t.path().join(&dir)).expect("mkdir");

@@ -14,8 +14,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::fetcher::{Msg, PlanFile, Request, Wire};
-use super::source::{check_scheme, safe_file_name, valid_sha256};
+use super::fetcher::{MAX_UNHASHED, Msg, PlanFile, Request, Wire, part_name};
+use super::source::{check_scheme, safe_file_name, safe_rel_path, valid_sha256};
 use super::{FileRecord, Record, Source, Store, StoreError, gguf, hex};
 use crate::manifest::units::format_bytes;
 
@@ -30,6 +30,8 @@ pub struct PullOptions {
     pub yes: bool,
     /// The sha256 of a URL source (instead of `#sha256=`).
     pub sha256: Option<String>,
+    /// Globs of the files of a Hugging Face repository to pull (all when empty).
+    pub include: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -94,6 +96,8 @@ pub struct Puller {
 }
 
 type Tx = watch::Sender<JobStatus>;
+/// The checked plan and, for a Hugging Face source, the commit.
+type Fetched = (Vec<PlanFile>, Option<String>);
 
 impl Puller {
     /// `fetcher`: the executable that serves `--fetch` (modvisord itself).
@@ -126,7 +130,7 @@ impl Puller {
         raw: &str,
         opts: PullOptions,
     ) -> Result<(Arc<Job>, bool), StoreError> {
-        let src = Source::parse(raw, opts.sha256.as_deref())?;
+        let src = Source::parse(raw, opts.sha256.as_deref())?.with_include(&opts.include)?;
         let id = src.id();
         let mut jobs = self.jobs();
         if let Some(j) = jobs.get(&id) {
@@ -188,7 +192,7 @@ impl Puller {
         blocking(move || prepare_dirs(&root, &p2, user)).await?;
         let wire = self.wire(src)?;
         let plan = self.fetch(cancel, wire, &part, o, user, tx).await;
-        let plan = match plan {
+        let (plan, commit) = match plan {
             Err(e) => {
                 let _ = std::fs::remove_dir(&part); // only when empty
                 return Err(e);
@@ -197,7 +201,8 @@ impl Puller {
         };
         tx.send_modify(|s| s.state = JobState::Verifying);
         let (store, src, raw) = (self.store.clone(), src.clone(), raw.to_string());
-        blocking(move || install(&store, &src, &raw, &plan, &part))
+        let to = Target { src, raw, commit };
+        blocking(move || install(&store, &to, &plan, &part))
             .await
             .map_err(Some)
     }
@@ -221,7 +226,46 @@ impl Puller {
                 file: file.clone(),
                 sha256: sha256.clone(),
             },
+            Source::Hf {
+                repo,
+                revision,
+                include,
+            } => {
+                let ep = &self.store.settings.hf_endpoint;
+                let u = reqwest::Url::parse(ep)
+                    .map_err(|e| StoreError::Invalid(format!("models.hf_endpoint {ep}: {e}")))?;
+                check_scheme(&u)?;
+                Wire::Hf {
+                    endpoint: ep.clone(),
+                    repo: repo.clone(),
+                    revision: revision.clone(),
+                    include: include.clone(),
+                    token: self.token()?,
+                }
+            }
         })
+    }
+
+    /// The Hugging Face token, from a file only root can read; never logged.
+    fn token(&self) -> Result<Option<String>, StoreError> {
+        use std::os::unix::fs::MetadataExt;
+        let Some(p) = &self.store.settings.hf_token_file else {
+            return Ok(None);
+        };
+        let bad =
+            |m: String| StoreError::Failed(format!("models.hf_token_file {}: {m}", p.display()));
+        let meta = std::fs::metadata(p).map_err(|e| bad(e.to_string()))?;
+        if meta.uid() != 0 || meta.mode() & 0o077 != 0 {
+            return Err(bad(
+                "must be owned by root and readable by nobody else (0600)".into(),
+            ));
+        }
+        let t = std::fs::read_to_string(p).map_err(|e| bad(e.to_string()))?;
+        let t = t.trim();
+        if t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(bad("expected one token".into()));
+        }
+        Ok(Some(t.to_string()))
     }
 
     /// Runs the fetcher child to the end; returns the checked plan.
@@ -233,7 +277,7 @@ impl Puller {
         o: &PullOptions,
         user: Option<(u32, u32)>,
         tx: &Tx,
-    ) -> Result<Vec<PlanFile>, Option<StoreError>> {
+    ) -> Result<Fetched, Option<StoreError>> {
         let failed = |m: String| Some(StoreError::Failed(m));
         let limit = self.remaining().unwrap_or(UNANNOUNCED_LIMIT);
         let req = Request {
@@ -262,7 +306,7 @@ impl Puller {
         wire: &Wire,
         o: &PullOptions,
         tx: &Tx,
-    ) -> Result<Vec<PlanFile>, Option<StoreError>> {
+    ) -> Result<Fetched, Option<StoreError>> {
         let failed = |m: String| Some(StoreError::Failed(m));
         let mut stdin = child
             .stdin
@@ -280,6 +324,7 @@ impl Puller {
             .map_err(io)?;
         let mut lines = BufReader::new(stdout).lines();
         let mut plan = None;
+        let mut commit = None;
         while let Some(l) = lines.next_line().await.map_err(io)? {
             let msg: Msg = serde_json::from_str(&l)
                 .map_err(|e| failed(format!("the fetcher said something unexpected: {e}")))?;
@@ -292,9 +337,13 @@ impl Puller {
                     stdin.write_all(b"go\n").await.map_err(io)?;
                     plan = Some(p);
                 }
+                Msg::Revision(c) => commit = Some(c),
                 Msg::Progress(n) => tx.send_modify(|s| s.done = n),
                 Msg::Error(e) => return Err(failed(e)),
-                Msg::Done => return plan.ok_or_else(|| failed("the fetcher sent no plan".into())),
+                Msg::Done => {
+                    let p = plan.ok_or_else(|| failed("the fetcher sent no plan".into()))?;
+                    return Ok((p, commit));
+                }
             }
         }
         Err(failed("the fetcher ended without a result".into()))
@@ -351,8 +400,17 @@ fn check_plan(wire: &Wire, p: &[PlanFile]) -> Result<(), StoreError> {
             "the source lists no files (or too many)".into(),
         ));
     }
+    let hf = matches!(wire, Wire::Hf { .. });
     for f in p {
-        if !safe_file_name(&f.name) || !valid_sha256(&f.sha256) {
+        let name_ok = if hf {
+            safe_rel_path(&f.name)
+        } else {
+            safe_file_name(&f.name)
+        };
+        // Only small non-LFS files of a Hugging Face repository come without a sha256.
+        let unhashed_ok = hf && f.size.is_some_and(|s| s <= MAX_UNHASHED);
+        let sha_ok = valid_sha256(&f.sha256) || (f.sha256.is_empty() && unhashed_ok);
+        if !name_ok || !sha_ok {
             return Err(StoreError::Failed(format!(
                 "the source names an unsafe file \"{}\" or digest: refused",
                 f.name.escape_debug()
@@ -455,64 +513,120 @@ fn take_over(p: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o644))
 }
 
-/// Verifies every file, then moves them into the entry's directory and writes the record.
-fn install(
-    store: &Store,
-    src: &Source,
-    raw: &str,
-    plan: &[PlanFile],
+/// What is being installed: the source as parsed and as written, and a Hugging Face commit.
+struct Target {
+    src: Source,
+    raw: String,
+    commit: Option<String>,
+}
+
+/// Checks one `.part` file after taking it over; a mismatch discards it.
+fn verify(f: &PlanFile, p: &Path) -> Result<FileRecord, StoreError> {
+    let fail = |m: String| StoreError::Failed(m);
+    take_over(p).map_err(|e| fail(format!("{}: {e}", p.display())))?;
+    let (got, size) = sha256_file(p).map_err(|e| fail(format!("{}: {e}", p.display())))?;
+    if !f.sha256.is_empty() && got != f.sha256 {
+        let _ = std::fs::remove_file(p);
+        return Err(fail(format!(
+            "{}: sha256 mismatch: expected {}, got {got}; the download was discarded",
+            f.name, f.sha256
+        )));
+    }
+    let gguf = f
+        .name
+        .ends_with(".gguf")
+        .then(|| std::fs::File::open(p).and_then(gguf::read))
+        .and_then(|r| {
+            r.map_err(|e| tracing::warn!("{}: GGUF header: {e}", f.name))
+                .ok()
+        });
+    Ok(FileRecord {
+        name: f.name.clone(),
+        size,
+        sha256: got,
+        gguf,
+    })
+}
+
+fn fsync_dir(d: &Path) -> Result<(), StoreError> {
+    std::fs::File::open(d)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| StoreError::Failed(format!("{}: {e}", d.display())))
+}
+
+/// `DIR/NAME` for each file.
+fn place_flat(dir: &Path, part: &Path, files: &[FileRecord]) -> Result<(), StoreError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| StoreError::Failed(format!("{}: {e}", dir.display())))?;
+    for f in files {
+        std::fs::rename(part.join(part_name(&f.name)), dir.join(&f.name))
+            .map_err(|e| StoreError::Failed(format!("move {} into the store: {e}", f.name)))?;
+    }
+    fsync_dir(dir)
+}
+
+/// The Hugging Face cache layout: `blobs/SHA256`, `snapshots/COMMIT/NAME` -> `../../blobs/SHA256`,
+/// `refs/REVISION` holding the commit.
+fn place_hf(
+    repo: &Path,
+    rev: &str,
+    commit: &str,
     part: &Path,
+    files: &[FileRecord],
 ) -> Result<(), StoreError> {
     let fail = |m: String| StoreError::Failed(m);
-    let mut files = Vec::new();
-    for f in plan {
-        let p = part.join(format!("{}.part", f.name));
-        take_over(&p).map_err(|e| fail(format!("{}: {e}", p.display())))?;
-        let (got, size) = sha256_file(&p).map_err(|e| fail(format!("{}: {e}", p.display())))?;
-        if got != f.sha256 {
-            let _ = std::fs::remove_file(&p);
-            return Err(fail(format!(
-                "{}: sha256 mismatch: expected {}, got {got}; the download was discarded",
-                f.name, f.sha256
-            )));
-        }
-        let gguf = f
-            .name
-            .ends_with(".gguf")
-            .then(|| std::fs::File::open(&p).and_then(gguf::read))
-            .and_then(|r| {
-                r.map_err(|e| tracing::warn!("{}: GGUF header: {e}", f.name))
-                    .ok()
-            });
-        files.push(FileRecord {
-            name: f.name.clone(),
-            size,
-            sha256: got,
-            gguf,
-        });
-    }
-    let dir = store.root().join(src.dir());
-    std::fs::create_dir_all(&dir).map_err(|e| fail(format!("{}: {e}", dir.display())))?;
-    for f in &files {
-        let from = part.join(format!("{}.part", f.name));
-        std::fs::rename(&from, dir.join(&f.name))
+    let blobs = repo.join("blobs");
+    let snap = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&blobs).map_err(|e| fail(format!("{}: {e}", blobs.display())))?;
+    for f in files {
+        let blob = blobs.join(&f.sha256);
+        std::fs::rename(part.join(part_name(&f.name)), &blob)
             .map_err(|e| fail(format!("move {} into the store: {e}", f.name)))?;
+        let link = snap.join(&f.name);
+        let parent = link.parent().unwrap_or(&snap);
+        std::fs::create_dir_all(parent).map_err(|e| fail(format!("{}: {e}", parent.display())))?;
+        let up = "../".repeat(f.name.matches('/').count() + 2);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(format!("{up}blobs/{}", f.sha256), &link)
+            .map_err(|e| fail(format!("{}: {e}", link.display())))?;
     }
-    std::fs::File::open(&dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| fail(format!("{}: {e}", dir.display())))?;
-    let revision = match src {
-        Source::Ollama { tag, .. } => tag.clone(),
-        Source::Url { sha256, .. } => sha256.clone(),
+    fsync_dir(&blobs)?;
+    crate::model::write_atomic(&repo.join("refs").join(rev), commit)
+        .map_err(|e| fail(format!("refs/{rev}: {e}")))
+}
+
+/// Verifies every file, then moves them into the store and writes the record.
+fn install(store: &Store, to: &Target, plan: &[PlanFile], part: &Path) -> Result<(), StoreError> {
+    let files = plan
+        .iter()
+        .map(|f| verify(f, &part.join(part_name(&f.name))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let src = &to.src;
+    let (dir, revision) = match (src, &to.commit) {
+        (Source::Hf { revision, .. }, Some(c)) => {
+            place_hf(&store.root().join(src.dir()), revision, c, part, &files)?;
+            (src.dir().join("snapshots").join(c), c.clone())
+        }
+        (Source::Hf { .. }, None) => {
+            return Err(StoreError::Failed("the fetcher named no commit".into()));
+        }
+        (Source::Ollama { tag, .. }, _) => {
+            place_flat(&store.root().join(src.dir()), part, &files)?;
+            (src.dir(), tag.clone())
+        }
+        (Source::Url { sha256, .. }, _) => {
+            place_flat(&store.root().join(src.dir()), part, &files)?;
+            (src.dir(), sha256.clone())
+        }
     };
     let date = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     store.write_record(&Record {
         id: src.id(),
-        source: raw.to_string(),
+        source: to.raw.clone(),
         revision,
-        dir: src.dir(),
+        dir,
         files,
         date,
     })?;

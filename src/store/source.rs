@@ -13,6 +13,12 @@ pub const OLLAMA_MODEL_LAYER: &str = "application/vnd.ollama.image.model";
 pub enum Source {
     /// `name` has its namespace (`library/` when none was written).
     Ollama { name: String, tag: String },
+    /// A Hugging Face repository at a revision, the files matching `include` (all when empty).
+    Hf {
+        repo: String,
+        revision: String,
+        include: Vec<String>,
+    },
     /// A single file by URL, with the sha256 it must have.
     Url {
         url: String,
@@ -46,8 +52,8 @@ impl Source {
         if s.starts_with("https://") || s.starts_with("http://") {
             return parse_url(s, sha256);
         }
-        if s.starts_with("hf:") {
-            return bad("hf: sources are not supported by this build yet".into());
+        if let Some(rest) = s.strip_prefix("hf:") {
+            return parse_hf(rest, &[]);
         }
         bad(format!(
             "unknown source \"{s}\": expected ollama:NAME[:TAG] or https://…/FILE with a sha256"
@@ -62,6 +68,7 @@ impl Source {
                 format!("ollama:{short}:{tag}")
             }
             Source::Url { sha256, .. } => format!("sha256:{sha256}"),
+            Source::Hf { repo, revision, .. } => format!("hf:{repo}@{revision}"),
         }
     }
 
@@ -70,8 +77,78 @@ impl Source {
         match self {
             Source::Ollama { name, tag } => PathBuf::from("ollama").join(name).join(tag),
             Source::Url { sha256, .. } => PathBuf::from("url").join(sha256),
+            Source::Hf { repo, .. } => {
+                PathBuf::from(format!("models--{}", repo.replace('/', "--")))
+            }
         }
     }
+
+    /// Adds `--include` globs (Hugging Face sources only).
+    pub fn with_include(self, include: &[String]) -> Result<Source, StoreError> {
+        match self {
+            Source::Hf { repo, revision, .. } => Ok(Source::Hf {
+                repo,
+                revision,
+                include: include.to_vec(),
+            }),
+            s if include.is_empty() => Ok(s),
+            _ => Err(StoreError::Invalid(
+                "include applies to hf: sources only".into(),
+            )),
+        }
+    }
+}
+
+/// `ORG/REPO[@REVISION]`; a trailing `:FILE` (as in activation references) is not part of it.
+fn parse_hf(rest: &str, include: &[String]) -> Result<Source, StoreError> {
+    let (repo, revision) = rest.split_once('@').unwrap_or((rest, "main"));
+    let part = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 96
+            && !p.starts_with('.')
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            && !p.contains("--")
+            && !p.contains("..")
+    };
+    match repo.split_once('/') {
+        Some((o, r)) if part(o) && part(r) => {}
+        _ => {
+            return Err(StoreError::Invalid(format!(
+                "hf repository \"{repo}\": expected ORG/REPO of [A-Za-z0-9._-]"
+            )));
+        }
+    }
+    if !valid_tag(revision) {
+        return Err(StoreError::Invalid(format!(
+            "hf revision \"{revision}\": expected a branch, tag or commit"
+        )));
+    }
+    Ok(Source::Hf {
+        repo: repo.to_string(),
+        revision: revision.to_string(),
+        include: include.to_vec(),
+    })
+}
+
+/// A relative path inside a repository: 1 to 8 safe components.
+pub fn safe_rel_path(p: &str) -> bool {
+    let parts: Vec<&str> = p.split('/').collect();
+    parts.len() <= 8 && parts.iter().all(|c| safe_file_name(c))
+}
+
+/// `*` (any run within a path component), `?`, everything else literal.
+pub fn glob_match(pat: &str, s: &str) -> bool {
+    fn m(p: &[u8], s: &[u8]) -> bool {
+        match (p.first(), s.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => m(&p[1..], s) || (!s.is_empty() && s[0] != b'/' && m(p, &s[1..])),
+            (Some(b'?'), Some(c)) if *c != b'/' => m(&p[1..], &s[1..]),
+            (Some(a), Some(b)) if a == b => m(&p[1..], &s[1..]),
+            _ => false,
+        }
+    }
+    m(pat.as_bytes(), s.as_bytes())
 }
 
 /// `ns/name`: each part `[a-z0-9][a-z0-9._-]{0,63}`, exactly one slash.
@@ -212,5 +289,12 @@ mod tests {
         assert!(Source::parse("http://127.0.0.1:9/m.gguf", Some(&h)).is_ok());
         assert!(Source::parse("https://h/x/", Some(&h)).is_err());
         assert!(Source::parse("https://h/x/..", Some(&h)).is_err());
+        let hf = Source::parse("hf:org/repo@v1", None).expect("hf");
+        assert_eq!(hf.id(), "hf:org/repo@v1");
+        assert_eq!(hf.dir(), PathBuf::from("models--org--repo"));
+        assert!(Source::parse("hf:../x", None).is_err());
+        assert!(Source::parse("hf:a/b@../x", None).is_err());
+        assert!(glob_match("*.gguf", "m-Q4.gguf") && !glob_match("*.gguf", "a/b.gguf"));
+        assert!(safe_rel_path("a/b.json") && !safe_rel_path("../../etc/x") && !safe_rel_path("/x"));
     }
 }

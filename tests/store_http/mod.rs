@@ -2,7 +2,10 @@
 //! bytes=N-` (206), and an access log. The path's first element picks the behaviour:
 //! `/ok/F` serves the file, `/drop/F` closes the first full GET at 50 %, `/corrupt/F`
 //! serves it with one byte changed, `/slow/F` sends it in small, paced chunks, `/huge/F`
-//! announces 1 GiB (HEAD) and sends nothing useful.
+//! announces 1 GiB (HEAD) and sends nothing useful. It is also a Hugging Face Hub for the
+//! endpoints the store calls: `/api/models/org/{tiny,evil}/revision/main` (repository info
+//! with siblings), `/org/tiny/resolve/COMMIT/FILE` (an LFS file answers 302 to `/cdn/FILE`
+//! with `X-Repo-Commit`, `X-Linked-Etag`, `X-Linked-Size`; a small file answers itself).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -94,6 +97,9 @@ async fn handle(
         path: path.clone(),
         range: range.clone(),
     });
+    if path.starts_with("/api/") || path.contains("/resolve/") {
+        return hub(s, &method, &path, data).await;
+    }
     let kind = path.split('/').nth(1).unwrap_or_default().to_string();
     let mut body = data.to_vec();
     if kind == "corrupt" {
@@ -144,6 +150,53 @@ async fn handle(
             }
         }
         _ => s.write_all(body).await?,
+    }
+    s.shutdown().await
+}
+
+pub const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+pub const CONFIG: &str = "{\"architectures\":[\"LlamaForCausalLM\"]}";
+
+async fn hub(mut s: TcpStream, method: &str, path: &str, data: &[u8]) -> std::io::Result<()> {
+    let sum: String = <sha2::Sha256 as sha2::Digest>::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let (status, headers, body) = match path {
+        "/api/models/org/tiny/revision/main" => (
+            "200 OK",
+            String::new(),
+            format!(
+                "{{\"id\":\"org/tiny\",\"sha\":\"{COMMIT}\",\"siblings\":[{{\"rfilename\":\"tiny.gguf\"}},{{\"rfilename\":\"config.json\"}},{{\"rfilename\":\"README.md\"}}]}}"
+            ),
+        ),
+        "/api/models/org/evil/revision/main" => (
+            "200 OK",
+            String::new(),
+            format!("{{\"sha\":\"{COMMIT}\",\"siblings\":[{{\"rfilename\":\"../../etc/x\"}}]}}"),
+        ),
+        p if p == format!("/org/tiny/resolve/{COMMIT}/tiny.gguf") => (
+            "302 Found",
+            format!(
+                "Location: /cdn/tiny.gguf\r\nX-Repo-Commit: {COMMIT}\r\nX-Linked-Etag: \"{sum}\"\r\nX-Linked-Size: {}\r\nETag: W/\"1234\"\r\n",
+                data.len()
+            ),
+            String::new(),
+        ),
+        p if p == format!("/org/tiny/resolve/{COMMIT}/config.json") => (
+            "200 OK",
+            format!("X-Repo-Commit: {COMMIT}\r\nETag: \"9f2b0c1d\"\r\n"),
+            CONFIG.to_string(),
+        ),
+        _ => ("404 Not Found", String::new(), String::new()),
+    };
+    let hdr = format!(
+        "HTTP/1.1 {status}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(hdr.as_bytes()).await?;
+    if method != "HEAD" {
+        s.write_all(body.as_bytes()).await?;
     }
     s.shutdown().await
 }

@@ -23,6 +23,7 @@ pub async fn pull(
     conn: &zbus::Connection,
     source: &str,
     sha256: Option<&str>,
+    include: &[String],
     yes: bool,
 ) -> Result<(), Fail> {
     let m = ModelsProxy::new(conn).await.map_err(zb)?;
@@ -32,6 +33,9 @@ pub async fn pull(
     }
     if let Some(h) = sha256 {
         opts.insert("sha256", Variant::from(h));
+    }
+    if !include.is_empty() {
+        opts.insert("include", Variant::from(include.to_vec()));
     }
     let path = m.pull(source, opts).await.map_err(zb)?;
     let job = JobProxy::builder(conn)
