@@ -107,7 +107,10 @@ async fn https_source_resumes_verifies_refuses_over_quota_and_shares_one_downloa
     let srv = FileServer::start(data.clone()).await;
     let store = store_dir();
     let o = Options {
-        extra_config: models_config(store.path(), "max_disk = \"64M\"\n"),
+        extra_config: models_config(
+            store.path(),
+            "max_disk = \"64M\"\nconfirm_above = \"100K\"\n",
+        ),
         ..Options::default()
     };
     let d = Daemon::start_with(&[], o).await;
@@ -171,8 +174,46 @@ async fn https_source_resumes_verifies_refuses_over_quota_and_shares_one_downloa
         srv.hits("/huge/")
     );
 
-    // Two concurrent pulls of one model: one job, one download.
+    // Without confirmation above confirm_above: refused before any GET.
     let slow = format!("{}#sha256={sum}", srv.url("slow", "tiny.gguf"));
+    let job = models(&d)
+        .await
+        .pull(&slow, Default::default())
+        .await
+        .expect("Pull");
+    let (st, err) = finish(&d, &job).await;
+    assert!(st == "failed" && err.contains("--yes"), "{st}: {err}");
+    assert!(srv.hits("/slow/").iter().all(|h| h.method == "HEAD"));
+
+    // Cancelled halfway: the partial file stays, and the next pull resumes it.
+    let job = start_pull(&d, &slow).await;
+    let jp = JobProxy::builder(&d.conn)
+        .path(job.clone())
+        .cache_properties(CacheProperties::No)
+        .build()
+        .await
+        .expect("job");
+    let deadline = Instant::now() + T;
+    while jp.bytes_done().await.expect("BytesDone") == 0 {
+        assert!(Instant::now() < deadline, "the download starts");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    jp.cancel().await.expect("Cancel");
+    assert_eq!(finish(&d, &job).await.0, "cancelled");
+    let partial: u64 = ls_r(&store.path().join(".partial"))
+        .iter()
+        .filter(|p| p.ends_with(".part"))
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
+    assert!(partial > 0, "a cancel keeps what was downloaded");
+    let gets_before = srv
+        .hits("/slow/")
+        .iter()
+        .filter(|h| h.method == "GET")
+        .count();
+
+    // Two concurrent pulls of one model: one job, one download.
     let (a, b) = tokio::join!(start_pull(&d, &slow), start_pull(&d, &slow));
     assert_eq!(a, b, "the second pull joins the first");
     // The download runs as the unprivileged fetch user, into a directory it owns.
@@ -195,12 +236,18 @@ async fn https_source_resumes_verifies_refuses_over_quota_and_shares_one_downloa
     };
     assert_eq!(owner, nobody.uid.as_raw(), "the fetcher's directory");
     assert_eq!(finish(&d, &a).await.0, "completed");
-    let gets = srv
+    let gets: Vec<_> = srv
         .hits("/slow/")
         .into_iter()
         .filter(|h| h.method == "GET")
-        .count();
-    assert_eq!(gets, 1, "one download");
+        .collect();
+    assert_eq!(gets.len(), gets_before + 1, "one download: {gets:?}");
+    assert!(
+        gets[gets_before].range.is_some(),
+        "it resumed the cancelled one"
+    );
+    let slow_file = store.path().join("url").join(&sum).join("tiny.gguf");
+    assert_eq!(sha256(&std::fs::read(slow_file).expect("stored")), sum);
 
     // Path traversal and plain http to a non-loopback host are refused up front.
     let m = models(&d).await;

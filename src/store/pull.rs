@@ -186,6 +186,11 @@ impl Puller {
         };
         tx.send_modify(|s| s.state = JobState::Running);
         let id = src.id();
+        // A file by content digest that is already here needs no second download.
+        if let (Source::Url { .. }, Some(r)) = (src, self.store.get(&id)) {
+            tx.send_modify(|s| (s.done, s.total) = (r.size(), r.size()));
+            return Ok(());
+        }
         let part = self.store.partial_dir(&id);
         let user = fetch_identity(self.store.settings.fetch_user.as_deref())?;
         let (root, p2) = (self.store.root().to_path_buf(), part.clone());
