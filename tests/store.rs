@@ -538,6 +538,30 @@ async fn hf_source_lays_out_the_hub_cache_and_refuses_traversal() {
         srv.hits("/cdn/tiny.gguf").iter().any(|h| h.method == "GET"),
         "the LFS redirect is followed"
     );
+    // Pulled again: the hub is asked, nothing is downloaded a second time.
+    let cdn_gets = || {
+        srv.hits("/cdn/")
+            .iter()
+            .filter(|h| h.method == "GET")
+            .count()
+    };
+    let n = cdn_gets();
+    let mut opts = std::collections::HashMap::new();
+    opts.insert(
+        "include",
+        Variant::from(vec!["*.gguf".to_string(), "config.json".to_string()]),
+    );
+    let job = models(&d)
+        .await
+        .pull("hf:org/tiny", opts)
+        .await
+        .expect("Pull");
+    assert_eq!(finish(&d, &job).await.0, "completed");
+    assert_eq!(
+        cdn_gets(),
+        n,
+        "an unchanged snapshot is not downloaded again"
+    );
     let resolved = modvisor::store::Store::at(store.path())
         .resolve("hf:org/tiny@main:tiny.gguf")
         .expect("resolve");

@@ -51,6 +51,9 @@ pub struct Request {
     pub dir: PathBuf,
     /// Most bytes any file may have when its size is not announced.
     pub limit: u64,
+    /// The store id (modvisord's own; not sent to the fetcher).
+    #[serde(skip)]
+    pub model: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -195,8 +195,13 @@ impl Puller {
         let user = fetch_identity(self.store.settings.fetch_user.as_deref())?;
         let (root, p2) = (self.store.root().to_path_buf(), part.clone());
         blocking(move || prepare_dirs(&root, &p2, user)).await?;
-        let wire = self.wire(src)?;
-        let plan = self.fetch(cancel, wire, &part, o, user, tx).await;
+        let req = Request {
+            source: self.wire(src)?,
+            dir: part.clone(),
+            limit: self.remaining().unwrap_or(UNANNOUNCED_LIMIT),
+            model: id.clone(),
+        };
+        let plan = self.fetch(cancel, req, o, user, tx).await;
         let (plan, commit) = match plan {
             Err(e) => {
                 let _ = std::fs::remove_dir(&part); // only when empty
@@ -204,6 +209,10 @@ impl Puller {
             }
             Ok(p) => p,
         };
+        if plan.is_empty() {
+            let _ = std::fs::remove_dir(&part);
+            return Ok(());
+        }
         tx.send_modify(|s| s.state = JobState::Verifying);
         let (store, src, raw) = (self.store.clone(), src.clone(), raw.to_string());
         let to = Target { src, raw, commit };
@@ -277,19 +286,13 @@ impl Puller {
     async fn fetch(
         &self,
         cancel: &CancellationToken,
-        wire: Wire,
-        part: &Path,
+        req: Request,
         o: &PullOptions,
         user: Option<(u32, u32)>,
         tx: &Tx,
     ) -> Result<Fetched, Option<StoreError>> {
         let failed = |m: String| Some(StoreError::Failed(m));
-        let limit = self.remaining().unwrap_or(UNANNOUNCED_LIMIT);
-        let req = Request {
-            source: wire.clone(),
-            dir: part.to_path_buf(),
-            limit,
-        };
+        let wire = req.source.clone();
         let mut child = spawn_fetcher(&self.fetcher, user).map_err(|e| failed(e.to_string()))?;
         let pid = child.id();
         let r = tokio::select! {
@@ -338,6 +341,11 @@ impl Puller {
                     check_plan(wire, &p)?;
                     let total: u64 = p.iter().filter_map(|f| f.size).sum();
                     tx.send_modify(|s| s.total = total);
+                    if self.unchanged(&req.model, &p, commit.as_deref()) {
+                        tx.send_modify(|s| s.done = total);
+                        // An empty plan (never a checked one): nothing to install.
+                        return Ok((Vec::new(), commit));
+                    }
                     self.admit(total, &req.dir, o)?;
                     stdin.write_all(b"go\n").await.map_err(io)?;
                     plan = Some(p);
@@ -352,6 +360,24 @@ impl Puller {
             }
         }
         Err(failed("the fetcher ended without a result".into()))
+    }
+
+    /// Whether the store already holds exactly what the plan names (same digests, same commit).
+    fn unchanged(&self, id: &str, plan: &[PlanFile], commit: Option<&str>) -> bool {
+        let Some(r) = self.store.get(id) else {
+            return false;
+        };
+        let dir = self.store.root().join(&r.dir);
+        commit.is_none_or(|c| c == r.revision)
+            && r.files.len() == plan.len()
+            && plan.iter().all(|f| {
+                // A file without a digest is pinned by the commit (which matched) alone.
+                let same = |x: &FileRecord| {
+                    x.name == f.name
+                        && (x.sha256 == f.sha256 || (f.sha256.is_empty() && commit.is_some()))
+                };
+                r.files.iter().any(same) && dir.join(&f.name).exists()
+            })
     }
 
     /// Bytes left under `max_disk`.
