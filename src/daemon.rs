@@ -213,6 +213,11 @@ async fn native_backend(cfg: &Config) -> Result<Arc<dyn Backend>, DaemonError> {
 fn model_puller(cfg: &Config) -> Result<Arc<crate::store::Puller>, DaemonError> {
     let exe = std::env::current_exe()
         .map_err(|e| DaemonError::Setup(format!("find our own executable: {e}")))?;
+    // After a package upgrade replaced the binary, the new one serves --fetch just as well.
+    let exe = match exe.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
+        Some(s) => PathBuf::from(s),
+        None => exe,
+    };
     let store = crate::store::Store::new(crate::store::Settings::from_config(cfg));
     Ok(crate::store::Puller::new(Arc::new(store), exe))
 }
