@@ -53,8 +53,40 @@ pub enum Cmd {
     Reload,
     /// Explain the mode decision of a module.
     Explain { name: String },
-    /// Switch a module's active model (a transaction with rollback).
-    Activate { name: String, model: String },
+    /// Switch a module's active model (a transaction with rollback). MODEL is a path or a
+    /// store reference (ollama:NAME:TAG, hf:ORG/REPO@REV:FILE, sha256:HEX).
+    Activate {
+        name: String,
+        model: String,
+        /// Pull the reference into the store first.
+        #[arg(long)]
+        pull: bool,
+        /// Confirm a pull above models.confirm_above.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Pull a model into the store: ollama:NAME[:TAG], hf:ORG/REPO[@REV] or https://…/FILE#sha256=HEX.
+    Pull {
+        source: String,
+        /// The sha256 of a URL source (instead of #sha256=).
+        #[arg(long)]
+        sha256: Option<String>,
+        /// Files of an hf: repository to pull (glob; repeatable; default: all).
+        #[arg(long, value_name = "GLOB")]
+        include: Vec<String>,
+        /// Confirm a pull above models.confirm_above.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// List the models in the store, with the modules using them.
+    Models,
+    /// Remove a model from the store (refused while a running module uses it).
+    Rm {
+        model: String,
+        /// Remove it even while a running module uses it.
+        #[arg(long)]
+        force: bool,
+    },
     /// Set or clear ("") the mode override of a module.
     Override { name: String, mode: String },
     /// Show a module's journal.

@@ -53,6 +53,27 @@ pub struct Config {
     pub containment: Containment,
     /// `[metrics] listen`: where `GET /metrics` is served; None (the default): not at all.
     pub metrics_listen: Option<SocketAddr>,
+    /// The model store (`[models]`).
+    pub models: ModelsConfig,
+}
+
+/// `[models]`: where pulled models live and how much they may take.
+#[derive(Debug, Clone, Default)]
+pub struct ModelsConfig {
+    /// The store directory; `None`: `STATE/models`.
+    pub store: Option<PathBuf>,
+    /// Refuse a pull that would take the store past this many bytes.
+    pub max_disk: Option<u64>,
+    /// A pull larger than this needs an explicit confirmation (`--yes`).
+    pub confirm_above: Option<u64>,
+    /// The Ollama registry (`http://` only on loopback); default `https://registry.ollama.ai`.
+    pub ollama_registry: Option<String>,
+    /// The unprivileged user the fetcher runs as; default `modvisor-engine`, else `nobody`.
+    pub fetch_user: Option<String>,
+    /// The Hugging Face endpoint; default `https://huggingface.co`.
+    pub hf_endpoint: Option<String>,
+    /// A file with a Hugging Face token (root-owned, mode 0600 or stricter).
+    pub hf_token_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -79,6 +100,7 @@ impl Default for Config {
             manifest_trust_check: true,
             containment: Containment::default(),
             metrics_listen: None,
+            models: ModelsConfig::default(),
         }
     }
 }
@@ -93,6 +115,19 @@ struct RawConfig {
     dbus: Option<RawDbus>,
     containers: Option<RawContainers>,
     metrics: Option<RawMetrics>,
+    models: Option<RawModels>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModels {
+    store: Option<String>,
+    max_disk: Option<Spanned<String>>,
+    confirm_above: Option<Spanned<String>>,
+    ollama_registry: Option<String>,
+    fetch_user: Option<String>,
+    hf_endpoint: Option<String>,
+    hf_token_file: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -340,6 +375,19 @@ impl Ctx<'_> {
         Ok(())
     }
 
+    /// A size such as "100G"; "0" or "" means no limit.
+    fn size(&self, v: &Option<Spanned<String>>, key: &str) -> Result<Option<u64>, ManifestError> {
+        let Some(v) = v else { return Ok(None) };
+        if v.get_ref().trim().is_empty() {
+            return Ok(None);
+        }
+        match crate::manifest::units::parse_size(v.get_ref()) {
+            Ok(0) => Ok(None),
+            Ok(n) => Ok(Some(n)),
+            Err(e) => self.err(v.span().start, format!("{key}: {e}")),
+        }
+    }
+
     /// Rotating at zero bytes would rotate at every line.
     fn log_max_bytes(&self, n: &Spanned<u64>) -> Result<u64, ManifestError> {
         let v = *n.get_ref();
@@ -462,7 +510,29 @@ impl Config {
         if let Some(l) = raw.metrics.and_then(|m| m.listen) {
             c.metrics_listen = metrics_listen(&cx, &l)?;
         }
+        if let Some(m) = raw.models {
+            c.models = ModelsConfig {
+                store: m.store.filter(|s| !s.is_empty()).map(|s| resolve(&s)),
+                max_disk: cx.size(&m.max_disk, "models.max_disk")?,
+                confirm_above: cx.size(&m.confirm_above, "models.confirm_above")?,
+                ollama_registry: m.ollama_registry.filter(|s| !s.is_empty()),
+                fetch_user: m.fetch_user.filter(|s| !s.is_empty()),
+                hf_endpoint: m.hf_endpoint.filter(|s| !s.is_empty()),
+                hf_token_file: m
+                    .hf_token_file
+                    .filter(|s| !s.is_empty())
+                    .map(|s| resolve(&s)),
+            };
+        }
         Ok(c)
+    }
+
+    /// The model store directory.
+    pub fn models_store(&self) -> PathBuf {
+        self.models
+            .store
+            .clone()
+            .unwrap_or_else(|| self.state.join("models"))
     }
 
     /// The socket path of the embedded bus.

@@ -212,6 +212,19 @@ async fn native_backend(cfg: &Config) -> Result<Arc<dyn Backend>, DaemonError> {
     Ok(Arc::new(direct))
 }
 
+/// The model store's pulls; the fetcher child is this executable (`modvisord --fetch`).
+fn model_puller(cfg: &Config) -> Result<Arc<crate::store::Puller>, DaemonError> {
+    let exe = std::env::current_exe()
+        .map_err(|e| DaemonError::Setup(format!("find our own executable: {e}")))?;
+    // After a package upgrade replaced the binary, the new one serves --fetch just as well.
+    let exe = match exe.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
+        Some(s) => PathBuf::from(s),
+        None => exe,
+    };
+    let store = crate::store::Store::new(crate::store::Settings::from_config(cfg));
+    Ok(crate::store::Puller::new(Arc::new(store), exe))
+}
+
 /// Sends WATCHDOG=1 at half the watchdog interval, but only while the supervisor answers.
 fn spawn_watchdog(handle: Handle) {
     let Some(period) = sd_notify::watchdog_enabled() else {
@@ -338,6 +351,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     dir_watch.spawn(handle.clone());
     let (conn, bus) = connect_bus(&cfg, &opts).await?;
     let published = dbus::server::serve(&conn, handle.clone()).await?;
+    dbus::models::serve(&conn, model_puller(&cfg)?, handle.state.clone()).await?;
     // Wait for the first reconcile so the module objects exist before the name appears.
     ready
         .await

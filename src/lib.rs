@@ -23,4 +23,5 @@ pub mod reaper;
 pub mod runtime;
 pub mod secrets;
 pub mod state;
+pub mod store;
 pub mod supervisor;

@@ -281,9 +281,13 @@ async fn the_exported_unit_verifies_and_serves_under_systemd_with_core_limit_0()
     let for_testbed: String = text
         .lines()
         .filter(|l| {
-            !["ProtectHome=", "ProtectKernelTunables=", "ProtectKernelLogs="]
-                .iter()
-                .any(|d| l.starts_with(d))
+            ![
+                "ProtectHome=",
+                "ProtectKernelTunables=",
+                "ProtectKernelLogs=",
+            ]
+            .iter()
+            .any(|d| l.starts_with(d))
         })
         .map(|l| format!("{l}\n"))
         .collect();

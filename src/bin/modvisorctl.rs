@@ -17,6 +17,9 @@ use zbus::OwnedVariant;
 use zbus::fdo::{ObjectManagerProxy, PropertiesProxy};
 use zbus::names::InterfaceName;
 
+#[path = "modvisorctl/models.rs"]
+mod models;
+
 enum Fail {
     Code(u8, String),
 }
@@ -567,12 +570,32 @@ async fn run(cli: &Cli) -> Result<(), Fail> {
             }
             Ok(())
         }
-        Cmd::Activate { name, model } => manager(cli)
-            .await?
-            .1
-            .activate_model(name, model)
-            .await
-            .map_err(from_zbus),
+        Cmd::Activate {
+            name,
+            model,
+            pull,
+            yes,
+        } => {
+            let (conn, m) = manager(cli).await?;
+            if *pull {
+                let source = modvisor::store::split_file(model).0;
+                models::pull(&conn, source, None, &[], *yes).await?;
+            }
+            m.activate_model(name, model).await.map_err(from_zbus)
+        }
+        Cmd::Pull {
+            source,
+            sha256,
+            include,
+            yes,
+        } => {
+            let conn = connect_daemon(cli).await?;
+            models::pull(&conn, source, sha256.as_deref(), include, *yes).await
+        }
+        Cmd::Models => models::list(&connect_daemon(cli).await?, cli.json).await,
+        Cmd::Rm { model, force } => {
+            models::remove(&connect_daemon(cli).await?, model, *force).await
+        }
         Cmd::Override { name, mode } => manager(cli)
             .await?
             .1

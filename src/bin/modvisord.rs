@@ -4,6 +4,10 @@ use clap::Parser;
 use modvisor::cli::DaemonArgs as Args;
 
 fn main() -> ExitCode {
+    // The model fetcher child (unprivileged; see store/fetcher.rs), not a daemon.
+    if std::env::args().nth(1).as_deref() == Some("--fetch") {
+        return modvisor::store::fetcher::main();
+    }
     let args = Args::parse();
     let sink = modvisor::logging::init();
     let explicit = args.config.as_os_str() != modvisor::config::DEFAULT_CONFIG;

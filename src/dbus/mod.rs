@@ -4,6 +4,7 @@
 mod authz;
 pub mod client;
 pub mod embedded;
+pub mod models;
 pub mod props;
 mod publisher;
 pub mod ratelimit;

@@ -266,9 +266,13 @@ impl Supervisor {
         let Some(s) = self.slots.get(n) else { return };
         let m = s.lc.module().clone();
         let mode = s.decision.mode.unwrap_or(Mode::Native);
+        // A store reference (ollama:NAME:TAG, hf:ORG/REPO@REV:FILE) becomes its file first.
+        let engine = crate::store::compat::engine_of(s.lc.module());
+        let store = self.cfg.models_store();
         let back = self.back(n);
         self.spawn_for(n, async move {
             let r = tokio::task::spawn_blocking(move || {
+                let requested = crate::store::compat::resolve_for(&store, engine, requested)?;
                 let model = crate::model::validate(m.model.as_ref(), &requested)?;
                 // A root engine only loads what no other user can change.
                 ModelCheck::of(&m, mode, Some(model.clone())).run()?;

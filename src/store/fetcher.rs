@@ -1,0 +1,524 @@
+//! The fetcher: a child process (`modvisord --fetch`) that runs as an unprivileged user and
+//! does everything that touches remote data: registry manifests, HTTP, writing the bytes.
+//! It writes only `*.part` files into the one directory it is given (owned by its user);
+//! modvisord verifies them and moves them into the store.
+//!
+//! Protocol, one JSON object per line: modvisord writes a [`Request`]; the fetcher answers
+//! [`Msg::Plan`], waits for `go` (anything else or EOF: it stops), then sends
+//! [`Msg::Progress`] at most 10 times a second and finally [`Msg::Done`] or [`Msg::Error`].
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+
+use super::source::{OLLAMA_MODEL_LAYER, check_scheme, glob_match, safe_rel_path, valid_sha256};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Wire {
+    Ollama {
+        registry: String,
+        name: String,
+        tag: String,
+    },
+    Url {
+        url: String,
+        file: String,
+        sha256: String,
+    },
+    Hf {
+        endpoint: String,
+        repo: String,
+        revision: String,
+        include: Vec<String>,
+        /// Sent only to the endpoint's host (reqwest drops it on a redirect elsewhere).
+        #[serde(default)]
+        token: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Request {
+    pub source: Wire,
+    /// Where the `.part` files go.
+    pub dir: PathBuf,
+    /// Most bytes any file may have when its size is not announced.
+    pub limit: u64,
+    /// The store id (modvisord's own; not sent to the fetcher).
+    #[serde(skip)]
+    pub model: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlanFile {
+    pub name: String,
+    pub url: String,
+    pub size: Option<u64>,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Msg {
+    /// The commit a Hugging Face revision resolved to (before the plan).
+    Revision(String),
+    Plan(Vec<PlanFile>),
+    Progress(u64),
+    Done,
+    Error(String),
+}
+
+/// Files downloaded at once within one pull.
+const PARALLEL: usize = 3;
+const MAX_MANIFEST: usize = 1 << 20;
+const MAX_REPO_INFO: usize = 4 << 20;
+/// A file without a sha256 (not in LFS: config, tokenizer) may be at most this large.
+pub const MAX_UNHASHED: u64 = 16 << 20;
+
+/// The `.part` name of a plan file (repository paths flattened; `%` is never in a safe name).
+pub fn part_name(name: &str) -> String {
+    format!("{}.part", name.replace('/', "%"))
+}
+
+fn emit(m: &Msg) {
+    if let Ok(s) = serde_json::to_string(m) {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{s}");
+        let _ = out.flush();
+    }
+}
+
+/// The entry point of `modvisord --fetch`.
+pub fn main() -> ExitCode {
+    let mut line = String::new();
+    if std::io::stdin().lock().read_line(&mut line).is_err() {
+        return ExitCode::FAILURE;
+    }
+    let req: Request = match serde_json::from_str(&line) {
+        Ok(r) => r,
+        Err(e) => {
+            emit(&Msg::Error(format!("bad request: {e}")));
+            return ExitCode::FAILURE;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            emit(&Msg::Error(format!("start the async runtime: {e}")));
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(req)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            emit(&Msg::Error(e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn client_no_redirects() -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(15))
+        .read_timeout(Duration::from_secs(60))
+        .build()
+        .map_err(|e| format!("HTTP client: {e}"))
+}
+
+fn client() -> Result<reqwest::Client, String> {
+    let policy = reqwest::redirect::Policy::custom(|a| {
+        if a.previous().len() >= 5 {
+            a.error("more than 5 redirects")
+        } else if let Err(e) = check_scheme(a.url()) {
+            a.error(e.to_string())
+        } else {
+            a.follow()
+        }
+    });
+    reqwest::Client::builder()
+        .redirect(policy)
+        .connect_timeout(Duration::from_secs(15))
+        .read_timeout(Duration::from_secs(60))
+        .user_agent(concat!("modvisor/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| format!("HTTP client: {e}"))
+}
+
+async fn run(req: Request) -> Result<(), String> {
+    let c = client()?;
+    let plan = match &req.source {
+        Wire::Ollama {
+            registry,
+            name,
+            tag,
+        } => ollama_plan(&c, registry, name, tag).await?,
+        Wire::Url { url, file, sha256 } => vec![PlanFile {
+            name: file.clone(),
+            url: url.clone(),
+            size: head_size(&c, url).await,
+            sha256: sha256.clone(),
+        }],
+        Wire::Hf {
+            endpoint,
+            repo,
+            revision,
+            include,
+            token,
+        } => {
+            let hf = Hf {
+                c: &c,
+                base: endpoint.trim_end_matches('/'),
+                token: token.as_deref(),
+            };
+            hf.plan(repo, revision, include).await?
+        }
+    };
+    emit(&Msg::Plan(plan.clone()));
+    let go = tokio::task::spawn_blocking(|| {
+        let mut l = String::new();
+        std::io::stdin().lock().read_line(&mut l).map(|_| l)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    if go.trim() != "go" {
+        return Ok(());
+    }
+    let done = Arc::new(AtomicU64::new(0));
+    let ticker = {
+        let done = done.clone();
+        tokio::spawn(async move {
+            loop {
+                emit(&Msg::Progress(done.load(Ordering::Relaxed)));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let auth = match &req.source {
+        Wire::Hf {
+            endpoint,
+            token: Some(t),
+            ..
+        } => Some((endpoint.trim_end_matches('/').to_string(), t.clone())),
+        _ => None,
+    };
+    let results: Vec<Result<(), String>> = futures_util::stream::iter(plan.iter())
+        .map(|f| download(&c, f, &req.dir, req.limit, &done, auth.as_ref()))
+        .buffer_unordered(PARALLEL)
+        .collect()
+        .await;
+    ticker.abort();
+    emit(&Msg::Progress(done.load(Ordering::Relaxed)));
+    results.into_iter().collect::<Result<Vec<()>, String>>()?;
+    emit(&Msg::Done);
+    Ok(())
+}
+
+async fn head_size(c: &reqwest::Client, url: &str) -> Option<u64> {
+    let r = c.head(url).send().await.ok()?;
+    if !r.status().is_success() {
+        return None;
+    }
+    r.headers()
+        .get(reqwest::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+#[derive(Deserialize)]
+struct Manifest {
+    layers: Vec<Layer>,
+}
+
+#[derive(Deserialize)]
+struct Layer {
+    #[serde(rename = "mediaType")]
+    media_type: String,
+    digest: String,
+    size: u64,
+}
+
+/// GET the manifest (bounded), find the model layer, plan its blob.
+async fn ollama_plan(
+    c: &reqwest::Client,
+    registry: &str,
+    name: &str,
+    tag: &str,
+) -> Result<Vec<PlanFile>, String> {
+    let base = registry.trim_end_matches('/');
+    let url = format!("{base}/v2/{name}/manifests/{tag}");
+    let accept = "application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json";
+    let r = c
+        .get(&url)
+        .header(reqwest::header::ACCEPT, accept)
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    if !r.status().is_success() {
+        return Err(format!(
+            "{url}: HTTP {} (no such model or tag?)",
+            r.status()
+        ));
+    }
+    let mut body = Vec::new();
+    let mut s = r.bytes_stream();
+    while let Some(chunk) = s.next().await {
+        let chunk = chunk.map_err(|e| format!("{url}: {e}"))?;
+        if body.len() + chunk.len() > MAX_MANIFEST {
+            return Err(format!("{url}: the manifest is larger than 1 MiB"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let m: Manifest =
+        serde_json::from_slice(&body).map_err(|e| format!("{url}: not a manifest: {e}"))?;
+    let layer = m
+        .layers
+        .iter()
+        .find(|l| l.media_type == OLLAMA_MODEL_LAYER)
+        .ok_or_else(|| format!("{url}: no layer of type {OLLAMA_MODEL_LAYER}"))?;
+    let hexd = layer
+        .digest
+        .strip_prefix("sha256:")
+        .filter(|h| valid_sha256(h))
+        .ok_or_else(|| format!("{url}: bad layer digest \"{}\"", layer.digest))?;
+    Ok(vec![PlanFile {
+        name: "model.gguf".into(),
+        url: format!("{base}/v2/{name}/blobs/{}", layer.digest),
+        size: Some(layer.size),
+        sha256: hexd.to_string(),
+    }])
+}
+
+#[derive(Deserialize)]
+struct RepoInfo {
+    sha: String,
+    siblings: Vec<Sibling>,
+}
+
+#[derive(Deserialize)]
+struct Sibling {
+    rfilename: String,
+}
+
+/// The Hugging Face Hub endpoints: repository info, then `resolve/COMMIT/FILE`.
+struct Hf<'a> {
+    c: &'a reqwest::Client,
+    base: &'a str,
+    token: Option<&'a str>,
+}
+
+impl Hf<'_> {
+    fn auth(&self, r: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    }
+
+    async fn info(&self, repo: &str, rev: &str) -> Result<RepoInfo, String> {
+        let url = format!("{}/api/models/{repo}/revision/{rev}", self.base);
+        let r = self
+            .auth(self.c.get(&url))
+            .send()
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        if !r.status().is_success() {
+            return Err(format!(
+                "{url}: HTTP {} (no such repository or revision?)",
+                r.status()
+            ));
+        }
+        let body = bounded_body(r, MAX_REPO_INFO)
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        serde_json::from_slice(&body).map_err(|e| format!("{url}: not repository info: {e}"))
+    }
+
+    async fn plan(
+        &self,
+        repo: &str,
+        rev: &str,
+        include: &[String],
+    ) -> Result<Vec<PlanFile>, String> {
+        let info = self.info(repo, rev).await?;
+        let commit = info.sha;
+        if commit.len() != 40 || !commit.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "the hub answered an odd commit \"{}\"",
+                commit.escape_debug()
+            ));
+        }
+        emit(&Msg::Revision(commit.clone()));
+        let mut plan = Vec::new();
+        for s in &info.siblings {
+            let n = &s.rfilename;
+            if !include.is_empty() && !include.iter().any(|g| glob_match(g, n)) {
+                continue;
+            }
+            if !safe_rel_path(n) {
+                return Err(format!(
+                    "the repository lists an unsafe file name \"{}\": refused",
+                    n.escape_debug()
+                ));
+            }
+            plan.push(self.file(repo, &commit, n).await?);
+        }
+        if plan.is_empty() {
+            return Err(format!("no file of {repo}@{rev} matches {include:?}"));
+        }
+        Ok(plan)
+    }
+
+    /// HEAD without following redirects: an LFS file's sha256 and size are in `X-Linked-*`.
+    async fn file(&self, repo: &str, commit: &str, name: &str) -> Result<PlanFile, String> {
+        let url = format!("{}/{repo}/resolve/{commit}/{name}", self.base);
+        let nf = client_no_redirects()?;
+        let r = self
+            .auth(nf.head(&url))
+            .send()
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        if !(r.status().is_success() || r.status().is_redirection()) {
+            return Err(format!("{url}: HTTP {}", r.status()));
+        }
+        let h = |k: &str| {
+            r.headers().get(k).and_then(|v| v.to_str().ok()).map(|v| {
+                v.trim()
+                    .trim_start_matches("W/")
+                    .trim_matches('"')
+                    .to_string()
+            })
+        };
+        let etag = h("x-linked-etag").or_else(|| h("etag")).unwrap_or_default();
+        let size = h("x-linked-size")
+            .or_else(|| h("content-length"))
+            .and_then(|v| v.parse::<u64>().ok());
+        let sha256 = if valid_sha256(&etag) {
+            etag
+        } else {
+            String::new()
+        };
+        if sha256.is_empty() && size.is_none_or(|s| s > MAX_UNHASHED) {
+            return Err(format!("{name}: no sha256 and not a small file: refused"));
+        }
+        Ok(PlanFile {
+            name: name.to_string(),
+            url,
+            size,
+            sha256,
+        })
+    }
+}
+
+async fn bounded_body(r: reqwest::Response, max: usize) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    let mut s = r.bytes_stream();
+    while let Some(chunk) = s.next().await {
+        let chunk = chunk.map_err(|e| e.to_string())?;
+        if body.len() + chunk.len() > max {
+            return Err(format!("the answer is larger than {max} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Where the response starts writing: an append after `have` bytes (206), or from 0 (200).
+fn resume_offset(r: &reqwest::Response, have: u64) -> Result<u64, String> {
+    match r.status().as_u16() {
+        200 => Ok(0),
+        206 => {
+            let start = r
+                .headers()
+                .get(reqwest::header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("bytes "))
+                .and_then(|v| v.split('-').next())
+                .and_then(|v| v.parse::<u64>().ok());
+            if start == Some(have) {
+                Ok(have)
+            } else {
+                Err(format!(
+                    "the server resumed at {start:?}, not at byte {have}"
+                ))
+            }
+        }
+        s => Err(format!("HTTP {s}")),
+    }
+}
+
+/// Downloads one file into `DIR/NAME.part`, resuming what is there (Range), never past its
+/// announced size (or `limit` when none was announced).
+async fn download(
+    c: &reqwest::Client,
+    f: &PlanFile,
+    dir: &Path,
+    limit: u64,
+    done: &AtomicU64,
+    auth: Option<&(String, String)>,
+) -> Result<(), String> {
+    let part = dir.join(part_name(&f.name));
+    let ctx = |e: &dyn std::fmt::Display| format!("{}: {e}", f.name);
+    let mut have = tokio::fs::metadata(&part).await.map_or(0, |m| m.len());
+    if f.size.is_some_and(|s| have > s) {
+        have = 0;
+    }
+    if have > 0 && f.size == Some(have) {
+        done.fetch_add(have, Ordering::Relaxed);
+        return Ok(());
+    }
+    let mut rq = c.get(&f.url);
+    if let Some((base, t)) = auth
+        && f.url.starts_with(&format!("{base}/"))
+    {
+        rq = rq.bearer_auth(t);
+    }
+    if have > 0 {
+        rq = rq.header(reqwest::header::RANGE, format!("bytes={have}-"));
+    }
+    let r = rq.send().await.map_err(|e| ctx(&e))?;
+    let from = resume_offset(&r, have).map_err(|e| ctx(&e))?;
+    let mut file = tokio::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(from > 0)
+        .truncate(from == 0)
+        .open(&part)
+        .await
+        .map_err(|e| ctx(&e))?;
+    let cap = f.size.unwrap_or(limit);
+    let mut written = from;
+    done.fetch_add(from, Ordering::Relaxed);
+    let mut s = r.bytes_stream();
+    while let Some(chunk) = s.next().await {
+        let chunk = chunk.map_err(|e| ctx(&format!("after {written} bytes: {e}")))?;
+        written += chunk.len() as u64;
+        if written > cap {
+            return Err(ctx(&format!("the server sent more than {cap} bytes")));
+        }
+        file.write_all(&chunk).await.map_err(|e| ctx(&e))?;
+        done.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+    }
+    file.sync_all().await.map_err(|e| ctx(&e))?;
+    if let Some(sz) = f.size
+        && written != sz
+    {
+        return Err(ctx(&format!(
+            "the download ended after {written} of {sz} bytes"
+        )));
+    }
+    Ok(())
+}
