@@ -80,19 +80,24 @@ async fn restart_then_stop(d: &Daemon, name: &str) {
             "loop {i}: the restart overtaken by a stop is answered as cancelled: {restarted:?}"
         );
         stays_stopped(d, name, Duration::from_secs(1)).await;
-        m.start_module(name).await.expect("StartModule");
+        if i + 1 < LOOPS {
+            m.start_module(name).await.expect("StartModule");
+        }
     }
 }
 
 /// StopModule between two automatic restarts of a crash loop (and once while it runs).
 async fn stop_in_crash_loop(d: &Daemon, name: &str, between: &str) {
     let m = d.manager().await;
-    for _ in 0..LOOPS {
+    for i in 0..LOOPS {
         let b = between.to_string();
         d.wait_module(name, T, move |_, _, r| r.contains(&b)).await;
         m.stop_module(name).await.expect("StopModule");
         stays_stopped(d, name, Duration::from_millis(1500)).await;
-        m.start_module(name).await.expect("StartModule");
+        // The last loop leaves it stopped, for the check of the unit itself.
+        if i + 1 < LOOPS {
+            m.start_module(name).await.expect("StartModule");
+        }
     }
 }
 

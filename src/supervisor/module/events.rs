@@ -29,7 +29,11 @@ impl Lifecycle {
             return;
         };
         run.started = true;
-        run.main_pid = s.main_pid;
+        // The backend may have reported the PID already (a direct child prepared off the
+        // actor sends it as progress, which can arrive before this answer): keep it.
+        if s.main_pid != 0 {
+            run.main_pid = s.main_pid;
+        }
         run.unit = s.unit;
         run.restarts_itself = s.restarts_itself;
         run.survives = s.survives;
