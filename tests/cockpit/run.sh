@@ -150,6 +150,10 @@ cat >"$W/modules.d/mvck-svc.toml" <<'EOF'
 description = "killed from outside, restarted by systemd"
 trusted = true
 [native]
+# The engines read files under /tmp (mode 0700): root, temp directory visible, as the
+# suites written before engines ran unprivileged (tests/common/mod.rs root_engine).
+user = "root"
+sandbox = { private_tmp = false, protect_system = false }
 command = ["/bin/sh", "-c", "echo mvck-svc up; exec sleep 100000"]
 [restart]
 delay = "3s"
@@ -158,12 +162,20 @@ cat >"$W/modules.d/mvck-stop.toml" <<'EOF'
 description = "stopped and started from the page"
 trusted = true
 [native]
+# The engines read files under /tmp (mode 0700): root, temp directory visible, as the
+# suites written before engines ran unprivileged (tests/common/mod.rs root_engine).
+user = "root"
+sandbox = { private_tmp = false, protect_system = false }
 command = ["/bin/sh", "-c", "echo mvck-stop up; exec sleep 100000"]
 EOF
 cat >"$W/modules.d/mvck-mem.toml" <<'EOF'
 description = "over its RAM warning threshold"
 trusted = true
 [native]
+# The engines read files under /tmp (mode 0700): root, temp directory visible, as the
+# suites written before engines ran unprivileged (tests/common/mod.rs root_engine).
+user = "root"
+sandbox = { private_tmp = false, protect_system = false }
 command = ["/bin/sh", "-c", "exec sleep 100000"]
 [resources]
 memory_max = "64M"
@@ -173,6 +185,10 @@ cat >"$W/modules.d/mvck-fail.toml" <<'EOF'
 description = "an engine that cannot start"
 trusted = true
 [native]
+# The engines read files under /tmp (mode 0700): root, temp directory visible, as the
+# suites written before engines ran unprivileged (tests/common/mod.rs root_engine).
+user = "root"
+sandbox = { private_tmp = false, protect_system = false }
 command = ["/bin/sh", "-c", "echo 'cannot open /dev/nvidia0' >&2; exit 3"]
 [restart]
 policy = "no"
@@ -181,6 +197,10 @@ cat >"$W/modules.d/mvck-llm.toml" <<EOF
 description = "model activation with rollback"
 trusted = true
 [native]
+# The engines read files under /tmp (mode 0700): root, temp directory visible, as the
+# suites written before engines ran unprivileged (tests/common/mod.rs root_engine).
+user = "root"
+sandbox = { private_tmp = false, protect_system = false }
 command = ["$W/engine.sh", "\${model}"]
 [model]
 directory = "$W/models"
