@@ -55,6 +55,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// The model store (`[models]`).
     pub models: ModelsConfig,
+    /// `[admission]`: memory-aware admission and eviction.
+    pub admission: crate::admission::AdmissionConfig,
 }
 
 /// `[models]`: where pulled models live and how much they may take.
@@ -101,6 +103,7 @@ impl Default for Config {
             containment: Containment::default(),
             metrics_listen: None,
             models: ModelsConfig::default(),
+            admission: crate::admission::AdmissionConfig::default(),
         }
     }
 }
@@ -116,6 +119,7 @@ struct RawConfig {
     containers: Option<RawContainers>,
     metrics: Option<RawMetrics>,
     models: Option<RawModels>,
+    admission: Option<crate::admission::config::RawAdmission>,
 }
 
 #[derive(Deserialize)]
@@ -509,6 +513,9 @@ impl Config {
         }
         if let Some(l) = raw.metrics.and_then(|m| m.listen) {
             c.metrics_listen = metrics_listen(&cx, &l)?;
+        }
+        if let Some(a) = raw.admission {
+            c.admission = a.validate(path, src)?;
         }
         if let Some(m) = raw.models {
             c.models = ModelsConfig {

@@ -1,6 +1,7 @@
 //! modvisor: a supervisor for local AI inference engines.
 #![deny(unsafe_code)]
 
+pub mod admission;
 pub mod bounded;
 pub mod cli;
 pub mod config;

@@ -1,0 +1,441 @@
+//! Memory-aware admission: does a module about to start fit in what the machine has free,
+//! and if not, which idle modules to evict so that it does. Pure: figures in, a decision and
+//! its arithmetic out; no I/O. The supervisor measures (NVML, /proc/meminfo), calls
+//! [`decide`], and carries the decision out (admission in `supervisor/admit.rs`).
+//!
+//! The rules, stated once:
+//! - what a module needs is its footprint: its measured peak per (module, model), else what
+//!   its manifest declares (`resources.memory_max`, `resources.vram`), else nothing (it is
+//!   admitted and the arithmetic says that nothing is known);
+//! - it fits when its RAM need is within `MemAvailable` minus the margin minus what modules
+//!   still starting will take (and within `ram_budget` when one is set), and its VRAM need is
+//!   within the free memory of each GPU it will use, minus the margin and the starting ones;
+//! - `gpus = "any"`: the GPU with the most free memory that fits, else the one that needs the
+//!   fewest evictions;
+//! - eviction candidates are running modules that are not pinned, not mid-activation, not
+//!   starting or stopping, and without open connections (unless `preempt`); lowest
+//!   `priority` first, then least recently used; only as many as the shortfall needs;
+//! - when even all candidates would not free enough, the start is refused with a reason that
+//!   names what holds the memory: modules (with why they cannot be evicted) and foreign
+//!   GPU processes.
+
+pub mod config;
+pub mod footprint;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use crate::manifest::units::format_bytes;
+
+pub use config::AdmissionConfig;
+pub use footprint::{Footprint, Footprints};
+
+/// Where a module's VRAM footprint goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GpuNeed {
+    /// No VRAM footprint (or no GPU to place it on).
+    None,
+    /// This much on one GPU, which admission picks (`gpus = "any"`).
+    Any(u64),
+    /// This much on each of these GPUs (an explicit list, or where it was measured).
+    On(BTreeMap<u32, u64>),
+}
+
+/// Where a footprint figure comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Measured,
+    Declared,
+    Unknown,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Measured => "measured",
+            Source::Declared => "declared",
+            Source::Unknown => "",
+        }
+    }
+}
+
+/// What the module about to start needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Need {
+    pub ram: u64,
+    pub gpu: GpuNeed,
+    pub source: Source,
+}
+
+/// Another module that holds (or will take) memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub name: String,
+    /// What it uses now (RSS of its processes; VRAM per GPU index).
+    pub ram: u64,
+    pub vram: BTreeMap<u32, u64>,
+    /// What it will take beyond that (a module still starting: footprint minus usage).
+    pub reserved_ram: u64,
+    pub reserved_vram: BTreeMap<u32, u64>,
+    /// Why it may not be evicted; None: it may.
+    pub keep: Option<String>,
+    pub priority: i32,
+    /// When it was last used (µs since the epoch): the least recently used go first.
+    pub last_used: u64,
+}
+
+/// A GPU process that belongs to no module.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Foreign {
+    pub gpu: u32,
+    pub pid: u32,
+    pub command: String,
+    pub bytes: u64,
+}
+
+/// One GPU as measured now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuFree {
+    pub index: u32,
+    pub total: u64,
+    pub used: u64,
+}
+
+/// The machine as measured now, and the settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Machine {
+    pub mem_available: u64,
+    pub ram_budget: Option<u64>,
+    pub gpus: Vec<GpuFree>,
+    pub ram_margin: u64,
+    pub vram_margin: u64,
+}
+
+/// The question: can `name` start now, next to `holders`?
+#[derive(Debug, Clone)]
+pub struct Request<'a> {
+    pub name: &'a str,
+    pub need: &'a Need,
+    pub holders: &'a [Holder],
+    pub foreign: &'a [Foreign],
+    pub machine: &'a Machine,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// It fits; on these GPUs (empty: none placed).
+    Admit { gpus: Vec<u32> },
+    /// It fits once these modules are stopped (in this order).
+    Evict {
+        gpus: Vec<u32>,
+        victims: Vec<String>,
+    },
+    /// It cannot fit: why, naming what holds the memory.
+    Refuse(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub verdict: Verdict,
+    /// The arithmetic, one line per resource (for `explain` and the journal).
+    pub arithmetic: String,
+}
+
+/// A shortfall on one resource: the label ("RAM", "GPU 0"), how much is missing, and what is
+/// free.
+#[derive(Debug, Clone)]
+struct Short {
+    what: Resource,
+    missing: u64,
+    free: u64,
+    need: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resource {
+    Ram,
+    Gpu(u32),
+}
+
+impl Resource {
+    fn label(self) -> String {
+        match self {
+            Resource::Ram => "RAM".into(),
+            Resource::Gpu(g) => format!("GPU {g}"),
+        }
+    }
+    fn held_by(self, h: &Holder) -> u64 {
+        match self {
+            Resource::Ram => h.ram,
+            Resource::Gpu(g) => h.vram.get(&g).copied().unwrap_or(0),
+        }
+    }
+}
+
+/// The one entry point: admit, evict or refuse, with the arithmetic.
+pub fn decide(r: &Request<'_>) -> Decision {
+    let mut text = String::new();
+    let ram = ram_short(r, &mut text);
+    let choices: Vec<Vec<u32>> = match &r.need.gpu {
+        GpuNeed::None => vec![Vec::new()],
+        GpuNeed::On(map) => vec![map.keys().copied().collect()],
+        GpuNeed::Any(_) if r.machine.gpus.is_empty() => vec![Vec::new()],
+        GpuNeed::Any(_) => r.machine.gpus.iter().map(|g| vec![g.index]).collect(),
+    };
+    // Each placement: its shortfalls, then the eviction that covers them (if any).
+    let mut best: Option<(
+        usize,
+        u64,
+        Vec<u32>,
+        Vec<Short>,
+        Result<Vec<String>, String>,
+    )> = None;
+    for gpus in choices {
+        let mut shorts: Vec<Short> = ram.iter().cloned().collect();
+        let mut free_sum = 0;
+        for &g in &gpus {
+            let (short, free) = gpu_short(r, g);
+            free_sum += free;
+            shorts.extend(short);
+        }
+        let plan = evict_plan(r, &shorts);
+        let cost = match &plan {
+            Ok(v) => v.len(),
+            Err(_) => usize::MAX,
+        };
+        // Fewest evictions first, then the most free memory.
+        let better = best
+            .as_ref()
+            .is_none_or(|b| (cost, u64::MAX - free_sum) < (b.0, u64::MAX - b.1));
+        if better {
+            best = Some((cost, free_sum, gpus, shorts, plan));
+        }
+    }
+    let Some((_, _, gpus, shorts, plan)) = best else {
+        return Decision {
+            verdict: Verdict::Admit { gpus: Vec::new() },
+            arithmetic: text,
+        };
+    };
+    gpu_text(r, &gpus, &mut text);
+    let verdict = match plan {
+        Ok(v) if v.is_empty() => Verdict::Admit { gpus },
+        Ok(victims) => {
+            let _ = write!(text, "\nevict: {}", victims.join(", "));
+            Verdict::Evict { gpus, victims }
+        }
+        Err(why) => Verdict::Refuse(why_not(r, &shorts, &why)),
+    };
+    Decision {
+        verdict,
+        arithmetic: text.trim_start().to_string(),
+    }
+}
+
+/// RAM: `MemAvailable` minus the margin and what starting modules will take, within the
+/// budget when one is set.
+fn ram_short(r: &Request<'_>, text: &mut String) -> Option<Short> {
+    let m = r.machine;
+    let need = r.need.ram;
+    let reserved: u64 = r.holders.iter().map(|h| h.reserved_ram).sum();
+    let mut free = m
+        .mem_available
+        .saturating_sub(m.ram_margin)
+        .saturating_sub(reserved);
+    let _ = write!(
+        text,
+        "\nRAM: needs {} ({}); MemAvailable {} - margin {} - {} for starting modules = {}",
+        format_bytes(need),
+        source_text(r.need.source, need),
+        format_bytes(m.mem_available),
+        format_bytes(m.ram_margin),
+        format_bytes(reserved),
+        format_bytes(free)
+    );
+    if let Some(b) = m.ram_budget {
+        let used: u64 = r.holders.iter().map(|h| h.ram + h.reserved_ram).sum();
+        let in_budget = b.saturating_sub(used);
+        let _ = write!(
+            text,
+            "; ram_budget {} - {} held by modules = {}",
+            format_bytes(b),
+            format_bytes(used),
+            format_bytes(in_budget)
+        );
+        free = free.min(in_budget);
+    }
+    verdict_text(text, need, free);
+    (need > free).then(|| Short {
+        what: Resource::Ram,
+        missing: need - free,
+        free,
+        need,
+    })
+}
+
+fn gpu_need(r: &Request<'_>, g: u32) -> u64 {
+    match &r.need.gpu {
+        GpuNeed::None => 0,
+        GpuNeed::Any(n) => *n,
+        GpuNeed::On(m) => m.get(&g).copied().unwrap_or(0),
+    }
+}
+
+/// One GPU: its free memory minus the margin and what starting modules will take there.
+fn gpu_short(r: &Request<'_>, g: u32) -> (Option<Short>, u64) {
+    let need = gpu_need(r, g);
+    let Some(gpu) = r.machine.gpus.iter().find(|x| x.index == g) else {
+        // A GPU that NVML does not show: nothing can be checked (the engine will say).
+        return (None, 0);
+    };
+    let reserved: u64 = r
+        .holders
+        .iter()
+        .filter_map(|h| h.reserved_vram.get(&g))
+        .sum();
+    let free = gpu
+        .total
+        .saturating_sub(gpu.used)
+        .saturating_sub(r.machine.vram_margin)
+        .saturating_sub(reserved);
+    let short = (need > free).then(|| Short {
+        what: Resource::Gpu(g),
+        missing: need - free,
+        free,
+        need,
+    });
+    (short, free)
+}
+
+fn gpu_text(r: &Request<'_>, gpus: &[u32], text: &mut String) {
+    for &g in gpus {
+        let need = gpu_need(r, g);
+        let Some(gpu) = r.machine.gpus.iter().find(|x| x.index == g) else {
+            let _ = write!(text, "\nGPU {g}: not found by NVML; not checked");
+            continue;
+        };
+        let reserved: u64 = r
+            .holders
+            .iter()
+            .filter_map(|h| h.reserved_vram.get(&g))
+            .sum();
+        let (_, free) = gpu_short(r, g);
+        let _ = write!(
+            text,
+            "\nGPU {g}: needs {} ({}); total {} - used {} - margin {} - {} for starting modules = {}",
+            format_bytes(need),
+            source_text(r.need.source, need),
+            format_bytes(gpu.total),
+            format_bytes(gpu.used),
+            format_bytes(r.machine.vram_margin),
+            format_bytes(reserved),
+            format_bytes(free)
+        );
+        verdict_text(text, need, free);
+    }
+}
+
+fn source_text(s: Source, need: u64) -> &'static str {
+    match (s, need) {
+        (_, 0) => "no footprint known",
+        (Source::Measured, _) => "measured peak",
+        (Source::Declared, _) => "declared",
+        (Source::Unknown, _) => "unknown",
+    }
+}
+
+fn verdict_text(text: &mut String, need: u64, free: u64) {
+    let _ = match need <= free {
+        true => write!(text, ": fits"),
+        false => write!(text, ": short {}", format_bytes(need - free)),
+    };
+}
+
+/// The fewest candidates, in eviction order, whose memory covers every shortfall; or why not.
+fn evict_plan(r: &Request<'_>, shorts: &[Short]) -> Result<Vec<String>, String> {
+    if shorts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut candidates: Vec<&Holder> = r
+        .holders
+        .iter()
+        .filter(|h| h.keep.is_none() && h.name != r.name)
+        .collect();
+    candidates.sort_by(|a, b| {
+        (a.priority, a.last_used, &a.name).cmp(&(b.priority, b.last_used, &b.name))
+    });
+    let mut missing: Vec<(Resource, u64)> = shorts.iter().map(|s| (s.what, s.missing)).collect();
+    let mut victims = Vec::new();
+    for h in candidates {
+        if missing.iter().all(|(_, m)| *m == 0) {
+            break;
+        }
+        // Only a module that frees some of what is missing is worth stopping.
+        if !missing.iter().any(|(w, m)| *m > 0 && w.held_by(h) > 0) {
+            continue;
+        }
+        for (w, m) in missing.iter_mut() {
+            *m = m.saturating_sub(w.held_by(h));
+        }
+        victims.push(h.name.clone());
+    }
+    match missing.iter().find(|(_, m)| *m > 0) {
+        None => Ok(victims),
+        Some((w, m)) => Err(format!(
+            "{} more on {} than evicting every idle module would free",
+            format_bytes(*m),
+            w.label()
+        )),
+    }
+}
+
+/// "needs 9.2 GiB on GPU 0, 3.1 GiB free: llama-big holds 12.0 GiB (pinned), pid 4242
+/// python3 (not a module) holds 6.5 GiB"
+fn why_not(r: &Request<'_>, shorts: &[Short], detail: &str) -> String {
+    let mut parts = Vec::new();
+    for s in shorts {
+        let mut holders: Vec<String> = r
+            .holders
+            .iter()
+            .filter(|h| s.what.held_by(h) > 0)
+            .map(|h| {
+                let held = format_bytes(s.what.held_by(h));
+                match &h.keep {
+                    Some(k) => format!("{} holds {held} ({k})", h.name),
+                    None => format!("{} holds {held}", h.name),
+                }
+            })
+            .collect();
+        if let Resource::Gpu(g) = s.what {
+            holders.extend(r.foreign.iter().filter(|f| f.gpu == g).map(|f| {
+                format!(
+                    "pid {} {} (not a module) holds {}",
+                    f.pid,
+                    f.command,
+                    format_bytes(f.bytes)
+                )
+            }));
+        }
+        let on = match s.what {
+            Resource::Ram => "of RAM".to_string(),
+            w => format!("on {}", w.label()),
+        };
+        let who = match holders.is_empty() {
+            true => "nothing modvisor can stop holds it".to_string(),
+            false => holders.join(", "),
+        };
+        parts.push(format!(
+            "needs {} {on}, {} free: {who}",
+            format_bytes(s.need),
+            format_bytes(s.free)
+        ));
+    }
+    format!(
+        "not enough memory to start {}: {} ({detail})",
+        r.name,
+        parts.join("; ")
+    )
+}
+
+#[cfg(test)]
+mod tests;
