@@ -64,6 +64,12 @@ fn synthetic(n: usize) -> Arc<Snapshot> {
                 last_activity_us: 0,
                 idle_stop_at_us: 0,
                 on_demand: false,
+                ram_peak_bytes: 0,
+                vram_peak_bytes: 0,
+                footprint_source: String::new(),
+                pinned: false,
+                priority: 0,
+                evictable: false,
             },
         );
     }

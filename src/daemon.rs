@@ -358,7 +358,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         .map_err(|_| DaemonError::Setup("the supervisor ended during start-up".into()))?;
     let publisher =
         dbus::server::Publisher::new(conn.clone(), handle.state.clone(), published).await?;
-    tokio::spawn(publisher.run(handle.activations.subscribe()));
+    tokio::spawn(publisher.run(handle.signals.subscribe()));
     if !matches!(bus, Bus::System) {
         conn.request_name_with_flags(BUS_NAME, dbus::embedded::OWN_NAME_FLAGS)
             .await?;

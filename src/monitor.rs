@@ -3,7 +3,7 @@
 //! calls [`sample`] from `spawn_blocking`, once per `monitor.interval`, and not at all when no
 //! module runs.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 /// What to measure for one running module.
@@ -23,6 +23,8 @@ pub struct ModuleSample {
     pub vram: u64,
     /// Total memory of the GPUs the module's processes use.
     pub vram_total: u64,
+    /// VRAM per GPU index.
+    pub vram_by_gpu: BTreeMap<u32, u64>,
     pub pids: usize,
 }
 
@@ -40,6 +42,8 @@ pub struct Sample {
     pub gpus: Vec<GpuRow>,
     /// GPU processes that belong to no module: (pid, command, bytes).
     pub foreign: Vec<(u32, String, u64)>,
+    /// The GPU index of each foreign process.
+    pub foreign_gpu: HashMap<u32, u32>,
     /// Why there is no GPU information ("" when NVML answered).
     pub gpu_error: String,
 }
@@ -156,6 +160,26 @@ impl Gpu {
         Ok(Gpu { nvml })
     }
 
+    /// (index, total, used) of every GPU: no process lists.
+    pub fn memory(&self) -> Result<Vec<(u32, u64, u64)>, String> {
+        let n = self
+            .nvml
+            .device_count()
+            .map_err(|e| format!("NVML device count: {e}"))?;
+        let mut out = Vec::new();
+        for i in 0..n {
+            let d = self
+                .nvml
+                .device_by_index(i)
+                .map_err(|e| format!("NVML device {i}: {e}"))?;
+            let m = d
+                .memory_info()
+                .map_err(|e| format!("NVML memory {i}: {e}"))?;
+            out.push((i, m.total, m.used));
+        }
+        Ok(out)
+    }
+
     /// Per-GPU figures and every compute process with its memory.
     pub fn sample(&self) -> Result<(Vec<GpuRow>, Vec<GpuProc>), String> {
         let n = self
@@ -202,6 +226,22 @@ fn comm(pid: u32) -> String {
         .unwrap_or_default()
 }
 
+/// What admission reads right before a start: `MemAvailable` and each GPU (index, total,
+/// used), live. Blocking (a read of /proc/meminfo, one NVML query per GPU).
+pub fn free_memory(gpu: Option<&Gpu>) -> (u64, Vec<(u32, u64, u64)>) {
+    let avail = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map(|kib| kib * 1024)
+        .unwrap_or(0);
+    let gpus = gpu.and_then(|g| g.memory().ok()).unwrap_or_default();
+    (avail, gpus)
+}
+
 /// One sampling pass over everything. Blocking.
 pub fn sample(targets: &[Target], gpu: Option<&Gpu>) -> Sample {
     let mut out = Sample::default();
@@ -242,6 +282,10 @@ pub fn sample(targets: &[Target], gpu: Option<&Gpu>) -> Sample {
             .filter(|(pid, _, _)| pids.contains(pid))
             .collect();
         let vram = mine.iter().map(|(_, b, _)| *b).sum();
+        let mut vram_by_gpu = BTreeMap::new();
+        for (_, b, g) in &mine {
+            *vram_by_gpu.entry(*g).or_insert(0) += *b;
+        }
         let used_gpus: HashSet<u32> = mine.iter().map(|(_, _, g)| *g).collect();
         let vram_total = out
             .gpus
@@ -255,14 +299,16 @@ pub fn sample(targets: &[Target], gpu: Option<&Gpu>) -> Sample {
                 rss,
                 vram,
                 vram_total,
+                vram_by_gpu,
                 pids: pids.len(),
             },
         );
         owned.extend(pids);
     }
-    for (pid, bytes, _) in gpu_procs {
+    for (pid, bytes, g) in gpu_procs {
         if !owned.contains(&pid) {
             out.foreign.push((pid, comm(pid), bytes));
+            out.foreign_gpu.insert(pid, g);
         }
     }
     out.foreign.sort();

@@ -90,6 +90,15 @@ pub struct ModuleStatus {
     pub last_activity_us: u64,
     pub idle_stop_at_us: u64,
     pub on_demand: bool,
+    /// Admission: the footprint it is admitted with (measured peaks per (module, model), or
+    /// what the manifest declares), where that comes from ("measured", "declared", ""),
+    /// whether it is pinned, its eviction priority, and whether it could be evicted now.
+    pub ram_peak_bytes: u64,
+    pub vram_peak_bytes: u64,
+    pub footprint_source: String,
+    pub pinned: bool,
+    pub priority: i32,
+    pub evictable: bool,
 }
 
 /// Upper bounds (seconds) of the probe latency histogram's buckets (+Inf is implied).

@@ -226,6 +226,12 @@ fn status(name: &str, description: String) -> ModuleStatus {
         last_activity_us: 0,
         idle_stop_at_us: 0,
         on_demand: false,
+        ram_peak_bytes: 0,
+        vram_peak_bytes: 0,
+        footprint_source: String::new(),
+        pinned: false,
+        priority: 0,
+        evictable: false,
     }
 }
 
@@ -272,7 +278,7 @@ async fn a_failed_pass_is_retried_and_loses_no_object_or_signal() {
     let handle = Handle {
         commands: mpsc::channel(1).0,
         state: rx.clone(),
-        activations: broadcast::channel(4).0,
+        signals: broadcast::channel(4).0,
     };
     let published = serve(&conn, handle.clone()).await.expect("serve");
     // Pass 1: big's InterfacesAdded fails (too large); nothing else may be lost.
@@ -280,7 +286,7 @@ async fn a_failed_pass_is_retried_and_loses_no_object_or_signal() {
         .await
         .expect("publisher");
     conn.request_name("org.modvisor1").await.expect("own name");
-    tokio::spawn(publisher.run(handle.activations.subscribe()));
+    tokio::spawn(publisher.run(handle.signals.subscribe()));
     let mut seen = Vec::new();
     until(&mut stream, &mut seen, |s| {
         module_changes(s, "big") == ["running"]

@@ -141,6 +141,21 @@ pub struct Decision {
     pub arithmetic: String,
 }
 
+/// One placement considered: its evictions (or why none suffice) and its free memory.
+struct Plan {
+    cost: usize,
+    free: u64,
+    gpus: Vec<u32>,
+    shorts: Vec<Short>,
+    evict: Result<Vec<String>, String>,
+}
+
+impl Plan {
+    fn better_than(&self, other: &Plan) -> bool {
+        (self.cost, std::cmp::Reverse(self.free)) < (other.cost, std::cmp::Reverse(other.free))
+    }
+}
+
 /// A shortfall on one resource: the label ("RAM", "GPU 0"), how much is missing, and what is
 /// free.
 #[derive(Debug, Clone)]
@@ -183,35 +198,36 @@ pub fn decide(r: &Request<'_>) -> Decision {
         GpuNeed::Any(_) => r.machine.gpus.iter().map(|g| vec![g.index]).collect(),
     };
     // Each placement: its shortfalls, then the eviction that covers them (if any).
-    let mut best: Option<(
-        usize,
-        u64,
-        Vec<u32>,
-        Vec<Short>,
-        Result<Vec<String>, String>,
-    )> = None;
+    let mut best: Option<Plan> = None;
     for gpus in choices {
         let mut shorts: Vec<Short> = ram.iter().cloned().collect();
-        let mut free_sum = 0;
+        let mut free = 0;
         for &g in &gpus {
-            let (short, free) = gpu_short(r, g);
-            free_sum += free;
+            let (short, f) = gpu_short(r, g);
+            free += f;
             shorts.extend(short);
         }
-        let plan = evict_plan(r, &shorts);
-        let cost = match &plan {
-            Ok(v) => v.len(),
-            Err(_) => usize::MAX,
+        let evict = evict_plan(r, &shorts);
+        let cost = evict.as_ref().map_or(usize::MAX, |v| v.len());
+        let plan = Plan {
+            cost,
+            free,
+            gpus,
+            shorts,
+            evict,
         };
         // Fewest evictions first, then the most free memory.
-        let better = best
-            .as_ref()
-            .is_none_or(|b| (cost, u64::MAX - free_sum) < (b.0, u64::MAX - b.1));
-        if better {
-            best = Some((cost, free_sum, gpus, shorts, plan));
+        if best.as_ref().is_none_or(|b| plan.better_than(b)) {
+            best = Some(plan);
         }
     }
-    let Some((_, _, gpus, shorts, plan)) = best else {
+    let Some(Plan {
+        gpus,
+        shorts,
+        evict: plan,
+        ..
+    }) = best
+    else {
         return Decision {
             verdict: Verdict::Admit { gpus: Vec::new() },
             arithmetic: text,

@@ -168,7 +168,57 @@ fn module_json(mut p: Props) -> Result<serde_json::Value, Fail> {
         "active_model": take::<String>(p, "ActiveModel")?,
         "since_us": take::<u64>(p, "Since")?,
         "manifest_path": take::<String>(p, "ManifestPath")?,
+        "connections": take::<u32>(p, "Connections")?,
+        "last_activity_us": take::<u64>(p, "LastActivity")?,
+        "idle_stop_at_us": take::<u64>(p, "IdleStopAt")?,
+        "on_demand": take::<bool>(p, "OnDemand")?,
+        "ram_peak_bytes": take::<u64>(p, "RamPeakBytes")?,
+        "vram_peak_bytes": take::<u64>(p, "VramPeakBytes")?,
+        "footprint_source": take::<String>(p, "FootprintSource")?,
+        "pinned": take::<bool>(p, "Pinned")?,
+        "priority": take::<i32>(p, "Priority")?,
+        "evictable": take::<bool>(p, "Evictable")?,
     }))
+}
+
+/// "3 connections", or "idle 4m, stops in 11m" ([serve]); "" otherwise.
+fn activity(v: &serde_json::Value, now_us: u64) -> String {
+    let conns = v["connections"].as_u64().unwrap_or(0);
+    let at = v["idle_stop_at_us"].as_u64().unwrap_or(0);
+    let last = v["last_activity_us"].as_u64().unwrap_or(0);
+    let ago = |us: u64| modvisor::manifest::units::format_age(std::time::Duration::from_micros(us));
+    match (conns, at) {
+        (1, _) => "1 connection".into(),
+        (c, _) if c > 1 => format!("{c} connections"),
+        (_, 0) => String::new(),
+        (_, at) => format!(
+            "idle {}, stops in {}",
+            ago(now_us.saturating_sub(last)),
+            ago(at.saturating_sub(now_us))
+        ),
+    }
+}
+
+/// "pinned", "evictable", with the activity: what `status` shows of admission and [serve].
+fn marks(v: &serde_json::Value, now_us: u64) -> String {
+    let mut out = Vec::new();
+    if v["pinned"].as_bool() == Some(true) {
+        out.push("pinned".to_string());
+    } else if v["evictable"].as_bool() == Some(true) {
+        out.push("evictable".to_string());
+    }
+    let a = activity(v, now_us);
+    if !a.is_empty() {
+        out.push(a);
+    }
+    out.join(", ")
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
 }
 
 fn s(v: &serde_json::Value, k: &str) -> String {
@@ -230,6 +280,20 @@ async fn status_one(cli: &Cli, conn: &zbus::Connection, name: &str) -> Result<()
         format_bytes(v["vram_bytes"].as_u64().unwrap_or(0))
     );
     println!("   Restarts: {}", s(&v, "restarts"));
+    let fp = s(&v, "footprint_source");
+    if !fp.is_empty() {
+        println!(
+            "  Footprint: RAM {}, VRAM {} ({fp})",
+            format_bytes(v["ram_peak_bytes"].as_u64().unwrap_or(0)),
+            format_bytes(v["vram_peak_bytes"].as_u64().unwrap_or(0))
+        );
+    }
+    let marks = marks(&v, now_us());
+    println!(
+        "   Eviction: priority {}{}{marks}",
+        s(&v, "priority"),
+        if marks.is_empty() { "" } else { ", " }
+    );
     for (label, key) in [
         ("Unit", "unit"),
         ("Container", "container_id"),
@@ -274,15 +338,16 @@ async fn status_all(cli: &Cli, conn: &zbus::Connection, mgr: &mut Props) -> Resu
         or_none(container_engine),
     );
     println!(
-        "{:<20} {:<9} {:<9} {:<9} {:>8} {:>10} {:>9}  REASON",
-        "NAME", "MODE", "STATE", "HEALTH", "PID", "RAM", "VRAM"
+        "{:<20} {:<9} {:<9} {:<9} {:>8} {:>10} {:>9}  {:<24} REASON",
+        "NAME", "MODE", "STATE", "HEALTH", "PID", "RAM", "VRAM", "USE"
     );
+    let now = now_us();
     for v in &mods {
         let health = s(v, "health");
         let pad = 9usize.saturating_sub(health.len());
         let pid = v["main_pid"].as_u64().unwrap_or(0);
         println!(
-            "{:<20} {:<9} {:<9} {}{} {:>8} {:>10} {:>9}  {}",
+            "{:<20} {:<9} {:<9} {}{} {:>8} {:>10} {:>9}  {:<24} {}",
             s(v, "name"),
             or_dash(s(v, "mode")),
             s(v, "state"),
@@ -291,6 +356,7 @@ async fn status_all(cli: &Cli, conn: &zbus::Connection, mgr: &mut Props) -> Resu
             if pid > 0 { pid.to_string() } else { "-".into() },
             mem_or_dash(v["memory_bytes"].as_u64().unwrap_or(0)),
             mem_or_dash(v["vram_bytes"].as_u64().unwrap_or(0)),
+            or_dash(marks(v, now)),
             s(v, "health_reason"),
         );
     }

@@ -78,6 +78,12 @@ pub mod module {
             Changes "LastActivity" last_activity -> u64 = |m| m.last_activity_us;
             Changes "IdleStopAt" idle_stop_at -> u64 = |m| m.idle_stop_at_us;
             Changes "OnDemand" on_demand -> bool = |m| m.on_demand;
+            Changes "RamPeakBytes" ram_peak_bytes -> u64 = |m| m.ram_peak_bytes;
+            Changes "VramPeakBytes" vram_peak_bytes -> u64 = |m| m.vram_peak_bytes;
+            Changes "FootprintSource" footprint_source -> String = |m| clean(&m.footprint_source);
+            Changes "Pinned" pinned -> bool = |m| m.pinned;
+            Changes "Priority" priority -> i32 = |m| m.priority;
+            Changes "Evictable" evictable -> bool = |m| m.evictable;
         }
     }
 }
@@ -162,6 +168,12 @@ pub(crate) mod tests {
             last_activity_us: 0,
             idle_stop_at_us: 0,
             on_demand: false,
+            ram_peak_bytes: 0,
+            vram_peak_bytes: 0,
+            footprint_source: String::new(),
+            pinned: false,
+            priority: 0,
+            evictable: false,
         }
     }
 

@@ -21,7 +21,7 @@ use super::server::{Manager, ModuleObject};
 use super::text::clean;
 use super::{MANAGER_IFACE, MANAGER_PATH, MODULE_IFACE, module_path};
 use crate::state::{Health, ModuleStatus, Snapshot, State};
-use crate::supervisor::ActivationStep;
+use crate::supervisor::ManagerSignal;
 
 /// A failed pass is retried after this long even when nothing changes, doubling up to the max.
 const RETRY_FIRST: Duration = Duration::from_millis(500);
@@ -81,7 +81,7 @@ impl Publisher {
         Ok(p)
     }
 
-    pub async fn run(mut self, mut activations: broadcast::Receiver<ActivationStep>) {
+    pub async fn run(mut self, mut signals: broadcast::Receiver<ManagerSignal>) {
         loop {
             let retry = self.retry;
             let retry_due = async move {
@@ -98,16 +98,16 @@ impl Publisher {
                     self.pass().await;
                 }
                 () = retry_due => self.pass().await,
-                step = activations.recv() => match step {
-                    Ok((name, model, step, detail)) => {
+                sig = signals.recv() => match sig {
+                    Ok(sig) => {
                         // The module's state first, so that a client sees ActiveModel updated.
                         self.pass().await;
-                        if let Err(e) = self.activation(&name, &model, &step, &detail).await {
-                            tracing::warn!(modvisor_module = %name, "ModelActivation signal: {e}");
+                        if let Err(e) = self.signal(&sig).await {
+                            tracing::warn!("Manager signal {sig:?}: {e}");
                         }
                     }
                     Err(broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!("{n} activation steps not signalled");
+                        tracing::warn!("{n} Manager signals not sent");
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
@@ -115,16 +115,17 @@ impl Publisher {
         }
     }
 
-    async fn activation(
-        &self,
-        name: &str,
-        model: &str,
-        step: &str,
-        detail: &str,
-    ) -> zbus::Result<()> {
+    async fn signal(&self, sig: &ManagerSignal) -> zbus::Result<()> {
         let em = SignalEmitter::new(&self.conn, MANAGER_PATH)?;
-        let (model, detail) = (clean(model), clean(detail));
-        Manager::model_activation(&em, name, &model, step, &detail).await
+        match sig {
+            ManagerSignal::Activation((name, model, step, detail)) => {
+                let (model, detail) = (clean(model), clean(detail));
+                Manager::model_activation(&em, name, &model, step, &detail).await
+            }
+            ManagerSignal::Evicted { name, by, reason } => {
+                Manager::module_evicted(&em, name, by, &clean(reason)).await
+            }
+        }
     }
 
     /// One pass over the latest snapshot; a failure schedules a retry.

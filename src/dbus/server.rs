@@ -229,6 +229,15 @@ impl Manager {
         reason: &str,
     ) -> zbus::Result<()>;
 
+    /// A module was stopped to make room for another: (name, by, reason).
+    #[zbus(signal)]
+    pub(super) async fn module_evicted(
+        emitter: &SignalEmitter<'_>,
+        name: &str,
+        by: &str,
+        reason: &str,
+    ) -> zbus::Result<()>;
+
     #[zbus(signal)]
     pub(super) async fn model_activation(
         emitter: &SignalEmitter<'_>,
@@ -351,6 +360,36 @@ impl ModuleObject {
     fn on_demand(&self) -> bool {
         self.read(mo::on_demand)
     }
+    /// The RAM footprint admission uses: the measured peak, else `resources.memory_max`.
+    #[zbus(property)]
+    fn ram_peak_bytes(&self) -> u64 {
+        self.read(mo::ram_peak_bytes)
+    }
+    /// The VRAM footprint admission uses (all GPUs): the measured peak, else `resources.vram`.
+    #[zbus(property)]
+    fn vram_peak_bytes(&self) -> u64 {
+        self.read(mo::vram_peak_bytes)
+    }
+    /// "measured", "declared", or "" (nothing known).
+    #[zbus(property)]
+    fn footprint_source(&self) -> String {
+        self.read(mo::footprint_source)
+    }
+    /// `resources.pinned`: never evicted.
+    #[zbus(property)]
+    fn pinned(&self) -> bool {
+        self.read(mo::pinned)
+    }
+    /// `resources.priority`: lower priorities are evicted first.
+    #[zbus(property)]
+    fn priority(&self) -> i32 {
+        self.read(mo::priority)
+    }
+    /// Running, idle and not pinned: admission may stop it to start another module.
+    #[zbus(property)]
+    fn evictable(&self) -> bool {
+        self.read(mo::evictable)
+    }
 }
 
 /// Registers the manager and the ObjectManager on `conn`.
@@ -380,7 +419,7 @@ mod tests {
         let handle = Handle {
             commands: tokio::sync::mpsc::channel(1).0,
             state: state.clone(),
-            activations: tokio::sync::broadcast::channel(1).0,
+            signals: tokio::sync::broadcast::channel(1).0,
         };
         Manager {
             handle,

@@ -343,6 +343,10 @@ fn resources(m: &Module, spec: &ContainerSpec, notes: &mut Notes) -> Option<Reso
         Some(Gpus::Count(n)) => {
             limits.insert("nvidia.com/gpu".into(), n.to_string());
         }
+        // The scheduler places the pod on a node with a free GPU: the nearest to "any".
+        Some(Gpus::Any) => {
+            limits.insert("nvidia.com/gpu".into(), "1".into());
+        }
         Some(Gpus::All) => {
             notes.add("gpus = \"all\": a pod asks for a number of GPUs; 1 is written, set the node's count");
             limits.insert("nvidia.com/gpu".into(), "1".into());

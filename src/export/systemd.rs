@@ -65,7 +65,10 @@ fn native_command(
             m.name
         )));
     }
-    match m.render(Mode::Native, state_dir, model) {
+    match m.render(Mode::Native, state_dir, model).map(|mut e| {
+        e.place_gpus(&[]);
+        e
+    }) {
         Some(Exec::Native(NativeExec::Command {
             argv,
             environment,

@@ -2,6 +2,7 @@
 //! type, and loading from the drop-in directories with precedence and masking.
 
 mod containment;
+mod gpus;
 mod load;
 mod raw;
 mod render;
@@ -59,6 +60,8 @@ impl fmt::Display for Mode {
 }
 
 /// What the native mode runs.
+// One per manifest, moved rarely: the size of the Command variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NativeExec {
     /// A command modvisor starts itself (direct child or transient unit).
@@ -94,6 +97,9 @@ pub struct Privileges {
     /// The engine uses NVIDIA GPUs: their device nodes stay visible (`PrivateDevices=no`,
     /// `DeviceAllow=` the NVIDIA devices only).
     pub gpu: bool,
+    /// `gpus`: which GPUs the engine sees (`CUDA_VISIBLE_DEVICES`); `"any"`: the one
+    /// admission picks at each start. Implies `gpu`.
+    pub gpus: Option<Gpus>,
     /// Not a key: `model.directory` (or the default model's directory), mounted read-only
     /// into the engine's unit (`ReadOnlyPaths=`).
     pub model_directory: Option<PathBuf>,
@@ -201,6 +207,8 @@ impl Sandbox {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Gpus {
     All,
+    /// One GPU, the one with the most free memory that fits (chosen by admission).
+    Any,
     Count(u32),
     Ids(Vec<String>),
 }
@@ -275,6 +283,10 @@ pub struct HealthSpec {
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Resources {
+    /// Eviction order: lower priorities are evicted first (default 0).
+    pub priority: i32,
+    /// Never evicted to make room for another module.
+    pub pinned: bool,
     pub memory_max: Option<u64>,
     pub vram: Option<u64>,
     pub ram_warn_percent: Option<u8>,

@@ -61,6 +61,7 @@ pub struct RawNative {
     pub credentials: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
     pub sandbox: Option<Spanned<RawSandbox>>,
     pub gpu: Option<bool>,
+    pub gpus: Option<Spanned<RawGpus>>,
     pub unit: Option<Spanned<String>>,
 }
 
@@ -146,6 +147,8 @@ pub struct RawHealth {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawResources {
+    pub priority: Option<Spanned<i64>>,
+    pub pinned: Option<bool>,
     pub memory_max: Option<Spanned<String>>,
     pub vram: Option<Spanned<String>>,
     pub ram_warn_percent: Option<Spanned<i64>>,

@@ -41,6 +41,31 @@ pub enum Exec {
     Container(super::ContainerSpec),
 }
 
+impl Exec {
+    /// Places the engine on the GPUs admission chose (`gpus`): `CUDA_VISIBLE_DEVICES` for a
+    /// native command, the devices of a container. Nothing chosen: `"any"` is GPU 0 (native)
+    /// or one GPU of the engine's choice (container).
+    pub fn place_gpus(&mut self, chosen: &[u32]) {
+        match self {
+            Exec::Native(NativeExec::Command {
+                environment,
+                privileges,
+                ..
+            }) => {
+                if let Some(v) = privileges
+                    .gpus
+                    .as_ref()
+                    .and_then(|g| g.cuda_visible(chosen))
+                {
+                    environment.insert("CUDA_VISIBLE_DEVICES".into(), v);
+                }
+            }
+            Exec::Native(NativeExec::Unit(_)) => {}
+            Exec::Container(c) => c.gpus = c.gpus.as_ref().map(|g| g.placed(chosen)),
+        }
+    }
+}
+
 impl Module {
     /// The command (native) or container spec of `mode`, rendered for `model`; None when the
     /// manifest has no section for that mode.

@@ -83,9 +83,35 @@ pub fn format_bytes(b: u64) -> String {
     }
 }
 
+/// A coarse duration for people: "45s", "4m", "2h5m", "3d".
+pub fn format_age(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86_400 if s % 3600 >= 60 => format!("{}h{}m", s / 3600, s % 3600 / 60),
+        3600..86_400 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ages() {
+        for (secs, want) in [
+            (0, "0s"),
+            (59, "59s"),
+            (240, "4m"),
+            (7500, "2h5m"),
+            (7200, "2h"),
+            (200_000, "2d"),
+        ] {
+            assert_eq!(format_age(Duration::from_secs(secs)), want);
+        }
+    }
 
     #[test]
     fn durations() {

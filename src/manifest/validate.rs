@@ -403,7 +403,20 @@ pub fn parse_manifest_with(
                     Some(_) => cx.count(v, key, 1, 100, 0).map(|n| Some(n as u8)),
                 }
             };
+            let priority = match &r.priority {
+                None => 0,
+                Some(p) if (-1000..=1000).contains(p.get_ref()) => *p.get_ref() as i32,
+                Some(p) => cx.err(
+                    p.span().start,
+                    format!(
+                        "resources.priority: expected an integer from -1000 to 1000, found {}",
+                        p.get_ref()
+                    ),
+                )?,
+            };
             Resources {
+                priority,
+                pinned: r.pinned.unwrap_or(false),
                 memory_max: size(&r.memory_max, "resources.memory_max")?,
                 vram: size(&r.vram, "resources.vram")?,
                 ram_warn_percent: pct(&r.ram_warn_percent, "resources.ram_warn_percent")?,
@@ -511,6 +524,7 @@ fn validate_native(cx: &Ctx<'_>, n: &Spanned<RawNative>) -> Result<NativeExec, M
                 ),
                 ("native.sandbox", r.sandbox.as_ref().map(|s| s.span().start)),
                 ("native.gpu", r.gpu.map(|_| n.span().start)),
+                ("native.gpus", r.gpus.as_ref().map(|s| s.span().start)),
             ] {
                 if let Some(off) = v {
                     return cx.err(
@@ -639,6 +653,10 @@ fn validate_privileges(cx: &Ctx<'_>, r: &RawNative) -> Result<Privileges, Manife
         }
         credentials.insert(name.clone(), secret_path(cx, path, "native.credentials")?);
     }
+    let gpus = match &r.gpus {
+        None => None,
+        Some(g) => Some(super::gpus::parse(cx, g, "native.gpus")?),
+    };
     let d = Sandbox::default();
     let s = r.sandbox.as_ref().map(|s| s.get_ref());
     let pick = |f: fn(&RawSandbox) -> Option<bool>, dflt: bool| s.and_then(f).unwrap_or(dflt);
@@ -662,7 +680,8 @@ fn validate_privileges(cx: &Ctx<'_>, r: &RawNative) -> Result<Privileges, Manife
         environment_file,
         credentials,
         sandbox,
-        gpu: r.gpu.unwrap_or(false),
+        gpu: r.gpu.unwrap_or(false) || gpus.is_some(),
+        gpus,
         model_directory: None,
     })
 }
@@ -702,24 +721,7 @@ fn validate_container(
     let environment = cx.environment(&r.environment, "container.environment")?;
     let gpus = match &r.gpus {
         None => None,
-        Some(g) => Some(match g.get_ref() {
-            RawGpus::Word(w) if w == "all" => Gpus::All,
-            RawGpus::Word(w) => return cx.err(g.span().start, format!("container.gpus: expected \"all\", a count or a list of GPU indices/UUIDs, found \"{w}\"")),
-            RawGpus::Count(n) if *n >= 1 && *n <= 64 => Gpus::Count(*n as u32),
-            RawGpus::Count(n) => return cx.err(g.span().start, format!("container.gpus: expected a count from 1 to 64, found {n}")),
-            RawGpus::List(l) if l.is_empty() => return cx.err(g.span().start, "container.gpus: expected at least one GPU index or UUID"),
-            RawGpus::List(l) => {
-                let mut ids = Vec::new();
-                for id in l {
-                    match id {
-                        RawGpuId::Index(i) if *i >= 0 => ids.push(i.to_string()),
-                        RawGpuId::Uuid(u) if u.starts_with("GPU-") || u.starts_with("MIG-") => ids.push(u.clone()),
-                        _ => return cx.err(g.span().start, "container.gpus: expected GPU indices (0, 1, ...) or UUIDs (\"GPU-...\")"),
-                    }
-                }
-                Gpus::Ids(ids)
-            }
-        }),
+        Some(g) => Some(super::gpus::parse(cx, g, "container.gpus")?),
     };
     let pull = match r.pull {
         None | Some(RawPull::Never) => Pull::Never,

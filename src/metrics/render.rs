@@ -352,6 +352,12 @@ mod tests {
             last_activity_us: 0,
             idle_stop_at_us: 0,
             on_demand: false,
+            ram_peak_bytes: 0,
+            vram_peak_bytes: 0,
+            footprint_source: String::new(),
+            pinned: false,
+            priority: 0,
+            evictable: false,
         }
     }
 

@@ -480,12 +480,15 @@ impl ContainerBackend {
             ulimits.push(ulimit("nofile", 20000));
             ulimits.push(ulimit("nproc", spec.pids_limit as i64));
         }
-        let (device_requests, devices) = match (&spec.gpus, self.engine) {
+        // "any" not placed by admission (it is off): one GPU, the engine's pick.
+        let placed = spec.gpus.as_ref().map(|g| g.placed(&[]));
+        let (device_requests, devices) = match (&placed, self.engine) {
             (None, _) => (None, None),
             (Some(g), Engine::Docker) => {
                 let (count, ids) = match g {
                     Gpus::All => (Some(-1), None),
                     Gpus::Count(n) => (Some(*n as i64), None),
+                    Gpus::Any => (Some(1), None),
                     Gpus::Ids(v) => (None, Some(v.clone())),
                 };
                 (
@@ -504,6 +507,7 @@ impl ContainerBackend {
                 let names: Vec<String> = match g {
                     Gpus::All => vec!["nvidia.com/gpu=all".into()],
                     Gpus::Count(n) => (0..*n).map(|i| format!("nvidia.com/gpu={i}")).collect(),
+                    Gpus::Any => vec!["nvidia.com/gpu=0".into()],
                     Gpus::Ids(v) => v.iter().map(|i| format!("nvidia.com/gpu={i}")).collect(),
                 };
                 (

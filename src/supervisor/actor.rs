@@ -12,7 +12,7 @@ use tokio::task::AbortHandle;
 
 use super::module::{Input, Lifecycle, Now, Started};
 use super::resources::Usage;
-use super::{ActivationStep, Backends, Command, Found, Handle, OpError, Reply, ReplyId};
+use super::{Backends, Command, Found, Handle, ManagerSignal, OpError, Reply, ReplyId};
 use crate::config::Config;
 use crate::journal::{Journal, OutputSink};
 use crate::manifest::{ManifestError, Mode};
@@ -48,6 +48,19 @@ pub(super) enum Event {
     },
     /// A manifest scan finished.
     Scanned(Box<crate::manifest::LoadResult>),
+    /// Admission's measurement of free memory for a start (round 1: after evicting).
+    Measured {
+        name: String,
+        generation: u64,
+        model: Option<PathBuf>,
+        live: Box<super::admit::Live>,
+        round: u8,
+    },
+    /// A start waiting for evictions has waited long enough: decide again now.
+    PendingDue {
+        name: String,
+        generation: u64,
+    },
 }
 
 /// Manifest scans: one at a time; replies wait for the scan that started after they asked.
@@ -88,6 +101,8 @@ pub(super) struct Slot {
     pub listener: Vec<AbortHandle>,
     /// When the current start began (until it is online: the start duration).
     pub start_at: Option<std::time::Instant>,
+    /// Footprints, the admitted share, the last admission arithmetic.
+    pub adm: super::admit::AdmissionSlot,
 }
 
 impl Slot {
@@ -119,13 +134,17 @@ pub(super) struct Supervisor {
     pub events: mpsc::UnboundedSender<Event>,
     pub runtime_tx: mpsc::UnboundedSender<RuntimeEvent>,
     pub state_tx: watch::Sender<Arc<Snapshot>>,
-    pub activations: tokio::sync::broadcast::Sender<ActivationStep>,
+    pub signals: tokio::sync::broadcast::Sender<ManagerSignal>,
     pub gpu: Option<Arc<crate::monitor::Gpu>>,
     pub gpu_error_logged: bool,
     pub sampling: bool,
     pub machine_total: u64,
     pub gpus: Vec<crate::monitor::GpuRow>,
     pub foreign: Vec<(u32, String, u64)>,
+    /// The GPU of each foreign process.
+    pub foreign_gpu: HashMap<u32, u32>,
+    /// Starts waiting for evicted modules' memory.
+    pub pending: BTreeMap<String, super::admit::Pending>,
     /// Runs of ours found at start-up, by module, consumed by the first reload.
     pub existing: BTreeMap<String, Vec<Found>>,
     pub replies: HashMap<ReplyId, Reply<()>>,
@@ -153,7 +172,7 @@ pub fn spawn(
     }
     let (state_tx, state_rx) = watch::channel(Arc::new(Snapshot::default()));
     let (ready_tx, ready_rx) = oneshot::channel();
-    let (activations, _) = tokio::sync::broadcast::channel(64);
+    let (signals, _) = tokio::sync::broadcast::channel(64);
     let sup = Supervisor {
         cfg,
         native: backends.native,
@@ -166,13 +185,15 @@ pub fn spawn(
         runtime_tx,
         state_tx,
         existing: by_module,
-        activations: activations.clone(),
+        signals: signals.clone(),
         gpu: gpu.ok(),
         gpu_error_logged: false,
         sampling: false,
         machine_total: 0,
         gpus: Vec::new(),
         foreign: Vec::new(),
+        foreign_gpu: HashMap::new(),
+        pending: BTreeMap::new(),
         replies: HashMap::new(),
         next_reply: 0,
         tasks: tokio::task::JoinSet::new(),
@@ -182,7 +203,7 @@ pub fn spawn(
     let handle = Handle {
         commands: cmd_tx,
         state: state_rx,
-        activations,
+        signals,
     };
     (handle, ready_rx, task)
 }
@@ -213,6 +234,7 @@ impl Supervisor {
                 // Finished helper tasks of the daemon are reaped here (a JoinSet keeps them).
                 Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => continue,
             }
+            self.check_pending(None);
             self.publish();
             if shutdown.is_some() && self.slots.values().all(|s| s.lc.is_down()) {
                 break;
@@ -345,6 +367,14 @@ impl Supervisor {
                 self.sampling = false;
                 self.sampled(*s);
             }
+            Event::Measured {
+                name,
+                generation,
+                model,
+                live,
+                round,
+            } => self.measured(&name, generation, model, *live, round),
+            Event::PendingDue { name, generation } => self.check_pending(Some((&name, generation))),
         }
     }
 

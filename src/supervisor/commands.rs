@@ -240,6 +240,7 @@ impl Supervisor {
             start_at: None,
             gate: watch::channel(crate::proxy::Gate::Wait).0,
             listener: Vec::new(),
+            adm: super::admit::AdmissionSlot::load(&self.state_dir(&name)),
         };
         slot.decision = self.decide(&slot);
         self.slots.insert(name.clone(), slot);

@@ -21,7 +21,7 @@ impl Supervisor {
                 if let Some(s) = self.slots.get_mut(n) {
                     s.start_at = Some(std::time::Instant::now());
                 }
-                self.start(n, generation, model)
+                self.admit(n, generation, model)
             }
             Effect::Stop { generation } => self.stop(n, generation),
             Effect::Detach { generation } => {
@@ -122,7 +122,13 @@ impl Supervisor {
     }
 
     /// Decides the mode, renders what to run, and starts it off the actor.
-    fn start(&mut self, n: &str, generation: u64, model: Option<PathBuf>) {
+    pub(super) fn start(
+        &mut self,
+        n: &str,
+        generation: u64,
+        model: Option<PathBuf>,
+        gpus: Vec<u32>,
+    ) {
         let back = self.back(n);
         let fail = |why: String| Input::StartFailed { generation, why };
         let Some(s) = self.slots.get(n) else { return };
@@ -140,9 +146,10 @@ impl Supervisor {
         };
         let state_dir = self.state_dir(n);
         let m = s.lc.module();
-        let Some(exec) = m.render(mode, &state_dir, model.as_deref()) else {
+        let Some(mut exec) = m.render(mode, &state_dir, model.as_deref()) else {
             return back(fail(format!("the manifest has no [{mode}] section")));
         };
+        exec.place_gpus(&gpus);
         let sink = OutputSink::new(
             n,
             self.journal.clone(),
@@ -259,7 +266,7 @@ impl Supervisor {
         );
         let detail = crate::bounded::cap_for_dbus(detail);
         let step = (n.to_string(), model_s, step.to_string(), detail);
-        let _ = self.activations.send(step);
+        let _ = self.signals.send(super::ManagerSignal::Activation(step));
     }
 
     fn validate_model(&mut self, n: &str, requested: String) {

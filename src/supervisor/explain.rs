@@ -45,6 +45,45 @@ impl Supervisor {
         }
         let (health, reason) = s.lc.effective();
         out.push_str(&format!("state: {} ({health}): {reason}\n", s.lc.state()));
+        out.push_str(&self.explain_admission(n, s));
         Ok(out)
+    }
+
+    /// The footprint, the eviction settings, and the arithmetic of the last decision.
+    fn explain_admission(&self, n: &str, s: &super::actor::Slot) -> String {
+        use crate::manifest::units::format_bytes;
+        let (ram, vram, source) = self.footprint_shown(s);
+        let r = &s.lc.module().resources;
+        let source = match source.as_str() {
+            "" => "none known: declare resources.memory_max / resources.vram, or let it run once",
+            s => s,
+        };
+        let mut out = format!(
+            "footprint: RAM {}, VRAM {} ({source})\neviction: priority {}{}{}\n",
+            format_bytes(ram),
+            format_bytes(vram),
+            r.priority,
+            if r.pinned {
+                ", pinned (never evicted)"
+            } else {
+                ""
+            },
+            if self.evictable(n, s) {
+                ", evictable now"
+            } else {
+                ""
+            },
+        );
+        if !self.cfg.admission.enabled {
+            out.push_str("admission: off ([admission] enabled = false)\n");
+        } else if s.adm.arithmetic.is_empty() {
+            out.push_str("admission: no decision yet (made at the next start)\n");
+        } else {
+            out.push_str("admission (last start):\n");
+            for l in s.adm.arithmetic.lines() {
+                out.push_str(&format!("  {l}\n"));
+            }
+        }
+        out
     }
 }

@@ -20,6 +20,7 @@
 
 mod activation;
 mod actor;
+mod admit;
 mod commands;
 mod effects;
 mod explain;
@@ -87,12 +88,25 @@ pub enum Command {
 pub struct Handle {
     pub commands: mpsc::Sender<Command>,
     pub state: watch::Receiver<Arc<Snapshot>>,
-    /// Model activation steps: (module, model, step, detail), for the ModelActivation signal.
-    pub activations: tokio::sync::broadcast::Sender<ActivationStep>,
+    /// What the Manager signals besides state: model activation steps, evictions.
+    pub signals: tokio::sync::broadcast::Sender<ManagerSignal>,
 }
 
 /// One step of a model activation: (module, model, step, detail).
 pub type ActivationStep = (String, String, String, String);
+
+/// A Manager signal the supervisor raises (the Publisher sends it after the state it follows).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ManagerSignal {
+    /// ModelActivation(name, model, step, detail).
+    Activation(ActivationStep),
+    /// ModuleEvicted(name, by, reason).
+    Evicted {
+        name: String,
+        by: String,
+        reason: String,
+    },
+}
 
 impl Handle {
     async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, OpError> {

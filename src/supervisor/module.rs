@@ -80,6 +80,17 @@ pub enum Input {
         generation: u64,
         what: String,
     },
+    /// Stop to make room for another module (admission): `by` needs the memory, `why` says
+    /// how much.
+    Evict {
+        by: String,
+        why: String,
+    },
+    /// A start waits for admission (memory being released): what it waits for.
+    Waiting {
+        generation: u64,
+        why: String,
+    },
     /// A resource threshold crossed (or none), from the latest sample.
     Warning(Option<String>),
     ActivateModel {
@@ -199,7 +210,16 @@ pub struct Lifecycle {
     last_activity: SystemTime,
     idle_token: u64,
     idle_stop_at: Option<SystemTime>,
-    idle_stopping: bool,
+    /// A stop of our own that leaves the module ready to start again: idle, or evicted.
+    quiet: Option<Quiet>,
+}
+
+/// Why modvisor itself stopped a module that will start again on demand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Quiet {
+    Idle,
+    /// Evicted to start another module: (by, why).
+    Evicted(String, String),
 }
 
 /// The time an input happens at: monotonic for budgets, wall clock for `Since`.
@@ -260,7 +280,7 @@ impl Lifecycle {
             last_activity: now.wall,
             idle_token: 0,
             idle_stop_at: None,
-            idle_stopping: false,
+            quiet: None,
         }
     }
 
@@ -306,6 +326,16 @@ impl Lifecycle {
     }
     pub fn activating(&self) -> bool {
         self.activation.is_some()
+    }
+    /// When it was last used: its last connection, or when it became what it is now.
+    pub fn last_used(&self) -> SystemTime {
+        self.last_activity.max(self.since)
+    }
+    /// Running and serving, not stopping, not mid-activation: a candidate for eviction.
+    pub fn serving(&self) -> bool {
+        self.activation.is_none()
+            && self.shown.0 == State::Running
+            && matches!(&self.phase, Phase::Up(r) if r.started && r.stopping.is_none())
     }
     /// Nothing runs (the actor may end at shutdown).
     pub fn is_down(&self) -> bool {
@@ -354,6 +384,13 @@ impl Lifecycle {
             Input::Probe { generation, result } => self.on_probe(generation, result, &mut fx),
             Input::Timer(t) => self.on_timer(t, now, &mut fx),
             Input::Warning(w) => self.warning = w,
+            Input::Evict { by, why } => self.on_evict(by, why, &mut fx),
+            Input::Waiting { generation, why } => {
+                let waiting = matches!(&self.phase, Phase::Up(r) if r.generation == generation && !r.started && r.stopping.is_none());
+                if waiting {
+                    self.set(State::Starting, Health::Unknown, why);
+                }
+            }
             Input::Demand { peer } => self.on_demand(peer, now, &mut fx),
             Input::Connections(n) => self.on_connections(n, now, &mut fx),
             Input::Progressing { generation, what } => {

@@ -63,6 +63,7 @@ impl Supervisor {
             );
         }
         self.foreign = s.foreign;
+        self.foreign_gpu = s.foreign_gpu;
         let (ram_pct, vram_pct) = (self.cfg.ram_warn_percent, self.cfg.vram_warn_percent);
         let names: Vec<String> = self.slots.keys().cloned().collect();
         for n in names {
@@ -81,11 +82,13 @@ impl Supervisor {
                     };
                     progress = resources::growth(&slot.usage, &now);
                     slot.usage = now;
+                    slot.adm.vram_now.clone_from(&m.vram_by_gpu);
                 }
                 let r = &slot.lc.module().resources;
                 resources::warning(r, &slot.usage, self.machine_total, ram_pct, vram_pct)
             };
             let generation = slot.lc.running().unwrap_or(0);
+            self.learn(&n);
             self.feed(&n, Input::Warning(warning));
             if let Some(what) = progress {
                 self.feed(&n, Input::Progressing { generation, what });

@@ -11,7 +11,7 @@ pub(super) fn project(sup: &Supervisor) -> Snapshot {
         modules: sup
             .slots
             .iter()
-            .map(|(n, s)| (n.clone(), status(sup, s)))
+            .map(|(n, s)| (n.clone(), status(sup, n, s)))
             .collect(),
         manifest_errors: sup
             .manifest_errors
@@ -35,7 +35,8 @@ fn us(t: std::time::SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-fn status(sup: &Supervisor, s: &Slot) -> ModuleStatus {
+fn status(sup: &Supervisor, name: &str, s: &Slot) -> ModuleStatus {
+    let (ram_peak, vram_peak, source) = sup.footprint_shown(s);
     let m = s.lc.module();
     let mode = s.decision.mode;
     let (health, reason) = s.lc.effective();
@@ -95,5 +96,11 @@ fn status(sup: &Supervisor, s: &Slot) -> ModuleStatus {
         last_activity_us: us(s.lc.last_activity()),
         idle_stop_at_us: s.lc.idle_stop_at().map(us).unwrap_or(0),
         on_demand: m.serve.as_ref().is_some_and(|v| v.on_demand),
+        ram_peak_bytes: ram_peak,
+        vram_peak_bytes: vram_peak,
+        footprint_source: source.as_str().to_string(),
+        pinned: m.resources.pinned,
+        priority: m.resources.priority,
+        evictable: sup.evictable(name, s),
     }
 }

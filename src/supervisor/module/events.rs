@@ -77,7 +77,12 @@ impl Lifecycle {
         };
         let then = run.stopping;
         self.phase = Phase::Down;
-        self.set(State::Failed, Health::Offline, why.clone());
+        // Stopped before it started (waiting for admission, say): the stop wins, no failure.
+        if then == Some(Stopping::Asked(Then::Nothing)) {
+            self.stopped_for_good();
+        } else {
+            self.set(State::Failed, Health::Offline, why.clone());
+        }
         for w in self.start_waiters.drain(..) {
             fx.push(Effect::Reply(w, Err(OpError::Failed(why.clone()))));
         }

@@ -5,6 +5,7 @@ use super::*;
 /// MESSAGE_IDs of the journal entries.
 pub const MSG_ON_DEMAND: &str = "b1c2d3e4f5061728394a5b6c7d8e9f01";
 pub const MSG_IDLE_STOP: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f0";
+pub const MSG_EVICTED: &str = "4d5e6f708192a3b4c5d6e7f8091a2b3c";
 
 impl Lifecycle {
     /// A connection while the engine does not serve: start it if it starts on demand (or was
@@ -24,9 +25,9 @@ impl Lifecycle {
                 self.start(now, fx);
             }
             // Being stopped for idleness: a new client wants it after all.
-            Phase::Up(run) if self.idle_stopping => {
+            Phase::Up(run) if self.quiet.is_some() => {
                 run.stopping = Some(Stopping::Asked(Then::Start));
-                self.idle_stopping = false;
+                self.quiet = None;
             }
             _ => {}
         }
@@ -79,9 +80,30 @@ impl Lifecycle {
                     after.unwrap_or_default()
                 ),
             ));
-            self.idle_stopping = true;
+            self.quiet = Some(Quiet::Idle);
             self.begin_stop(&mut run, Then::Nothing, fx);
         }
+        self.phase = Phase::Up(run);
+    }
+
+    /// Admission needs this module's memory for `by`: stopped like an idle stop (ready to
+    /// start again on the next connection), unless it is no longer a candidate.
+    pub(super) fn on_evict(&mut self, by: String, why: String, fx: &mut Fx) {
+        if !self.serving() {
+            return;
+        }
+        let Phase::Up(mut run) = std::mem::replace(&mut self.phase, Phase::Down) else {
+            return;
+        };
+        let n = &self.name;
+        fx.push(Effect::Notice(
+            MSG_EVICTED,
+            format!("evicting {n} to start {by}: {why}"),
+        ));
+        self.timers += 1; // an armed idle stop is stale now
+        self.idle_token = 0;
+        self.quiet = Some(Quiet::Evicted(by, why));
+        self.begin_stop(&mut run, Then::Nothing, fx);
         self.phase = Phase::Up(run);
     }
 
@@ -89,22 +111,24 @@ impl Lifecycle {
     /// connection will start it again.
     pub(super) fn stopped_for_good(&mut self) {
         self.idle_stop_at = None;
-        let idle = std::mem::take(&mut self.idle_stopping);
-        let serve = self.module.serve.as_ref().filter(|s| idle || s.on_demand);
+        let quiet = self.quiet.take();
+        let serve = self
+            .module
+            .serve
+            .as_ref()
+            .filter(|s| quiet.is_some() || s.on_demand);
+        let what = match (&quiet, serve.and_then(|s| s.idle_stop)) {
+            (Some(Quiet::Idle), Some(d)) => format!("stopped after {d:?} idle"),
+            (Some(Quiet::Evicted(by, why)), _) => format!("evicted to start {by} ({why})"),
+            _ => "stopped".to_string(),
+        };
         match serve {
             Some(s) => {
                 let listen = listen_list(s);
-                let why = match (idle, s.idle_stop) {
-                    (true, Some(d)) => {
-                        format!(
-                            "stopped after {d:?} idle; starts on the next connection to {listen}"
-                        )
-                    }
-                    _ => format!("stopped; starts on the next connection to {listen}"),
-                };
+                let why = format!("{what}; starts on the next connection to {listen}");
                 self.set(State::Inactive, Health::Standby, why);
             }
-            None => self.set(State::Inactive, Health::Offline, "stopped".into()),
+            None => self.set(State::Inactive, Health::Offline, what),
         }
     }
 
@@ -119,7 +143,7 @@ impl Lifecycle {
                 Gate::Open
             }
             (Phase::Up(r), _) => match r.stopping {
-                Some(Stopping::Asked(Then::Nothing | Then::Remove)) if !self.idle_stopping => {
+                Some(Stopping::Asked(Then::Nothing | Then::Remove)) if self.quiet.is_none() => {
                     Gate::Closed(reason.to_string())
                 }
                 _ => Gate::Wait,

@@ -1015,3 +1015,139 @@ fn a_user_stop_of_an_on_demand_module_leaves_it_in_standby() {
     assert_eq!(t.lc.gate(), crate::proxy::Gate::Closed("stopped".into()));
     assert_eq!(t.feed(Input::Demand { peer: "p".into() }), vec![]);
 }
+
+// ------------------------------------------------------------ eviction (admission)
+
+fn evict(by: &str) -> Input {
+    Input::Evict {
+        by: by.into(),
+        why: "needs 4.0 GiB".into(),
+    }
+}
+
+#[test]
+fn an_evicted_module_stops_and_says_why() {
+    let mut t = T::running("");
+    t.rows(vec![
+        (
+            evict("big"),
+            vec![
+                Effect::Notice(
+                    serve::MSG_EVICTED,
+                    "evicting m to start big: needs 4.0 GiB".into(),
+                ),
+                Effect::StopProbe,
+                Effect::Stop { generation: 1 },
+                changed(Stopping, Health::Offline, "stopping (pid 42)"),
+            ],
+            Stopping,
+        ),
+        // A second eviction while it stops changes nothing.
+        (evict("other"), vec![], Stopping),
+        (
+            exited(1, 0),
+            vec![
+                Effect::StopProbe,
+                changed(
+                    Inactive,
+                    Health::Offline,
+                    "evicted to start big (needs 4.0 GiB)",
+                ),
+            ],
+            Inactive,
+        ),
+        // Not running: nothing to evict.
+        (evict("big"), vec![], Inactive),
+    ]);
+}
+
+#[test]
+fn an_evicted_on_demand_module_waits_in_standby_and_wakes() {
+    let mut t = T::new(SERVE);
+    t.feed(Input::Demand { peer: "p".into() });
+    t.feed(started(1));
+    t.feed(evict("big"));
+    assert_eq!(t.lc.gate(), crate::proxy::Gate::Wait, "held, not refused");
+    t.feed(exited(1, 0));
+    assert_eq!(
+        t.lc.effective(),
+        (
+            Health::Standby,
+            "evicted to start big (needs 4.0 GiB); starts on the next connection to 127.0.0.1:8080"
+        )
+    );
+    let fx = t.feed(Input::Demand { peer: "p".into() });
+    assert!(fx.contains(&start(2)), "{fx:?}");
+}
+
+#[test]
+fn never_evicted_while_starting_stopping_or_activating() {
+    // Starting (the backend has not answered yet).
+    let mut t = T::new("");
+    t.feed(Input::Boot);
+    assert_eq!(t.feed(evict("big")), vec![]);
+    // Stopping on a user's request: the stop is what it is, not an eviction.
+    let mut t = T::running("");
+    t.feed(Input::Stop(1));
+    assert_eq!(t.feed(evict("big")), vec![]);
+    t.feed(exited(1, 0));
+    assert_eq!(t.lc.effective(), (Health::Offline, "stopped"));
+    // Mid-activation.
+    let mut t = T::running(MODEL);
+    t.feed(Input::ActivateModel {
+        reply: 7,
+        requested: "/models/b.gguf".into(),
+    });
+    assert_eq!(t.feed(evict("big")), vec![]);
+    assert!(t.lc.activating());
+}
+
+#[test]
+fn waiting_for_admission_then_stopped_is_stopped_not_failed() {
+    let mut t = T::new("");
+    t.feed(Input::Boot);
+    t.feed(Input::Waiting {
+        generation: 1,
+        why: "waiting for memory: evicting a".into(),
+    });
+    assert_eq!(
+        t.lc.effective(),
+        (Health::Unknown, "waiting for memory: evicting a")
+    );
+    t.rows(vec![
+        (
+            Input::Waiting {
+                generation: 1,
+                why: "waiting for memory: evicting a".into(),
+            },
+            // The reason changes (published), the state does not (no journal line).
+            vec![],
+            Starting,
+        ),
+        // Another generation's wait is stale.
+        (
+            Input::Waiting {
+                generation: 9,
+                why: "x".into(),
+            },
+            vec![],
+            Starting,
+        ),
+        (
+            Input::Stop(3),
+            vec![
+                Effect::StopProbe,
+                changed(Stopping, Health::Offline, "stopping (not started yet)"),
+            ],
+            Stopping,
+        ),
+        (
+            Input::StartFailed {
+                generation: 1,
+                why: "stopped while waiting for admission".into(),
+            },
+            vec![ok(3), changed(Inactive, Health::Offline, "stopped")],
+            Inactive,
+        ),
+    ]);
+}
