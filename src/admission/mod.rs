@@ -8,7 +8,8 @@
 //!   its manifest declares (`resources.memory_max`, `resources.vram`), else nothing (it is
 //!   admitted and the arithmetic says that nothing is known);
 //! - it fits when its RAM need is within `MemAvailable` minus the margin minus what modules
-//!   still starting will take (and within `ram_budget` when one is set), and its VRAM need is
+//!   still starting will take (and within `ram_budget` when one is set, where every module
+//!   counts with the larger of its use and its footprint), and its VRAM need is
 //!   within the free memory of each GPU it will use, minus the margin and the starting ones;
 //! - `gpus = "any"`: the GPU with the most free memory that fits, else the one that needs the
 //!   fewest evictions;
@@ -74,6 +75,9 @@ pub struct Holder {
     /// What it uses now (RSS of its processes; VRAM per GPU index).
     pub ram: u64,
     pub vram: BTreeMap<u32, u64>,
+    /// Its RAM footprint (measured peak or declared): what it may grow back to, counted in
+    /// `ram_budget` even while it uses less.
+    pub ram_footprint: u64,
     /// What it will take beyond that (a module still starting: footprint minus usage).
     pub reserved_ram: u64,
     pub reserved_vram: BTreeMap<u32, u64>,
@@ -179,9 +183,10 @@ impl Resource {
             Resource::Gpu(g) => format!("GPU {g}"),
         }
     }
+    /// What stopping `h` frees of this resource.
     fn held_by(self, h: &Holder) -> u64 {
         match self {
-            Resource::Ram => h.ram,
+            Resource::Ram => h.ram.max(h.ram_footprint),
             Resource::Gpu(g) => h.vram.get(&g).copied().unwrap_or(0),
         }
     }
@@ -269,7 +274,11 @@ fn ram_short(r: &Request<'_>, text: &mut String) -> Option<Short> {
         format_bytes(free)
     );
     if let Some(b) = m.ram_budget {
-        let used: u64 = r.holders.iter().map(|h| h.ram + h.reserved_ram).sum();
+        let used: u64 = r
+            .holders
+            .iter()
+            .map(|h| (h.ram + h.reserved_ram).max(h.ram_footprint))
+            .sum();
         let in_budget = b.saturating_sub(used);
         let _ = write!(
             text,

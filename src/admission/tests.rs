@@ -23,6 +23,7 @@ fn holder(name: &str, ram: u64, vram: &[(u32, u64)], last_used: u64) -> Holder {
         name: name.into(),
         ram,
         vram: vram.iter().copied().collect(),
+        ram_footprint: 0,
         reserved_ram: 0,
         reserved_vram: BTreeMap::new(),
         keep: None,
@@ -113,6 +114,18 @@ fn ram_rows() {
     for (what, m, holders, n, want) in rows {
         assert_eq!(verdict(&m, &holders, &[], &n), want, "{what}");
     }
+}
+
+#[test]
+fn the_budget_counts_footprints_of_modules_using_less_now() {
+    let mut m = machine(64 * GIB, &[]);
+    m.ram_budget = Some(10 * GIB);
+    let mut a = holder("a", GIB, &[], 1);
+    a.ram_footprint = 6 * GIB;
+    assert_eq!(
+        verdict(&m, &[a], &[], &need(5 * GIB, GpuNeed::None)),
+        evict(&[], &["a"])
+    );
 }
 
 #[test]

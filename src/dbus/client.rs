@@ -54,6 +54,8 @@ pub trait Manager {
         reason: String,
     ) -> zbus::Result<()>;
     #[zbus(signal)]
+    fn module_evicted(&self, name: String, by: String, reason: String) -> zbus::Result<()>;
+    #[zbus(signal)]
     fn model_activation(
         &self,
         name: String,
@@ -109,6 +111,18 @@ pub trait Module {
     fn idle_stop_at(&self) -> zbus::Result<u64>;
     #[zbus(property)]
     fn on_demand(&self) -> zbus::Result<bool>;
+    #[zbus(property)]
+    fn ram_peak_bytes(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
+    fn vram_peak_bytes(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
+    fn footprint_source(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn pinned(&self) -> zbus::Result<bool>;
+    #[zbus(property)]
+    fn priority(&self) -> zbus::Result<i32>;
+    #[zbus(property)]
+    fn evictable(&self) -> zbus::Result<bool>;
 }
 
 /// The runtime directory where the embedded bus lives, as clients see it.

@@ -226,7 +226,13 @@ impl Supervisor {
         }
         let (need, d) = self.decide_admission(n, model.as_deref(), &live);
         if let Some(s) = self.slots.get_mut(n) {
-            s.adm.arithmetic.clone_from(&d.arithmetic);
+            s.adm.arithmetic = match round {
+                0 => d.arithmetic.clone(),
+                _ => format!(
+                    "{}\nafter the eviction:\n{}",
+                    s.adm.arithmetic, d.arithmetic
+                ),
+            };
         }
         match d.verdict.clone() {
             Verdict::Admit { gpus } => {
@@ -541,9 +547,15 @@ fn holder(name: &str, s: &Slot, preempt: bool) -> Holder {
     } else {
         None
     };
+    let mode = s.decision.mode.unwrap_or(Mode::Native);
+    let fp = s
+        .adm
+        .footprints
+        .get(s.lc.active_model().map(|p| p.as_path()));
     Holder {
         name: name.to_string(),
         ram: s.usage.memory,
+        ram_footprint: need(m, mode, fp, &[]).ram,
         vram: s.adm.vram_now.clone(),
         reserved_ram,
         reserved_vram,

@@ -5,6 +5,13 @@
  *
  *   gpu <name-without-spaces> <uuid> <total-bytes> <used-bytes>
  *   proc <gpu-index> <pid> <bytes>
+ *   auto <tag>
+ *
+ * With `auto TAG`, every live process whose environment has NVML_STUB_VRAM=TAG:BYTES is a
+ * compute process using BYTES on the GPU its CUDA_VISIBLE_DEVICES names first (0 without
+ * one), added to that GPU's used memory; `proc` lines of processes that are gone are
+ * dropped. So an engine modvisord starts "uses" VRAM where modvisord placed it, and frees it
+ * when it exits, like a real one (the tag keeps concurrent tests apart).
  *
  * Built with -DNO_V3 it lacks nvmlDeviceGetComputeRunningProcesses_v3, like drivers older
  * than R510, so the legacy (v2) query must be used.
@@ -13,6 +20,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <stdint.h>
+#include <dirent.h>
+#include <ctype.h>
+#include <unistd.h>
 
 typedef int nvmlReturn_t;
 typedef struct nvmlDevice_st *nvmlDevice_t;
@@ -30,17 +40,69 @@ typedef struct { unsigned int pid; unsigned long long usedGpuMemory; unsigned in
 static struct gpu { char name[96], uuid[96]; unsigned long long total, used; } gpus[MAXG];
 static struct proc { unsigned gpu, pid; unsigned long long bytes; } procs[MAXP];
 static int ngpu, nproc;
+static char auto_tag[64];
+
+static int alive(unsigned pid) {
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%u/stat", pid);
+    return access(path, F_OK) == 0;
+}
+
+/* The NVML_STUB_VRAM=TAG:BYTES and CUDA_VISIBLE_DEVICES of one process, if tagged. */
+static void scan_one(unsigned pid) {
+    char path[64], buf[65536];
+    snprintf(path, sizeof path, "/proc/%u/environ", pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    unsigned long long bytes = 0;
+    int found = 0;
+    unsigned gpu = 0;
+    size_t tl = strlen(auto_tag);
+    for (size_t i = 0; i < n; i += strlen(buf + i) + 1) {
+        const char *v = buf + i;
+        if (!strncmp(v, "NVML_STUB_VRAM=", 15) && !strncmp(v + 15, auto_tag, tl) && v[15 + tl] == ':') {
+            bytes = strtoull(v + 16 + tl, NULL, 10);
+            found = 1;
+        } else if (!strncmp(v, "CUDA_VISIBLE_DEVICES=", 21)) {
+            gpu = (unsigned)strtoul(v + 21, NULL, 10);
+        }
+    }
+    if (!found || (int)gpu >= ngpu || nproc >= MAXP) return;
+    procs[nproc].gpu = gpu; procs[nproc].pid = pid; procs[nproc].bytes = bytes;
+    nproc++;
+    gpus[gpu].used += bytes;
+}
+
+static void scan_auto(void) {
+    int k = 0;
+    for (int i = 0; i < nproc; i++) if (alive(procs[i].pid)) procs[k++] = procs[i];
+    nproc = k;
+    DIR *d = opendir("/proc");
+    if (!d) return;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (!isdigit((unsigned char)e->d_name[0])) continue;
+        scan_one((unsigned)strtoul(e->d_name, NULL, 10));
+    }
+    closedir(d);
+}
 
 static int load(void) {
     const char *path = getenv("NVML_STUB_FILE");
     FILE *f = path ? fopen(path, "r") : NULL;
     ngpu = nproc = 0;
+    auto_tag[0] = 0;
     if (!f) return -1;
     char kind[16];
     while (fscanf(f, "%15s", kind) == 1) {
         if (!strcmp(kind, "gpu") && ngpu < MAXG) {
             struct gpu *g = &gpus[ngpu];
             if (fscanf(f, "%95s %95s %llu %llu", g->name, g->uuid, &g->total, &g->used) == 4) ngpu++;
+        } else if (!strcmp(kind, "auto")) {
+            if (fscanf(f, "%63s", auto_tag) != 1) auto_tag[0] = 0;
         } else if (!strcmp(kind, "proc") && nproc < MAXP) {
             struct proc *p = &procs[nproc];
             if (fscanf(f, "%u %u %llu", &p->gpu, &p->pid, &p->bytes) == 3) nproc++;
@@ -50,6 +112,7 @@ static int load(void) {
         }
     }
     fclose(f);
+    if (auto_tag[0]) scan_auto();
     return 0;
 }
 
