@@ -4,7 +4,9 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
+import crypto from "node:crypto";
 import fs from "node:fs";
+import net from "node:net";
 import path from "node:path";
 import { chromium } from "playwright-core";
 
@@ -24,6 +26,12 @@ const GPUS = env("MVCK_GPUS");
 const FOREIGN_PID = Number(env("MVCK_FOREIGN_PID"));
 const TESTUSER = env("MVCK_USER");
 const PROFILE = env("MVCK_PROFILE");
+const PULL_URL = env("MVCK_PULL_URL");
+const PULL_SHA = env("MVCK_PULL_SHA");
+const PULL_SIZE = Number(env("MVCK_PULL_SIZE"));
+const HTTP_LOG = env("MVCK_HTTP_LOG");
+const STORE = env("MVCK_STORE");
+const OD_PORT = Number(env("MVCK_OD_PORT"));
 const PAGE_PATH = "/cockpit/@localhost/modvisor/index.html";
 const T = 20000; // one state change, end to end
 const ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -140,6 +148,76 @@ async function sameDocument() {
     assert.equal(await page.evaluate(() => window.__mvckMarker), "same document", "the page was not reloaded");
 }
 
+/// Back to the overview from a module's page (inside the page: no reload); nothing when it is
+/// there already (so that a test that failed on a module's page does not fail the next ones).
+async function toOverview() {
+    if (await page.locator("[data-testid=back]").count())
+        await page.locator("[data-testid=back]").click();
+    await page.waitForSelector('[data-testid=modules] tr[data-module="mvck-svc"]');
+    await sameDocument();
+}
+
+/// The page's own formatting of a byte count (format.js).
+function bytesText(n) {
+    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let i = 0;
+    while (n >= 1024 && i < units.length - 1) {
+        n /= 1024;
+        i++;
+    }
+    return (i === 0 ? String(n) : n.toFixed(n >= 100 ? 0 : 1)) + " " + units[i];
+}
+
+const idOf = user => Number(execFileSync("id", [user], { encoding: "utf8" }).match(/uid=(\d+)/)[1]);
+const gidOf = user => Number(execFileSync("id", ["-g", user], { encoding: "utf8" }).trim());
+
+/// Logs MODVISOR_MODULE=module and MESSAGE=text through journald's native protocol, as uid:gid
+/// (root when 0), from within `cgroups` when given. The writer stays a second so that journald
+/// can read its credentials and cgroup (a writer that exits at once leaves it a dead PID).
+function logAs(uid, gid, cgroups, module, text) {
+    const join = cgroups.map(d => `echo $$ > ${d}/cgroup.procs; `).join("");
+    const py = `import socket, time; s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.sendto(b"MODVISOR_MODULE=${module}\\nSYSLOG_IDENTIFIER=${module}\\nMESSAGE=${text}\\n", "/run/systemd/journal/socket"); time.sleep(1)`;
+    const as = uid ? `setpriv --reuid=${uid} --regid=${gid} --clear-groups ` : "";
+    execFileSync("sh", ["-c", `${join}exec ${as}/usr/bin/python3 -c '${py}'`], { stdio: "ignore", timeout: 10000 });
+}
+
+/// The cgroups a user's systemd manager gives its unit `unit` (hybrid or unified hierarchy):
+/// a process there is that user's unit as far as journald can tell.
+function userUnitCgroups(uid, unit) {
+    const rel = `user.slice/user-${uid}.slice/user@${uid}.service/app.slice/${unit}`;
+    const dirs = ["/sys/fs/cgroup/systemd", "/sys/fs/cgroup/unified"]
+            .filter(root => fs.existsSync(path.join(root, "cgroup.procs")))
+            .map(root => path.join(root, rel));
+    assert.ok(dirs.length, "no systemd cgroup hierarchy here");
+    for (const d of dirs)
+        fs.mkdirSync(d, { recursive: true });
+    return dirs;
+}
+
+function removeCgroups(dirs) {
+    for (const d of dirs) {
+        let cur = d;
+        for (let i = 0; i < 4; i++) { // the unit, app.slice, user@UID.service, user-UID.slice
+            try {
+                fs.rmdirSync(cur);
+            } catch (ex) {
+                break;
+            }
+            cur = path.dirname(cur);
+        }
+    }
+}
+
+/// journalctl's verbose view of the entry with this MESSAGE, once it is there (bounded).
+async function journalEntry(text) {
+    return until(`the journal has ${text}`, () => {
+        const out = execFileSync("journalctl", ["--no-pager", "-o", "verbose", `MESSAGE=${text}`], { encoding: "utf8", timeout: 10000 });
+        return out.includes(text) && out;
+    });
+}
+
+const logText = () => page.locator("[data-testid=log]").innerText();
+
 before(async () => {
     fs.mkdirSync(SHOTS, { recursive: true });
     // Every module up (or failed, for the one that must) before the browser looks.
@@ -148,7 +226,7 @@ before(async () => {
         const by = Object.fromEntries(s.modules.map(m => [m.name, m]));
         return by["mvck-svc"]?.health === "online" && by["mvck-stop"]?.health === "online" &&
             by["mvck-mem"]?.health === "degraded" && by["mvck-fail"]?.state === "failed" &&
-            by["mvck-llm"]?.health === "online" && s;
+            by["mvck-llm"]?.health === "online" && by["mvck-od"]?.health === "standby" && s;
     }, 40000);
     // VRAM: the stand-in GPU shows one process of mvck-mem and one of no module.
     const mem = ctl("status", "mvck-mem");
@@ -213,7 +291,13 @@ test("the overview lists every module with the health modvisord reports", async 
     const bad = path.join(WORK, "modules.d/mvck-bad.toml");
     const err = page.locator(`[data-testid=manifest-errors] li[data-file="${bad}"]`);
     assert.match(await err.innerText(), new RegExp(bad.replace(/[.]/g, "\\.") + ":4:1: "));
-    assert.match(await page.locator("[data-testid=counts]").innerText(), /3 online, 1 degraded, 1 offline/);
+    // A module in standby counts as online (the Manager's ModulesOnline), not as offline.
+    assert.match(await page.locator("[data-testid=counts]").innerText(), /4 online, 1 degraded, 1 offline/);
+    const standby = row("mvck-od").locator(".mv-health");
+    assert.equal(await standby.innerText(), "standby");
+    assert.match(await standby.getAttribute("class"), /pf-m-blue/);
+    assert.match(await standby.getAttribute("title"), /starts on the next connection/);
+    assert.match(await row("mvck-od").locator(".mv-reason").innerText(), new RegExp(`127\\.0\\.0\\.1:${OD_PORT}`));
     // root may act: nothing is read-only.
     assert.equal(await page.locator("[data-testid=read-only]").count(), 0);
     assert.equal(await row("mvck-svc").locator("button[data-action=restart]").isDisabled(), false);
@@ -256,7 +340,111 @@ test("kill -9 of an engine from outside: offline, then online again, without a r
     await sameDocument();
 });
 
+test("a module's log shows only trusted writers: a non-root process or user unit setting MODVISOR_MODULE does not appear", async () => {
+    const name = "mvck-svc";
+    const unit = `modvisor-${name}.service`;
+    const uid = idOf(TESTUSER);
+    const gid = gidOf(TESTUSER);
+    const tag = `${process.pid}-${Date.now()}`;
+    const spoofProc = `spoof-process-${tag}`;
+    const spoofUnit = `spoof-user-unit-${tag}`;
+    const trusted = `trusted-root-${tag}`;
+    await toOverview();
+    // A non-root user's process that sets the field itself, and a non-root user's own unit
+    // named like the module's; then what modvisord does (root forwarding a line).
+    logAs(uid, gid, [], name, spoofProc);
+    const cg = userUnitCgroups(uid, unit);
+    try {
+        logAs(uid, gid, cg, name, spoofUnit);
+    } finally {
+        removeCgroups(cg);
+    }
+    logAs(0, 0, [], name, trusted);
+    // The forgeries reached the journal as meant (so the old matches would have shown them).
+    let e = await journalEntry(spoofProc);
+    assert.ok(e.includes(`MODVISOR_MODULE=${name}`) && e.includes(`_UID=${uid}`), e);
+    e = await journalEntry(spoofUnit);
+    assert.ok(e.includes(`_SYSTEMD_USER_UNIT=${unit}`) && e.includes(`_UID=${uid}`), e);
+    await journalEntry(trusted);
+
+    await row(name).locator("a.mv-module-link").click();
+    await page.waitForSelector(`[data-testid=module-page][data-module="${name}"]`);
+    await page.waitForFunction(t => document.querySelector("[data-testid=log]").innerText.includes(t), trusted);
+    assert.match(await logText(), /mvck-svc up/, "the unit's own output is shown");
+    // Live, while the page follows the journal: another forgery, then a trusted line.
+    const spoofLive = `spoof-live-${tag}`;
+    const trustedLive = `trusted-live-${tag}`;
+    logAs(uid, gid, [], name, spoofLive);
+    await journalEntry(spoofLive);
+    logAs(0, 0, [], name, trustedLive);
+    await page.waitForFunction(t => document.querySelector("[data-testid=log]").innerText.includes(t), trustedLive);
+    const text = await logText();
+    for (const spoof of [spoofProc, spoofUnit, spoofLive])
+        assert.ok(!text.includes(spoof), `${spoof} is not the module's: ${text}`);
+    // The same lines as `modvisorctl logs NAME`.
+    const ctlText = execFileSync(CTL, ["logs", name, "-n", "1000"], { encoding: "utf8", timeout: 10000 });
+    assert.ok(ctlText.includes(trusted) && ctlText.includes(trustedLive), ctlText);
+    for (const spoof of [spoofProc, spoofUnit, spoofLive])
+        assert.ok(!ctlText.includes(spoof), `modvisorctl logs: ${spoof}`);
+    await shot("06-log-trusted-only");
+    await toOverview();
+    assert.deepEqual(problems, []);
+});
+
+test("an on-demand module: standby, started by a connection (Connections), idle-stopped back to standby, live", async () => {
+    const name = "mvck-od";
+    await toOverview();
+    await waitHealth(name, "standby", "inactive");
+    await row(name).locator("a.mv-module-link").click();
+    await page.waitForSelector(`[data-testid=module-page][data-module="${name}"]`);
+    const serving = page.locator("[data-testid=serving-card]");
+    const field = f => serving.locator(`[data-testid=${f}] dd`).innerText();
+    await page.waitForFunction(() => document.querySelector("[data-testid=module-header]").dataset.health === "standby");
+    assert.equal(await page.locator("[data-testid=module-header] .mv-health").innerText(), "standby");
+    assert.match(await field("on-demand"), /^yes/);
+    assert.equal(await field("connections"), "0");
+    assert.equal(await field("priority"), "7");
+    assert.match(await field("idle-stop"), /not armed/);
+    assert.match(await field("eviction"), /not evictable now/);
+    await shot("07-on-demand-standby");
+
+    // A client connects and keeps its connection open: the engine starts for it.
+    const sock = net.connect(OD_PORT, "127.0.0.1");
+    sock.on("error", () => {});
+    try {
+        await page.waitForFunction(() => {
+            const hd = document.querySelector("[data-testid=module-header]");
+            const sv = document.querySelector("[data-testid=serving]");
+            return hd.dataset.health === "online" && sv.dataset.connections === "1";
+        }, null, { timeout: 30000 });
+        assert.equal(await field("connections"), "1");
+        assert.match(await field("idle-stop"), /connections are open/);
+        assert.notEqual(await field("last-activity"), "—");
+        assert.ok(ctl("status", name).main_pid > 0);
+        await shot("08-on-demand-serving");
+    } finally {
+        sock.destroy();
+    }
+    // The connection closed: the idle stop is armed, fires after 3 s, standby again.
+    await page.waitForFunction(() => {
+        const sv = document.querySelector("[data-testid=serving]");
+        return sv.dataset.connections === "0" && Number(sv.dataset.idleStopAt) > 0;
+    });
+    assert.match(await field("idle-stop"), /^at .*\((in \d+ s|now)\)/);
+    await page.waitForFunction(() => {
+        const hd = document.querySelector("[data-testid=module-header]");
+        return hd.dataset.health === "standby" && hd.dataset.state === "inactive";
+    });
+    assert.match(await page.locator("[data-testid=module-reason]").innerText(), /idle/);
+    assert.equal(ctl("status", name).health, "standby");
+    await shot("09-on-demand-idle-stopped");
+    await sameDocument();
+    await toOverview();
+    assert.deepEqual(problems, []);
+});
+
 test("a manifest dropped in appears live (InterfacesAdded), and goes when removed", async () => {
+    await toOverview();
     const file = path.join(WORK, "modules.d/mvck-new.toml");
     fs.writeFileSync(file + ".tmp", 'description = "dropped in while the page is open"\ntrusted = true\n[native]\ncommand = ["/bin/sh", "-c", "exec sleep 100000"]\n');
     fs.renameSync(file + ".tmp", file);
@@ -269,6 +457,7 @@ test("a manifest dropped in appears live (InterfacesAdded), and goes when remove
 });
 
 test("model activation shows its steps as they happen, and the rollback reason", async () => {
+    await toOverview();
     await row("mvck-llm").locator("a.mv-module-link").click();
     await page.waitForSelector('[data-testid=module-page][data-module="mvck-llm"]');
     await sameDocument(); // navigation inside the page, no reload
@@ -287,7 +476,7 @@ test("model activation shows its steps as they happen, and the rollback reason",
     await page.waitForFunction(() => /good2\.gguf/.test(document.querySelector("[data-testid=active-model]").innerText));
     assert.ok(await page.evaluate(() => window.__mvck.disabled["mvck-llm"]), "actions disabled during the activation");
     await page.waitForFunction(() => /serving .*good2\.gguf/.test(document.querySelector("[data-testid=log]").innerText));
-    await shot("06-activation-ok");
+    await shot("10-activation-ok");
 
     // A broken one: the engine exits 1, modvisord rolls back to good2.gguf.
     await page.evaluate(() => { window.__mvck.disabled = {} });
@@ -308,7 +497,98 @@ test("model activation shows its steps as they happen, and the rollback reason",
     assert.equal(ctl("status", "mvck-llm").active_model, path.join(WORK, "models/good2.gguf"));
     await page.waitForFunction(() => document.querySelector("[data-testid=module-header]").dataset.health === "online");
     assert.equal(await page.locator("button[data-action=activate]").isDisabled(), false);
-    await shot("07-activation-rolled-back");
+    await shot("11-activation-rolled-back");
+    assert.deepEqual(problems, []);
+});
+
+test("the Models tab: a pull's progress bar reaches 100 %, the model is listed with its size and users, activated into a module, removed", async () => {
+    await page.goto(ROOT_URL + PAGE_PATH + "#/models", { timeout: T });
+    await page.waitForSelector("#app[data-status=ready][data-ready=true]");
+    await page.evaluate(() => { window.__mvckMarker = "same document" });
+    await page.waitForSelector("[data-testid=models-page] [data-testid=models-empty]");
+    assert.equal(await page.locator("button[data-tab=models]").getAttribute("aria-selected"), "true");
+    // Every value the progress bar shows, as it shows it (changed in place, or rebuilt).
+    await page.evaluate(() => {
+        window.__mvckProgress = [];
+        const look = () => {
+            const b = document.querySelector("[data-testid=pull-jobs] [role=progressbar]");
+            const v = b && Number(b.getAttribute("aria-valuenow"));
+            const seen = window.__mvckProgress;
+            if (b && seen[seen.length - 1] !== v)
+                seen.push(v);
+        };
+        new MutationObserver(look).observe(document.body, { subtree: true, childList: true, attributes: true, attributeFilter: ["aria-valuenow"] });
+    });
+    await page.locator("input[data-testid=pull-source]").fill(PULL_URL);
+    await page.locator("input[data-testid=pull-sha256]").fill(PULL_SHA);
+    await page.locator("button[data-action=pull]").click();
+    const job = page.locator("[data-testid=pull-jobs] li[data-job]");
+    await job.waitFor();
+    await page.waitForSelector("[data-testid=pull-jobs] li[data-job][data-state=running]");
+    await shot("12-pull-running");
+    await page.waitForSelector("[data-testid=pull-jobs] li[data-job][data-state=completed]", { timeout: 40000 });
+    const bar = job.locator("[role=progressbar]");
+    await page.waitForFunction(() => document.querySelector("[data-testid=pull-jobs] [role=progressbar]").getAttribute("aria-valuenow") === "100");
+    assert.equal(await job.getAttribute("data-model"), `sha256:${PULL_SHA}`);
+    const size = bytesText(PULL_SIZE);
+    assert.equal(await job.locator(".pf-v6-c-progress__measure").innerText(), `${size} of ${size} (100 %)`);
+    assert.equal(await job.locator("[data-testid=job-state]").innerText(), "completed");
+    assert.match(await job.locator(".pf-v6-c-progress").getAttribute("class"), /pf-m-success/);
+    const seen = await page.evaluate(() => window.__mvckProgress);
+    assert.equal(seen[seen.length - 1], 100, JSON.stringify(seen));
+    assert.ok(seen.some(v => v > 0 && v < 100), "the bar moved between 0 and 100 %: " + JSON.stringify(seen));
+    assert.deepEqual([...seen].sort((a, b) => a - b), seen, "it never went back: " + JSON.stringify(seen));
+    assert.match(fs.readFileSync(HTTP_LOG, "utf8"), /^GET \/tiny\.gguf /m, "modvisord downloaded it from the local server");
+    await shot("13-pull-100");
+
+    // Listed (the list is read again when the job completed), with its size, used by nobody.
+    const id = `sha256:${PULL_SHA}`;
+    const model = page.locator(`[data-testid=models-table] tr[data-model="${id}"]`);
+    await model.waitFor();
+    assert.equal(await model.locator("[data-field=size]").innerText(), size);
+    assert.equal(await model.locator("[data-field=users]").innerText(), "—");
+    const file = path.join(STORE, "url", PULL_SHA, "tiny.gguf");
+    assert.equal(crypto.createHash("sha256").update(fs.readFileSync(file)).digest("hex"), PULL_SHA);
+
+    // Activated into the stand-in engine: "used by" follows its ActiveModel, live.
+    await model.locator("select[data-testid=activate-target]").selectOption("mvck-llm");
+    await model.locator("button[data-action=activate-model]").click();
+    await page.waitForFunction(i => /mvck-llm/.test(document.querySelector(`[data-testid=models-table] tr[data-model="${i}"] [data-field=users]`)?.innerText || ""), id, { timeout: 40000 });
+    await page.locator("[data-testid=notifications] [data-kind=success]").last().waitFor();
+    assert.equal(ctl("status", "mvck-llm").active_model, file);
+    await until("mvck-llm online with the pulled model", () => ctl("status", "mvck-llm").health === "online");
+
+    // Removing it while a running module uses it: refused, and the page says why.
+    await model.locator("button[data-action=remove]").click();
+    assert.match(await model.locator("[data-testid=remove-confirm]").innerText(), /Used by mvck-llm/);
+    await model.locator("button[data-action=remove-confirm]").click();
+    const busy = page.locator("[data-testid=notifications] [data-kind=busy]");
+    await busy.waitFor();
+    assert.match(await busy.innerText(), /active model of running module\(s\) mvck-llm/);
+    assert.ok(fs.existsSync(file));
+    await shot("14-models-remove-refused");
+
+    // Once the module runs another model, the removal goes through and the row goes.
+    execFileSync(CTL, ["--bus-address", BUS, "activate", "mvck-llm", "good2.gguf"], { stdio: "ignore", timeout: 40000 });
+    await page.waitForFunction(i => document.querySelector(`[data-testid=models-table] tr[data-model="${i}"] [data-field=users]`)?.innerText === "—", id);
+    await model.locator("button[data-action=remove]").click();
+    await model.locator("button[data-action=remove-confirm]").click();
+    await page.waitForSelector("[data-testid=models-page] [data-testid=models-empty]");
+    assert.ok(!fs.existsSync(file), "the file left the store");
+
+    // A pull cancelled from the page: the job ends "cancelled", nothing is listed.
+    await page.locator("[data-testid=pull-jobs] li[data-job] button[data-action=dismiss]").click();
+    await page.locator("input[data-testid=pull-source]").fill(`${PULL_URL}#sha256=${PULL_SHA}`);
+    await page.locator("button[data-action=pull]").click();
+    const again = page.locator("[data-testid=pull-jobs] li[data-job]");
+    await page.waitForSelector("[data-testid=pull-jobs] li[data-job][data-state=running]");
+    await again.locator("button[data-action=cancel]").click();
+    await page.waitForSelector("[data-testid=pull-jobs] li[data-job][data-state=cancelled]");
+    assert.equal(await again.locator("[data-testid=job-state]").innerText(), "cancelled");
+    assert.equal(await again.locator("button[data-action=cancel]").isVisible(), false);
+    assert.equal(await page.locator("[data-testid=models-page] [data-testid=models-empty]").count(), 1);
+    assert.ok(!fs.existsSync(file), "a cancelled pull installs nothing");
+    await sameDocument();
     assert.deepEqual(problems, []);
 });
 
@@ -322,7 +602,7 @@ test("a user outside group modvisor reads everything, the actions are disabled, 
     const buttons = page.locator("[data-testid=modules] button[data-action]");
     assert.ok(await buttons.count() >= 15);
     assert.equal(await page.locator("[data-testid=modules] button[data-action]:not([disabled])").count(), 0);
-    await shot("08-readonly-overview");
+    await shot("15-readonly-overview");
 
     // The module page: status and Explain readable, every control disabled.
     await page.goto(USER_URL + PAGE_PATH + "#/module/mvck-svc");
@@ -331,7 +611,7 @@ test("a user outside group modvisor reads everything, the actions are disabled, 
     for (const sel of ["button[data-action]", "select[data-testid=mode-select]", "input[data-testid=model-input]"])
         assert.equal(await page.locator(`[data-testid=module-page] ${sel}:not([disabled])`).count(), 0, sel);
     assert.match(await page.locator("[data-testid=actions-note]").innerText(), /needs root or membership/);
-    await shot("09-readonly-module");
+    await shot("16-readonly-module");
 
     // Force a call past the page's own gating: the bus refuses, the page says so.
     const pid = ctl("status", "mvck-svc").main_pid;
@@ -349,6 +629,28 @@ test("a user outside group modvisor reads everything, the actions are disabled, 
     assert.match(text, /AccessDenied|Rejected send message|refused/);
     assert.equal(ctl("status", "mvck-svc").main_pid, pid, "nothing was stopped");
     assert.equal(unitState("modvisor-mvck-svc.service"), "active");
-    await shot("10-refused");
+    await shot("17-refused");
+
+    // The Models tab: readable, the pull disabled with the reason; a forced pull is refused.
+    await page.locator("button[data-tab=models]").click();
+    await page.waitForSelector("[data-testid=models-page] [data-testid=models-empty]");
+    for (const sel of ["input[data-testid=pull-source]", "input[data-testid=pull-sha256]", "button[data-action=pull]"])
+        assert.equal(await page.locator(sel).isDisabled(), true, sel);
+    assert.match(await page.locator("[data-testid=models-note]").innerText(), /needs root or membership in the group “modvisor”/);
+    await page.evaluate(([url, sha]) => {
+        for (const [sel, v] of [["input[data-testid=pull-source]", url], ["input[data-testid=pull-sha256]", sha]]) {
+            const i = document.querySelector(sel);
+            i.disabled = false;
+            i.value = v;
+        }
+        const b = document.querySelector("button[data-action=pull]");
+        b.disabled = false;
+        b.click();
+    }, [PULL_URL, PULL_SHA]);
+    const pullRefusal = page.locator("[data-testid=notifications] [data-kind=denied]").last();
+    await page.waitForFunction(() => [...document.querySelectorAll("[data-testid=notifications] [data-kind=denied]")].some(e => /Pull/.test(e.innerText)));
+    assert.match(await pullRefusal.innerText(), /Pull .*Not permitted/s);
+    assert.equal(await page.locator("[data-testid=pull-jobs] li").count(), 0, "no job was started");
+    await shot("18-readonly-models-refused");
     assert.deepEqual(problems, []);
 });

@@ -6,10 +6,17 @@
 #
 #   tests/cockpit/run.sh        as root, the testbed up (scripts/test.sh brings it up),
 #                               after `cargo build`, `npm ci` + `npm run build` in
-#                               packaging/cockpit and `npm ci` in tests/cockpit
+#                               packaging/cockpit and `npm ci` in tests/cockpit, and with the
+#                               tiny GGUF of engines/build-llama-server.sh in
+#                               $MODVISOR_TEST_LLAMA (default /var/cache/modvisor-test/llama)
+#
+# The model the page pulls comes from a small HTTP server on loopback started here
+# (tests/cockpit/slow_http.py: a copy of the tiny GGUF, sent in chunks so that the pull takes
+# a few seconds); modvisord's model store is under the stand-in engine's model directory, so
+# the pulled model can be activated into it.
 #
 # It fails, never skips, when a component is missing. Bounded: every wait here has a limit,
-# the browser part runs under `timeout` (MVCK_TIMEOUT, default 150 s). Screenshots of each
+# the browser part runs under `timeout` (MVCK_TIMEOUT, default 240 s). Screenshots of each
 # state and the logs go to target/cockpit-screenshots/. Everything it sets up (the bus policy
 # file, the test user, the daemon, cockpit-ws, the units) is removed again on exit.
 set -euo pipefail
@@ -32,19 +39,21 @@ PAGE=$ROOT/target/cockpit/modvisor
 SHOTS=$ROOT/target/cockpit-screenshots
 TESTUSER=mvtest-cockpit-ro
 POLICY=/etc/dbus-1/system.d/org.modvisor1-cockpit-test.conf
-MODULES=(mvck-svc mvck-stop mvck-mem mvck-fail mvck-llm mvck-new)
+MODULES=(mvck-svc mvck-stop mvck-mem mvck-fail mvck-llm mvck-new mvck-od)
+TINY=${MODVISOR_TEST_LLAMA:-/var/cache/modvisor-test/llama}/tiny.gguf
 
 # --- what must be there (missing is a failure)
 for f in "$WS" /usr/bin/cockpit-bridge /usr/share/cockpit/shell/manifest.json /usr/bin/chromium; do
   [ -e "$f" ] || fail "$f is missing (testbed/install.sh installs cockpit-ws, cockpit-bridge, cockpit-system and chromium)"
 done
-for c in node cc python3 busctl runuser useradd; do
+for c in node cc python3 busctl runuser useradd setpriv sha256sum journalctl curl; do
   command -v "$c" >/dev/null || fail "$c is missing"
 done
 [ -x "$MODVISORD" ] && [ -x "$MODVISORCTL" ] || fail "no modvisord/modvisorctl at $MODVISORD (cargo build first)"
 [ -f "$PAGE/manifest.json" ] && [ -f "$PAGE/modvisor.js.gz" ] ||
   fail "the page is not built: (cd packaging/cockpit && npm ci && npm run build)"
 [ -f tests/cockpit/node_modules/playwright-core/package.json ] || fail "playwright-core is not installed: (cd tests/cockpit && npm ci)"
+[ -f "$TINY" ] || fail "$TINY is missing (engines/build-llama-server.sh builds it; MODVISOR_TEST_LLAMA names its directory)"
 for _ in $(seq 50); do busctl --system status org.freedesktop.systemd1 >/dev/null 2>&1 && break; sleep 0.2; done
 busctl --system status org.freedesktop.systemd1 >/dev/null 2>&1 ||
   fail "no systemd manager on the system bus ($DBUS_SYSTEM_BUS_ADDRESS): the testbed is not up"
@@ -75,6 +84,14 @@ cleanup() {
   stop_units
   rm -f "$POLICY"
   busctl --system call org.freedesktop.DBus /org/freedesktop/DBus org.freedesktop.DBus ReloadConfig >/dev/null 2>&1
+  # the cgroups the browser test makes for a user's unit named like a module's (when it was
+  # cut short before it removed them)
+  if [ -n "${TESTUID:-}" ]; then
+    for d in /sys/fs/cgroup/systemd /sys/fs/cgroup/unified; do
+      [ -d "$d/user.slice/user-$TESTUID.slice" ] &&
+        find "$d/user.slice/user-$TESTUID.slice" -depth -type d -exec rmdir {} \; 2>/dev/null
+    done
+  fi
   if id "$TESTUSER" >/dev/null 2>&1; then
     for p in $(pgrep -u "$TESTUSER"); do kill -KILL "$p" 2>/dev/null; done
     userdel "$TESTUSER" >/dev/null 2>&1
@@ -96,6 +113,7 @@ busctl --system call org.freedesktop.DBus /org/freedesktop/DBus org.freedesktop.
 groupadd -f --system modvisor
 id "$TESTUSER" >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin "$TESTUSER"
 gpasswd -d "$TESTUSER" modvisor >/dev/null 2>&1 || true
+TESTUID=$(id -u "$TESTUSER")
 mkdir -p "$W/home/.cache" "$W/home/run"
 chmod 700 "$W/home/run"
 chown -R "$TESTUSER" "$W/home"
@@ -124,13 +142,37 @@ for m in good good2 broken; do printf 'GGUF\003\000\000\000%s' "$m" >"$W/models/
 cat >"$W/engine.sh" <<EOF
 #!/bin/sh
 # A stand-in inference engine: "loads" the model named by \$1, then serves HTTP.
+# On a broken model it stays a second after its error lines before it exits: journald reads a
+# writer's unit from /proc when it gets to the line, and a process already gone leaves the
+# line without _SYSTEMD_USER_UNIT, which the trusted matches (rightly) do not take as the
+# unit's. On a loaded machine journald is that late; modvisord then finds no error line.
 case "\$1" in
-  *broken*) sleep 0.5; echo "error loading model: \$1: invalid tensor data" >&2; echo "exiting due to model loading error" >&2; exit 1 ;;
+  *broken*) sleep 0.5; echo "error loading model: \$1: invalid tensor data" >&2; echo "exiting due to model loading error" >&2; sleep 1; exit 1 ;;
 esac
 echo "serving \$1 on port $LLM_PORT"
 exec python3 -m http.server $LLM_PORT --bind 127.0.0.1 --directory "$W/models"
 EOF
 chmod 755 "$W/engine.sh"
+
+# --- the model store (under the stand-in engine's model directory, so that a pulled model can
+# be activated into it) and the server the page pulls from: a copy of the tiny GGUF over plain
+# HTTP on loopback (modvisord takes http:// only there), sent slowly
+mkdir -p "$W/models/store" "$W/srv"
+chmod 755 "$W/models" "$W/models/store" "$W/srv"
+cp "$TINY" "$W/srv/tiny.gguf"
+chmod 644 "$W/srv/tiny.gguf"
+PULL_SHA=$(sha256sum "$W/srv/tiny.gguf" | cut -d' ' -f1)
+PULL_SIZE=$(stat -c %s "$W/srv/tiny.gguf")
+SRV_PORT=$(free_port)
+setsid python3 tests/cockpit/slow_http.py "$SRV_PORT" "$W/srv" "$W/http-requests.log" </dev/null >"$W/slow-http.log" 2>&1 &
+PGIDS+=("$!")
+for _ in $(seq 100); do curl -sf -o /dev/null -I "http://127.0.0.1:$SRV_PORT/tiny.gguf" && break; sleep 0.1; done
+curl -sf -o /dev/null -I "http://127.0.0.1:$SRV_PORT/tiny.gguf" || fail "the model server did not answer on 127.0.0.1:$SRV_PORT within 10 s"
+
+# --- an on-demand module: modvisord listens, the engine (an HTTP server) starts on the first
+# connection and stops after 3 s without one (standby)
+OD_PORT=$(free_port)
+OD_UP=$(free_port)
 
 # --- modvisord's config and modules
 mkdir -p "$W/modules.d"
@@ -145,6 +187,8 @@ native_backend = "systemd"
 [monitor]
 interval = "1s"
 nvml_library = "$W/nvml/libnvidia-ml.so.1"
+[models]
+store = "$W/models/store"
 EOF
 cat >"$W/modules.d/mvck-svc.toml" <<'EOF'
 description = "killed from outside, restarted by systemd"
@@ -212,6 +256,27 @@ start_timeout = "20s"
 [restart]
 delay = "500ms"
 EOF
+cat >"$W/modules.d/mvck-od.toml" <<EOF
+description = "started by a connection, stopped when idle"
+trusted = true
+[native]
+# The engines read files under /tmp (mode 0700): root, temp directory visible, as the
+# suites written before engines ran unprivileged (tests/common/mod.rs root_engine).
+user = "root"
+sandbox = { private_tmp = false, protect_system = false }
+command = ["python3", "-m", "http.server", "\${port}", "--bind", "127.0.0.1", "--directory", "$W/srv"]
+[health]
+http = "http://127.0.0.1:$OD_UP/"
+interval = "500ms"
+start_timeout = "20s"
+[serve]
+listen = ["127.0.0.1:$OD_PORT"]
+upstream = "127.0.0.1:$OD_UP"
+on_demand = true
+idle_stop = "3s"
+[resources]
+priority = 7
+EOF
 printf 'trusted = true\n[native]\ncommand = ["/bin/true"]\nfrobnicate = 1\n' >"$W/modules.d/mvck-bad.toml"
 chmod 644 "$W"/modules.d/*.toml
 
@@ -246,4 +311,6 @@ export MVCK_ROOT_URL="http://127.0.0.1:$ROOT_PORT" MVCK_USER_URL="http://127.0.0
 export MVCK_SHOTS="$SHOTS" MVCK_CTL="$MODVISORCTL" MVCK_BUS="$DBUS_SYSTEM_BUS_ADDRESS"
 export MVCK_WORK="$W" MVCK_GPUS="$W/gpus" MVCK_FOREIGN_PID="$FOREIGN" MVCK_USER="$TESTUSER"
 export MVCK_PROFILE="$W/chromium"
-timeout --kill-after=10 "${MVCK_TIMEOUT:-150}" node --test --test-concurrency=1 tests/cockpit/page.test.mjs
+export MVCK_PULL_URL="http://127.0.0.1:$SRV_PORT/tiny.gguf" MVCK_PULL_SHA="$PULL_SHA" MVCK_PULL_SIZE="$PULL_SIZE"
+export MVCK_HTTP_LOG="$W/http-requests.log" MVCK_STORE="$W/models/store" MVCK_OD_PORT="$OD_PORT"
+timeout --kill-after=10 "${MVCK_TIMEOUT:-240}" node --test --test-concurrency=1 tests/cockpit/page.test.mjs

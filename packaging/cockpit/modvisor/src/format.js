@@ -40,3 +40,17 @@ export function ago(us, now) {
         return cockpit.format(_("$0 h ago"), Math.floor(s / 3600));
     return cockpit.format(_("$0 d ago"), Math.floor(s / 86400));
 }
+
+/// How far in the future `us` (µs since the epoch) is, as "in N s" (or "now").
+export function until(us, now) {
+    if (!us)
+        return "";
+    const s = Math.round((us / 1000 - now) / 1000);
+    if (s <= 0)
+        return _("now");
+    if (s < 60)
+        return cockpit.format(_("in $0 s"), s);
+    if (s < 3600)
+        return cockpit.format(_("in $0 min"), Math.round(s / 60));
+    return cockpit.format(_("in $0 h"), Math.round(s / 3600));
+}

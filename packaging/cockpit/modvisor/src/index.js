@@ -8,6 +8,7 @@ import { detectPermission, ADMIN_GROUP } from "./permission.js";
 import { Notifications } from "./notify.js";
 import { OverviewView } from "./overview.js";
 import { ModuleView } from "./module.js";
+import { ModelsView } from "./models.js";
 import { healthLabel, alert, emptyState } from "./ui.js";
 
 const _ = cockpit.gettext;
@@ -16,6 +17,7 @@ const _ = cockpit.gettext;
 // label and a view ({ el, update(dirty), destroy() }).
 const TABS = [
     { id: "overview", label: () => _("Overview"), view: ctx => new OverviewView(ctx) },
+    { id: "models", label: () => _("Models"), view: ctx => new ModelsView(ctx) },
 ];
 
 class App {
@@ -44,13 +46,19 @@ class App {
 
     start() {
         this.store.on(dirty => this.update(dirty));
+        // A module stopped to make room for another (admission): a notice, not an error.
+        this.store.onNotice(n => {
+            if (n.kind === "evicted")
+                this.notifications.add("info", cockpit.format(_("$0 was stopped to make room for $1"), n.name, n.by),
+                                       n.reason, "evicted");
+        });
         cockpit.addEventListener("locationchanged", () => this.navigate());
         detectPermission()
                 .then(p => Object.assign(this.perm, p, { known: true }))
                 .catch(ex => Object.assign(this.perm, { known: true, canManage: false, error: ex.message || String(ex) }))
                 .finally(() => {
                     this.renderPermission();
-                    this.update(new Set(["all"]));
+                    this.update(new Set(["all", "perm"]));
                 });
         this.store.start();
         this.navigate();

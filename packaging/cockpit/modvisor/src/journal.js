@@ -1,15 +1,40 @@
 /* global cockpit */
-// A module's log from the journal, followed: the same matches as `modvisorctl logs NAME`
-// (its forwarded output, its transient unit under a system or a user manager).
+// A module's log from the journal, followed, from trusted writers only: the same matches as
+// `modvisorctl logs NAME` (src/journal.rs `trusted_matches`, which
+// tests/cockpit/page.test.mjs checks against real journald):
+//   - entries with MODVISOR_MODULE=NAME written by root (_UID=0: modvisord forwarding the
+//     output of direct children and containers), never by another process that sets the
+//     field itself;
+//   - the output of the module's system unit (_SYSTEMD_UNIT: only root makes system units);
+//   - the module's unit under a user manager only when that manager is root's (_UID=0, as in
+//     the testbed), never another user's unit of the same name.
+// Fields starting with "_" are journald's own, not the writer's. Terms of one group are
+// ANDed; "+" separates the alternatives.
 
 const KEEP = 1000;
 
-export function journalArgs(name, lines) {
+/// modvisor's module names (src/manifest/validate.rs `validate_name`); anything else (a name
+/// typed into the page's address) never reaches journalctl, as in `modvisorctl logs`.
+export function validName(name) {
+    return typeof name === "string" && /^[a-z0-9][a-z0-9_-]{0,62}$/.test(name);
+}
+
+export function trustedMatches(name) {
+    if (!validName(name))
+        throw new Error(cockpit.format(cockpit.gettext("invalid module name “$0”"), String(name)));
     const unit = `modvisor-${name}.service`;
+    return [
+        `MODVISOR_MODULE=${name}`, "_UID=0",
+        "+", `_SYSTEMD_UNIT=${unit}`,
+        "+", `_SYSTEMD_USER_UNIT=${unit}`, "_UID=0",
+    ];
+}
+
+export function journalArgs(name, lines) {
     return [
         "journalctl", "--no-pager", "--follow", "--lines", String(lines),
         "--output", "json", "--output-fields", "MESSAGE,PRIORITY,SYSLOG_IDENTIFIER,MODVISOR_STREAM",
-        `MODVISOR_MODULE=${name}`, "+", `_SYSTEMD_UNIT=${unit}`, "+", `_SYSTEMD_USER_UNIT=${unit}`,
+        ...trustedMatches(name),
     ];
 }
 
@@ -23,6 +48,10 @@ function message(entry) {
 /// Follows the journal of module `name`; `onLines(lines)` gets the whole kept tail (at most
 /// KEEP entries) after every chunk. Returns a handle with stop().
 export function followJournal(name, lines, onLines, onError) {
+    if (!validName(name)) {
+        onError(new Error(cockpit.format(cockpit.gettext("invalid module name “$0”"), String(name))));
+        return { stop() {} };
+    }
     const proc = cockpit.spawn(journalArgs(name, lines), { err: "message", environ: ["LC_ALL=C.UTF-8"] });
     const kept = [];
     let buf = "";

@@ -1,8 +1,9 @@
 /* global cockpit */
 // One module: status, the Explain text, actions (start/stop/restart, mode override, model
-// activation with its steps as they happen), and its log from the journal, followed.
+// activation with its steps as they happen), on-demand serving and memory admission, and its
+// log from the journal (trusted writers only), followed.
 import { h, replace, patch } from "./dom.js";
-import { bytes, since, ago } from "./format.js";
+import { bytes, since, ago, until } from "./format.js";
 import { healthLabel, button, bar, card, descriptionList, emptyState, codeBlock, select, textInput, alert } from "./ui.js";
 import { run } from "./notify.js";
 import { actionState, actionButtons, gpuTotal } from "./overview.js";
@@ -47,6 +48,7 @@ export class ModuleView {
         this.modelInput = null;
         this.controls = this.buildControls();
         this.status = h("div", {});
+        this.serving = h("div", { "data-testid": "serving" });
         this.explainEl = codeBlock(_("Loading…"), "explain");
         this.activationEl = h("div", { "data-testid": "activation" });
         this.logEl = h("pre", { class: "mv-log", "data-testid": "log", tabindex: "0" });
@@ -57,6 +59,7 @@ export class ModuleView {
                       h("div", { class: "mv-grid" },
                         card(_("Status"), this.status, { testid: "status-card" }),
                         card(_("Why this mode"), this.explainEl, { testid: "explain-card" })),
+                      card(_("Connections and memory"), this.serving, { testid: "serving-card" }),
                       card(_("Model activation"), this.activationEl, { testid: "activation-card" }),
                       card(_("Log"), [this.logNote, this.logEl], { testid: "log-card" }));
         this.missing = h("div", {});
@@ -66,6 +69,7 @@ export class ModuleView {
         this.explaining = false;
         this.journal = null;
         this.startJournal();
+        ctx.store.refreshModels();
     }
 
     buildControls() {
@@ -87,14 +91,16 @@ export class ModuleView {
             },
         });
         this.modeApply = modeApply;
-        this.modelInput = textInput({ id: "mv-model", "aria-label": _("Model"), placeholder: _("model file, e.g. tiny2.gguf"), "data-testid": "model-input" });
+        this.modelInput = textInput({ id: "mv-model", "aria-label": _("Model"), placeholder: _("model file, e.g. tiny2.gguf, or a store reference such as ollama:NAME:TAG"), "data-testid": "model-input", list: "mv-store-models" });
+        // The store's models as suggestions (the Models tab lists them).
+        this.modelList = h("datalist", { id: "mv-store-models" });
         const activate = h("form", {
             class: "mv-inline",
             onsubmit: ev => {
                 ev.preventDefault();
                 this.activate();
             },
-        }, this.modelInput, button(_("Activate model"), { variant: "primary", action: "activate" }));
+        }, this.modelInput, this.modelList, button(_("Activate model"), { variant: "primary", action: "activate" }));
         // The form's submit button: a click or Enter in the input submits, once.
         this.activateButton = activate.querySelector("button");
         this.activateButton.type = "submit";
@@ -179,11 +185,14 @@ export class ModuleView {
         if (all || dirty.has("module:" + this.name) || dirty.has("manager")) {
             this.renderHeader(m);
             this.renderStatus(m);
+            this.renderServing(m);
             this.renderControls(m);
             this.refreshExplain(m);
         }
         if (all || dirty.has("activation:" + this.name))
             this.renderActivation();
+        if (all || dirty.has("models"))
+            replace(this.modelList, (this.ctx.store.models || []).map(x => h("option", { value: x.id }, x.path || x.source)));
     }
 
     renderHeader(m) {
@@ -213,6 +222,49 @@ export class ModuleView {
             [_("Active model"), m.ActiveModel ? h("code", {}, m.ActiveModel) : "—", "active-model"],
             [_("Manifest"), m.ManifestPath ? h("code", {}, m.ManifestPath) : "—", "manifest"],
         ]));
+    }
+
+    /// On demand / idle stop ([serve]) and admission (footprint, priority, pinned, evictable).
+    renderServing(m) {
+        const now = Date.now();
+        const yes = v => v ? _("yes") : _("no");
+        const has = k => m[k] !== undefined;
+        const onDemand = has("OnDemand")
+            ? h("span", {}, yes(m.OnDemand), m.OnDemand && h("span", { class: "mv-muted" }, " — " + _("started by the first connection to its listen address, not at boot")))
+            : "—";
+        const idle = !m.IdleStopAt
+            ? h("span", { class: "mv-muted" }, m.Connections ? _("not armed: connections are open") : _("not armed"))
+            : h("span", { title: since(m.IdleStopAt) },
+                cockpit.format(_("at $0 ($1)"), new Date(m.IdleStopAt / 1000).toLocaleTimeString(), until(m.IdleStopAt, now)));
+        const ram = Number(m.RamPeakBytes || 0);
+        const vram = Number(m.VramPeakBytes || 0);
+        const source = m.FootprintSource || "";
+        const SOURCE = { measured: _("measured peaks"), declared: _("declared in the manifest (memory_max, vram)") };
+        const footprint = source || ram || vram
+            ? h("span", {}, cockpit.format(_("RAM $0, VRAM $1"), ram ? bytes(ram) : "—", vram ? bytes(vram) : "—"),
+                h("span", { class: "mv-muted" }, " (" + (SOURCE[source] || source || _("unknown")) + ")"))
+            : h("span", { class: "mv-muted" }, _("not known yet: nothing measured or declared, starts are admitted without a check"));
+        let eviction;
+        if (m.Pinned)
+            eviction = _("pinned: never evicted");
+        else if (m.Evictable)
+            eviction = _("evictable now: running and idle, may be stopped to make room for another module");
+        else
+            eviction = _("not evictable now (only a running, idle module is)");
+        replace(this.serving, descriptionList([
+            [_("On demand"), onDemand, "on-demand"],
+            [_("Connections"), has("Connections") ? String(m.Connections) : "—", "connections"],
+            [_("Last activity"), m.LastActivity ? h("span", { title: since(m.LastActivity) }, ago(m.LastActivity, now)) : "—", "last-activity"],
+            [_("Idle stop"), has("IdleStopAt") ? idle : "—", "idle-stop"],
+            [_("Footprint"), has("FootprintSource") ? footprint : "—", "footprint"],
+            [_("Priority"), has("Priority") ? String(m.Priority) : "—", "priority"],
+            [_("Eviction"), has("Evictable") ? eviction : "—", "eviction"],
+        ]));
+        this.serving.dataset.onDemand = String(!!m.OnDemand);
+        this.serving.dataset.connections = String(m.Connections ?? "");
+        this.serving.dataset.idleStopAt = String(m.IdleStopAt ?? "");
+        this.serving.dataset.pinned = String(!!m.Pinned);
+        this.serving.dataset.evictable = String(!!m.Evictable);
     }
 
     renderControls(m) {

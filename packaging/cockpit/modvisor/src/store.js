@@ -1,8 +1,10 @@
 /* global cockpit */
 // modvisord's state as this page knows it, kept current from the bus alone: one load
 // (GetManagedObjects + the Manager's properties) when the daemon appears, then signals only —
-// PropertiesChanged on the module objects and the manager, the ObjectManager's
-// InterfacesAdded/InterfacesRemoved, ModuleChanged and ModelActivation. No polling.
+// PropertiesChanged on the module objects, the manager and pull jobs, the ObjectManager's
+// InterfacesAdded/InterfacesRemoved, ModuleChanged, ModuleEvicted, ModelActivation and a
+// job's Finished. No polling: the model list is read again only when something that changes
+// it happened (a pull finished, a removal, a module's active model changed).
 
 const _ = cockpit.gettext;
 
@@ -10,6 +12,12 @@ export const BUS_NAME = "org.modvisor1";
 export const MANAGER_PATH = "/org/modvisor1";
 export const MANAGER_IFACE = "org.modvisor1.Manager";
 export const MODULE_IFACE = "org.modvisor1.Module";
+export const MODELS_PATH = "/org/modvisor1/models";
+export const MODELS_IFACE = "org.modvisor1.Models";
+export const JOB_IFACE = "org.modvisor1.Job";
+const JOB_PREFIX = "/org/modvisor1/job/";
+// A job's states after which nothing changes any more.
+export const JOB_FINAL = ["completed", "failed", "cancelled"];
 const OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager";
 const PROPERTIES = "org.freedesktop.DBus.Properties";
 
@@ -55,6 +63,9 @@ export function describeError(ex) {
         return { kind: "denied", title: _("Not permitted"), text: cockpit.format(_("modvisord refused: $0"), message) };
     if (name === ERR.busy)
         return { kind: "busy", title: _("Busy"), text: message };
+    if (name === "org.freedesktop.DBus.Error.UnknownMethod" || name === "org.freedesktop.DBus.Error.UnknownObject" ||
+        name === "org.freedesktop.DBus.Error.UnknownInterface")
+        return { kind: "unsupported", title: _("Not supported by this modvisord"), text: message };
     if (name === ERR.invalid)
         return { kind: "invalid", title: _("Invalid argument"), text: message };
     if (name === ERR.noSuchModule)
@@ -79,6 +90,24 @@ export class Store {
         this.generation = 0;
         this.owner = undefined;
         this.managerRefresh = null;
+        // The model store (org.modvisor1.Models): its list, its problem, pull jobs by path.
+        this.models = null; // null: not read yet; else [{ id, source, revision, path, size, ... }]
+        this.modelsProblem = null; // { kind, title, text } when List failed
+        this.modelsRefresh = null;
+        this.jobs = new Map(); // job path -> { path, Model, State, BytesDone, BytesTotal, Progress, Error, own, seq }
+        this.jobSeq = 0;
+        this.noticeListeners = new Set();
+    }
+
+    /// `fn(notice)` for events worth a message: { kind: "evicted", name, by, reason }.
+    onNotice(fn) {
+        this.noticeListeners.add(fn);
+        return () => this.noticeListeners.delete(fn);
+    }
+
+    notice(n) {
+        for (const fn of this.noticeListeners)
+            fn(n);
     }
 
     on(fn) {
@@ -134,6 +163,8 @@ export class Store {
            (path, [iface, props]) => {
                if (iface === MODULE_IFACE)
                    this.updateModule(path, unwrap(props));
+               else if (iface === JOB_IFACE && path.startsWith(JOB_PREFIX))
+                   this.updateJob(path, unwrap(props));
                else if (iface === MANAGER_IFACE && path === MANAGER_PATH) {
                    Object.assign(this.manager, unwrap(props));
                    this.changed("manager");
@@ -143,6 +174,10 @@ export class Store {
            (_p, [name, state, health, reason]) => this.moduleChanged(name, state, health, reason));
         on({ path: MANAGER_PATH, interface: MANAGER_IFACE, member: "ModelActivation" },
            (_p, [name, model, step, detail]) => this.activationStep(name, model, step, detail));
+        on({ path: MANAGER_PATH, interface: MANAGER_IFACE, member: "ModuleEvicted" },
+           (_p, [name, by, reason]) => this.notice({ kind: "evicted", name, by, reason }));
+        on({ path_namespace: "/org/modvisor1/job", interface: JOB_IFACE, member: "Finished" },
+           (path, [state, error]) => this.updateJob(path, { State: state, Error: error }));
         // The owner event comes once the bridge resolved the name; load now as well, so that
         // a daemon that is not there shows at once.
         this.load();
@@ -165,6 +200,7 @@ export class Store {
             this.manager = unwrap(props);
             this.status = "ready";
             this.problem = "";
+            this.refreshModels();
         } catch (ex) {
             if (gen !== this.generation)
                 return;
@@ -180,6 +216,8 @@ export class Store {
         this.problem = "";
         this.modules.clear();
         this.names.clear();
+        this.models = null;
+        this.jobs.clear();
         this.changed("all");
     }
 
@@ -189,8 +227,10 @@ export class Store {
             return;
         this.names.set(path, name);
         this.modules.set(name, { ...props, path });
-        if (!quiet)
+        if (!quiet) {
             this.changed("modules", "module:" + name);
+            this.refreshModels();
+        }
     }
 
     updateModule(path, props) {
@@ -202,6 +242,8 @@ export class Store {
         this.changed("modules", "module:" + name);
         if ("VramBytes" in props || "MemoryBytes" in props)
             this.refreshManager();
+        if ("ActiveModel" in props)
+            this.refreshModels(); // "used by" of the store's models
     }
 
     removeModule(path) {
@@ -211,6 +253,7 @@ export class Store {
         this.names.delete(path);
         this.modules.delete(name);
         this.changed("modules", "module:" + name);
+        this.refreshModels();
     }
 
     moduleChanged(name, state, health, reason) {
@@ -333,6 +376,113 @@ export class Store {
             throw ex;
         } finally {
             this.changed("activation:" + name, "modules");
+        }
+    }
+
+    // --- the model store
+
+    /// Reads Models.List again (coalesced: one call in flight, one more after it if asked).
+    refreshModels() {
+        if (this.status !== "ready" && this.status !== "connecting")
+            return;
+        if (this.modelsRefresh) {
+            this.modelsRefresh.again = true;
+            return;
+        }
+        const gen = this.generation;
+        const run = this.modelsRefresh = { again: false };
+        this.client.call(MODELS_PATH, MODELS_IFACE, "List", [], { type: "" })
+                .then(([rows]) => {
+                    if (gen !== this.generation)
+                        return;
+                    this.models = rows.map(([id, source, revision, path, size, date, architecture, fileType, parameters, contextLength, users]) =>
+                        ({ id, source, revision, path, size: Number(size), date: Number(date), architecture, fileType, parameters: Number(parameters), contextLength: Number(contextLength), users }));
+                    this.models.sort((a, b) => a.id.localeCompare(b.id));
+                    this.modelsProblem = null;
+                    this.changed("models");
+                })
+                .catch(ex => {
+                    if (gen !== this.generation)
+                        return;
+                    this.models = null;
+                    this.modelsProblem = describeError(ex);
+                    this.changed("models");
+                })
+                .finally(() => {
+                    this.modelsRefresh = null;
+                    if (run.again)
+                        this.refreshModels();
+                });
+    }
+
+    /// A job's properties, from PropertiesChanged, Finished, or a GetAll after Pull.
+    updateJob(path, props) {
+        let job = this.jobs.get(path);
+        const fresh = !job;
+        if (fresh) {
+            job = { path, Model: "", State: "queued", BytesDone: 0, BytesTotal: 0, Progress: 0, Error: "", own: false, seq: ++this.jobSeq };
+            this.jobs.set(path, job);
+        }
+        const wasFinal = JOB_FINAL.includes(job.State);
+        if (wasFinal && props.State !== undefined && !JOB_FINAL.includes(props.State))
+            return; // an answer older than the end it already knows
+        for (const [k, v] of Object.entries(props))
+            if (k in job && k !== "path" && k !== "own" && k !== "seq")
+                job[k] = typeof job[k] === "number" ? Number(v) : v;
+        if (fresh && !job.Model)
+            this.readJob(path); // a pull someone else started: its Model is const, not announced
+        this.changed("jobs", "job:" + path);
+        if (!wasFinal && job.State === "completed")
+            this.refreshModels();
+    }
+
+    readJob(path) {
+        const gen = this.generation;
+        this.client.call(path, PROPERTIES, "GetAll", [JOB_IFACE], { type: "s" })
+                .then(([props]) => {
+                    if (gen === this.generation && this.jobs.has(path))
+                        this.updateJob(path, unwrap(props));
+                })
+                .catch(() => {}); // gone already (5 minutes after it finished)
+    }
+
+    /// Starts a pull; resolves to the job's path. Options: sha256 (string), yes (bool),
+    /// include (strings: globs of the files of an hf: source).
+    async pull(source, { sha256, yes, include } = {}) {
+        const options = {};
+        if (sha256)
+            options.sha256 = { t: "s", v: sha256 };
+        if (yes)
+            options.yes = { t: "b", v: true };
+        if (include && include.length)
+            options.include = { t: "as", v: include };
+        const [path] = await this.client.call(MODELS_PATH, MODELS_IFACE, "Pull", [source, options], { type: "sa{sv}" });
+        const job = this.jobs.get(path);
+        if (job)
+            job.own = true;
+        else
+            this.jobs.set(path, { path, Model: "", State: "queued", BytesDone: 0, BytesTotal: 0, Progress: 0, Error: "", own: true, seq: ++this.jobSeq });
+        // What was announced before this page knew the path is in the signals it already
+        // handled; the GetAll covers a job that was joined, or signals that came first.
+        this.readJob(path);
+        this.changed("jobs", "job:" + path);
+        return path;
+    }
+
+    cancelJob(path) {
+        return this.client.call(path, JOB_IFACE, "Cancel", [], { type: "" });
+    }
+
+    dismissJob(path) {
+        this.jobs.delete(path);
+        this.changed("jobs");
+    }
+
+    async removeModel(id, force = false) {
+        try {
+            await this.client.call(MODELS_PATH, MODELS_IFACE, "Remove", [id, force], { type: "sb" });
+        } finally {
+            this.refreshModels();
         }
     }
 

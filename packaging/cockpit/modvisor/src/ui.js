@@ -5,18 +5,26 @@ import { bytes, percent } from "./format.js";
 
 const _ = cockpit.gettext;
 
-const HEALTH_COLOR = { online: "pf-m-success", degraded: "pf-m-warning", offline: "pf-m-danger" };
+// `standby` is a normal state, not a failure: an on-demand module waiting for its next
+// connection (after an idle stop, an eviction, or before its first connection). The Manager
+// counts it as online.
+const HEALTH_COLOR = { online: "pf-m-success", degraded: "pf-m-warning", offline: "pf-m-danger", standby: "pf-m-blue" };
 const HEALTH_TEXT = {
     online: _("online"),
     degraded: _("degraded"),
     offline: _("offline"),
+    standby: _("standby"),
     unknown: _("unknown"),
+};
+const HEALTH_HINT = {
+    standby: _("Not running, and that is normal: it starts on the next connection."),
 };
 
 export function healthLabel(health) {
     return h("span", {
         class: ["pf-v6-c-label", "pf-m-compact", HEALTH_COLOR[health] || "", "mv-health"],
         "data-health": health,
+        title: HEALTH_HINT[health],
     }, h("span", { class: "pf-v6-c-label__content" },
          h("span", { class: "pf-v6-c-label__text" }, HEALTH_TEXT[health] || health || _("unknown"))));
 }
@@ -54,6 +62,46 @@ export function bar(label, used, total, { warn = 85 } = {}) {
                  "aria-valuenow": String(p),
                  "aria-label": label,
              }, h("div", { class: "pf-v6-c-progress__indicator", width: p + "%" })));
+}
+
+/// A progress bar of a percentage (0..100), labelled; `measure` is the text beside it.
+export function percentBar(label, value, measure, { variant, testid } = {}) {
+    const p = Math.max(0, Math.min(100, Math.round(value)));
+    const el = h("div", { class: ["pf-v6-c-progress", "pf-m-sm", "mv-bar", variant && "pf-m-" + variant], "data-testid": testid },
+                 h("div", { class: "pf-v6-c-progress__status", "aria-hidden": "true" },
+                   h("span", { class: "pf-v6-c-progress__measure" }, measure)),
+                 h("div", {
+                     class: "pf-v6-c-progress__bar",
+                     role: "progressbar",
+                     "aria-valuemin": "0",
+                     "aria-valuemax": "100",
+                     "aria-valuenow": String(p),
+                     "aria-label": label,
+                 }, h("div", { class: "pf-v6-c-progress__indicator", width: p + "%" })));
+    return el;
+}
+
+/// Updates a bar made by percentBar in place (so a change is an attribute change, not a new
+/// element: nothing flickers, screen readers follow).
+export function setPercentBar(el, value, measure, variant) {
+    const p = Math.max(0, Math.min(100, Math.round(value)));
+    const bar = el.querySelector("[role=progressbar]");
+    if (bar.getAttribute("aria-valuenow") !== String(p)) {
+        bar.setAttribute("aria-valuenow", String(p));
+        bar.firstChild.style.width = p + "%";
+    }
+    const m = el.querySelector(".pf-v6-c-progress__measure");
+    if (m.textContent !== measure)
+        m.textContent = measure;
+    for (const v of ["success", "danger", "warning"])
+        el.classList.toggle("pf-m-" + v, v === variant);
+}
+
+export function checkbox(label, attrs) {
+    const id = attrs.id;
+    return h("span", { class: "mv-check" },
+             h("input", { type: "checkbox", ...attrs }),
+             h("label", { for: id }, label));
 }
 
 const ALERT_TITLE = {
