@@ -1,7 +1,8 @@
 //! The model store against real local servers (no internet): a file server in this test
 //! (Range, an access log, a connection dropped at 50 %, a corrupted byte, a size over the
-//! quota), Debian's docker-registry as an Ollama-style registry, a real llama-server module
-//! activated by reference, and modvisorctl's progress bar in a pseudo-terminal.
+//! quota, and a Hugging Face Hub), Debian's docker-registry as an Ollama-style registry, real
+//! llama-server modules activated by reference, modvisorctl's progress bar in a
+//! pseudo-terminal, and the fetch user swapping its download for a link or a FIFO.
 
 mod common;
 mod store_http;
@@ -265,6 +266,135 @@ async fn https_source_resumes_verifies_refuses_over_quota_and_shares_one_downloa
     assert!(!ls_r(store.path()).iter().any(|p| p.ends_with(".part")));
 }
 
+/// The fetch user modvisord picks without `fetch_user`: modvisor-engine when it exists (the
+/// package creates it; direct-backend engines run as it too), else nobody.
+fn fetch_user() -> nix::unistd::User {
+    ["modvisor-engine", "nobody"]
+        .iter()
+        .find_map(|n| nix::unistd::User::from_name(n).ok().flatten())
+        .expect("modvisor-engine or nobody")
+}
+
+/// Runs a shell command as the fetch user (what a compromised fetcher or engine can do).
+fn as_fetch_user(sh: &str) {
+    let o = Command::new("runuser")
+        .args(["-u", &fetch_user().name, "--", "sh", "-c", sh])
+        .output()
+        .expect("runuser");
+    assert!(
+        o.status.success(),
+        "{sh}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Starts a (slow) pull and waits until the fetcher has its `.part` file open and is writing
+/// into it; returns the job and that file's path.
+async fn pull_under_way(d: &Daemon, src: &str, store: &Path) -> (zbus::OwnedObjectPath, PathBuf) {
+    let job = start_pull(d, src).await;
+    let jp = JobProxy::builder(&d.conn)
+        .path(job.clone())
+        .cache_properties(CacheProperties::No)
+        .build()
+        .await
+        .expect("job");
+    let deadline = Instant::now() + T;
+    while jp.bytes_done().await.expect("BytesDone") == 0 {
+        assert!(Instant::now() < deadline, "the download starts");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let part = ls_r(&store.join(".partial"))
+        .into_iter()
+        .find(|p| p.ends_with("tiny.gguf.part"))
+        .expect("the .part file");
+    (job, PathBuf::from(part))
+}
+
+#[tokio::test]
+async fn a_part_file_swapped_by_the_fetch_user_is_refused_and_root_touches_nothing_else() {
+    use std::os::unix::fs::MetadataExt;
+    let data = std::fs::read(tiny()).expect("tiny");
+    let sum = sha256(&data);
+    let srv = FileServer::start(data).await;
+    let store = store_dir();
+    let o = Options {
+        extra_config: models_config(store.path(), ""),
+        ..Options::default()
+    };
+    let d = Daemon::start_with(&[], o).await;
+    let src = format!("{}#sha256={sum}", srv.url("slow", "tiny.gguf"));
+    let stored = store.path().join("url").join(&sum).join("tiny.gguf");
+
+    // A root-only file the fetch user would like to read.
+    let secret_dir = tempfile::tempdir().expect("tempdir");
+    let secret = secret_dir.path().join("secret");
+    std::fs::write(&secret, "root only\n").expect("write");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let before = std::fs::metadata(&secret).expect("stat");
+    assert_eq!(
+        (before.uid(), before.gid()),
+        (0, 0),
+        "the test runs as root"
+    );
+
+    // While the fetcher writes (into the inode it opened), the fetch user swaps its .part
+    // for a symbolic link to the secret: when the download is done, modvisord takes over
+    // what the path names.
+    let (job, part) = pull_under_way(&d, &src, store.path()).await;
+    as_fetch_user(&format!(
+        "ln -sfn '{}' '{}'",
+        secret.display(),
+        part.display()
+    ));
+    assert!(part.is_symlink());
+    let (st, err) = finish(&d, &job).await;
+    assert_eq!(st, "failed", "{err}\n{}", d.log());
+    assert!(
+        err.contains("tiny.gguf") && err.contains("symbolic link"),
+        "a clear error: {err}"
+    );
+    let after = std::fs::metadata(&secret).expect("stat");
+    assert_eq!(
+        (after.mode() & 0o7777, after.uid(), after.gid()),
+        (0o600, 0, 0),
+        "root neither chmodded nor chowned the link's target"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&secret).expect("read"),
+        "root only\n"
+    );
+    assert!(
+        !stored.exists() && !stored.is_symlink(),
+        "nothing placed: {:?}",
+        ls_r(store.path())
+    );
+    assert!(models(&d).await.list().await.expect("List").is_empty());
+    assert!(!part.is_symlink(), "the swapped entry was discarded");
+
+    // A FIFO in its place: refused at once (an open for reading would block forever).
+    let (job, part) = pull_under_way(&d, &src, store.path()).await;
+    as_fetch_user(&format!("rm -f '{0}' && mkfifo '{0}'", part.display()));
+    let (st, err) = finish(&d, &job).await;
+    assert_eq!(st, "failed", "{err}");
+    assert!(err.contains("not a regular file"), "{err}");
+    assert!(!stored.exists());
+
+    // Left alone, the same pull completes: the stored copy is root's, 0644, and sound.
+    let (st, err) = pull(&d, &src).await;
+    assert_eq!(st, "completed", "{err}\n{}", d.log());
+    let m = std::fs::symlink_metadata(&stored).expect("stored");
+    assert!(m.file_type().is_file());
+    assert_eq!((m.mode() & 0o7777, m.uid(), m.gid()), (0o644, 0, 0));
+    assert_eq!(sha256(&std::fs::read(&stored).expect("read")), sum);
+    assert!(
+        !ls_r(store.path())
+            .iter()
+            .any(|p| p.contains(".modvisor-") || p.ends_with(".part")),
+        "no temporary file is left: {:?}",
+        ls_r(store.path())
+    );
+}
+
 const OUTSIDER: &str = "mvtest-outsider";
 
 fn outsider() {
@@ -494,11 +624,15 @@ async fn ollama_source_pull_list_activate_into_llama_server_and_remove() {
 }
 
 #[tokio::test]
-async fn hf_source_lays_out_the_hub_cache_and_refuses_traversal() {
+async fn hf_source_lays_out_the_hub_cache_activates_into_llama_server_resumes_and_refuses_traversal()
+ {
     let data = std::fs::read(tiny()).expect("tiny");
     let sum = sha256(&data);
-    let srv = FileServer::start(data).await;
+    let srv = FileServer::start(data.clone()).await;
     let store = store_dir();
+    std::fs::create_dir_all(store.path().join("seed")).expect("mkdir");
+    std::fs::copy(tiny(), store.path().join("seed/tiny.gguf")).expect("copy");
+    let port = free_port();
     let o = Options {
         extra_config: models_config(
             store.path(),
@@ -506,7 +640,9 @@ async fn hf_source_lays_out_the_hub_cache_and_refuses_traversal() {
         ),
         ..Options::default()
     };
-    let d = Daemon::start_with(&[], o).await;
+    let d = Daemon::start_with(&[("chat", &llama_manifest("chat", store.path(), port))], o).await;
+    d.wait_module("chat", T, |s, h, _| s == "running" && h == "online")
+        .await;
     let mut opts = std::collections::HashMap::new();
     opts.insert(
         "include",
@@ -575,9 +711,70 @@ async fn hf_source_lays_out_the_hub_cache_and_refuses_traversal() {
     let rows = models(&d).await.list().await.expect("List");
     assert!(
         rows.iter()
-            .any(|r| r.0 == "hf:org/tiny@main" && r.2 == commit),
+            .any(|r| r.0 == "hf:org/tiny@main" && r.2 == commit && r.6 == "llama"),
         "{rows:?}"
     );
+
+    // Activated by reference into a real llama-server, which loads it and comes online.
+    d.manager()
+        .await
+        .activate_model("chat", "hf:org/tiny@main:tiny.gguf")
+        .await
+        .expect("ActivateModel by reference");
+    d.wait_module("chat", T, |s, h, _| s == "running" && h == "online")
+        .await;
+    let active = d
+        .module("chat")
+        .await
+        .active_model()
+        .await
+        .expect("ActiveModel");
+    assert_eq!(
+        Path::new(&active).canonicalize().expect("canon"),
+        repo.join("blobs").join(&sum).canonicalize().expect("canon"),
+        "the snapshot's file (its blob)"
+    );
+    let rows = models(&d).await.list().await.expect("List");
+    let row = rows
+        .iter()
+        .find(|r| r.0 == "hf:org/tiny@main")
+        .expect("listed");
+    assert_eq!(row.10, vec!["chat".to_string()], "used by the module");
+    let e = models(&d)
+        .await
+        .remove("hf:org/tiny@main", false)
+        .await
+        .expect_err("in use");
+    assert!(e.to_string().contains("chat"), "{e}");
+    d.manager()
+        .await
+        .stop_module("chat")
+        .await
+        .expect("StopModule");
+
+    // Cut off at 50 % (behind the hub's redirect): the retry resumes with a Range request.
+    let (st, err) = pull(&d, "hf:org/resume").await;
+    assert_eq!(st, "failed", "the first try is cut off: {err}");
+    let (st, err) = pull(&d, "hf:org/resume").await;
+    assert_eq!(st, "completed", "{err}\n{}", d.log());
+    let gets: Vec<_> = srv
+        .hits("/drop/")
+        .into_iter()
+        .filter(|h| h.method == "GET")
+        .collect();
+    assert_eq!(gets.len(), 2, "{gets:?}");
+    assert_eq!(gets[0].range, None);
+    assert_eq!(
+        gets[1].range.as_deref(),
+        Some(format!("bytes={}-", data.len() / 2).as_str()),
+        "the retry resumes"
+    );
+    let resumed = store
+        .path()
+        .join("models--org--resume/snapshots")
+        .join(commit)
+        .join("tiny.gguf");
+    assert_eq!(sha256(&std::fs::read(&resumed).expect("read")), sum);
 
     let before = ls_r(store.path());
     let (st, err) = pull(&d, "hf:org/evil").await;
@@ -602,5 +799,10 @@ async fn hf_source_lays_out_the_hub_cache_and_refuses_traversal() {
     assert!(
         !repo.join("blobs").join(&sum).exists(),
         "its blobs go with it"
+    );
+    assert_eq!(
+        sha256(&std::fs::read(&resumed).expect("read")),
+        sum,
+        "another repository's blob of the same content stays"
     );
 }

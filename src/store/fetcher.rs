@@ -1,11 +1,13 @@
 //! The fetcher: a child process (`modvisord --fetch`) that runs as an unprivileged user and
-//! does everything that touches remote data: registry manifests, HTTP, writing the bytes.
-//! It writes only `*.part` files into the one directory it is given (owned by its user);
-//! modvisord verifies them and moves them into the store.
+//! does everything that touches remote data: registry manifests, HTTP, writing the bytes,
+//! parsing the GGUF headers of what it downloaded. It writes only `*.part` files into the one
+//! directory it is given (owned by its user); modvisord takes them over without trusting that
+//! directory (adopt.rs), verifies them and moves them into the store.
 //!
 //! Protocol, one JSON object per line: modvisord writes a [`Request`]; the fetcher answers
 //! [`Msg::Plan`], waits for `go` (anything else or EOF: it stops), then sends
-//! [`Msg::Progress`] at most 10 times a second and finally [`Msg::Done`] or [`Msg::Error`].
+//! [`Msg::Progress`] at most 10 times a second, a [`Msg::Gguf`] for every `.gguf` file once
+//! all are downloaded, and finally [`Msg::Done`] or [`Msg::Error`].
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -18,7 +20,9 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 
-use super::source::{OLLAMA_MODEL_LAYER, check_scheme, glob_match, safe_rel_path, valid_sha256};
+use super::gguf::{self, GgufInfo};
+use super::hf::Hf;
+use super::source::{OLLAMA_MODEL_LAYER, check_scheme, valid_sha256};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -71,6 +75,12 @@ pub enum Msg {
     Revision(String),
     Plan(Vec<PlanFile>),
     Progress(u64),
+    /// The GGUF header of a downloaded `.gguf` file, or why it could not be read.
+    Gguf {
+        name: String,
+        info: Option<GgufInfo>,
+        error: Option<String>,
+    },
     Done,
     Error(String),
 }
@@ -78,7 +88,6 @@ pub enum Msg {
 /// Files downloaded at once within one pull.
 const PARALLEL: usize = 3;
 const MAX_MANIFEST: usize = 1 << 20;
-const MAX_REPO_INFO: usize = 4 << 20;
 /// A file without a sha256 (not in LFS: config, tokenizer) may be at most this large.
 pub const MAX_UNHASHED: u64 = 16 << 20;
 
@@ -87,7 +96,7 @@ pub fn part_name(name: &str) -> String {
     format!("{}.part", name.replace('/', "%"))
 }
 
-fn emit(m: &Msg) {
+pub(super) fn emit(m: &Msg) {
     if let Ok(s) = serde_json::to_string(m) {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{s}");
@@ -127,7 +136,7 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn client_no_redirects() -> Result<reqwest::Client, String> {
+pub(super) fn client_no_redirects() -> Result<reqwest::Client, String> {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(15))
@@ -221,8 +230,37 @@ async fn run(req: Request) -> Result<(), String> {
     ticker.abort();
     emit(&Msg::Progress(done.load(Ordering::Relaxed)));
     results.into_iter().collect::<Result<Vec<()>, String>>()?;
+    for f in plan.iter().filter(|f| f.name.ends_with(".gguf")) {
+        let p = req.dir.join(part_name(&f.name));
+        let r = tokio::task::spawn_blocking(move || open_own(&p).and_then(gguf::read))
+            .await
+            .map_err(|e| e.to_string())?;
+        let (info, error) = match r {
+            Ok(i) => (Some(i), None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        emit(&Msg::Gguf {
+            name: f.name.clone(),
+            info,
+            error,
+        });
+    }
     emit(&Msg::Done);
     Ok(())
+}
+
+/// One of our own `.part` files for reading: never through a link, never blocking on a FIFO
+/// (others running as the fetch user, engines by default, can reach this directory too).
+fn open_own(p: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(p)?;
+    if !f.metadata()?.file_type().is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    Ok(f)
 }
 
 async fn head_size(c: &reqwest::Client, url: &str) -> Option<u64> {
@@ -302,128 +340,7 @@ async fn ollama_plan(
     }])
 }
 
-#[derive(Deserialize)]
-struct RepoInfo {
-    sha: String,
-    siblings: Vec<Sibling>,
-}
-
-#[derive(Deserialize)]
-struct Sibling {
-    rfilename: String,
-}
-
-/// The Hugging Face Hub endpoints: repository info, then `resolve/COMMIT/FILE`.
-struct Hf<'a> {
-    c: &'a reqwest::Client,
-    base: &'a str,
-    token: Option<&'a str>,
-}
-
-impl Hf<'_> {
-    fn auth(&self, r: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        match self.token {
-            Some(t) => r.bearer_auth(t),
-            None => r,
-        }
-    }
-
-    async fn info(&self, repo: &str, rev: &str) -> Result<RepoInfo, String> {
-        let url = format!("{}/api/models/{repo}/revision/{rev}", self.base);
-        let r = self
-            .auth(self.c.get(&url))
-            .send()
-            .await
-            .map_err(|e| format!("{url}: {e}"))?;
-        if !r.status().is_success() {
-            return Err(format!(
-                "{url}: HTTP {} (no such repository or revision?)",
-                r.status()
-            ));
-        }
-        let body = bounded_body(r, MAX_REPO_INFO)
-            .await
-            .map_err(|e| format!("{url}: {e}"))?;
-        serde_json::from_slice(&body).map_err(|e| format!("{url}: not repository info: {e}"))
-    }
-
-    async fn plan(
-        &self,
-        repo: &str,
-        rev: &str,
-        include: &[String],
-    ) -> Result<Vec<PlanFile>, String> {
-        let info = self.info(repo, rev).await?;
-        let commit = info.sha;
-        if commit.len() != 40 || !commit.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(format!(
-                "the hub answered an odd commit \"{}\"",
-                commit.escape_debug()
-            ));
-        }
-        emit(&Msg::Revision(commit.clone()));
-        let mut plan = Vec::new();
-        for s in &info.siblings {
-            let n = &s.rfilename;
-            if !include.is_empty() && !include.iter().any(|g| glob_match(g, n)) {
-                continue;
-            }
-            if !safe_rel_path(n) {
-                return Err(format!(
-                    "the repository lists an unsafe file name \"{}\": refused",
-                    n.escape_debug()
-                ));
-            }
-            plan.push(self.file(repo, &commit, n).await?);
-        }
-        if plan.is_empty() {
-            return Err(format!("no file of {repo}@{rev} matches {include:?}"));
-        }
-        Ok(plan)
-    }
-
-    /// HEAD without following redirects: an LFS file's sha256 and size are in `X-Linked-*`.
-    async fn file(&self, repo: &str, commit: &str, name: &str) -> Result<PlanFile, String> {
-        let url = format!("{}/{repo}/resolve/{commit}/{name}", self.base);
-        let nf = client_no_redirects()?;
-        let r = self
-            .auth(nf.head(&url))
-            .send()
-            .await
-            .map_err(|e| format!("{url}: {e}"))?;
-        if !(r.status().is_success() || r.status().is_redirection()) {
-            return Err(format!("{url}: HTTP {}", r.status()));
-        }
-        let h = |k: &str| {
-            r.headers().get(k).and_then(|v| v.to_str().ok()).map(|v| {
-                v.trim()
-                    .trim_start_matches("W/")
-                    .trim_matches('"')
-                    .to_string()
-            })
-        };
-        let etag = h("x-linked-etag").or_else(|| h("etag")).unwrap_or_default();
-        let size = h("x-linked-size")
-            .or_else(|| h("content-length"))
-            .and_then(|v| v.parse::<u64>().ok());
-        let sha256 = if valid_sha256(&etag) {
-            etag
-        } else {
-            String::new()
-        };
-        if sha256.is_empty() && size.is_none_or(|s| s > MAX_UNHASHED) {
-            return Err(format!("{name}: no sha256 and not a small file: refused"));
-        }
-        Ok(PlanFile {
-            name: name.to_string(),
-            url,
-            size,
-            sha256,
-        })
-    }
-}
-
-async fn bounded_body(r: reqwest::Response, max: usize) -> Result<Vec<u8>, String> {
+pub(super) async fn bounded_body(r: reqwest::Response, max: usize) -> Result<Vec<u8>, String> {
     let mut body = Vec::new();
     let mut s = r.bytes_stream();
     while let Some(chunk) = s.next().await {
@@ -472,7 +389,11 @@ async fn download(
 ) -> Result<(), String> {
     let part = dir.join(part_name(&f.name));
     let ctx = |e: &dyn std::fmt::Display| format!("{}: {e}", f.name);
-    let mut have = tokio::fs::metadata(&part).await.map_or(0, |m| m.len());
+    let mut have = tokio::fs::symlink_metadata(&part)
+        .await
+        .ok()
+        .filter(|m| m.file_type().is_file())
+        .map_or(0, |m| m.len());
     if f.size.is_some_and(|s| have > s) {
         have = 0;
     }
@@ -496,6 +417,7 @@ async fn download(
         .write(true)
         .append(from > 0)
         .truncate(from == 0)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(&part)
         .await
         .map_err(|e| ctx(&e))?;

@@ -1,5 +1,7 @@
 //! The GGUF header: architecture, quantization (file_type), parameter count and context
 //! length, read with bounds on every length so a hostile file cannot make us allocate much.
+//! [`read`] runs in the unprivileged fetcher (the file is remote data); modvisord only takes
+//! what it reports through [`checked`].
 
 use std::io::{self, Read};
 
@@ -166,6 +168,31 @@ pub fn read(src: impl Read) -> io::Result<GgufInfo> {
     Ok(info)
 }
 
+/// Bounds a header the fetcher reported: a GGUF version we read, short names of
+/// `[A-Za-z0-9._-]` (and spaces in the file type, "type 33"), plausible numbers.
+pub fn checked(i: GgufInfo) -> Result<GgufInfo, String> {
+    let name = |s: &str, max: usize, space: bool| {
+        s.len() <= max
+            && s.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-') || (space && b == b' ')
+            })
+    };
+    if !(2..=3).contains(&i.version) {
+        return Err(format!("version {}", i.version));
+    }
+    if !name(&i.architecture, 64, false) {
+        return Err("an odd architecture name".into());
+    }
+    if !name(&i.file_type, 32, true) {
+        return Err("an odd file type".into());
+    }
+    // 10^15 parameters, 2^32 tokens of context: far above any model there is.
+    if i.parameters > 1_000_000_000_000_000 || i.context_length > 1 << 32 {
+        return Err("implausible numbers".into());
+    }
+    Ok(i)
+}
+
 fn tensor_parameters<T: Read>(r: &mut R<T>, tensors: u64) -> io::Result<u64> {
     let mut total: u64 = 0;
     for _ in 0..tensors {
@@ -231,5 +258,26 @@ mod tests {
         huge.extend(u64::MAX.to_le_bytes());
         assert!(read(&huge[..]).is_err(), "bounded counts");
         assert!(read(&b"NOPE"[..]).is_err());
+        assert_eq!(checked(i.clone()), Ok(i.clone()));
+        for bad in [
+            GgufInfo {
+                architecture: "llama\u{1b}[2J".into(),
+                ..i.clone()
+            },
+            GgufInfo {
+                file_type: "x".repeat(33),
+                ..i.clone()
+            },
+            GgufInfo {
+                context_length: u64::MAX,
+                ..i.clone()
+            },
+            GgufInfo {
+                version: 7,
+                ..i.clone()
+            },
+        ] {
+            assert!(checked(bad).is_err());
+        }
     }
 }

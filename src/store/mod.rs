@@ -5,16 +5,20 @@
 //! | source.rs   | parsing and checking sources (`ollama:`, `https://…#sha256=`)         |
 //! | fetcher.rs  | the unprivileged child that talks to the network (`modvisord --fetch`)|
 //! | pull.rs     | jobs: one per model, quota, verification, moving files into place    |
-//! | gguf.rs     | the GGUF header reader                                               |
+//! | adopt.rs    | taking a fetcher's file over through a checked descriptor (no paths) |
+//! | hf.rs       | the Hugging Face source in the fetcher (and why not the hf-hub crate)|
+//! | gguf.rs     | the GGUF header reader (run by the fetcher)                          |
 //! | compat.rs   | the engine a module runs, the format it takes                        |
 //!
 //! Layout: `STORE/ollama/NS/NAME/TAG/model.gguf`, `STORE/url/SHA256/FILE`, records in
 //! `STORE/.records/*.json`, downloads in progress in `STORE/.partial/KEY/` (owned by the
 //! fetch user). Sits below the supervisor and the D-Bus face and imports neither.
 
+mod adopt;
 pub mod compat;
 pub mod fetcher;
 pub mod gguf;
+mod hf;
 pub mod pull;
 pub mod source;
 
@@ -191,14 +195,27 @@ impl Store {
             .map_err(|e| StoreError::Failed(format!("write the record of {}: {e}", r.id)))
     }
 
-    /// The main file of a record: its first GGUF, else its first file.
+    /// The main file of a record: its first GGUF, else its first file. Resolved (a Hugging
+    /// Face snapshot's entry is a link to its blob) the way an activated model's path is, so
+    /// the two compare equal.
     pub fn main_file(&self, r: &Record) -> Option<PathBuf> {
         let f = r
             .files
             .iter()
             .find(|f| f.name.ends_with(".gguf"))
             .or(r.files.first())?;
-        Some(self.root().join(&r.dir).join(&f.name))
+        let p = self.root().join(&r.dir).join(&f.name);
+        Some(std::fs::canonicalize(&p).unwrap_or(p))
+    }
+
+    /// Whether a module's active model (a canonical path, as validation returns it) is one of
+    /// the record's files, not only its main one.
+    pub fn used_by(&self, r: &Record, active_model: &Path) -> bool {
+        let dir = self.root().join(&r.dir);
+        r.files.iter().any(|f| {
+            let p = dir.join(&f.name);
+            p == active_model || std::fs::canonicalize(&p).is_ok_and(|c| c == active_model)
+        })
     }
 
     /// Turns a store reference (`ollama:NAME[:TAG]`, `sha256:HEX`) into the model's path.
@@ -247,9 +264,12 @@ impl Store {
         if !repo.as_os_str().to_string_lossy().starts_with("models--") {
             return;
         }
+        // Blobs are per repository: another repository's file of the same content keeps only
+        // its own copy.
         let used: std::collections::HashSet<String> = self
             .list()
             .into_iter()
+            .filter(|o| o.dir.components().next() == Some(repo))
             .flat_map(|o| o.files.into_iter().map(|f| f.sha256))
             .collect();
         for f in &r.files {
@@ -342,10 +362,13 @@ mod tests {
         };
         s.write_record(&r).expect("record");
         assert_eq!(s.list(), vec![r.clone()]);
+        let file = t.path().join(&dir).join("model.gguf");
         assert_eq!(
             s.resolve("ollama:tiny").expect("resolve"),
-            t.path().join(&dir).join("model.gguf")
+            file.canonicalize().expect("canon")
         );
+        assert!(s.used_by(&r, &file.canonicalize().expect("canon")));
+        assert!(!s.used_by(&r, Path::new("/elsewhere/model.gguf")));
         assert_eq!(s.usage(), 4);
         let mut evil = r.clone();
         evil.id = "ollama:evil:latest".into();

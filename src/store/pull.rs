@@ -1,28 +1,32 @@
 //! Pull jobs: one per model at a time (a second request joins the first), a bounded number
-//! running at once, each driving one fetcher child; then modvisord verifies every file's
-//! sha256 and only then moves it into the store and writes the record.
+//! running at once, each driving one fetcher child; then modvisord takes every file over
+//! (adopt.rs: through a checked descriptor, into a copy of its own), verifies the copy's
+//! sha256 and only then moves it into the store and writes the record. The fetcher also
+//! parses the GGUF headers (remote data, so never as root); modvisord only bounds what it
+//! reports.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::adopt::{self, Staged};
 use super::fetcher::{MAX_UNHASHED, Msg, PlanFile, Request, Wire, part_name};
 use super::source::{check_scheme, safe_file_name, safe_rel_path, valid_sha256};
-use super::{FileRecord, Record, Source, Store, StoreError, gguf, hex};
+use super::{FileRecord, Record, Source, Store, StoreError, gguf};
 use crate::manifest::units::format_bytes;
 
 /// Pulls (fetcher children) running at once; more wait in `queued`.
 const RUNNING_AT_ONCE: usize = 2;
 /// Without a quota, the most bytes a file of unannounced size may have.
 const UNANNOUNCED_LIMIT: u64 = 1 << 40;
+/// The longest line the fetcher may send (a plan of 1000 files fits many times over).
+const MAX_LINE: usize = 16 << 20;
 
 #[derive(Debug, Clone, Default)]
 pub struct PullOptions {
@@ -96,8 +100,16 @@ pub struct Puller {
 }
 
 type Tx = watch::Sender<JobStatus>;
-/// The checked plan and, for a Hugging Face source, the commit.
-type Fetched = (Vec<PlanFile>, Option<String>);
+
+/// What the fetcher delivered, checked: the plan, for a Hugging Face source the commit, the
+/// GGUF headers it parsed (bounded) by file name, and the size limit of unannounced files.
+#[derive(Default)]
+struct Fetched {
+    plan: Vec<PlanFile>,
+    commit: Option<String>,
+    headers: HashMap<String, gguf::GgufInfo>,
+    limit: u64,
+}
 
 impl Puller {
     /// `fetcher`: the executable that serves `--fetch` (modvisord itself).
@@ -193,6 +205,8 @@ impl Puller {
         }
         let part = self.store.partial_dir(&id);
         let user = fetch_identity(self.store.settings.fetch_user.as_deref())?;
+        // Who must own the fetcher's files (the fetch user; ourselves when we are not root).
+        let owner = user.map_or_else(|| nix::unistd::geteuid().as_raw(), |(u, _)| u);
         let (root, p2) = (self.store.root().to_path_buf(), part.clone());
         blocking(move || prepare_dirs(&root, &p2, user)).await?;
         let req = Request {
@@ -201,22 +215,27 @@ impl Puller {
             limit: self.remaining().unwrap_or(UNANNOUNCED_LIMIT),
             model: id.clone(),
         };
-        let plan = self.fetch(cancel, req, o, user, tx).await;
-        let (plan, commit) = match plan {
+        let limit = req.limit;
+        let fetched = match self.fetch(cancel, req, o, user, tx).await {
             Err(e) => {
                 let _ = std::fs::remove_dir(&part); // only when empty
                 return Err(e);
             }
-            Ok(p) => p,
+            Ok(f) => Fetched { limit, ..f },
         };
-        if plan.is_empty() {
+        if fetched.plan.is_empty() {
             let _ = std::fs::remove_dir(&part);
             return Ok(());
         }
         tx.send_modify(|s| s.state = JobState::Verifying);
         let (store, src, raw) = (self.store.clone(), src.clone(), raw.to_string());
-        let to = Target { src, raw, commit };
-        blocking(move || install(&store, &to, &plan, &part))
+        let to = Target {
+            src,
+            raw,
+            commit: fetched.commit.clone(),
+            owner,
+        };
+        blocking(move || install(&store, &to, &fetched, &part))
             .await
             .map_err(Some)
     }
@@ -330,11 +349,16 @@ impl Puller {
             .write_all(format!("{line}\n").as_bytes())
             .await
             .map_err(io)?;
-        let mut lines = BufReader::new(stdout).lines();
-        let mut plan = None;
+        let mut out = BufReader::new(stdout);
+        let mut line = Vec::new();
+        let mut plan: Option<Vec<PlanFile>> = None;
         let mut commit = None;
-        while let Some(l) = lines.next_line().await.map_err(io)? {
-            let msg: Msg = serde_json::from_str(&l)
+        let mut headers = HashMap::new();
+        while read_line_bounded(&mut out, &mut line, MAX_LINE)
+            .await
+            .map_err(io)?
+        {
+            let msg: Msg = serde_json::from_slice(&line)
                 .map_err(|e| failed(format!("the fetcher said something unexpected: {e}")))?;
             match msg {
                 Msg::Plan(p) => {
@@ -344,7 +368,10 @@ impl Puller {
                     if self.unchanged(&req.model, &p, commit.as_deref()) {
                         tx.send_modify(|s| s.done = total);
                         // An empty plan (never a checked one): nothing to install.
-                        return Ok((Vec::new(), commit));
+                        return Ok(Fetched {
+                            commit,
+                            ..Fetched::default()
+                        });
                     }
                     self.admit(total, &req.dir, o)?;
                     stdin.write_all(b"go\n").await.map_err(io)?;
@@ -352,10 +379,19 @@ impl Puller {
                 }
                 Msg::Revision(c) => commit = Some(c),
                 Msg::Progress(n) => tx.send_modify(|s| s.done = n),
+                Msg::Gguf { name, info, error } => {
+                    let p = plan.as_deref().unwrap_or_default();
+                    take_header(p, &mut headers, name, info, error)?;
+                }
                 Msg::Error(e) => return Err(failed(e)),
                 Msg::Done => {
-                    let p = plan.ok_or_else(|| failed("the fetcher sent no plan".into()))?;
-                    return Ok((p, commit));
+                    let plan = plan.ok_or_else(|| failed("the fetcher sent no plan".into()))?;
+                    return Ok(Fetched {
+                        plan,
+                        commit,
+                        headers,
+                        limit: 0,
+                    });
                 }
             }
         }
@@ -459,7 +495,7 @@ fn check_plan(wire: &Wire, p: &[PlanFile]) -> Result<(), StoreError> {
 }
 
 /// The user the fetcher runs as (when we are root): `fetch_user`, else `modvisor-engine`,
-/// else `nobody`.
+/// else `nobody`; never one with uid or gid 0.
 fn fetch_identity(name: Option<&str>) -> Result<Option<(u32, u32)>, StoreError> {
     if !nix::unistd::geteuid().is_root() {
         return Ok(None);
@@ -470,6 +506,11 @@ fn fetch_identity(name: Option<&str>) -> Result<Option<(u32, u32)>, StoreError> 
     };
     for n in &names {
         if let Ok(Some(u)) = nix::unistd::User::from_name(n) {
+            if u.uid.is_root() || u.gid.as_raw() == 0 {
+                return Err(StoreError::Failed(format!(
+                    "the fetch user {n} has uid or gid 0: the fetcher never runs as root"
+                )));
+            }
             return Ok(Some((u.uid.as_raw(), u.gid.as_raw())));
         }
     }
@@ -518,65 +559,119 @@ fn spawn_fetcher(exe: &Path, user: Option<(u32, u32)>) -> std::io::Result<tokio:
     crate::reaper::spawn(&mut cmd)
 }
 
-fn sha256_file(p: &Path) -> std::io::Result<(String, u64)> {
-    let mut f = std::fs::File::open(p)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    let mut n = 0u64;
-    loop {
-        let k = f.read(&mut buf)?;
-        if k == 0 {
-            break;
-        }
-        h.update(&buf[..k]);
-        n += k as u64;
+/// Reads one line (without its newline) of at most `max` bytes into `buf`; `false` at the end.
+async fn read_line_bounded<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<bool> {
+    buf.clear();
+    let n = (&mut *r)
+        .take(max as u64 + 1)
+        .read_until(b'\n', buf)
+        .await?;
+    if n == 0 {
+        return Ok(false);
     }
-    Ok((hex(&h.finalize()), n))
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+    } else if buf.len() > max {
+        return Err(std::io::Error::other(format!(
+            "a message longer than {max} bytes"
+        )));
+    }
+    Ok(true)
 }
 
-/// Takes a `.part` file from the fetcher: ours (root-owned, read-only to others) before it is
-/// hashed, so nothing can change it after the check.
-fn take_over(p: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    if nix::unistd::geteuid().is_root() {
-        std::os::unix::fs::chown(p, Some(0), Some(0))?;
+/// A GGUF header the fetcher parsed: only for a `.gguf` file of the plan, once, and bounded
+/// (gguf::checked); an implausible one or a parse error is logged and left out of the record.
+fn take_header(
+    plan: &[PlanFile],
+    headers: &mut HashMap<String, gguf::GgufInfo>,
+    name: String,
+    info: Option<gguf::GgufInfo>,
+    error: Option<String>,
+) -> Result<(), StoreError> {
+    if !name.ends_with(".gguf") || !plan.iter().any(|f| f.name == name) {
+        return Err(StoreError::Failed(format!(
+            "the fetcher sent a GGUF header for a file not in the plan (\"{}\")",
+            short(&name)
+        )));
     }
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o644))
+    if headers.contains_key(&name) {
+        return Err(StoreError::Failed(format!(
+            "the fetcher sent two GGUF headers for {name}"
+        )));
+    }
+    match (info, error) {
+        (Some(i), _) => match gguf::checked(i) {
+            Ok(i) => {
+                headers.insert(name, i);
+            }
+            Err(e) => tracing::warn!("{name}: the GGUF header is implausible ({e}): not recorded"),
+        },
+        (None, e) => tracing::warn!(
+            "{name}: GGUF header: {}",
+            short(e.as_deref().unwrap_or("unreadable"))
+        ),
+    }
+    Ok(())
 }
 
-/// What is being installed: the source as parsed and as written, and a Hugging Face commit.
+/// At most 200 characters of something the fetcher said, escaped.
+fn short(s: &str) -> String {
+    s.chars()
+        .take(200)
+        .collect::<String>()
+        .escape_debug()
+        .to_string()
+}
+
+/// What is being installed: the source as parsed and as written, a Hugging Face commit, and
+/// the uid that must own the fetcher's files.
 struct Target {
     src: Source,
     raw: String,
     commit: Option<String>,
+    owner: u32,
 }
 
-/// Checks one `.part` file after taking it over; a mismatch discards it.
-fn verify(f: &PlanFile, p: &Path) -> Result<FileRecord, StoreError> {
-    let fail = |m: String| StoreError::Failed(m);
-    take_over(p).map_err(|e| fail(format!("{}: {e}", p.display())))?;
-    let (got, size) = sha256_file(p).map_err(|e| fail(format!("{}: {e}", p.display())))?;
-    if !f.sha256.is_empty() && got != f.sha256 {
-        let _ = std::fs::remove_file(p);
+/// Takes one `.part` file over (adopt.rs: a checked descriptor, copied into `stage`, a
+/// root-owned directory) and checks the copy's sha256; a mismatch discards the download.
+fn verify(
+    f: &PlanFile,
+    fx: &Fetched,
+    owner: u32,
+    part: &Path,
+    stage: &Path,
+) -> Result<(FileRecord, Staged), StoreError> {
+    let fail = |m: String| StoreError::Failed(format!("{}: {m}", f.name));
+    let p = part.join(part_name(&f.name));
+    let opened = adopt::open_part(&p, owner, f.size, fx.limit).map_err(|e| {
+        // unlink() never follows a link: only the fetcher's directory entry goes.
+        let _ = std::fs::remove_file(&p);
+        fail(format!(
+            "taking the download over from the fetcher: {e}; it was discarded"
+        ))
+    })?;
+    let c = adopt::copy_into(opened, stage).map_err(|e| fail(format!("copying it: {e}")))?;
+    if !f.sha256.is_empty() && c.sha256 != f.sha256 {
+        // unlink() never follows a link: only the fetcher's directory entry goes.
+        let _ = std::fs::remove_file(&p);
         return Err(fail(format!(
-            "{}: sha256 mismatch: expected {}, got {got}; the download was discarded",
-            f.name, f.sha256
+            "sha256 mismatch: expected {}, got {}; the download was discarded",
+            f.sha256, c.sha256
         )));
     }
-    let gguf = f
-        .name
-        .ends_with(".gguf")
-        .then(|| std::fs::File::open(p).and_then(gguf::read))
-        .and_then(|r| {
-            r.map_err(|e| tracing::warn!("{}: GGUF header: {e}", f.name))
-                .ok()
-        });
-    Ok(FileRecord {
+    // The fetcher's header, for a file that has the GGUF magic bytes.
+    let gguf = fx.headers.get(&f.name).filter(|_| c.gguf_magic).cloned();
+    let rec = FileRecord {
         name: f.name.clone(),
-        size,
-        sha256: got,
+        size: c.size,
+        sha256: c.sha256,
         gguf,
-    })
+    };
+    Ok((rec, c.staged))
 }
 
 fn fsync_dir(d: &Path) -> Result<(), StoreError> {
@@ -586,14 +681,16 @@ fn fsync_dir(d: &Path) -> Result<(), StoreError> {
 }
 
 /// `DIR/NAME` for each file.
-fn place_flat(dir: &Path, part: &Path, files: &[FileRecord]) -> Result<(), StoreError> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| StoreError::Failed(format!("{}: {e}", dir.display())))?;
-    for f in files {
-        std::fs::rename(part.join(part_name(&f.name)), dir.join(&f.name))
+fn place_flat(dir: &Path, files: Vec<(FileRecord, Staged)>) -> Result<Vec<FileRecord>, StoreError> {
+    let mut out = Vec::new();
+    for (f, staged) in files {
+        staged
+            .place(&dir.join(&f.name))
             .map_err(|e| StoreError::Failed(format!("move {} into the store: {e}", f.name)))?;
+        out.push(f);
     }
-    fsync_dir(dir)
+    fsync_dir(dir)?;
+    Ok(out)
 }
 
 /// The Hugging Face cache layout: `blobs/SHA256`, `snapshots/COMMIT/NAME` -> `../../blobs/SHA256`,
@@ -602,16 +699,15 @@ fn place_hf(
     repo: &Path,
     rev: &str,
     commit: &str,
-    part: &Path,
-    files: &[FileRecord],
-) -> Result<(), StoreError> {
+    files: Vec<(FileRecord, Staged)>,
+) -> Result<Vec<FileRecord>, StoreError> {
     let fail = |m: String| StoreError::Failed(m);
     let blobs = repo.join("blobs");
     let snap = repo.join("snapshots").join(commit);
-    std::fs::create_dir_all(&blobs).map_err(|e| fail(format!("{}: {e}", blobs.display())))?;
-    for f in files {
-        let blob = blobs.join(&f.sha256);
-        std::fs::rename(part.join(part_name(&f.name)), &blob)
+    let mut out = Vec::new();
+    for (f, staged) in files {
+        staged
+            .place(&blobs.join(&f.sha256))
             .map_err(|e| fail(format!("move {} into the store: {e}", f.name)))?;
         let link = snap.join(&f.name);
         let parent = link.parent().unwrap_or(&snap);
@@ -620,35 +716,62 @@ fn place_hf(
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(format!("{up}blobs/{}", f.sha256), &link)
             .map_err(|e| fail(format!("{}: {e}", link.display())))?;
+        out.push(f);
     }
     fsync_dir(&blobs)?;
     crate::model::write_atomic(&repo.join("refs").join(rev), commit)
-        .map_err(|e| fail(format!("refs/{rev}: {e}")))
+        .map_err(|e| fail(format!("refs/{rev}: {e}")))?;
+    Ok(out)
 }
 
-/// Verifies every file, then moves them into the store and writes the record.
-fn install(store: &Store, to: &Target, plan: &[PlanFile], part: &Path) -> Result<(), StoreError> {
-    let files = plan
-        .iter()
-        .map(|f| verify(f, &part.join(part_name(&f.name))))
-        .collect::<Result<Vec<_>, _>>()?;
+/// Creates `dir` and the parents it lacks; returns those it created, deepest first.
+fn create_dirs(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
+    let created: Vec<PathBuf> = dir
+        .ancestors()
+        .take_while(|d| !d.exists())
+        .map(Path::to_path_buf)
+        .collect();
+    std::fs::create_dir_all(dir)
+        .map_err(|e| StoreError::Failed(format!("{}: {e}", dir.display())))?;
+    Ok(created)
+}
+
+/// Verifies every file (copies in the directory they go to), then moves them into place and
+/// writes the record. On a failure nothing becomes visible: the copies are removed, and so
+/// are the directories made for them.
+fn install(store: &Store, to: &Target, fx: &Fetched, part: &Path) -> Result<(), StoreError> {
     let src = &to.src;
-    let (dir, revision) = match (src, &to.commit) {
-        (Source::Hf { revision, .. }, Some(c)) => {
-            place_hf(&store.root().join(src.dir()), revision, c, part, &files)?;
-            (src.dir().join("snapshots").join(c), c.clone())
+    let dest = store.root().join(src.dir());
+    let stage = match src {
+        Source::Hf { .. } => dest.join("blobs"),
+        _ => dest.clone(),
+    };
+    if matches!(src, Source::Hf { .. }) && to.commit.is_none() {
+        return Err(StoreError::Failed("the fetcher named no commit".into()));
+    }
+    let created = create_dirs(&stage)?;
+    let verified = fx
+        .plan
+        .iter()
+        .map(|f| verify(f, fx, to.owner, part, &stage))
+        .collect::<Result<Vec<_>, _>>();
+    let verified = match verified {
+        Ok(v) => v,
+        Err(e) => {
+            for d in &created {
+                let _ = std::fs::remove_dir(d); // only when empty
+            }
+            return Err(e);
         }
-        (Source::Hf { .. }, None) => {
-            return Err(StoreError::Failed("the fetcher named no commit".into()));
+    };
+    let (dir, revision, files) = match src {
+        Source::Hf { revision, .. } => {
+            let c = to.commit.as_deref().unwrap_or_default();
+            let files = place_hf(&dest, revision, c, verified)?;
+            (src.dir().join("snapshots").join(c), c.to_string(), files)
         }
-        (Source::Ollama { tag, .. }, _) => {
-            place_flat(&store.root().join(src.dir()), part, &files)?;
-            (src.dir(), tag.clone())
-        }
-        (Source::Url { sha256, .. }, _) => {
-            place_flat(&store.root().join(src.dir()), part, &files)?;
-            (src.dir(), sha256.clone())
-        }
+        Source::Ollama { tag, .. } => (src.dir(), tag.clone(), place_flat(&dest, verified)?),
+        Source::Url { sha256, .. } => (src.dir(), sha256.clone(), place_flat(&dest, verified)?),
     };
     let date = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -663,4 +786,79 @@ fn install(store: &Store, to: &Target, plan: &[PlanFile], part: &Path) -> Result
     })?;
     let _ = std::fs::remove_dir_all(part);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan_file(name: &str) -> PlanFile {
+        PlanFile {
+            name: name.into(),
+            url: String::new(),
+            size: Some(4),
+            sha256: "a".repeat(64),
+        }
+    }
+
+    #[test]
+    fn the_fetchers_gguf_headers_are_bounded_and_bound_to_the_plan() {
+        let plan = vec![plan_file("m.gguf"), plan_file("config.json")];
+        let mut h = HashMap::new();
+        let good = gguf::GgufInfo {
+            version: 3,
+            architecture: "llama".into(),
+            file_type: "Q4_K_M".into(),
+            parameters: 1_000,
+            context_length: 2048,
+        };
+        for bad in ["other.gguf", "config.json"] {
+            let e = take_header(&plan, &mut h, bad.into(), Some(good.clone()), None);
+            assert!(e.is_err(), "{bad}");
+        }
+        take_header(&plan, &mut h, "m.gguf".into(), Some(good.clone()), None).expect("taken");
+        assert_eq!(h.get("m.gguf"), Some(&good));
+        let again = take_header(&plan, &mut h, "m.gguf".into(), Some(good.clone()), None);
+        assert!(again.is_err(), "one header per file");
+
+        // Implausible or unreadable: left out, the pull goes on.
+        let mut h = HashMap::new();
+        let odd = gguf::GgufInfo {
+            architecture: "\u{1b}]0;pwned\u{7}".into(),
+            ..good
+        };
+        take_header(&plan, &mut h, "m.gguf".into(), Some(odd), None).expect("not fatal");
+        assert!(h.is_empty());
+        take_header(
+            &plan,
+            &mut h,
+            "m.gguf".into(),
+            None,
+            Some("x".repeat(1 << 20)),
+        )
+        .expect("ok");
+        assert!(h.is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_fetchers_lines_are_bounded() {
+        let mut buf = Vec::new();
+        let mut r = BufReader::new(&b"{\"done\":1}\nabc"[..]);
+        assert!(read_line_bounded(&mut r, &mut buf, 16).await.expect("line"));
+        assert_eq!(buf, b"{\"done\":1}");
+        assert!(read_line_bounded(&mut r, &mut buf, 16).await.expect("last"));
+        assert_eq!(buf, b"abc");
+        assert!(!read_line_bounded(&mut r, &mut buf, 16).await.expect("end"));
+        let long = [b'x'; 100];
+        let mut r = BufReader::new(&long[..]);
+        assert!(read_line_bounded(&mut r, &mut buf, 16).await.is_err());
+    }
+
+    #[test]
+    fn the_fetcher_never_runs_as_root() {
+        if nix::unistd::geteuid().is_root() {
+            let e = fetch_identity(Some("root")).expect_err("root refused");
+            assert!(e.to_string().contains("never runs as root"), "{e}");
+        }
+    }
 }

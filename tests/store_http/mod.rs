@@ -3,9 +3,11 @@
 //! `/ok/F` serves the file, `/drop/F` closes the first full GET at 50 %, `/corrupt/F`
 //! serves it with one byte changed, `/slow/F` sends it in small, paced chunks, `/huge/F`
 //! announces 1 GiB (HEAD) and sends nothing useful. It is also a Hugging Face Hub for the
-//! endpoints the store calls: `/api/models/org/{tiny,evil}/revision/main` (repository info
-//! with siblings), `/org/tiny/resolve/COMMIT/FILE` (an LFS file answers 302 to `/cdn/FILE`
-//! with `X-Repo-Commit`, `X-Linked-Etag`, `X-Linked-Size`; a small file answers itself).
+//! endpoints the store calls: `/api/models/org/{tiny,resume,evil}/revision/main` (repository
+//! info with siblings), `/org/tiny/resolve/COMMIT/FILE` (an LFS file answers 302 to
+//! `/cdn/FILE` with `X-Repo-Commit`, `X-Linked-Etag`, `X-Linked-Size`; a small file answers
+//! itself); `org/resume` has only `tiny.gguf`, redirected to `/drop/tiny.gguf` (cut at 50 %
+//! the first time).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -170,19 +172,35 @@ async fn hub(mut s: TcpStream, method: &str, path: &str, data: &[u8]) -> std::io
                 "{{\"id\":\"org/tiny\",\"sha\":\"{COMMIT}\",\"siblings\":[{{\"rfilename\":\"tiny.gguf\"}},{{\"rfilename\":\"config.json\"}},{{\"rfilename\":\"README.md\"}}]}}"
             ),
         ),
+        "/api/models/org/resume/revision/main" => (
+            "200 OK",
+            String::new(),
+            format!(
+                "{{\"id\":\"org/resume\",\"sha\":\"{COMMIT}\",\"siblings\":[{{\"rfilename\":\"tiny.gguf\"}}]}}"
+            ),
+        ),
         "/api/models/org/evil/revision/main" => (
             "200 OK",
             String::new(),
             format!("{{\"sha\":\"{COMMIT}\",\"siblings\":[{{\"rfilename\":\"../../etc/x\"}}]}}"),
         ),
-        p if p == format!("/org/tiny/resolve/{COMMIT}/tiny.gguf") => (
-            "302 Found",
-            format!(
-                "Location: /cdn/tiny.gguf\r\nX-Repo-Commit: {COMMIT}\r\nX-Linked-Etag: \"{sum}\"\r\nX-Linked-Size: {}\r\nETag: W/\"1234\"\r\n",
-                data.len()
-            ),
-            String::new(),
-        ),
+        p if p == format!("/org/tiny/resolve/{COMMIT}/tiny.gguf")
+            || p == format!("/org/resume/resolve/{COMMIT}/tiny.gguf") =>
+        {
+            let to = if p.starts_with("/org/resume/") {
+                "/drop/tiny.gguf"
+            } else {
+                "/cdn/tiny.gguf"
+            };
+            (
+                "302 Found",
+                format!(
+                    "Location: {to}\r\nX-Repo-Commit: {COMMIT}\r\nX-Linked-Etag: \"{sum}\"\r\nX-Linked-Size: {}\r\nETag: W/\"1234\"\r\n",
+                    data.len()
+                ),
+                String::new(),
+            )
+        }
         p if p == format!("/org/tiny/resolve/{COMMIT}/config.json") => (
             "200 OK",
             format!("X-Repo-Commit: {COMMIT}\r\nETag: \"9f2b0c1d\"\r\n"),
