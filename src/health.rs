@@ -85,13 +85,10 @@ async fn probe_inner(p: &Probe) -> ProbeResult {
 }
 
 async fn http_get(url: &str, expect: Option<&str>) -> ProbeResult {
-    let Some(rest) = url.strip_prefix("http://") else {
+    let Some(u) = crate::manifest::probe::http_url(url) else {
         return ProbeResult::fail(format!("unsupported URL {url}"));
     };
-    let (hostport, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
+    let (hostport, path) = (u.hostport, u.path);
     let mut s = match TcpStream::connect(hostport).await {
         Ok(s) => s,
         Err(e) => return ProbeResult::fail(format!("connect {hostport}: {e}")),

@@ -66,15 +66,16 @@ pub fn job_path(n: u64) -> String {
 
 impl Models {
     /// Modules whose active model is this record's file: (name, running).
+    /// Every file of the record counts (another GGUF of a Hugging Face snapshot too).
     fn users(&self, r: &Record) -> Vec<(String, bool)> {
-        let Some(path) = self.puller.store().main_file(r) else {
-            return Vec::new();
-        };
-        let p = path.display().to_string();
+        let store = self.puller.store();
         let snap = self.state.borrow().clone();
         snap.modules
             .values()
-            .filter(|m| m.active_model == p)
+            .filter(|m| {
+                !m.active_model.is_empty()
+                    && store.used_by(r, std::path::Path::new(&m.active_model))
+            })
             .map(|m| {
                 let running = matches!(m.state, State::Running | State::Starting);
                 (m.name.clone(), running)

@@ -101,7 +101,7 @@ pub mod manager {
             Changes "ModulesDegraded" modules_degraded -> u32 = |s| s.count(Health::Degraded);
             Changes "ModulesOffline" modules_offline -> u32 = |s| s.count(Health::Offline);
             Changes "ManifestErrors" manifest_errors -> Vec<(String, String)> =
-                |s| s.manifest_errors.iter().map(|(f, e)| (clean(f), clean(e))).collect();
+                |s| s.manifest_errors.iter().map(|(f, e)| (clean(f), clean(&crate::bounded::cap_for_dbus(e)))).collect();
             Changes "ContainerEngine" container_engine -> String = |s| clean(&s.container_engine);
             Changes "NativeBackend" native_backend -> String = |s| clean(&s.native_backend);
             Changes "Gpus" gpus -> Vec<(u32, String, String, u64, u64)> = |s| {

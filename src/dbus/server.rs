@@ -31,14 +31,20 @@ pub enum Error {
     Failed(String),
 }
 
+/// Error texts are cleaned for the bus and bounded: an engine's error line in a failed
+/// activation, or a manifest's values, never grow a reply past a few KiB.
+fn bounded(s: &str) -> String {
+    clean(&crate::bounded::cap_for_dbus(s))
+}
+
 impl From<OpError> for Error {
     fn from(e: OpError) -> Self {
         match e {
-            OpError::NoSuchModule(s) => Error::NoSuchModule(clean(&s)),
-            OpError::InvalidArgument(s) => Error::InvalidArgument(clean(&s)),
-            OpError::NotAllowed(s) => Error::NotAllowed(clean(&s)),
-            OpError::Busy(s) => Error::Busy(clean(&s)),
-            OpError::Failed(s) => Error::Failed(clean(&s)),
+            OpError::NoSuchModule(s) => Error::NoSuchModule(bounded(&s)),
+            OpError::InvalidArgument(s) => Error::InvalidArgument(bounded(&s)),
+            OpError::NotAllowed(s) => Error::NotAllowed(bounded(&s)),
+            OpError::Busy(s) => Error::Busy(bounded(&s)),
+            OpError::Failed(s) => Error::Failed(bounded(&s)),
         }
     }
 }

@@ -443,11 +443,8 @@ fn action(p: &Probe, ports: &[PortMap], host_network: bool, notes: &mut Notes) -
     let (host, port) = p
         .address()
         .and_then(|a| {
-            let (h, p) = a.rsplit_once(':')?;
-            Some((
-                h.trim_matches(['[', ']']).to_string(),
-                p.parse::<u16>().ok()?,
-            ))
+            let (h, p) = crate::manifest::probe::host_port(&a)?;
+            Some((h.to_string(), p))
         })
         .unwrap_or_default();
     let (host, port) = if host_network {
@@ -466,9 +463,8 @@ fn action(p: &Probe, ports: &[PortMap], host_network: bool, notes: &mut Notes) -
             if expect.is_some() {
                 notes.add("health.expect: an httpGet probe checks the status only, not the body");
             }
-            let path = url
-                .strip_prefix("http://")
-                .and_then(|r| r.find('/').map(|i| r[i..].to_string()))
+            let path = crate::manifest::probe::http_url(url)
+                .map(|u| u.path.to_string())
                 .unwrap_or_else(|| "/".into());
             Action::HttpGet(HttpGet { path, port, host })
         }

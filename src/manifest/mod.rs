@@ -4,6 +4,7 @@
 mod containment;
 mod gpus;
 mod load;
+pub mod probe;
 mod raw;
 mod render;
 mod serve;

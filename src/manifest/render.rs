@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::{Mode, Module, NativeExec, Probe};
+use super::{Mode, Module, NativeExec};
 
 /// Substitutes `${model}`, `${model_file}`, `${name}`, `${state_dir}`.
 pub fn substitute(s: &str, name: &str, state_dir: &Path, model: Option<&Path>) -> String {
@@ -104,23 +104,10 @@ impl Module {
     }
 }
 
-impl Probe {
-    /// The address the probe talks to, if any ("127.0.0.1:8080"): where the engine listens.
-    pub fn address(&self) -> Option<String> {
-        match self {
-            Probe::Http { url, .. } => url
-                .strip_prefix("http://")
-                .and_then(|r| r.split('/').next())
-                .map(str::to_string),
-            Probe::Tcp { address } => Some(address.clone()),
-            Probe::Exec { .. } => None,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manifest::Probe;
 
     #[test]
     fn placeholders() {

@@ -894,12 +894,7 @@ fn validate_health(
     }
     let probe = if let Some(u) = &r.http {
         let url = u.get_ref();
-        let ok = url.strip_prefix("http://").is_some_and(|rest| {
-            let hostport = rest.split('/').next().unwrap_or("");
-            hostport
-                .rsplit_once(':')
-                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
-        });
+        let ok = super::probe::http_url(url).is_some();
         if !ok {
             return cx.err(u.span().start, format!("health.http: expected a URL such as \"http://127.0.0.1:8080/health\" (http, explicit port), found \"{url}\""));
         }
@@ -909,9 +904,7 @@ fn validate_health(
         })
     } else if let Some(t) = &r.tcp {
         let a = t.get_ref();
-        let ok = a
-            .rsplit_once(':')
-            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+        let ok = super::probe::host_port(a).is_some();
         if !ok {
             return cx.err(
                 t.span().start,
