@@ -118,6 +118,11 @@ pub struct ModuleCounters {
     pub activations_rolled_back: u64,
     /// Failed without a rollback, or the rollback failed too.
     pub activations_failed: u64,
+    /// `[serve]`: starts asked for by a connection, stops after `idle_stop`, and stops to make
+    /// room for another module (admission), counted with their journal entries.
+    pub on_demand_starts: u64,
+    pub idle_stops: u64,
+    pub evictions: u64,
 }
 
 impl ModuleCounters {

@@ -1,6 +1,7 @@
 //! `[metrics]` against real components: Debian's Prometheus scrapes a real modvisord every
 //! second and its query API shows the module's health, then the change after StopModule;
-//! `promtool check metrics` accepts the endpoint's output. Every wait is bounded; a missing
+//! `promtool check metrics` accepts the endpoint's output; on-demand starts, idle stops,
+//! evictions and open connections move with real connections through `[serve]`. Every wait is bounded; a missing
 //! component fails the test.
 
 mod common;
@@ -259,6 +260,203 @@ async fn promtool_accepts_the_endpoint_and_only_get_metrics_is_served() {
     assert!(om.ends_with("# EOF\n"), "{om}");
     assert_eq!(get(port, "/", None).await.0, 404);
     assert_eq!(get(port, "/metrics/x", None).await.0, 404);
+}
+
+/// An HTTP engine on argv[1] that answers GET / with "hello" and GET /stream with a line
+/// every 0.2 s for 3 s (a connection that stays open).
+const ENGINE: &str = r#"
+import http.server, sys, time
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        if self.path == "/stream":
+            for _ in range(15):
+                self.wfile.write(b"tick\n"); self.wfile.flush(); time.sleep(0.2)
+        self.wfile.write(b"hello")
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+
+/// An on-demand module behind `listen`, declaring 1 GiB (its footprint for admission).
+fn on_demand(listen: u16, upstream: u16, extra: &str) -> String {
+    format!(
+        "trusted = true\n[native]\ncommand = [\"python3\", \"-c\", {}, \"${{port}}\"]\n[health]\nhttp = \"http://127.0.0.1:{upstream}/\"\ninterval = \"200ms\"\n[resources]\nmemory_max = \"1G\"\n[serve]\nlisten = [\"127.0.0.1:{listen}\"]\nupstream = \"127.0.0.1:{upstream}\"\non_demand = true\n{extra}",
+        toml_str(ENGINE)
+    )
+}
+
+/// GET through a listen address, off the runtime: the whole answer.
+async fn through(port: u16, path: &'static str) -> String {
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read");
+        out
+    })
+    .await
+    .expect("join")
+}
+
+/// Scrapes until every line of `want` is in the output (bounded); returns that output.
+async fn scrape_until(port: u16, want: &[String]) -> String {
+    let deadline = Instant::now() + T;
+    loop {
+        let (code, text) = get(port, "/metrics", None).await;
+        assert_eq!(code, 200, "{text}");
+        if want.iter().all(|w| text.lines().any(|l| l == w)) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not all of {want:#?} within {T:?} in\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn promtool_accepts(text: &str) {
+    let mut lint = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool must be installed (testbed/install.sh)");
+    lint.stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write");
+    let out = lint.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// On-demand starts, idle stops, evictions and open connections per module, counted by a real
+/// modvisord as real connections come and go: `oa` is started by a connection and stays; a
+/// connection to `ob` (1 GiB declared each, a 1.5 GiB ram_budget) evicts `oa` and holds a
+/// stream open; once it ends, `ob` stops after idle_stop. Standby shows in the health gauge;
+/// promtool accepts the output at every step.
+#[tokio::test]
+async fn on_demand_starts_idle_stops_evictions_and_connections_are_counted() {
+    let port = free_port();
+    let (la, ua, lb, ub) = (free_port(), free_port(), free_port(), free_port());
+    let (a, b) = (
+        format!("mxa{}", std::process::id()),
+        format!("mxb{}", std::process::id()),
+    );
+    let d = Daemon::start_with(
+        &[
+            (&a, &on_demand(la, ua, "")),
+            (&b, &on_demand(lb, ub, "idle_stop = \"1s\"\n")),
+        ],
+        Options {
+            extra_config: format!(
+                "[metrics]\nlisten = \"127.0.0.1:{port}\"\n[admission]\nram_budget = \"1536M\"\nlearn_after = \"10m\"\n"
+            ),
+            ..Options::default()
+        },
+    )
+    .await;
+    let line = |metric: &str, m: &str, v: u64| format!("{metric}{{module=\"{m}\"}} {v}");
+    let health = |m: &str, h: &str, v: u64| {
+        format!("modvisor_module_health{{module=\"{m}\",state=\"{h}\"}} {v}")
+    };
+    const STARTS: &str = "modvisor_module_on_demand_starts_total";
+    const IDLE: &str = "modvisor_module_idle_stops_total";
+    const EVICTED: &str = "modvisor_module_evictions_total";
+    const CONNS: &str = "modvisor_module_connections";
+    d.wait_module(&a, T, |_, h, _| h == "standby").await;
+    d.wait_module(&b, T, |_, h, _| h == "standby").await;
+    let text = scrape_until(
+        port,
+        &[
+            health(&a, "standby", 1),
+            health(&b, "standby", 1),
+            health(&b, "offline", 0),
+            line(STARTS, &a, 0),
+            line(IDLE, &b, 0),
+            line(EVICTED, &a, 0),
+            line(CONNS, &b, 0),
+        ],
+    )
+    .await;
+    promtool_accepts(&text);
+
+    // A connection starts oa; it has no idle_stop and stays.
+    assert!(through(la, "/").await.ends_with("hello"));
+    d.wait_module(&a, T, |s, h, _| s == "running" && h == "online")
+        .await;
+    scrape_until(
+        port,
+        &[
+            line(STARTS, &a, 1),
+            health(&a, "online", 1),
+            health(&a, "standby", 0),
+        ],
+    )
+    .await;
+
+    // A stream through ob: it starts on demand, evicting the idle oa, and the open
+    // connection shows.
+    let stream = tokio::spawn(through(lb, "/stream"));
+    let text = scrape_until(
+        port,
+        &[
+            line(STARTS, &b, 1),
+            line(CONNS, &b, 1),
+            line(EVICTED, &a, 1),
+            line(EVICTED, &b, 0),
+            line(STARTS, &a, 1),
+        ],
+    )
+    .await;
+    promtool_accepts(&text);
+    let (_, h, r) = d.wait_state(&a, "inactive").await;
+    assert_eq!(h, "standby", "{r}");
+    assert!(r.starts_with(&format!("evicted to start {b}")), "{r}");
+    let body = stream.await.expect("join");
+    assert!(body.ends_with("hello"), "the stream ran to its end: {body}");
+
+    // The stream ended: ob stops after idle_stop (1 s), in standby.
+    d.wait_module(&b, T, |s, h, _| s == "inactive" && h == "standby")
+        .await;
+    let text = scrape_until(
+        port,
+        &[
+            line(IDLE, &b, 1),
+            line(CONNS, &b, 0),
+            line(STARTS, &b, 1),
+            line(IDLE, &a, 0),
+            health(&b, "standby", 1),
+            health(&a, "standby", 1),
+        ],
+    )
+    .await;
+    promtool_accepts(&text);
+    // Labels are the module only.
+    for l in text.lines().filter(|l| {
+        [STARTS, IDLE, EVICTED, CONNS]
+            .iter()
+            .any(|m| l.starts_with(&format!("{m}{{")))
+    }) {
+        assert!(
+            l.starts_with(&format!("{}{{module=\"", l.split('{').next().unwrap_or("")))
+                && l.matches('=').count() == 1,
+            "{l}"
+        );
+    }
 }
 
 #[test]

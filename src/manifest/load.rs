@@ -4,10 +4,16 @@
 //! byte order of their names. A `NAME.toml` in a later directory replaces the earlier one
 //! whole; an empty file or a symlink to `/dev/null` masks it. Modules are then validated in
 //! name order, so the result never depends on the order the kernel lists a directory in.
+//!
+//! What one manifest cannot see on its own is checked across modules here: a module name, and
+//! a `[serve]` address that two modules would bind, are refused on the later manifest (in that
+//! order), at the line and column of the value; the earlier module keeps it.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use super::serve::{Claim, claims};
 use super::trust::{Opened, open_manifest};
 use super::{Containment, ManifestError, Module, parse_manifest_with};
 
@@ -92,6 +98,7 @@ pub fn load_dirs_with(dirs: &[PathBuf], check_trust: bool, rules: &Containment) 
     let mut res = LoadResult::default();
     let found = scan_dirs(dirs, &mut res.errors);
     let mut owner: BTreeMap<String, PathBuf> = BTreeMap::new();
+    let mut bound = Bound::default();
     for (stem, src) in found {
         let fail = |res: &mut LoadResult, e: ManifestError| {
             res.errors.push(e);
@@ -135,6 +142,15 @@ pub fn load_dirs_with(dirs: &[PathBuf], check_trust: bool, rules: &Containment) 
                     fail(&mut res, ManifestError::at(&src.path, &text, 0, msg));
                     continue;
                 }
+                let mine = match &m.serve {
+                    Some(_) => claims(&text),
+                    None => Vec::new(),
+                };
+                if let Some((c, msg)) = bound.conflict(&mine) {
+                    fail(&mut res, ManifestError::at(&src.path, &text, c.offset, msg));
+                    continue;
+                }
+                bound.take(&m.name, &src.path, &mine);
                 owner.insert(m.name.clone(), src.path.clone());
                 res.modules.insert(m.name.clone(), m);
             }
@@ -142,6 +158,52 @@ pub fn load_dirs_with(dirs: &[PathBuf], check_trust: bool, rules: &Containment) 
         }
     }
     res
+}
+
+/// The `[serve]` addresses of the modules accepted so far: (module, its manifest, listen?).
+#[derive(Default)]
+struct Bound(BTreeMap<SocketAddr, (String, PathBuf, bool)>);
+
+impl Bound {
+    /// The first address of `mine` that another module already binds: modvisord cannot listen
+    /// where it already listens for another module, nor where another module's engine
+    /// listens; an engine cannot listen where modvisord does. (Two engines on one upstream
+    /// are not refused here: only one of them can run at a time.)
+    fn conflict(&self, mine: &[Claim]) -> Option<(Claim, String)> {
+        mine.iter().find_map(|c| {
+            let (module, path, listen) = self.0.get(&c.addr)?;
+            let (key, addr, path) = (
+                if c.listen {
+                    "serve.listen"
+                } else {
+                    "serve.upstream"
+                },
+                c.addr,
+                path.display(),
+            );
+            let msg = match (c.listen, *listen) {
+                (true, true) => format!(
+                    "{key}: {addr} is already a listen address of module \"{module}\" ({path})"
+                ),
+                (true, false) => format!(
+                    "{key}: {addr} is the upstream of module \"{module}\" ({path}): its engine listens there"
+                ),
+                (false, true) => format!(
+                    "{key}: {addr} is a listen address of module \"{module}\" ({path}): modvisord listens there, the engine needs another"
+                ),
+                (false, false) => return None,
+            };
+            Some((*c, msg))
+        })
+    }
+
+    fn take(&mut self, module: &str, path: &Path, mine: &[Claim]) {
+        for c in mine {
+            self.0
+                .entry(c.addr)
+                .or_insert_with(|| (module.to_string(), path.to_path_buf(), c.listen));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -222,6 +284,116 @@ mod tests {
             "{}",
             r.errors[0]
         );
+    }
+
+    fn served(listen: &str, upstream: &str) -> String {
+        format!(
+            "description = \"x\"\n[native]\ncommand = [\"/bin/e\"]\n[serve]\nlisten = [\"127.0.0.1:7001\", {listen}]\nupstream = {upstream}\n"
+        )
+    }
+
+    #[test]
+    fn a_listen_address_of_another_module_is_refused_at_its_line_and_column() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let dir = t.path();
+        write(
+            dir,
+            "a.toml",
+            &served("\"127.0.0.1:8080\"", "\"127.0.0.1:18080\""),
+        );
+        // Same port on another loopback address: no conflict.
+        write(
+            dir,
+            "b.toml",
+            &served("\"127.0.0.2:8080\"", "\"127.0.0.1:18081\""),
+        );
+        // Its second listen address is a's.
+        let c = served("\"127.0.0.1:8080\"", "\"127.0.0.1:18082\"").replace("7001", "7003");
+        write(dir, "c.toml", &c);
+        let r = load_dirs(&[dir.to_path_buf()]);
+        // b and c repeat a's 127.0.0.1:7001 too: b is refused for it, c for the first one.
+        assert_eq!(r.modules.keys().collect::<Vec<_>>(), vec!["a"]);
+        let shown: Vec<String> = r.errors.iter().map(|e| e.to_string()).collect();
+        let a = dir.join("a.toml");
+        assert_eq!(
+            shown,
+            vec![
+                format!(
+                    "{}:5:11: serve.listen: 127.0.0.1:7001 is already a listen address of module \"a\" ({})",
+                    dir.join("b.toml").display(),
+                    a.display()
+                ),
+                format!(
+                    "{}:5:29: serve.listen: 127.0.0.1:8080 is already a listen address of module \"a\" ({})",
+                    dir.join("c.toml").display(),
+                    a.display()
+                ),
+            ]
+        );
+        assert!(r.broken_stems.contains("b") && r.broken_stems.contains("c"));
+    }
+
+    #[test]
+    fn listen_and_upstream_of_two_modules_must_not_meet() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let dir = t.path();
+        let one = |l: u16, u: u16| {
+            format!(
+                "[native]\ncommand = [\"/bin/e\"]\n[serve]\nlisten = [\"127.0.0.1:{l}\"]\nupstream = \"127.0.0.1:{u}\"\n"
+            )
+        };
+        write(dir, "a.toml", &one(8080, 18080));
+        // Listens where a's engine listens.
+        write(dir, "b.toml", &one(18080, 18090));
+        // Its engine would listen where modvisord listens for a.
+        write(dir, "c.toml", &one(8081, 8080));
+        // Another module with a's upstream and no conflict otherwise: two engines that cannot
+        // run at once, not refused.
+        write(dir, "d.toml", &one(8082, 18080));
+        // A module without [serve] claims nothing.
+        write(dir, "e.toml", "[native]\ncommand = [\"/bin/e\"]\n");
+        let r = load_dirs(&[dir.to_path_buf()]);
+        assert_eq!(
+            r.modules.keys().collect::<Vec<_>>(),
+            vec!["a", "d", "e"],
+            "{:?}",
+            r.errors
+        );
+        let a = dir.join("a.toml").display().to_string();
+        assert_eq!(r.errors.len(), 2, "{:?}", r.errors);
+        assert_eq!(
+            r.errors[0].to_string(),
+            format!(
+                "{}:4:11: serve.listen: 127.0.0.1:18080 is the upstream of module \"a\" ({a}): its engine listens there",
+                dir.join("b.toml").display()
+            )
+        );
+        assert_eq!(
+            r.errors[1].to_string(),
+            format!(
+                "{}:5:12: serve.upstream: 127.0.0.1:8080 is a listen address of module \"a\" ({a}): modvisord listens there, the engine needs another",
+                dir.join("c.toml").display()
+            )
+        );
+    }
+
+    #[test]
+    fn a_refused_module_claims_no_address() {
+        // b is refused for its name; c may then use b's listen address.
+        let t = tempfile::tempdir().expect("tempdir");
+        let dir = t.path();
+        let one = |name: &str, l: u16, u: u16| {
+            format!(
+                "name = \"{name}\"\n[native]\ncommand = [\"/bin/e\"]\n[serve]\nlisten = [\"127.0.0.1:{l}\"]\nupstream = \"127.0.0.1:{u}\"\n"
+            )
+        };
+        write(dir, "a.toml", &one("a", 8080, 18080));
+        write(dir, "b.toml", &one("a", 8081, 18081));
+        write(dir, "c.toml", &one("c", 8081, 18082));
+        let r = load_dirs(&[dir.to_path_buf()]);
+        assert_eq!(r.modules.keys().collect::<Vec<_>>(), vec!["a", "c"]);
+        assert_eq!(r.errors.len(), 1);
+        assert!(r.errors[0].message.contains("already defined by"));
     }
 
     #[test]

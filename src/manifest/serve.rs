@@ -70,3 +70,42 @@ pub(super) fn validate(
         max_pending: cx.count(&r.max_pending, "serve.max_pending", 1, 4096, 64)?,
     }))
 }
+
+/// An address a valid manifest's `[serve]` claims, with where it is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Claim {
+    pub addr: SocketAddr,
+    /// Byte offset of the value in the manifest text.
+    pub offset: usize,
+    /// A `listen` address (modvisord binds it), else the `upstream` (the engine binds it).
+    pub listen: bool,
+}
+
+/// The `[serve]` addresses of a manifest that validated, in the order written (listen first).
+/// The text is read again only for the spans: validation already accepted every value.
+pub(super) fn claims(src: &str) -> Vec<Claim> {
+    #[derive(serde::Deserialize)]
+    struct Only {
+        serve: Option<Addrs>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Addrs {
+        listen: Option<Vec<Spanned<String>>>,
+        upstream: Option<Spanned<String>>,
+    }
+    let Ok(Only { serve: Some(s) }) = toml::from_str::<Only>(src) else {
+        return Vec::new();
+    };
+    let listen = s.listen.into_iter().flatten().map(|a| (a, true));
+    let upstream = s.upstream.into_iter().map(|a| (a, false));
+    listen
+        .chain(upstream)
+        .filter_map(|(a, listen)| {
+            Some(Claim {
+                addr: a.get_ref().parse().ok()?,
+                offset: a.span().start,
+                listen,
+            })
+        })
+        .collect()
+}

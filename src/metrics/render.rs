@@ -99,6 +99,7 @@ impl Collector for SnapshotCollector {
         module_figures(&mut enc, s)?;
         module_probes(&mut enc, s)?;
         module_activations(&mut enc, s)?;
+        module_serve(&mut enc, s)?;
         host(&mut enc, s, self.me)
     }
 }
@@ -260,6 +261,38 @@ fn module_activations(enc: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result 
     Ok(())
 }
 
+/// `[serve]`: open connections through modvisord's listen addresses, starts on demand, stops
+/// after `idle_stop`, and evictions (stopped to make room for another module). Every module is
+/// listed (0 without `[serve]`), so a series never appears out of nowhere.
+fn module_serve(enc: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
+    let mods = || s.modules.iter();
+    gauges(
+        enc,
+        "modvisor_module_connections",
+        "Client connections open through the module's listen addresses (held or forwarded)",
+        None,
+        each(mods(), |m| i64::from(m.connections)),
+    )?;
+    counters(
+        enc,
+        "modvisor_module_on_demand_starts",
+        "Starts of the module asked for by a connection to its listen address",
+        each(mods(), |m| m.counters.on_demand_starts),
+    )?;
+    counters(
+        enc,
+        "modvisor_module_idle_stops",
+        "Stops of the module after idle_stop without a connection",
+        each(mods(), |m| m.counters.idle_stops),
+    )?;
+    counters(
+        enc,
+        "modvisor_module_evictions",
+        "Stops of the idle module to make room for another module's start (admission)",
+        each(mods(), |m| m.counters.evictions),
+    )
+}
+
 /// GPUs, manifest errors and the daemon itself.
 fn host(enc: &mut DescriptorEncoder, s: &Snapshot, me: SelfStats) -> fmt::Result {
     for (name, help, pick) in [
@@ -368,10 +401,16 @@ mod tests {
             a.counters.observe_probe(s, ok);
         }
         a.counters.activations_rolled_back = 1;
-        let b = module("b", State::Failed, Health::Offline);
+        let mut b = module("b", State::Failed, Health::Offline);
+        b.connections = 3;
+        b.counters.on_demand_starts = 4;
+        b.counters.idle_stops = 2;
+        b.counters.evictions = 1;
+        let c = module("c", State::Inactive, Health::Standby);
         let mut s = Snapshot::default();
         s.modules.insert("a".into(), a);
         s.modules.insert("b".into(), b);
+        s.modules.insert("c".into(), c);
         s.gpus = vec![(0, "Tesla".into(), "GPU-1".into(), 16 << 30, 5 << 30)];
         s.foreign_gpu_processes = vec![(77, "python".into(), 1 << 30), (78, "x".into(), 1)];
         s.manifest_errors = vec![("f.toml".into(), "f.toml:1:1: bad".into())];
@@ -442,6 +481,41 @@ mod tests {
             assert!(t.lines().any(|l| l == line), "{line} in\n{t}");
         }
         assert!(!t.contains(r#"modvisor_module_memory_max_bytes{module="b"}"#));
+    }
+
+    #[test]
+    fn connections_on_demand_starts_idle_stops_and_evictions_per_module() {
+        let t = text(Format::Prometheus);
+        for line in [
+            "# TYPE modvisor_module_connections gauge",
+            r#"modvisor_module_connections{module="a"} 0"#,
+            r#"modvisor_module_connections{module="b"} 3"#,
+            "# TYPE modvisor_module_on_demand_starts_total counter",
+            r#"modvisor_module_on_demand_starts_total{module="b"} 4"#,
+            r#"modvisor_module_on_demand_starts_total{module="a"} 0"#,
+            r#"modvisor_module_idle_stops_total{module="b"} 2"#,
+            r#"modvisor_module_evictions_total{module="b"} 1"#,
+            r#"modvisor_module_health{module="c",state="standby"} 1"#,
+            r#"modvisor_module_health{module="c",state="offline"} 0"#,
+            r#"modvisor_module_state{module="c",state="inactive"} 1"#,
+        ] {
+            assert!(t.lines().any(|l| l == line), "{line} in\n{t}");
+        }
+        // Labels: the module only.
+        for l in t.lines().filter(|l| {
+            l.starts_with("modvisor_module_connections")
+                || l.starts_with("modvisor_module_on_demand")
+                || l.starts_with("modvisor_module_idle_stops")
+                || l.starts_with("modvisor_module_evictions")
+        }) {
+            let labels = &l[l.find('{').expect("labels")..l.find('}').expect("labels")];
+            assert_eq!(labels.matches('=').count(), 1, "{l}");
+        }
+        let om = text(Format::OpenMetrics);
+        assert!(
+            om.contains(r#"modvisor_module_idle_stops_total{module="b"} 2"#),
+            "{om}"
+        );
     }
 
     #[test]

@@ -69,6 +69,7 @@ impl Supervisor {
             } => self.step(n, &model, step, &detail),
             Effect::Activated(outcome) => self.count_activation(n, outcome),
             Effect::Notice(id, text) => {
+                self.count_notice(n, id);
                 tracing::info!(modvisor_module = n, message_id = id, "{text}")
             }
             Effect::ValidateModel { requested } => self.validate_model(n, requested),
@@ -102,6 +103,24 @@ impl Supervisor {
             "online" => c.activations_online += 1,
             "rolled-back" => c.activations_rolled_back += 1,
             _ => c.activations_failed += 1,
+        }
+    }
+
+    /// On-demand starts, idle stops and evictions: counted where their journal entry is made.
+    fn count_notice(&mut self, n: &str, id: &str) {
+        // The MESSAGE_IDs of module/serve.rs (MSG_ON_DEMAND, MSG_IDLE_STOP, MSG_EVICTED; stable,
+        // documented, private to `module`): tests/metrics.rs sees the counters move.
+        const MSG_ON_DEMAND: &str = "b1c2d3e4f5061728394a5b6c7d8e9f01";
+        const MSG_IDLE_STOP: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f0";
+        const MSG_EVICTED: &str = "4d5e6f708192a3b4c5d6e7f8091a2b3c";
+        let Some(c) = self.slots.get_mut(n).map(|s| &mut s.counters) else {
+            return;
+        };
+        match id {
+            MSG_ON_DEMAND => c.on_demand_starts += 1,
+            MSG_IDLE_STOP => c.idle_stops += 1,
+            MSG_EVICTED => c.evictions += 1,
+            _ => {}
         }
     }
 
