@@ -591,7 +591,8 @@ async fn llama_server_on_demand_as_a_podman_container() {
 /// three held connections took to be closed, the module's (state, health, reason), and the
 /// module's own output (its log file).
 struct BrokenStart {
-    _d: Daemon,
+    daemon: Daemon,
+    name: String,
     took: Duration,
     shown: (String, String, String),
     output: String,
@@ -636,7 +637,8 @@ async fn start_on_a_broken_model(restart: &str) -> BrokenStart {
         output.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
     }
     BrokenStart {
-        _d: d,
+        daemon: d,
+        name,
         took,
         shown,
         output,
@@ -669,17 +671,16 @@ async fn a_llama_server_that_fails_on_a_broken_model_closes_the_held_connections
 }
 
 /// The reason of such a failed start names the engine's own error line, as the reason of a
-/// failed model activation does. The lifecycle looks the line up only for activations
-/// (Effect::LookupEngineLine); a plain start that fails gets "pid N exited: exit-code 1".
+/// failed model activation does.
 #[tokio::test]
-#[ignore = "gap: the lifecycle (src/supervisor/module/events.rs, ended) does not look up the engine's error line for a failed start"]
 async fn the_reason_of_a_start_that_fails_on_a_broken_model_names_the_engine_error() {
     let b = start_on_a_broken_model("[restart]\npolicy = \"no\"\n").await;
-    let reason = &b.shown.2;
-    assert!(
-        names_the_load_error(reason),
-        "the reason names the engine's error: {reason}"
-    );
+    // The line is looked up once the engine has exited: the reason gains it shortly after.
+    let (_, _, reason) = b
+        .daemon
+        .wait_module(&b.name, T, |_, _, r| names_the_load_error(r))
+        .await;
+    assert!(reason.contains("the engine said: "), "{reason}");
 }
 
 /// Two modules cannot listen on one address: the later manifest (in name order) is refused

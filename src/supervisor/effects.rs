@@ -108,11 +108,7 @@ impl Supervisor {
 
     /// On-demand starts, idle stops and evictions: counted where their journal entry is made.
     fn count_notice(&mut self, n: &str, id: &str) {
-        // The MESSAGE_IDs of module/serve.rs (MSG_ON_DEMAND, MSG_IDLE_STOP, MSG_EVICTED; stable,
-        // documented, private to `module`): tests/metrics.rs sees the counters move.
-        const MSG_ON_DEMAND: &str = "b1c2d3e4f5061728394a5b6c7d8e9f01";
-        const MSG_IDLE_STOP: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f0";
-        const MSG_EVICTED: &str = "4d5e6f708192a3b4c5d6e7f8091a2b3c";
+        use super::module::{MSG_EVICTED, MSG_IDLE_STOP, MSG_ON_DEMAND};
         let Some(c) = self.slots.get_mut(n).map(|s| &mut s.counters) else {
             return;
         };

@@ -212,6 +212,9 @@ pub struct Lifecycle {
     idle_stop_at: Option<SystemTime>,
     /// A stop of our own that leaves the module ready to start again: idle, or evicted.
     quiet: Option<Quiet>,
+    /// A start that never came online ended: the engine's last error line is looked up for
+    /// the reason shown (the generation it belongs to).
+    line_for: Option<u64>,
 }
 
 /// Why modvisor itself stopped a module that will start again on demand.
@@ -281,6 +284,7 @@ impl Lifecycle {
             idle_token: 0,
             idle_stop_at: None,
             quiet: None,
+            line_for: None,
         }
     }
 
@@ -416,6 +420,8 @@ impl Lifecycle {
                 if let Some(a) = self.activation.as_mut() {
                     let next = a.engine_line(l);
                     self.activation_next(next, now, &mut fx);
+                } else {
+                    self.failed_start_line(l);
                 }
             }
         }
@@ -654,5 +660,6 @@ pub(super) fn listen_list(s: &crate::manifest::ServeSpec) -> String {
 mod activate;
 mod events;
 mod serve;
+pub use serve::{MSG_EVICTED, MSG_IDLE_STOP, MSG_ON_DEMAND};
 #[cfg(test)]
 mod tests;

@@ -223,6 +223,29 @@ impl Lifecycle {
         }
     }
 
+    /// The engine's error line for a start that failed: added to the reason, unless the
+    /// module has moved on (started again, or was stopped) meanwhile.
+    pub(super) fn failed_start_line(&mut self, line: Option<String>) {
+        let Some(g) = self.line_for.take() else {
+            return;
+        };
+        let Some(l) = line else { return };
+        let same = match &self.phase {
+            Phase::Down => self.generation == g,
+            Phase::RestartWait { token } => *token == g + 1,
+            Phase::Up(_) => false,
+        };
+        if same
+            && matches!(
+                self.shown.0,
+                State::Failed | State::Starting | State::Inactive
+            )
+        {
+            self.shown.2 =
+                crate::bounded::cap_for_dbus(&format!("{}; the engine said: {l}", self.shown.2));
+        }
+    }
+
     /// The run ended because it was asked to.
     fn stopped(&mut self, then: Then, info: &ExitInfo, now: Now, fx: &mut Fx) {
         for w in self.stop_waiters.drain(..) {
@@ -271,6 +294,12 @@ impl Lifecycle {
             self.set(State::Inactive, Health::Offline, what.clone());
             self.activation_failed(run.generation, &what, now, fx);
             return;
+        }
+        // It exited on its own (a model it cannot load, a crash): what the engine said last goes
+        // into the reason once found.
+        if timed_out.is_none() {
+            self.line_for = Some(run.generation);
+            fx.push(Effect::LookupEngineLine);
         }
         let ended = restart::Ended {
             info,

@@ -236,6 +236,7 @@ fn stop_between_two_automatic_restarts() {
             exited(1, 1),
             vec![
                 Effect::StopProbe,
+                Effect::LookupEngineLine,
                 Effect::Arm {
                     timer: Timer::RestartDue(2),
                     after: Duration::from_secs(1),
@@ -280,6 +281,7 @@ fn crash_loop_until_the_budget_is_spent() {
     }
     t.rows(vec![(exited(5, 1), vec![
         Effect::StopProbe,
+        Effect::LookupEngineLine,
         changed(Failed, Health::Offline, "pid 46 exited: exit-code 1; restart limit reached (2 restarts within 60s), left stopped"),
     ], Failed)]);
     // A manual start resets the budget.
@@ -518,6 +520,7 @@ fn systemd_restarts_and_start_limit() {
             },
             vec![
                 Effect::StopProbe,
+                Effect::LookupEngineLine,
                 changed(
                     Failed,
                     Health::Offline,
@@ -1150,4 +1153,36 @@ fn waiting_for_admission_then_stopped_is_stopped_not_failed() {
             Inactive,
         ),
     ]);
+}
+
+#[test]
+fn the_engine_line_of_a_failed_start_goes_into_the_reason_once() {
+    let mut t = T::new("[restart]\npolicy = \"no\"\n");
+    t.feed(Input::Boot);
+    t.feed(started(1));
+    let fx = t.feed(exited(1, 1));
+    assert!(fx.contains(&Effect::LookupEngineLine), "{fx:?}");
+    t.feed(Input::EngineLine(Some(
+        "error loading model: bad magic".into(),
+    )));
+    assert_eq!(
+        t.lc.effective(),
+        (
+            Health::Offline,
+            "pid 42 exited: exit-code 1; not restarted (restart.policy = no); the engine said: error loading model: bad magic"
+        )
+    );
+    // A second answer (or one after the module moved on) changes nothing.
+    t.feed(Input::EngineLine(Some("other".into())));
+    assert!(!t.lc.effective().1.contains("other"));
+    t.feed(Input::Start(1));
+    let fx = t.feed(exited(2, 1));
+    assert!(fx.contains(&Effect::LookupEngineLine));
+    t.feed(Input::Start(2));
+    t.feed(Input::EngineLine(Some("late".into())));
+    assert!(
+        !t.lc.effective().1.contains("late"),
+        "{:?}",
+        t.lc.effective()
+    );
 }
