@@ -124,10 +124,27 @@ fn manager_changed(seen: &[Sig], name: &str) -> bool {
 
 #[tokio::test]
 async fn properties_changed_names_only_introspected_properties_and_carries_native_backend() {
-    let mut d = Daemon::start(&[("svc", &sh_module("exec sleep 1000", ""))]).await;
-    d.wait_state("svc", "running").await;
+    properties_changed_names_only_introspected_properties("direct").await;
+}
+
+#[tokio::test]
+async fn properties_changed_under_systemd_carries_native_backend_systemd() {
+    properties_changed_names_only_introspected_properties("systemd").await;
+}
+
+async fn properties_changed_names_only_introspected_properties(backend: &'static str) {
+    let svc = format!("pc{backend}{}", std::process::id());
+    let _units = Units(vec![format!("modvisor-{svc}.service")]);
+    let opts = Options {
+        backend,
+        ..Options::default()
+    };
+    let mut d = Daemon::start_with(&[(&svc, &sh_module("exec sleep 1000", ""))], opts).await;
+    let svc = svc.as_str();
+    d.wait_state(svc, "running").await;
     let manager_props = introspected(&d.conn, "/org/modvisor1", MANAGER).await;
-    let module_props = introspected(&d.conn, "/org/modvisor1/module/svc", MODULE).await;
+    let path = format!("/org/modvisor1/module/{svc}");
+    let module_props = introspected(&d.conn, &path, MODULE).await;
     assert!(manager_props.contains("NativeBackend") && !manager_props.contains("Backend"));
 
     // A new modvisord publishes the manager for the first time: it announces NativeBackend.
@@ -144,12 +161,12 @@ async fn properties_changed_names_only_introspected_properties_and_carries_nativ
         _ => None,
     });
     let native = first.and_then(|c| c.get("NativeBackend").map(|v| v.to_string()));
-    assert_eq!(native.as_deref(), Some("\"direct\""), "{seen:?}");
-    d.wait_state("svc", "running").await;
+    assert_eq!(native, Some(format!("\"{backend}\"")), "{seen:?}");
+    d.wait_state(svc, "running").await;
 
     // Online to offline changes the manager's Health and counts, and the module's State.
     let m = d.manager().await;
-    m.stop_module("svc").await.expect("StopModule");
+    m.stop_module(svc).await.expect("StopModule");
     until(&mut stream, &mut seen, |s| {
         ["Health", "ModulesOnline", "ModulesOffline"]
             .iter()

@@ -10,6 +10,26 @@
 //! | Up, stop asked       | start after the stop     | joins the stop           | Then: nothing / start / remove | stale: ignored             |
 //! | Up, start timed out  | stop, then start         | stop wins                | restart policy                 | -                          |
 //!
+//! Every other input, by phase (Down includes RestartWait unless said):
+//!
+//! | input                  | Down                          | Up, running                     | Up, stop asked               |
+//! |------------------------|-------------------------------|---------------------------------|------------------------------|
+//! | Boot                   | start                         | -                               | -                            |
+//! | Reconfigure{respawn}   | start if newly enabled        | respawn: stop, then start       | the stop stays a stop        |
+//! | Respawn (override)     | -                             | stop, then start                | the stop stays a stop        |
+//! | Remove                 | Removed                       | stop, then Removed              | then Removed                 |
+//! | Shutdown               | -                             | units/containers: Detach; else stop | joins                    |
+//! | Started / StartFailed  | stale: ignored                | (not started yet) Running / Failed | started: stop it now; failed: stopped |
+//! | Progress / Probe       | stale: ignored                | shown state, start_timeout re-armed on news | ignored         |
+//! | Demand (a connection)  | start if on demand or standby | -                               | idle/evicted stop: start after |
+//! | Connections(n)         | counted                       | n = 0: arm IdleStop             | counted                      |
+//! | Timer IdleStop         | stale                         | quiet stop (standby)            | stale                        |
+//! | Evict{by}              | -                             | quiet stop (evicted)            | -                            |
+//! | Waiting (admission)    | -                             | (not started yet) reason shown  | -                            |
+//! | Warning / Progressing  | threshold kept                | degraded / start_timeout re-armed | -                          |
+//! | ActivateModel          | validate, then start on it    | validate, record, restart       | Busy                         |
+//! | ModelValidated/Recorded/EngineLine | the activation's next step (activation.rs), or the failed run's reason |  |               |
+//!
 //! Rules stated once: a stop always wins over a pending start, restart or automatic restart,
 //! and its OK means "stopped and staying stopped"; a restart asked after a stop runs after it;
 //! during a model activation every other command is `Busy`; events of an older run
