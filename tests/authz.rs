@@ -162,3 +162,56 @@ async fn only_root_and_group_modvisor_may_change_anything() {
         e.log()
     );
 }
+
+/// A member of `modvisor` chooses the model of an engine, not what the engine runs as: a root
+/// engine (explicit `user = "root"`) whose model directory the group can write is refused the
+/// activation, with the reason, and keeps running as it was.
+#[tokio::test]
+async fn a_member_cannot_make_a_root_engine_load_a_model_the_group_can_change() {
+    use std::os::unix::fs::PermissionsExt;
+    users();
+    let t = tempfile::tempdir().expect("tempdir");
+    let m = t.path().join("models");
+    std::fs::create_dir_all(&m).expect("mkdir");
+    for f in ["m1.gguf", "m2.gguf"] {
+        std::fs::write(m.join(f), b"GGUF\x03\0\0\0").expect("write");
+    }
+    let mode = |p: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod")
+    };
+    mode(t.path(), 0o755);
+    mode(&m, 0o755);
+    let tail = format!(
+        "[model]\ndefault = \"{0}/m1.gguf\"\ndirectory = \"{0}\"\n[restart]\npolicy = \"no\"\n",
+        m.display()
+    );
+    let d = Daemon::start(&[(
+        "rootm",
+        &format!("{}{tail}", sh_module("exec sleep 1000", "")),
+    )])
+    .await;
+    d.wait_state("rootm", "running").await;
+    let pid = d.module("rootm").await.main_pid().await.expect("pid");
+    // The group modvisor may now write the directory: its members could plant a file there.
+    let gid = nix::unistd::Group::from_name("modvisor")
+        .ok()
+        .flatten()
+        .expect("group modvisor")
+        .gid;
+    nix::unistd::chown(&m, None, Some(gid)).expect("chgrp");
+    mode(&m, 0o775);
+    let o = ctl_as(MEMBER, &d.bus.address, &["activate", "rootm", "m2.gguf"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(code(&o), Some(2), "InvalidArgument: {err}");
+    assert!(
+        err.contains("refusing a root engine")
+            && err.contains(&format!("writable by group {} (mode 0775)", gid.as_raw())),
+        "{err}"
+    );
+    assert_eq!(
+        d.module("rootm").await.main_pid().await.expect("pid"),
+        pid,
+        "nothing restarted"
+    );
+    assert!(alive(pid));
+}
