@@ -320,6 +320,55 @@ async fn policy_picks_native_or_container(e: Eng) {
     assert!(e.inspect(&cname).is_some());
 }
 
+/// A secret from `[container] environment_file` (root-only, 0600) reaches the container's
+/// environment, and neither D-Bus nor the daemon's log; a file others can read is refused at
+/// the next start with the reason.
+async fn secrets_reach_the_container_only(e: Eng) {
+    use std::os::unix::fs::PermissionsExt;
+    let name = uniq(e, "sec");
+    let cname = format!("modvisor-{name}");
+    let _c = Cleanup(e, vec![cname.clone()]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let env_file = dir.path().join("secrets.env");
+    let secret = format!("hunter2-{}", std::process::id());
+    std::fs::write(&env_file, format!("# a comment\nAPI_TOKEN=\"{secret}\"\n")).expect("write");
+    std::fs::set_permissions(&env_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let m = format!(
+        "{}environment_file = \"{}\"\n",
+        cmodule(e, "exec sleep 1000", ""),
+        env_file.display()
+    );
+    let d = start(e, &[(&name, &m)]).await;
+    d.wait_state(&name, "running").await;
+    let env = e
+        .inspect(&cname)
+        .and_then(|v| v["Config"]["Env"].as_array().cloned())
+        .unwrap_or_default();
+    assert!(
+        env.iter()
+            .any(|v| v.as_str() == Some(&format!("API_TOKEN={secret}"))),
+        "{env:?}"
+    );
+    let mgr = d.manager().await;
+    let shown = format!(
+        "{:?}{}{:?}",
+        mgr.list_modules().await.expect("list"),
+        mgr.explain(&name).await.expect("explain"),
+        d.module(&name).await.health_reason().await.expect("reason"),
+    );
+    assert!(!shown.contains(&secret), "{shown}");
+    std::fs::set_permissions(&env_file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    mgr.restart_module(&name).await.ok();
+    let (_, _, reason) = d
+        .wait_module(&name, T, |s, _, r| s == "failed" && r.contains("0600"))
+        .await;
+    assert!(
+        reason.contains("must be mode 0600 or stricter (is 0644)"),
+        "{reason}"
+    );
+    assert!(!d.log().contains(&secret), "the log never shows a secret");
+}
+
 macro_rules! both_engines {
     ($($f:ident),*) => {
         mod podman {
@@ -336,7 +385,8 @@ both_engines!(
     killed_main_process_restarts,
     adoption_and_recreation,
     missing_image_is_a_clear_error,
-    policy_picks_native_or_container
+    policy_picks_native_or_container,
+    secrets_reach_the_container_only
 );
 
 /// A private Podman API service on its own socket (same storage as the testbed's): stopping

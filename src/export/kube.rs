@@ -211,6 +211,9 @@ fn pod_spec(
     if host_network {
         notes.add("network = \"host\" is hostNetwork: the engine shares the node's network, so its ports are the node's (no hostPort mappings)");
     }
+    if spec.environment_file.is_some() {
+        notes.add("container.environment_file is not exported (its secrets stay on this machine): create a Secret and add it to the container with envFrom");
+    }
     let mut volumes = Vec::new();
     for (i, v) in spec.volumes.iter().enumerate() {
         volumes.push(PodVolume {

@@ -243,6 +243,9 @@ pub struct ContainerSpec {
     pub ports: Vec<PortMap>,
     pub volumes: Vec<Volume>,
     pub environment: BTreeMap<String, String>,
+    /// A root-owned file (mode 0600 or stricter) of `KEY=VALUE` lines, read by modvisord at
+    /// each container creation: secrets that stay out of the manifest and of D-Bus.
+    pub environment_file: Option<PathBuf>,
     pub gpus: Option<Gpus>,
     pub pull: Pull,
     /// The engine's network mode ("host", "none", "bridge", a network name); None: the engine's default.

@@ -114,6 +114,7 @@ pub struct RawContainer {
     pub ports: Option<Vec<Spanned<String>>>,
     pub volumes: Option<Vec<Spanned<String>>>,
     pub environment: Option<Spanned<BTreeMap<String, String>>>,
+    pub environment_file: Option<Spanned<String>>,
     pub gpus: Option<Spanned<RawGpus>>,
     pub pull: Option<RawPull>,
     pub network: Option<Spanned<String>>,

@@ -760,6 +760,10 @@ fn validate_container(
         ports,
         volumes,
         environment,
+        environment_file: match &r.environment_file {
+            Some(f) => Some(secret_path(cx, f, "container.environment_file")?),
+            None => None,
+        },
         gpus,
         pull,
     })

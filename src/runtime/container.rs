@@ -447,6 +447,7 @@ impl ContainerBackend {
         req: &RunRequest,
         spec: &ContainerSpec,
         hash: &str,
+        secrets: Vec<(String, String)>,
     ) -> ContainerCreateBody {
         let mut labels = HashMap::new();
         labels.insert(LABEL_MODULE.to_string(), req.name.clone());
@@ -573,6 +574,7 @@ impl ContainerBackend {
                 spec.environment
                     .iter()
                     .map(|(k, v)| format!("{k}={v}"))
+                    .chain(secrets.iter().map(|(k, v)| format!("{k}={v}")))
                     .chain([format!("MODVISOR_MODULE={}", req.name)])
                     .collect(),
             ),
@@ -729,7 +731,15 @@ impl ContainerBackend {
             None => {}
         }
         self.ensure_image(&spec).await?;
-        let body = self.create_body(&req, &spec, &hash);
+        // Secrets are read at each creation (a rotated file applies at the next start), checked
+        // root-only like the native backends' (values never appear in an error).
+        let secrets = match spec.environment_file.clone() {
+            Some(f) => tokio::task::spawn_blocking(move || crate::secrets::environment_file(&f))
+                .await
+                .map_err(|e| format!("reading the environment file: {e}"))??,
+            None => Vec::new(),
+        };
+        let body = self.create_body(&req, &spec, &hash, secrets);
         let opts = CreateContainerOptionsBuilder::default()
             .name(&cname)
             .build();
