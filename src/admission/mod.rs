@@ -172,7 +172,10 @@ struct Short {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Resource {
+    /// `MemAvailable`: stopping a module frees what it uses now.
     Ram,
+    /// `ram_budget`: stopping a module frees what it counts there (use or footprint).
+    RamBudget,
     Gpu(u32),
 }
 
@@ -180,14 +183,24 @@ impl Resource {
     fn label(self) -> String {
         match self {
             Resource::Ram => "RAM".into(),
+            Resource::RamBudget => "ram_budget".into(),
             Resource::Gpu(g) => format!("GPU {g}"),
         }
     }
     /// What stopping `h` frees of this resource.
     fn held_by(self, h: &Holder) -> u64 {
         match self {
-            Resource::Ram => h.ram.max(h.ram_footprint),
+            Resource::Ram => h.ram,
+            Resource::RamBudget => (h.ram + h.reserved_ram).max(h.ram_footprint),
             Resource::Gpu(g) => h.vram.get(&g).copied().unwrap_or(0),
+        }
+    }
+    /// What `h`, still starting, will take beyond its use.
+    fn reserved_by(self, h: &Holder) -> u64 {
+        match self {
+            Resource::Ram => h.reserved_ram,
+            Resource::RamBudget => 0,
+            Resource::Gpu(g) => h.reserved_vram.get(&g).copied().unwrap_or(0),
         }
     }
 }
@@ -205,7 +218,7 @@ pub fn decide(r: &Request<'_>) -> Decision {
     // Each placement: its shortfalls, then the eviction that covers them (if any).
     let mut best: Option<Plan> = None;
     for gpus in choices {
-        let mut shorts: Vec<Short> = ram.iter().cloned().collect();
+        let mut shorts: Vec<Short> = ram.clone();
         let mut free = 0;
         for &g in &gpus {
             let (short, f) = gpu_short(r, g);
@@ -253,13 +266,14 @@ pub fn decide(r: &Request<'_>) -> Decision {
     }
 }
 
-/// RAM: `MemAvailable` minus the margin and what starting modules will take, within the
-/// budget when one is set.
-fn ram_short(r: &Request<'_>, text: &mut String) -> Option<Short> {
+/// RAM: `MemAvailable` minus the margin and what starting modules will take, and within the
+/// budget when one is set: a shortfall of each, separately (they are freed differently).
+fn ram_short(r: &Request<'_>, text: &mut String) -> Vec<Short> {
     let m = r.machine;
     let need = r.need.ram;
     let reserved: u64 = r.holders.iter().map(|h| h.reserved_ram).sum();
-    let mut free = m
+    let mut shorts = Vec::new();
+    let free = m
         .mem_available
         .saturating_sub(m.ram_margin)
         .saturating_sub(reserved);
@@ -273,6 +287,16 @@ fn ram_short(r: &Request<'_>, text: &mut String) -> Option<Short> {
         format_bytes(reserved),
         format_bytes(free)
     );
+    let short = |what, free: u64| Short {
+        what,
+        missing: need.saturating_sub(free),
+        free,
+        need,
+    };
+    if need > free {
+        shorts.push(short(Resource::Ram, free));
+    }
+    let mut shown = free;
     if let Some(b) = m.ram_budget {
         let used: u64 = r
             .holders
@@ -287,15 +311,13 @@ fn ram_short(r: &Request<'_>, text: &mut String) -> Option<Short> {
             format_bytes(used),
             format_bytes(in_budget)
         );
-        free = free.min(in_budget);
+        if need > in_budget {
+            shorts.push(short(Resource::RamBudget, in_budget));
+        }
+        shown = shown.min(in_budget);
     }
-    verdict_text(text, need, free);
-    (need > free).then(|| Short {
-        what: Resource::Ram,
-        missing: need - free,
-        free,
-        need,
-    })
+    verdict_text(text, need, shown);
+    shorts
 }
 
 fn gpu_need(r: &Request<'_>, g: u32) -> u64 {
@@ -390,7 +412,7 @@ fn evict_plan(r: &Request<'_>, shorts: &[Short]) -> Result<Vec<String>, String> 
         (a.priority, a.last_used, &a.name).cmp(&(b.priority, b.last_used, &b.name))
     });
     let mut missing: Vec<(Resource, u64)> = shorts.iter().map(|s| (s.what, s.missing)).collect();
-    let mut victims = Vec::new();
+    let mut victims: Vec<&Holder> = Vec::new();
     for h in candidates {
         if missing.iter().all(|(_, m)| *m == 0) {
             break;
@@ -402,16 +424,37 @@ fn evict_plan(r: &Request<'_>, shorts: &[Short]) -> Result<Vec<String>, String> 
         for (w, m) in missing.iter_mut() {
             *m = m.saturating_sub(w.held_by(h));
         }
-        victims.push(h.name.clone());
+        victims.push(h);
     }
     match missing.iter().find(|(_, m)| *m > 0) {
-        None => Ok(victims),
+        None => Ok(prune(shorts, victims)),
         Some((w, m)) => Err(format!(
             "{} more on {} than evicting every idle module would free",
             format_bytes(*m),
             w.label()
         )),
     }
+}
+
+/// Only as many as needed: a victim taken early (least recently used) whose memory the later
+/// ones cover anyway is spared.
+fn prune(shorts: &[Short], mut victims: Vec<&Holder>) -> Vec<String> {
+    let covers = |vs: &[&Holder]| {
+        shorts
+            .iter()
+            .all(|s| vs.iter().map(|h| s.what.held_by(h)).sum::<u64>() >= s.missing)
+    };
+    let mut i = 0;
+    while i < victims.len() {
+        let mut without = victims.clone();
+        without.remove(i);
+        if covers(&without) {
+            victims = without;
+        } else {
+            i += 1;
+        }
+    }
+    victims.iter().map(|h| h.name.clone()).collect()
 }
 
 /// "needs 9.2 GiB on GPU 0, 3.1 GiB free: llama-big holds 12.0 GiB (pinned), pid 4242
@@ -422,12 +465,21 @@ fn why_not(r: &Request<'_>, shorts: &[Short], detail: &str) -> String {
         let mut holders: Vec<String> = r
             .holders
             .iter()
-            .filter(|h| s.what.held_by(h) > 0)
+            .filter(|h| s.what.held_by(h) > 0 || s.what.reserved_by(h) > 0)
             .map(|h| {
-                let held = format_bytes(s.what.held_by(h));
+                let (held, more) = (s.what.held_by(h), s.what.reserved_by(h));
+                let what = match (held, more) {
+                    (0, m) => format!("will take {}", format_bytes(m)),
+                    (h, 0) => format!("holds {}", format_bytes(h)),
+                    (h, m) => format!(
+                        "holds {} and will take {} more",
+                        format_bytes(h),
+                        format_bytes(m)
+                    ),
+                };
                 match &h.keep {
-                    Some(k) => format!("{} holds {held} ({k})", h.name),
-                    None => format!("{} holds {held}", h.name),
+                    Some(k) => format!("{} {what} ({k})", h.name),
+                    None => format!("{} {what}", h.name),
                 }
             })
             .collect();
@@ -443,6 +495,7 @@ fn why_not(r: &Request<'_>, shorts: &[Short], detail: &str) -> String {
         }
         let on = match s.what {
             Resource::Ram => "of RAM".to_string(),
+            Resource::RamBudget => "of RAM in ram_budget".to_string(),
             w => format!("on {}", w.label()),
         };
         let who = match holders.is_empty() {

@@ -330,3 +330,44 @@ fn many_modules() {
     // GPU 0 holds m0, m8, m16 ... (the least recently used): three of them free 21 GiB.
     assert_eq!(v, evict(&[0], &["m0", "m8", "m16"]));
 }
+
+#[test]
+fn memavailable_is_freed_by_use_not_by_footprint_and_no_victim_is_taken_in_vain() {
+    // "a" (least recently used) uses 1 GiB but peaked at 8: stopping it frees 1 GiB of
+    // MemAvailable. "b" uses 4 GiB: it alone covers the shortfall, and "a" is spared.
+    let mut a = holder("a", GIB, &[], 1);
+    a.ram_footprint = 8 * GIB;
+    let b = holder("b", 4 * GIB, &[], 2);
+    let m = machine(0, &[]);
+    assert_eq!(
+        verdict(
+            &m,
+            &[a.clone(), b.clone()],
+            &[],
+            &need(4 * GIB, GpuNeed::None)
+        ),
+        evict(&[], &["b"])
+    );
+    // Against a budget, "a" counts (and frees) its footprint.
+    let mut m = machine(64 * GIB, &[]);
+    m.ram_budget = Some(12 * GIB);
+    assert_eq!(
+        verdict(&m, &[a, b], &[], &need(4 * GIB, GpuNeed::None)),
+        evict(&[], &["a"])
+    );
+}
+
+#[test]
+fn a_refusal_names_what_starting_modules_will_take() {
+    let m = machine(64 * GIB, &[(0, 24 * GIB, 0)]);
+    let mut starting = holder("loading", 0, &[], 1);
+    starting.reserved_vram = BTreeMap::from([(0, 16 * GIB)]);
+    starting.keep = Some("starting".into());
+    let Verdict::Refuse(why) = verdict(&m, &[starting], &[], &need(0, on(0, 16 * GIB))) else {
+        panic!("refused")
+    };
+    assert!(
+        why.contains("loading will take 16.0 GiB (starting)"),
+        "{why}"
+    );
+}

@@ -403,6 +403,7 @@ impl Supervisor {
             fallback,
         };
         s.usage = Usage::default();
+        s.adm.new_run();
         s.run = Some(RunSlot {
             generation,
             backend,

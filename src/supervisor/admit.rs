@@ -39,6 +39,13 @@ pub(super) struct AdmissionSlot {
 }
 
 impl AdmissionSlot {
+    /// A new run: nothing of the previous one counts (its VRAM, its peaks, when it was online).
+    pub fn new_run(&mut self) {
+        self.vram_now.clear();
+        self.run_peak = Footprint::default();
+        self.online_at = None;
+    }
+
     pub fn load(state_dir: &Path) -> AdmissionSlot {
         let footprints = Footprints::load(state_dir);
         AdmissionSlot {
@@ -55,6 +62,8 @@ pub(super) struct Pending {
     generation: u64,
     model: Option<PathBuf>,
     victims: Vec<String>,
+    /// The GPUs the decision placed it on (`"any"`: the one chosen).
+    gpus: Vec<u32>,
     /// The release poll is under way.
     polling: bool,
 }
@@ -255,8 +264,8 @@ impl Supervisor {
                 }
                 self.start(n, generation, model, gpus);
             }
-            Verdict::Evict { victims, .. } if round == 0 => {
-                self.evict(n, generation, model, victims, &d);
+            Verdict::Evict { victims, gpus } if round == 0 => {
+                self.evict(n, generation, (model, gpus), victims, &d);
             }
             Verdict::Evict { victims, .. } => {
                 let why = format!(
@@ -282,7 +291,7 @@ impl Supervisor {
         &mut self,
         n: &str,
         generation: u64,
-        model: Option<PathBuf>,
+        (model, gpus): (Option<PathBuf>, Vec<u32>),
         victims: Vec<String>,
         d: &Decision,
     ) {
@@ -322,6 +331,7 @@ impl Supervisor {
                 generation,
                 model,
                 victims,
+                gpus,
                 polling: false,
             },
         );
@@ -363,18 +373,29 @@ impl Supervisor {
                 continue;
             };
             p.polling = true;
-            let (g, model) = (p.generation, p.model.clone());
-            let want = self.want(&name, model.as_deref());
+            let (g, model, gpus) = (p.generation, p.model.clone(), p.gpus.clone());
+            let want = self.want(&name, model.as_deref(), &gpus);
             let wait = self.cfg.admission.release_timeout;
             self.measure(&name, g, model, Some(want), wait);
         }
     }
 
     /// What must show as free for the start to fit (the live part of the arithmetic).
-    fn want(&self, n: &str, model: Option<&Path>) -> Want {
+    fn want(&self, n: &str, model: Option<&Path>, gpus: &[u32]) -> Want {
         let c = &self.cfg.admission;
-        let empty = Live::default();
-        let (need, _) = self.decide_admission(n, model, &empty);
+        let Some(s) = self.slots.get(n) else {
+            return Want {
+                ram: 0,
+                gpu_free: Vec::new(),
+            };
+        };
+        let mode = s.decision.mode.unwrap_or(Mode::Native);
+        let uuids: Vec<(u32, String)> = self.gpus.iter().map(|g| (g.0, g.2.clone())).collect();
+        let mut need = need(s.lc.module(), mode, s.adm.footprints.get(model), &uuids);
+        // "any": wait for the GPU the decision chose (the choice is made again once it is free).
+        if let (GpuNeed::Any(v), Some(g)) = (&need.gpu, gpus.first()) {
+            need.gpu = GpuNeed::On(BTreeMap::from([(*g, *v)]));
+        }
         let holders = self.holders(n);
         let reserved_ram: u64 = holders.iter().map(|h| h.reserved_ram).sum();
         let gpu_free = match &need.gpu {
@@ -385,7 +406,6 @@ impl Supervisor {
                     (*g, b + c.vram_margin + r)
                 })
                 .collect(),
-            // "any": the GPU is chosen again when the memory is back; wait for any one.
             GpuNeed::Any(_) | GpuNeed::None => Vec::new(),
         };
         Want {
