@@ -291,11 +291,14 @@ impl Supervisor {
         // A store reference (ollama:NAME:TAG, hf:ORG/REPO@REV:FILE) becomes its file first.
         let engine = crate::store::compat::engine_of(s.lc.module());
         let store = self.cfg.models_store();
+        // The GPUs NVML showed at the last sample (none: no NVML, or no device).
+        let has_gpu = !self.gpus.is_empty();
         let back = self.back(n);
         self.spawn_for(n, async move {
             let r = tokio::task::spawn_blocking(move || {
                 let requested = crate::store::compat::resolve_for(&store, engine, requested)?;
                 let model = crate::model::validate(m.model.as_ref(), &requested)?;
+                crate::store::compat::check_gpu(engine, &model, has_gpu)?;
                 // A root engine only loads what no other user can change.
                 ModelCheck::of(&m, mode, Some(model.clone())).run()?;
                 Ok(model)
