@@ -1,8 +1,9 @@
-//! `modvisorctl logs NAME` shows only what trusted writers logged: modvisord (root) forwarding
-//! the module's output, never a non-root user's process that sets `MODVISOR_MODULE=NAME`
-//! itself, nor a non-root user's own unit named `modvisor-NAME.service`. Real journald, a real
-//! user created here; the user's unit is a process of that user in the cgroup its user manager
-//! would give the unit, which is all journald goes by.
+//! `modvisorctl logs NAME` and the engine-error lookup of an activation show only what
+//! trusted writers logged: modvisord (root) forwarding the module's output, never a non-root
+//! user's process that sets `MODVISOR_MODULE=NAME` itself, nor a non-root user's own unit
+//! named `modvisor-NAME.service`. Real journald, a real user created here; the user's unit is
+//! a process of that user in the cgroup its user manager would give the unit, which is all
+//! journald goes by.
 
 mod common;
 
@@ -130,8 +131,8 @@ async fn logs_show_only_trusted_writers() {
     let unit = format!("modvisor-{name}.service");
     let (trusted, spoof_proc, spoof_unit) = (
         format!("trusted-line-{tag}"),
-        format!("spoof-process-{tag}"),
-        format!("spoof-user-unit-{tag}"),
+        format!("error loading model: spoof-process-{tag}"),
+        format!("error loading model: spoof-user-unit-{tag}"),
     );
     // The trusted writer: modvisord forwarding its direct child's output.
     let d = Daemon::start(&[(
@@ -180,5 +181,12 @@ async fn logs_show_only_trusted_writers() {
     assert!(
         !text.contains(&spoof_unit),
         "a user's unit is not the module: {text}"
+    );
+    // The engine-error lookup of a failed activation (the same trusted matches) does not
+    // quote what the user wrote either, though both lines look like an engine's error.
+    let line = modvisor::journal::unit_error_line(&unit).await;
+    assert!(
+        !line.as_deref().unwrap_or("").contains("spoof"),
+        "an activation's error never quotes a user's line: {line:?}"
     );
 }
