@@ -10,6 +10,13 @@ if [ "$(id -u)" != 0 ]; then
   exit 2
 fi
 t0=$(date +%s)
+# The build and the tests need about 8 GiB in the checkout's filesystem (the target directory,
+# the package, the fuzz build) and a few more for the images and caches: say so up front
+# rather than fail later with "No space left on device".
+avail_kib=$(df -Pk . | awk 'NR==2 {print $4}')
+if [ "${avail_kib:-0}" -lt $((8 * 1024 * 1024)) ]; then
+  echo "scripts/test.sh: warning: only $((avail_kib / 1024)) MiB free here; the suite needs about 8 GiB" >&2
+fi
 testbed/install.sh
 command -v cargo-nextest >/dev/null 2>&1 || cargo install cargo-nextest --locked
 trap 'testbed/sysmgr/down.sh >/dev/null 2>&1; testbed/down.sh >/dev/null 2>&1 || true' EXIT
@@ -43,4 +50,4 @@ cargo build --locked --bins
 tests/cockpit/run.sh
 # The fuzz target of the manifest parser and validator, for a bounded time.
 FUZZ_SECONDS=${FUZZ_SECONDS:-60} scripts/fuzz.sh
-echo "scripts/test.sh: all green in $(( $(date +%s) - t0 )) s"
+echo "scripts/test.sh: all green in $(( $(date +%s) - t0 )) s ($(du -sh target 2>/dev/null | cut -f1) in target/)"
