@@ -11,7 +11,7 @@
 //! (https only but to loopback, at most 5) and the token-only-to-the-endpoint rule cannot be
 //! imposed; and 1.0 brings reqwest 0.13 (a second HTTP/TLS stack beside our 0.12) and hf-xet.
 //! What would remain "where it fits" is the two small requests below. Details for operators:
-//! doc/fragments/store-security.md.
+//! the README, "Models", "Layout and guarantees".
 
 use serde::Deserialize;
 
