@@ -55,6 +55,7 @@ fn synthetic(n: usize) -> Arc<Snapshot> {
                 memory_bytes: 512 << 20,
                 memory_max_bytes: 8 << 30,
                 vram_bytes: 2 << 30,
+                vram_by_gpu: Vec::new(),
                 restarts: (i % 3) as u32,
                 active_model: "/srv/models/tiny.gguf".into(),
                 since_us: 0,

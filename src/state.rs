@@ -77,6 +77,8 @@ pub struct ModuleStatus {
     pub memory_bytes: u64,
     pub memory_max_bytes: u64,
     pub vram_bytes: u64,
+    /// VRAM per GPU index (those it uses).
+    pub vram_by_gpu: Vec<(u32, u64)>,
     pub restarts: u32,
     pub active_model: String,
     /// µs since the epoch of the last state change.

@@ -234,6 +234,7 @@ fn status(name: &str, description: String) -> ModuleStatus {
         memory_bytes: 0,
         memory_max_bytes: 0,
         vram_bytes: 0,
+        vram_by_gpu: Vec::new(),
         restarts: 0,
         active_model: String::new(),
         since_us: 1,

@@ -159,6 +159,7 @@ pub(crate) mod tests {
             memory_bytes: 1 << 20,
             memory_max_bytes: 0,
             vram_bytes: 0,
+            vram_by_gpu: Vec::new(),
             restarts: 0,
             active_model: String::new(),
             since_us: 1,

@@ -196,13 +196,19 @@ fn module_figures(enc: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
             .filter(|(_, m)| m.memory_max_bytes > 0)
             .map(|(n, m)| (n.as_str(), m.memory_max_bytes)),
     )?;
-    gauges(
-        enc,
+    let mut m = enc.encode_descriptor(
         "modvisor_module_vram",
-        "GPU memory used by the module's processes, summed over its GPUs",
-        Some(Unit::Bytes),
-        each(mods(), |m| m.vram_bytes),
+        "GPU memory used by the module's processes, per GPU it uses",
+        Some(&Unit::Bytes),
+        MetricType::Gauge,
     )?;
+    for (name, st) in mods() {
+        for (gpu, bytes) in &st.vram_by_gpu {
+            let gpu = gpu.to_string();
+            m.encode_family(&[("module", name.as_str()), ("gpu", gpu.as_str())])?
+                .encode_gauge(bytes)?;
+        }
+    }
     gauges(
         enc,
         "modvisor_module_last_start_duration",
@@ -376,6 +382,7 @@ mod tests {
             memory_bytes: 1 << 20,
             memory_max_bytes: 0,
             vram_bytes: 3 << 20,
+            vram_by_gpu: vec![(0, 3 << 20)],
             restarts: 2,
             active_model: "/srv/models/tiny.gguf".into(),
             since_us: 0,
@@ -469,7 +476,7 @@ mod tests {
             r#"modvisor_module_restarts_total{module="a"} 2"#,
             r#"modvisor_module_memory_bytes{module="a"} 1048576"#,
             r#"modvisor_module_memory_max_bytes{module="a"} 8388608"#,
-            r#"modvisor_module_vram_bytes{module="b"} 3145728"#,
+            r#"modvisor_module_vram_bytes{module="b",gpu="0"} 3145728"#,
             r#"modvisor_gpu_memory_total_bytes{gpu="0"} 17179869184"#,
             r#"modvisor_gpu_memory_used_bytes{gpu="0"} 5368709120"#,
             "modvisor_gpu_foreign_memory_bytes 1073741825",

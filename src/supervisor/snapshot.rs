@@ -83,6 +83,10 @@ fn status(sup: &Supervisor, name: &str, s: &Slot) -> ModuleStatus {
         memory_bytes: if running { s.usage.memory } else { 0 },
         memory_max_bytes: m.resources.memory_max.unwrap_or(0),
         vram_bytes: if running { s.usage.vram } else { 0 },
+        vram_by_gpu: match running {
+            true => s.adm.vram_now.iter().map(|(g, b)| (*g, *b)).collect(),
+            false => Vec::new(),
+        },
         restarts: s.lc.restarts(),
         active_model: s
             .lc
