@@ -16,6 +16,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod model;
 pub mod monitor;
+pub mod objpath;
 pub mod policy;
 pub mod privileges;
 pub mod procfs;

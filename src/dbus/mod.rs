@@ -18,22 +18,7 @@ pub const MODULE_IFACE: &str = "org.modvisor1.Module";
 /// The group whose members may change things (besides root).
 pub const ADMIN_GROUP: &str = "modvisor";
 
-/// Escapes a module name into one object path element, as systemd does for unit names:
-/// everything but `[A-Za-z0-9]` becomes `_XX` (hex).
-pub fn escape_path_element(name: &str) -> String {
-    if name.is_empty() {
-        return "_".into();
-    }
-    let mut out = String::with_capacity(name.len() * 2);
-    for (i, b) in name.bytes().enumerate() {
-        if b.is_ascii_alphanumeric() && !(i == 0 && b.is_ascii_digit()) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("_{b:02x}"));
-        }
-    }
-    out
-}
+pub use crate::objpath::escape_path_element;
 
 pub fn module_path(name: &str) -> String {
     format!("{MANAGER_PATH}/module/{}", escape_path_element(name))

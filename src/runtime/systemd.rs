@@ -39,7 +39,7 @@ pub fn unit_name(module: &str) -> String {
 pub fn unit_path(unit: &str) -> String {
     format!(
         "/org/freedesktop/systemd1/unit/{}",
-        crate::dbus::escape_path_element(unit)
+        crate::objpath::escape_path_element(unit)
     )
 }
 
