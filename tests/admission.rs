@@ -11,7 +11,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
@@ -19,19 +18,6 @@ use common::*;
 use futures_util::StreamExt;
 
 const GIB: u64 = 1 << 30;
-
-fn build_stub(dir: &Path) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nvml-stub/nvml_stub.c");
-    let out = dir.join("libnvidia-ml.so.1");
-    let st = Command::new("cc")
-        .args(["-shared", "-fPIC", "-O1", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .status()
-        .expect("a C compiler (cc) must be installed");
-    assert!(st.success(), "building the NVML stand-in failed");
-    out
-}
 
 /// A tag of this test process and a name, so that concurrent tests never see each other.
 fn tag(what: &str) -> String {
@@ -41,7 +27,7 @@ fn tag(what: &str) -> String {
 /// A daemon whose NVML shows `gpus` (total bytes each) in auto mode with `tag`.
 async fn gpu_daemon(tag: &str, gpus: &[u64], manifests: &[(&str, &str)]) -> Daemon {
     let dir = tempfile::tempdir().expect("tempdir");
-    let lib = build_stub(dir.path());
+    let lib = build_nvml_stub(dir.path(), false);
     let figures = dir.path().join("gpus");
     let mut text = format!("auto {tag}\n");
     for (i, total) in gpus.iter().enumerate() {
@@ -230,26 +216,6 @@ async fn gpus_any_picks_the_freer_gpu_and_tells_the_engine() {
 }
 
 // ------------------------------------------------------------------ RAM, real llama-servers
-
-fn llama_dir() -> PathBuf {
-    let d = PathBuf::from(
-        std::env::var("MODVISOR_TEST_LLAMA")
-            .unwrap_or_else(|_| "/var/cache/modvisor-test/llama".into()),
-    );
-    assert!(
-        d.join("bin/llama-server").exists() && d.join("tiny.gguf").exists(),
-        "llama-server and tiny.gguf must be built (make test runs engines/build-llama-server.sh) in {}",
-        d.display()
-    );
-    d
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 /// A llama-server module on `port` (or behind `[serve]` when `listen` is given).
 fn llama(port: u16, listen: Option<u16>, extra: &str) -> String {

@@ -15,27 +15,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use zbus::proxy::CacheProperties;
 use zbus_systemd::systemd1::{ManagerProxy, ServiceProxy, UnitProxy};
 
-fn llama_dir() -> PathBuf {
-    let d = PathBuf::from(
-        std::env::var("MODVISOR_TEST_LLAMA")
-            .unwrap_or_else(|_| "/var/cache/modvisor-test/llama".into()),
-    );
-    assert!(
-        d.join("bin/llama-server").exists() && d.join("tiny.gguf").exists(),
-        "llama-server and tiny.gguf must be built (engines/build-llama-server.sh) in {}",
-        d.display()
-    );
-    d
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 fn uniq(tag: &str) -> String {
     format!("ex{}-{tag}", std::process::id())
 }

@@ -36,14 +36,6 @@ print("listening", port, flush=True)
 http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
 "#;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 fn server_module(mode_file: &Path, port: u16, health: &str, extra: &str) -> String {
     format!(
         "trusted = true\n{extra}\n[native]\ncommand = [\"python3\", \"-c\", {}, \"{}\", \"{port}\"]\n[health]\nhttp = \"http://127.0.0.1:{port}/health\"\n{health}\n",
@@ -294,22 +286,6 @@ async fn ram_over_the_threshold_is_degraded_with_the_figure() {
 
 // ------------------------------------------------------------------ VRAM through NVML
 
-/// Builds the stand-in libnvidia-ml.so.1 (with or without the v3 process query).
-fn build_stub(dir: &Path, legacy: bool) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nvml-stub/nvml_stub.c");
-    let out = dir.join("libnvidia-ml.so.1");
-    let mut cc = std::process::Command::new("cc");
-    cc.args(["-shared", "-fPIC", "-O1", "-o"])
-        .arg(&out)
-        .arg(&src);
-    if legacy {
-        cc.arg("-DNO_V3");
-    }
-    let st = cc.status().expect("a C compiler (cc) must be installed");
-    assert!(st.success(), "building the NVML stand-in failed");
-    out
-}
-
 fn write_figures(f: &Path, text: &str) {
     let tmp = f.with_extension("tmp");
     std::fs::write(&tmp, text).expect("write");
@@ -333,7 +309,7 @@ where
 
 async fn vram_daemon(legacy: bool) -> (Daemon, tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let lib = build_stub(dir.path(), legacy);
+    let lib = build_nvml_stub(dir.path(), legacy);
     let figures = dir.path().join("gpus");
     write_figures(
         &figures,

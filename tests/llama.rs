@@ -5,33 +5,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn llama_dir() -> PathBuf {
-    let d = PathBuf::from(
-        std::env::var("MODVISOR_TEST_LLAMA")
-            .unwrap_or_else(|_| "/var/cache/modvisor-test/llama".into()),
-    );
-    assert!(
-        d.join("bin/llama-server").exists() && d.join("tiny.gguf").exists(),
-        "llama-server and tiny.gguf must be built (make test runs engines/build-llama-server.sh) in {}",
-        d.display()
-    );
-    d
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
 
 /// A model directory with tiny.gguf, tiny2.gguf (another valid model) and broken.gguf
 /// (truncated: GGUF magic, then nothing usable).

@@ -14,14 +14,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 /// One HTTP/1.0 GET (so the answer is never chunked), bounded: (status, body).
 async fn get(port: u16, path: &str, accept: Option<&str>) -> (u16, String) {
     let accept = accept

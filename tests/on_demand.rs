@@ -34,13 +34,6 @@ class H(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
 "#;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 struct Ports {
     listen: u16,
     upstream: u16,
@@ -242,19 +235,6 @@ async fn a_start_that_fails_closes_the_held_connections_with_the_reason() {
     let (s, _, reason) = d.wait_state("bad", "failed").await;
     assert_eq!(s, "failed");
     assert!(reason.contains("exit-code 1"), "{reason}");
-}
-
-fn llama_dir() -> std::path::PathBuf {
-    let d = std::path::PathBuf::from(
-        std::env::var("MODVISOR_TEST_LLAMA")
-            .unwrap_or_else(|_| "/var/cache/modvisor-test/llama".into()),
-    );
-    assert!(
-        d.join("bin/llama-server").exists() && d.join("tiny.gguf").exists(),
-        "llama-server and tiny.gguf must be built (make test runs engines/build-llama-server.sh) in {}",
-        d.display()
-    );
-    d
 }
 
 fn completion(a: SocketAddr) -> Result<String, String> {

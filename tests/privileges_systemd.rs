@@ -7,7 +7,7 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use common::engine_user::{EngineUser, ids};
@@ -155,19 +155,6 @@ async fn unit_runs_as_the_engine_user_sandboxed_and_secrets_stay_out_of_show() {
     assert!(!String::from_utf8_lossy(&journal.stdout).contains(&secret));
     assert!(!d.log().contains(&secret));
     drop(d);
-}
-
-fn llama_dir() -> PathBuf {
-    let d = PathBuf::from(
-        std::env::var("MODVISOR_TEST_LLAMA")
-            .unwrap_or_else(|_| "/var/cache/modvisor-test/llama".into()),
-    );
-    assert!(
-        d.join("bin/llama-server").exists() && d.join("tiny.gguf").exists(),
-        "llama-server and tiny.gguf must be built (engines/build-llama-server.sh) in {}",
-        d.display()
-    );
-    d
 }
 
 async fn post_completion(port: u16) -> String {

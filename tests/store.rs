@@ -501,14 +501,6 @@ fn llama_manifest(name: &str, store: &Path, port: u16) -> String {
     )
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 /// The registry process and its storage (removed after it).
 struct Registry(u32, #[allow(dead_code)] tempfile::TempDir);
 

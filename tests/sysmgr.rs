@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::llama_dir;
 use common::sysmgr::{Sysmgr, deb};
 
 #[test]
@@ -48,19 +49,6 @@ fn the_package_starts_with_enable_now_where_no_directory_exists_yet() {
     sm.ok(&["systemctl", "restart", "modvisord"]);
     let active = sm.run(&["systemctl", "is-active", "modvisord"]);
     assert_eq!(String::from_utf8_lossy(&active.stdout).trim(), "active");
-}
-
-fn llama_dir() -> std::path::PathBuf {
-    let d = std::path::PathBuf::from(
-        std::env::var("MODVISOR_TEST_LLAMA")
-            .unwrap_or_else(|_| "/var/cache/modvisor-test/llama".into()),
-    );
-    assert!(
-        d.join("bin/llama-server").exists() && d.join("tiny.gguf").exists(),
-        "llama-server and tiny.gguf must be built (engines/build-llama-server.sh) in {}",
-        d.display()
-    );
-    d
 }
 
 /// The shipped example manifest, with secrets: what an operator would install.

@@ -42,6 +42,17 @@ pub enum GpuNeed {
     On(BTreeMap<u32, u64>),
 }
 
+impl GpuNeed {
+    /// The VRAM it needs over all its GPUs.
+    pub fn total(&self) -> u64 {
+        match self {
+            GpuNeed::None => 0,
+            GpuNeed::Any(v) => *v,
+            GpuNeed::On(m) => m.values().sum(),
+        }
+    }
+}
+
 /// Where a footprint figure comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {

@@ -154,7 +154,18 @@ pub(super) fn need(m: &Module, mode: Mode, fp: Option<&Footprint>, gpus: &[(u32,
     Need { ram, gpu, source }
 }
 
+/// What the module of `s` needs to start on `model` (its decided mode's placement).
+fn slot_need(s: &Slot, model: Option<&Path>, gpus: &[(u32, String)]) -> Need {
+    let mode = s.decision.mode.unwrap_or(Mode::Native);
+    need(s.lc.module(), mode, s.adm.footprints.get(model), gpus)
+}
+
 impl Supervisor {
+    /// (index, uuid) of the GPUs of the last sample: `gpus = ["GPU-..."]` names them by UUID.
+    fn gpu_uuids(&self) -> Vec<(u32, String)> {
+        self.gpus.iter().map(|g| (g.0, g.2.clone())).collect()
+    }
+
     /// `Effect::Start`: admission first. A run left by an earlier modvisord is adopted as it
     /// is (it holds its memory already); with admission off every start goes ahead.
     pub(super) fn admit(&mut self, n: &str, generation: u64, model: Option<PathBuf>) {
@@ -389,9 +400,7 @@ impl Supervisor {
                 gpu_free: Vec::new(),
             };
         };
-        let mode = s.decision.mode.unwrap_or(Mode::Native);
-        let uuids: Vec<(u32, String)> = self.gpus.iter().map(|g| (g.0, g.2.clone())).collect();
-        let mut need = need(s.lc.module(), mode, s.adm.footprints.get(model), &uuids);
+        let mut need = slot_need(s, model, &self.gpu_uuids());
         // "any": wait for the GPU the decision chose (the choice is made again once it is free).
         if let (GpuNeed::Any(v), Some(g)) = (&need.gpu, gpus.first()) {
             need.gpu = GpuNeed::On(BTreeMap::from([(*g, *v)]));
@@ -428,9 +437,7 @@ impl Supervisor {
             };
             return (need, d);
         };
-        let mode = s.decision.mode.unwrap_or(Mode::Native);
-        let uuids: Vec<(u32, String)> = self.gpus.iter().map(|g| (g.0, g.2.clone())).collect();
-        let need = need(s.lc.module(), mode, s.adm.footprints.get(model), &uuids);
+        let need = slot_need(s, model, &self.gpu_uuids());
         let holders = self.holders(n);
         let foreign: Vec<Foreign> = self
             .foreign
@@ -518,18 +525,8 @@ impl Supervisor {
 
     /// The footprint `explain` and the properties show: (ram, vram, source).
     pub(super) fn footprint_shown(&self, s: &Slot) -> (u64, u64, Source) {
-        let mode = s.decision.mode.unwrap_or(Mode::Native);
-        let fp = s
-            .adm
-            .footprints
-            .get(s.lc.active_model().map(|p| p.as_path()));
-        let need = need(s.lc.module(), mode, fp, &[]);
-        let vram = match &need.gpu {
-            GpuNeed::None => 0,
-            GpuNeed::Any(v) => *v,
-            GpuNeed::On(m) => m.values().sum(),
-        };
-        (need.ram, vram, need.source)
+        let need = slot_need(s, s.lc.active_model().map(|p| p.as_path()), &[]);
+        (need.ram, need.gpu.total(), need.source)
     }
 
     /// Whether admission could evict `s` now (for the properties and `status`).
@@ -567,15 +564,10 @@ fn holder(name: &str, s: &Slot, preempt: bool) -> Holder {
     } else {
         None
     };
-    let mode = s.decision.mode.unwrap_or(Mode::Native);
-    let fp = s
-        .adm
-        .footprints
-        .get(s.lc.active_model().map(|p| p.as_path()));
     Holder {
         name: name.to_string(),
         ram: s.usage.memory,
-        ram_footprint: need(m, mode, fp, &[]).ram,
+        ram_footprint: slot_need(s, s.lc.active_model().map(|p| p.as_path()), &[]).ram,
         vram: s.adm.vram_now.clone(),
         reserved_ram,
         reserved_vram,

@@ -579,3 +579,44 @@ impl Drop for EmbeddedDaemon {
         self.stop();
     }
 }
+
+/// The llama-server and tiny GGUF models built by engines/build-llama-server.sh (make test
+/// builds them; `MODVISOR_TEST_LLAMA` overrides the cache directory). Fails when missing.
+pub fn llama_dir() -> PathBuf {
+    let d = PathBuf::from(
+        std::env::var("MODVISOR_TEST_LLAMA")
+            .unwrap_or_else(|_| "/var/cache/modvisor-test/llama".into()),
+    );
+    assert!(
+        d.join("bin/llama-server").exists() && d.join("tiny.gguf").exists(),
+        "llama-server and tiny.gguf must be built (make test runs engines/build-llama-server.sh) in {}",
+        d.display()
+    );
+    d
+}
+
+/// A TCP port free on loopback now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Builds the stand-in libnvidia-ml.so.1 of tests/nvml-stub into `dir` (`legacy`: without the
+/// v3 process query, like drivers older than R510). No GPU here: the real nvml-wrapper code
+/// path loads it.
+pub fn build_nvml_stub(dir: &Path, legacy: bool) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nvml-stub/nvml_stub.c");
+    let out = dir.join("libnvidia-ml.so.1");
+    let mut cc = Command::new("cc");
+    cc.args(["-shared", "-fPIC", "-O1", "-o"])
+        .arg(&out)
+        .arg(&src);
+    if legacy {
+        cc.arg("-DNO_V3");
+    }
+    let st = cc.status().expect("a C compiler (cc) must be installed");
+    assert!(st.success(), "building the NVML stand-in failed");
+    out
+}
