@@ -160,6 +160,13 @@ fn slot_need(s: &Slot, model: Option<&Path>, gpus: &[(u32, String)]) -> Need {
     need(s.lc.module(), mode, s.adm.footprints.get(model), gpus)
 }
 
+/// `"any"` placed: the need on the GPU the decision chose.
+fn pin_any(need: &mut Need, gpus: &[u32]) {
+    if let (GpuNeed::Any(v), Some(g)) = (&need.gpu, gpus.first()) {
+        need.gpu = GpuNeed::On(BTreeMap::from([(*g, *v)]));
+    }
+}
+
 impl Supervisor {
     /// (index, uuid) of the GPUs of the last sample: `gpus = ["GPU-..."]` names them by UUID.
     fn gpu_uuids(&self) -> Vec<(u32, String)> {
@@ -267,9 +274,7 @@ impl Supervisor {
                 }
                 // Its share while it starts, on the GPU chosen for "any".
                 let mut need = need;
-                if let (GpuNeed::Any(v), Some(g)) = (&need.gpu, gpus.first()) {
-                    need.gpu = GpuNeed::On(BTreeMap::from([(*g, *v)]));
-                }
+                pin_any(&mut need, &gpus);
                 if let Some(s) = self.slots.get_mut(n) {
                     s.adm.admitted = Some(need);
                 }
@@ -402,9 +407,7 @@ impl Supervisor {
         };
         let mut need = slot_need(s, model, &self.gpu_uuids());
         // "any": wait for the GPU the decision chose (the choice is made again once it is free).
-        if let (GpuNeed::Any(v), Some(g)) = (&need.gpu, gpus.first()) {
-            need.gpu = GpuNeed::On(BTreeMap::from([(*g, *v)]));
-        }
+        pin_any(&mut need, gpus);
         let holders = self.holders(n);
         let reserved_ram: u64 = holders.iter().map(|h| h.reserved_ram).sum();
         let gpu_free = match &need.gpu {
