@@ -15,6 +15,18 @@ if [ ${#need[@]} -gt 0 ]; then
     exit 1
   fi
 fi
+# Native engines run as modvisor-engine unless a manifest names another user: create it as the
+# package's sysusers.d file does (group modvisor for operators, the engine user in video and
+# render), when running as root and it is missing.
+if [ "$(id -u)" = 0 ] && ! id modvisor-engine >/dev/null 2>&1; then
+  echo "scripts/run.sh: creating the engine user modvisor-engine (as the package does)"
+  getent group modvisor >/dev/null || groupadd --system modvisor
+  useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin \
+    --comment "modvisor engines" modvisor-engine
+  for g in video render; do
+    if getent group "$g" >/dev/null; then usermod -aG "$g" modvisor-engine; fi
+  done
+fi
 cargo build --release --locked
 echo "modvisord starting; in another terminal: ./target/release/modvisorctl status"
 exec ./target/release/modvisord --config config/quickstart.toml "$@"
