@@ -10,7 +10,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
 
-use super::module::{Input, Lifecycle, Now, Started};
+use super::module::{Exit, Input, Lifecycle, Now, Started};
 use super::resources::Usage;
 use super::{Backends, Command, Found, Handle, ManagerSignal, OpError, Reply, ReplyId};
 use crate::config::Config;
@@ -304,12 +304,23 @@ impl Supervisor {
                 generation,
                 info,
             } => {
+                let mut line = None;
                 if let Some(s) = self.slots.get_mut(&name)
                     && s.run.as_ref().is_some_and(|r| r.generation == generation)
                 {
                     s.run = None;
+                    // The output kept in memory (direct children, containers): no I/O.
+                    line = s
+                        .sink
+                        .as_ref()
+                        .and_then(|k| crate::model::last_error_line(&k.recent()));
                 }
-                self.feed(&name, Input::Exited { generation, info });
+                let exit = Exit {
+                    generation,
+                    info,
+                    line,
+                };
+                self.feed(&name, Input::Exited(exit));
             }
             RuntimeEvent::Status {
                 name,

@@ -10,6 +10,7 @@
 //! | module.rs      | the lifecycle state machine (+ module/events.rs, activate.rs)   |
 //! | run.rs         | one run: what backend progress and probe results show           |
 //! | restart.rs     | the restart budget and the decision after an exit               |
+//! | failure.rs     | what kind of failure ended a run: configuration, resource, crash |
 //! | activation.rs  | model activation as a sub-machine                               |
 //! | reconcile.rs   | the pure diff of old and new manifests                          |
 //! | resources.rs   | RAM/VRAM thresholds                                             |
@@ -24,6 +25,7 @@ mod admit;
 mod commands;
 mod effects;
 mod explain;
+pub mod failure;
 pub mod module;
 mod reconcile;
 mod resources;
