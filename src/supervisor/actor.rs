@@ -89,6 +89,9 @@ pub(super) struct Slot {
     /// Timers and helper tasks of this module, aborted when it is removed.
     pub tasks: Vec<AbortHandle>,
     pub sink: Option<OutputSink>,
+    /// The number of the module's last output line before its current run started: what
+    /// the run said is numbered above it.
+    pub output_start: u64,
     /// The unit or container of the latest run ("" for direct children).
     pub last_unit: String,
     pub usage: Usage,
@@ -310,10 +313,10 @@ impl Supervisor {
                 {
                     s.run = None;
                     // The output kept in memory (direct children, containers): no I/O.
-                    line = s
-                        .sink
-                        .as_ref()
-                        .and_then(|k| crate::model::last_error_line(&k.recent()));
+                    let start = s.output_start;
+                    line = s.sink.as_ref().and_then(|k| {
+                        crate::model::last_error_line(&k.recent_after(start, usize::MAX).1)
+                    });
                 }
                 let exit = Exit {
                     generation,

@@ -491,6 +491,10 @@ pub struct EmbeddedDaemon {
 
 impl EmbeddedDaemon {
     pub fn start(manifests: &[(&str, &str)]) -> EmbeddedDaemon {
+        EmbeddedDaemon::start_env(manifests, &[])
+    }
+
+    pub fn start_env(manifests: &[(&str, &str)], env: &[(&str, &str)]) -> EmbeddedDaemon {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().expect("tempdir");
         // Other users (the authorization tests) must reach the bus socket.
@@ -524,6 +528,7 @@ impl EmbeddedDaemon {
             .env_remove("MODVISOR_BUS_ADDRESS")
             .env("NOTIFY_SOCKET", &notify)
             .env("MODVISOR_LOG_STDERR", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stderr(log)
             .spawn()
