@@ -141,6 +141,9 @@ pub(super) struct Supervisor {
     pub gpu: Option<Arc<crate::monitor::Gpu>>,
     pub gpu_error_logged: bool,
     pub sampling: bool,
+    /// A module just came up with no figures yet: sample again as soon as the pass in flight
+    /// (if any) is done.
+    pub sample_again: bool,
     pub machine_total: u64,
     pub gpus: Vec<crate::monitor::GpuRow>,
     pub foreign: Vec<(u32, String, u64)>,
@@ -192,6 +195,7 @@ pub fn spawn(
         gpu: gpu.ok(),
         gpu_error_logged: false,
         sampling: false,
+        sample_again: false,
         machine_total: 0,
         gpus: Vec::new(),
         foreign: Vec::new(),
@@ -345,6 +349,7 @@ impl Supervisor {
                     phase,
                 };
                 self.feed(&name, input);
+                self.sample_fresh(&name);
             }
         }
     }
@@ -380,6 +385,9 @@ impl Supervisor {
             Event::Sample(s) => {
                 self.sampling = false;
                 self.sampled(*s);
+                if std::mem::take(&mut self.sample_again) {
+                    self.memory_tick();
+                }
             }
             Event::Measured {
                 name,
@@ -425,6 +433,7 @@ impl Supervisor {
             container_id: String::new(),
         });
         self.feed(&name, Input::Started(started));
+        self.sample_fresh(&name);
     }
 
     pub fn publish(&self) {

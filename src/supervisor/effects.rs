@@ -54,6 +54,9 @@ impl Supervisor {
                 reason,
             } => {
                 self.count_start(n, state, health);
+                if state == crate::state::State::Running {
+                    self.sample_fresh(n);
+                }
                 tracing::info!(
                     modvisor_module = n,
                     message_id = MSG_STATE_CHANGED,
