@@ -23,6 +23,7 @@ impl Lifecycle {
 
     pub(super) fn on_started(&mut self, s: Started, now: Now, fx: &mut Fx) {
         let has_probe = self.module.health.probe.is_some();
+        let (health, restarts) = (self.module.health.clone(), self.restarts);
         let start_limit = self.module.health.start_limit;
         let shutting_down = self.shutting_down;
         let Some(run) = self.run_mut(s.generation) else {
@@ -55,8 +56,13 @@ impl Lifecycle {
             );
             return;
         }
-        let shown = run.started_shown(has_probe);
-        self.shown = shown;
+        // A unit or container whose backend reported it before answering the start (an adopted
+        // container is running at once) shows what was reported, not "starting" again.
+        let reported = match run.last_phase.clone() {
+            Some(p) if run.survives => run.progress_shown(&p, restarts, &health),
+            _ => None,
+        };
+        self.shown = reported.unwrap_or_else(|| run.started_shown(has_probe));
         self.arm_idle(now, fx);
         if has_probe {
             fx.push(Effect::StartProbe { generation: g });
@@ -120,6 +126,7 @@ impl Lifecycle {
             return;
         }
         run.main_pid = main_pid;
+        run.last_phase = Some(phase.clone());
         if let Some(r) = restarts {
             self.restarts = r;
         }

@@ -1275,3 +1275,30 @@ fn a_late_configuration_line_cancels_the_pending_restart() {
     t.advance(Duration::from_secs(2));
     assert_eq!(t.feed(Input::Timer(Timer::RestartDue(2)))[0], start(3));
 }
+
+/// An adopted container reports "running" before its backend answers the start: the answer
+/// does not turn it back into "starting".
+#[test]
+fn a_run_reported_running_before_the_start_was_answered_stays_running() {
+    let mut t = T::new("");
+    t.feed(Input::Boot);
+    t.feed(Input::Progress {
+        generation: 1,
+        main_pid: 77,
+        restarts: None,
+        phase: RunPhase::Running,
+    });
+    // A container's start answers without a PID (it is reported as progress).
+    let Input::Started(mut s) = started_as(1, true) else {
+        unreachable!()
+    };
+    s.main_pid = 0;
+    t.feed(Input::Started(s));
+    assert_eq!(t.lc.state(), Running, "{:?}", t.lc.effective());
+    assert_eq!(t.lc.main_pid(), 77);
+    // Without an early report it starts as before.
+    let mut t = T::new("");
+    t.feed(Input::Boot);
+    t.feed(started_as(1, true));
+    assert_eq!(t.lc.state(), Starting);
+}
