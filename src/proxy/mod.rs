@@ -45,7 +45,7 @@ pub fn listen(
     report: Report,
     hold_limit: Duration,
 ) -> Result<Vec<AbortHandle>, String> {
-    let open = Arc::new(AtomicU32::new(0));
+    let open = Arc::new(Counter::default());
     let pending = Arc::new(Semaphore::new(spec.max_pending as usize));
     let mut tasks = Vec::new();
     for addr in &spec.listen {
@@ -73,7 +73,7 @@ struct Conn {
     upstream: SocketAddr,
     gate: watch::Receiver<Gate>,
     report: Report,
-    open: Arc<AtomicU32>,
+    open: Arc<Counter>,
     pending: Arc<Semaphore>,
     hold_limit: Duration,
 }
@@ -90,31 +90,47 @@ async fn accept_loop(l: TcpListener, ctx: Conn) {
             }
         };
         let _ = sock.set_nodelay(true);
-        if ctx.open.fetch_add(1, Ordering::SeqCst) == 0 {
+        if ctx.open.n.fetch_add(1, Ordering::SeqCst) == 0 {
+            ctx.open.reported.store(1, Ordering::SeqCst);
             (ctx.report)(ProxyEvent::Connections(1));
+        } else {
+            ctx.open.changed.notify_one();
         }
         let c = ctx.clone();
         tokio::spawn(async move {
             c.serve(sock, peer).await;
-            if c.open.fetch_sub(1, Ordering::SeqCst) == 1 {
+            if c.open.n.fetch_sub(1, Ordering::SeqCst) == 1 {
+                c.open.reported.store(0, Ordering::SeqCst);
                 (c.report)(ProxyEvent::Connections(0));
+            } else {
+                c.open.changed.notify_one();
             }
         });
     }
 }
 
-/// Reports the count when it changed while connections stay open (at most once a second).
-async fn count_reporter(open: Arc<AtomicU32>, report: Report) {
-    let mut last = 0;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// The open connections of a module's listen addresses.
+#[derive(Default)]
+struct Counter {
+    n: AtomicU32,
+    /// What the supervisor was told last.
+    reported: AtomicU32,
+    changed: tokio::sync::Notify,
+}
+
+/// Reports the count when it changed while connections stay open, at most once a second
+/// (0 <-> n is reported at once by the connections themselves: the idle clock depends on it).
+/// Sleeps while nothing changes: no wake-ups of an idle daemon.
+async fn count_reporter(open: Arc<Counter>, report: Report) {
     loop {
-        tick.tick().await;
-        let now = open.load(Ordering::SeqCst);
-        if now != last && now > 0 && last > 0 {
+        open.changed.notified().await;
+        let now = open.n.load(Ordering::SeqCst);
+        let told = open.reported.load(Ordering::SeqCst);
+        if now > 0 && told > 0 && now != told {
+            open.reported.store(now, Ordering::SeqCst);
             report(ProxyEvent::Connections(now));
         }
-        last = now;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
@@ -130,7 +146,7 @@ impl Conn {
                 return;
             }
         };
-        let _ = tokio::io::copy_bidirectional(&mut sock, &mut up).await;
+        forward(&mut sock, &mut up).await;
     }
 
     /// Holds until the gate opens; false when it closes, the hold is too long, or too many wait.
@@ -159,6 +175,20 @@ impl Conn {
             Ok(Ok(g)) => *g == Gate::Open,
             _ => false,
         }
+    }
+}
+
+/// Moves bytes both ways until both sides are done: splice(2) through a pipe per direction
+/// (the bytes never enter modvisord's memory; `tokio-splice`), or, when no pipe can be made
+/// (out of file descriptors), copies through 64 KiB buffers.
+async fn forward(a: &mut TcpStream, b: &mut TcpStream) {
+    match tokio_splice::zero_copy_bidirectional(a, b).await {
+        Err(e)
+            if e.raw_os_error() == Some(libc::EMFILE) || e.raw_os_error() == Some(libc::ENFILE) =>
+        {
+            let _ = tokio::io::copy_bidirectional_with_sizes(a, b, 64 << 10, 64 << 10).await;
+        }
+        _ => {}
     }
 }
 
