@@ -11,7 +11,8 @@ use common::*;
 
 /// A small HTTP server whose behaviour the test switches through a file: ok (200), error
 /// (500), hang (never answers), loading (503 and 4 MiB more memory per request: progress),
-/// stalled (503, memory unchanged: no progress), die (exit 3).
+/// stalled (503, memory unchanged: no progress), chatty (503, memory unchanged, a line of
+/// output per request: progress), die (exit 3).
 const SERVER: &str = r#"
 import http.server, os, sys, time
 mode_file, port = sys.argv[1], int(sys.argv[2])
@@ -25,7 +26,9 @@ class H(http.server.BaseHTTPRequestHandler):
             os._exit(3)
         if mode == "loading":
             hog.append(bytearray(4 << 20))
-        code = {"ok": 200, "error": 500, "loading": 503, "stalled": 503}.get(mode, 500)
+        if mode == "chatty":
+            print("loading tensors", flush=True)
+        code = {"ok": 200, "error": 500, "loading": 503, "stalled": 503, "chatty": 503}.get(mode, 500)
         self.send_response(code)
         self.send_header("Content-Length", "2")
         self.end_headers()
@@ -179,6 +182,35 @@ async fn start_timeout_ends_a_start_phase_that_makes_no_progress() {
         ),
         "{r}"
     );
+}
+
+/// A loader that only writes output (same memory, same probe answer) makes progress: it is
+/// not cut off at start_timeout; once it falls silent, start_timeout ends it.
+#[tokio::test]
+async fn a_loader_that_keeps_writing_output_is_not_cut_off_at_start_timeout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mode = dir.path().join("mode");
+    set_mode(&mode, "chatty");
+    let port = free_port();
+    let m = server_module(
+        &mode,
+        port,
+        "interval = \"200ms\"\nstart_timeout = \"1500ms\"\n",
+        "[restart]\npolicy = \"no\"\n",
+    );
+    let d = Daemon::start(&[("chatty", &m)]).await;
+    let (_, _, r) = d
+        .wait_module("chatty", T, |_, _, r| r.contains("lines of output"))
+        .await;
+    assert!(r.contains("loading: ") && r.contains("wrote"), "{r}");
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let p = d.module("chatty").await;
+    assert_eq!(p.state().await.expect("State"), "starting", "still loading");
+    set_mode(&mode, "stalled");
+    let t0 = Instant::now();
+    let (_, _, r) = d.wait_state("chatty", "failed").await;
+    assert!(t0.elapsed() >= Duration::from_millis(1400), "{r}");
+    assert!(r.contains("and no progress meanwhile"), "{r}");
 }
 
 #[tokio::test]

@@ -92,6 +92,8 @@ pub(super) struct Slot {
     /// The number of the module's last output line before its current run started: what
     /// the run said is numbered above it.
     pub output_start: u64,
+    /// The number of its last output line the latest sample saw (output is start progress).
+    pub output_seen: u64,
     /// The unit or container of the latest run ("" for direct children).
     pub last_unit: String,
     pub usage: Usage,

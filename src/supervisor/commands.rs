@@ -249,6 +249,7 @@ impl Supervisor {
             tasks: Vec::new(),
             sink: None,
             output_start: 0,
+            output_seen: 0,
             last_unit: String::new(),
             usage: Default::default(),
             found,

@@ -101,6 +101,12 @@ impl Supervisor {
                     slot.usage = now;
                     slot.adm.vram_now.clone_from(&m.vram_by_gpu);
                 }
+                if let Some(lines) = output_progress(slot) {
+                    progress = Some(match progress.take() {
+                        Some(p) => format!("{p}, {lines}"),
+                        None => lines,
+                    });
+                }
                 let r = &slot.lc.module().resources;
                 resources::warning(r, &slot.usage, self.machine_total, ram_pct, vram_pct)
             };
@@ -112,4 +118,13 @@ impl Supervisor {
             }
         }
     }
+}
+
+/// Output written since the last sample is progress too (direct children and containers:
+/// modvisord reads their output; a unit's goes to the journal, which is not watched).
+fn output_progress(slot: &mut super::actor::Slot) -> Option<String> {
+    let seq = slot.sink.as_ref().map_or(0, |k| k.seq());
+    let wrote = seq.saturating_sub(slot.output_seen.max(slot.output_start));
+    slot.output_seen = seq;
+    (wrote > 0).then(|| format!("wrote {wrote} lines of output"))
 }
