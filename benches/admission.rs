@@ -11,14 +11,16 @@
 use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use modvisor::admission::{
     Foreign, GpuFree, GpuNeed, Holder, Machine, Need, Request, Source, Verdict, decide,
 };
-use modvisor::dbus::client::{ManagerProxy, ModuleProxy};
+use modvisor::dbus::client::ModuleProxy;
+
+mod common;
+use common::{WAIT, manager, median, start_daemon, wait_state};
 use zbus::proxy::CacheProperties;
 
 const GIB: u64 = 1 << 30;
@@ -187,98 +189,6 @@ fn decision_time() {
 
 // ------------------------------------------------------------------ eviction to start
 
-/// A private dbus-daemon configured like a system bus with the shipped policy (as
-/// tests/common does); killed when dropped.
-struct Bus {
-    child: Child,
-    address: String,
-}
-
-impl Bus {
-    fn start(dir: &Path) -> Bus {
-        let sock = dir.join("bus");
-        let policy =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/dbus/org.modvisor1.conf");
-        let conf = format!(
-            r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <auth>EXTERNAL</auth>
-  <listen>unix:path={sock}</listen>
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
-  </policy>
-  <include>{policy}</include>
-</busconfig>
-"#,
-            sock = sock.display(),
-            policy = policy.display()
-        );
-        let conf_path = dir.join("bus.conf");
-        std::fs::write(&conf_path, conf).expect("write bus config");
-        let mut child = Command::new("dbus-daemon")
-            .arg(format!("--config-file={}", conf_path.display()))
-            .args(["--nofork", "--nopidfile", "--print-address=1"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("dbus-daemon must be installed");
-        use std::io::BufRead;
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("read dbus-daemon address");
-        assert!(!line.trim().is_empty(), "dbus-daemon did not start");
-        Bus {
-            child,
-            address: format!("unix:path={}", sock.display()),
-        }
-    }
-}
-
-impl Drop for Bus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// modvisord; SIGTERM and a bounded wait when dropped.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-const WAIT: Duration = Duration::from_secs(30);
-
 fn build_stub(dir: &Path) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nvml-stub/nvml_stub.c");
     let out = dir.join("libnvidia-ml.so.1");
@@ -317,22 +227,6 @@ fn find(log: &str, what: &str) -> Option<f64> {
     log.lines().find(|l| l.contains(what)).and_then(stamp)
 }
 
-/// Waits until `name` is in `state` (checked at once and after every ModuleChanged).
-async fn wait_state(m: &ManagerProxy<'_>, name: &str, state: &str) {
-    let mut changes = m.receive_module_changed().await.expect("subscribe");
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let rows = m.list_modules().await.expect("ListModules");
-        if rows.iter().any(|r| r.0 == name && r.2 == state) {
-            return;
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if tokio::time::timeout(left, changes.next()).await.is_err() {
-            panic!("{name} not {state} within {WAIT:?}");
-        }
-    }
-}
-
 /// Waits until the running `name` has been sampled with its 16 GiB, its footprint is learned
 /// (`learn_after`), and it may be evicted.
 async fn wait_evictable(p: &ModuleProxy<'_>, name: &str) {
@@ -346,11 +240,6 @@ async fn wait_evictable(p: &ModuleProxy<'_>, name: &str) {
         assert!(Instant::now() < deadline, "{name} not evictable in time");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 const RUNS: usize = 10;
@@ -373,62 +262,18 @@ async fn eviction_to_start() {
     std::fs::create_dir_all(&modules).expect("mkdir");
     std::fs::write(modules.join("first.toml"), engine(&tag, true)).expect("manifest");
     std::fs::write(modules.join("second.toml"), engine(&tag, false)).expect("manifest");
-    let config = d.join("modvisor.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[paths]\nmodules = [\"{}\"]\nstate = \"{}\"\nruntime = \"{}\"\n[runtime]\ndefault_mode = \"native\"\nnative_backend = \"direct\"\n[monitor]\ninterval = \"1s\"\nnvml_library = \"{}\"\n[admission]\nlearn_after = \"1s\"\nrelease_timeout = \"10s\"\n",
-            modules.display(),
-            d.join("state").display(),
-            d.join("run").display(),
-            lib.display()
-        ),
-    )
-    .expect("config");
-
-    let bus = Bus::start(d);
-    let conn = zbus::connection::Builder::address(bus.address.as_str())
-        .build()
-        .await
-        .expect("connect to the bus");
-    let dbus = zbus::fdo::DBusProxy::new(&conn).await.expect("dbus proxy");
-    let mut owners = dbus.receive_name_owner_changed().await.expect("subscribe");
-    let log_path = d.join("modvisord.log");
-    let log = std::fs::File::create(&log_path).expect("log");
-    let _daemon = Daemon(
-        Command::new(env!("CARGO_BIN_EXE_modvisord"))
-            .arg("--config")
-            .arg(&config)
-            .arg("--bus-address")
-            .arg(&bus.address)
-            .env("MODVISOR_LOG_STDERR", "1")
-            .env("MODVISOR_LOG", "info")
-            .env("NVML_STUB_FILE", &figures)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn modvisord"),
+    let config_text = format!(
+        "[paths]\nmodules = [\"{}\"]\nstate = \"{}\"\nruntime = \"{}\"\n[runtime]\ndefault_mode = \"native\"\nnative_backend = \"direct\"\n[monitor]\ninterval = \"1s\"\nnvml_library = \"{}\"\n[admission]\nlearn_after = \"1s\"\nrelease_timeout = \"10s\"\n",
+        modules.display(),
+        d.join("state").display(),
+        d.join("run").display(),
+        lib.display()
     );
-    tokio::time::timeout(WAIT, async {
-        while let Some(sig) = owners.next().await {
-            if let Ok(a) = sig.args()
-                && a.name().as_str() == "org.modvisor1"
-                && a.new_owner().is_some()
-            {
-                return;
-            }
-        }
-    })
-    .await
-    .expect("modvisord took org.modvisor1 in time");
-    let m = ManagerProxy::builder(&conn)
-        .cache_properties(CacheProperties::No)
-        .build()
-        .await
-        .expect("manager proxy");
+    let r = start_daemon(d, &config_text, &[("NVML_STUB_FILE", figures.as_os_str())]).await;
+    let (conn, log_path) = (&r.conn, r.log.clone());
+    let m = manager(conn).await;
     let module = |name: &'static str| {
-        ModuleProxy::builder(&conn)
+        ModuleProxy::builder(conn)
             .path(modvisor::dbus::module_path(name))
             .cache_properties(CacheProperties::No)
             .build()
