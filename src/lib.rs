@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod dbus;
 pub mod export;
+pub mod fdstore;
 pub mod health;
 pub mod host;
 pub mod journal;

@@ -8,6 +8,10 @@ fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some("--fetch") {
         return modvisor::store::fetcher::main();
     }
+    // The listening sockets systemd kept for us across a restart, taken before any thread
+    // runs (the LISTEN_* variables are removed, so engines do not inherit them).
+    // SAFETY: no other thread exists yet.
+    let kept = unsafe { modvisor::fdstore::take_inherited() };
     let args = Args::parse();
     let sink = modvisor::logging::init();
     let explicit = args.config.as_os_str() != modvisor::config::DEFAULT_CONFIG;
@@ -24,6 +28,9 @@ fn main() -> ExitCode {
         }
     };
     tracing::debug!("logging to {sink}");
+    if kept > 0 {
+        tracing::info!("{kept} listening sockets kept across the restart by systemd");
+    }
     match rt.block_on(modvisor::daemon::run(opts)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -49,8 +49,9 @@ pub fn listen(
     let pending = Arc::new(Semaphore::new(spec.max_pending as usize));
     let mut tasks = Vec::new();
     for addr in &spec.listen {
-        let std = std::net::TcpListener::bind(addr)
-            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        // The socket bound once for the address (kept across modvisord restarts by systemd).
+        let std =
+            crate::fdstore::listener(*addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
         std.set_nonblocking(true)
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
         let l = TcpListener::from_std(std).map_err(|e| format!("cannot listen on {addr}: {e}"))?;

@@ -257,6 +257,7 @@ impl Supervisor {
             start_at: None,
             gate: watch::channel(crate::proxy::Gate::Wait).0,
             listener: Vec::new(),
+            listening: Vec::new(),
             adm: super::admit::AdmissionSlot::load(&self.state_dir(&name)),
         };
         slot.decision = self.decide(&slot);
@@ -276,6 +277,15 @@ impl Supervisor {
         for t in s.listener.drain(..) {
             t.abort();
         }
+        let now: Vec<std::net::SocketAddr> =
+            s.lc.module()
+                .serve
+                .as_ref()
+                .map_or_else(Vec::new, |v| v.listen.clone());
+        for gone in s.listening.iter().filter(|a| !now.contains(a)) {
+            crate::fdstore::release(gone);
+        }
+        s.listening = now;
         let Some(spec) = s.lc.module().serve.clone() else {
             return;
         };
@@ -296,6 +306,12 @@ impl Supervisor {
 
     /// Runs of ours that no manifest (valid or broken) claims any more are stopped, once.
     fn stop_unclaimed(&mut self, broken: &std::collections::BTreeSet<String>) {
+        let claimed = self
+            .slots
+            .values()
+            .flat_map(|s| s.listening.iter().copied())
+            .collect();
+        crate::fdstore::release_unclaimed(&claimed);
         let existing = std::mem::take(&mut self.existing);
         for (name, found) in existing {
             if self.slots.contains_key(&name) || broken.contains(&name) {

@@ -81,6 +81,9 @@ impl Supervisor {
             Effect::Removed => {
                 if let Some(mut s) = self.slots.remove(n) {
                     s.abort_all();
+                    for a in &s.listening {
+                        crate::fdstore::release(a);
+                    }
                     tracing::info!(modvisor_module = n, "{n} stopped and removed");
                 }
             }
