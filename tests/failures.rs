@@ -129,3 +129,29 @@ async fn a_crash_loop_backs_off() {
     }
     assert!(gaps[3] > gaps[0] * 3, "gaps {gaps:?}");
 }
+
+/// systemd restarts a unit itself (Restart=); when the engine's line says its port is taken,
+/// modvisord stops the unit instead of letting systemd retry, and the module is `failed`.
+/// (The engine lingers a moment after its line, so that journald attributes it to the unit.)
+#[tokio::test]
+async fn systemd_a_taken_port_stops_systemd_s_restarts() {
+    let name = format!("port{}", std::process::id());
+    let unit = format!("modvisor-{name}.service");
+    let _u = Units(vec![unit.clone()]);
+    let script = "echo 'error: couldn'\\''t bind HTTP server socket: Address already in use' >&2; sleep 0.3; exit 1";
+    let restart = "[restart]\npolicy = \"always\"\ndelay = \"200ms\"\nmax = 20\nwindow = \"1m\"\n";
+    let d = Daemon::start_with(&[(&name, &sh_module(script, restart))], systemd()).await;
+    let (_, _, r) = d.wait_module(&name, T, |s, _, _| s == "failed").await;
+    assert!(
+        r.contains("Address already in use") && r.contains("a configuration error, not restarted"),
+        "{r}"
+    );
+    let p = d.module(&name).await;
+    let restarts = p.restarts().await.expect("Restarts");
+    assert!(
+        restarts < 5,
+        "stopped early, not after 20 restarts: {restarts}"
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(p.state().await.expect("State"), "failed", "stays failed");
+}

@@ -242,6 +242,9 @@ pub struct Lifecycle {
     /// A start that never came online ended: the engine's last error line is looked up for
     /// the reason shown (the generation it belongs to).
     line_for: Option<(u64, String)>,
+    /// The run is being stopped because restarting it cannot help (systemd was restarting a
+    /// configuration error): the reason shown once it has stopped, as `failed`.
+    refused: Option<String>,
 }
 
 /// Why modvisor itself stopped a module that will start again on demand.
@@ -312,6 +315,7 @@ impl Lifecycle {
             idle_stop_at: None,
             quiet: None,
             line_for: None,
+            refused: None,
         }
     }
 

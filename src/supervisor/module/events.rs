@@ -6,6 +6,7 @@ impl Lifecycle {
     /// A new run: the actor decides the mode, renders and starts it, then answers Started or
     /// StartFailed.
     pub(super) fn start(&mut self, _now: Now, fx: &mut Fx) {
+        self.refused = None;
         self.generation += 1;
         let g = self.generation;
         self.phase = Phase::Up(Run::new(g, &self.module.health));
@@ -130,13 +131,16 @@ impl Lifecycle {
         if let Some(r) = restarts {
             self.restarts = r;
         }
-        if let RunPhase::Restarting(info) = &phase
-            && activating
-        {
-            // systemd restarts the engine on the model being activated: that is a failure.
+        if let RunPhase::Restarting(info) = &phase {
             let why = format!("pid {} exited: {info}", run.main_pid);
-            self.activation_failed(generation, &why, now, fx);
-            return;
+            if activating {
+                // systemd restarts the engine on the model being activated: a failure.
+                self.activation_failed(generation, &why, now, fx);
+                return;
+            }
+            // systemd restarts it: the engine's line may show that this cannot help.
+            self.line_for = Some((generation, why));
+            fx.push(Effect::LookupEngineLine);
         }
         if let Some(shown) = run.progress_shown(&phase, self.restarts, &self.module.health) {
             self.shown = shown;
@@ -242,6 +246,9 @@ impl Lifecycle {
             return;
         };
         let Some(l) = line else { return };
+        if self.restarting_unit(g) {
+            return self.unit_restart_line(g, &what, &l, fx);
+        }
         let waiting = matches!(self.phase, Phase::RestartWait { token } if token == g + 1);
         let same = waiting || matches!(self.phase, Phase::Down if self.generation == g);
         if !same
@@ -276,6 +283,32 @@ impl Lifecycle {
         });
     }
 
+    /// The run `g` is a unit systemd restarts itself, not being stopped.
+    fn restarting_unit(&self, g: u64) -> bool {
+        matches!(&self.phase, Phase::Up(r) if r.generation == g && r.restarts_itself && r.stopping.is_none())
+    }
+
+    /// systemd restarts the unit; its engine's line names a configuration error: the unit is
+    /// stopped (no more restarts) and the module ends `failed` with the reason. Otherwise the
+    /// line goes into the reason.
+    fn unit_restart_line(&mut self, g: u64, what: &str, l: &str, fx: &mut Fx) {
+        let class = failure::classify(&ExitInfo::Other(String::new()), Some(l));
+        let l = failure::short_line(l);
+        let failure::Class::Config(hint) = class else {
+            self.shown.2 =
+                crate::bounded::cap_for_dbus(&format!("{}; the engine said: {l}", self.shown.2));
+            return;
+        };
+        if let Phase::Up(run) = &mut self.phase {
+            run.stopping = Some(Stopping::Asked(Then::Nothing));
+        }
+        let why = format!("{what}: {l}; a configuration error, not restarted: {hint}");
+        self.refused = Some(crate::bounded::cap_for_dbus(&why));
+        fx.push(Effect::StopProbe);
+        fx.push(Effect::Stop { generation: g });
+        self.set(State::Stopping, Health::Offline, format!("stopping: {why}"));
+    }
+
     /// The run ended because it was asked to.
     fn stopped(&mut self, then: Then, info: &ExitInfo, now: Now, fx: &mut Fx) {
         for w in self.stop_waiters.drain(..) {
@@ -291,7 +324,10 @@ impl Lifecycle {
                 );
                 self.start(now, fx);
             }
-            Then::Nothing => self.stopped_for_good(),
+            Then::Nothing => match self.refused.take() {
+                Some(why) => self.set(State::Failed, Health::Offline, why),
+                None => self.stopped_for_good(),
+            },
         }
     }
 

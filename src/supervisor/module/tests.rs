@@ -499,11 +499,14 @@ fn systemd_restarts_and_start_limit() {
                 restarts: Some(0),
                 phase: RunPhase::Restarting(ExitInfo::Code(1)),
             },
-            vec![changed(
-                Starting,
-                Health::Offline,
-                "exit-code 1; systemd restarts modvisor-m.service (restart 1)",
-            )],
+            vec![
+                Effect::LookupEngineLine,
+                changed(
+                    Starting,
+                    Health::Offline,
+                    "exit-code 1; systemd restarts modvisor-m.service (restart 1)",
+                ),
+            ],
             Starting,
         ),
         (
@@ -1301,4 +1304,56 @@ fn a_run_reported_running_before_the_start_was_answered_stays_running() {
     t.feed(Input::Boot);
     t.feed(started_as(1, true));
     assert_eq!(t.lc.state(), Starting);
+}
+
+/// systemd restarts a unit whose engine says its port is taken: that cannot help, so the
+/// unit is stopped and the module ends `failed` with the line; a crash line only adds to the
+/// reason and systemd goes on.
+#[test]
+fn a_unit_systemd_restarts_on_a_configuration_error_is_stopped() {
+    let restarting = Input::Progress {
+        generation: 1,
+        main_pid: 42,
+        restarts: Some(0),
+        phase: RunPhase::Restarting(ExitInfo::Code(1)),
+    };
+    let mut t = T::new("");
+    t.feed(Input::Boot);
+    t.feed(started_as(1, true));
+    assert!(
+        t.feed(restarting.clone())
+            .contains(&Effect::LookupEngineLine)
+    );
+    let fx = t.feed(Input::EngineLine(Some(
+        "error: couldn't bind HTTP server socket: Address already in use".into(),
+    )));
+    assert!(fx.contains(&Effect::Stop { generation: 1 }), "{fx:?}");
+    assert_eq!(t.lc.state(), Stopping);
+    t.feed(exited(1, 1));
+    assert_eq!(t.lc.state(), Failed);
+    assert_eq!(
+        t.lc.effective().1,
+        "pid 42 exited: exit-code 1: error: couldn't bind HTTP server socket: Address already in use; a configuration error, not restarted: another process listens on the engine's port"
+    );
+    // A start clears it: the next stop is a plain stop.
+    t.feed(Input::Start(1));
+    t.feed(started_as(2, true));
+    t.feed(Input::Stop(2));
+    t.feed(exited(2, 0));
+    assert_eq!(t.lc.state(), Inactive);
+
+    let mut t = T::new("");
+    t.feed(Input::Boot);
+    t.feed(started_as(1, true));
+    t.feed(restarting);
+    let fx = t.feed(Input::EngineLine(Some("error: boom".into())));
+    assert!(
+        !fx.iter().any(|e| matches!(e, Effect::Stop { .. })),
+        "{fx:?}"
+    );
+    assert!(
+        t.lc.effective()
+            .1
+            .ends_with("; the engine said: error: boom")
+    );
 }
