@@ -49,8 +49,8 @@ fn proxy(upstream: SocketAddr) -> SocketAddr {
         .and_then(|l| l.local_addr())
         .expect("a free port");
     let spec = modvisor::manifest::ServeSpec {
-        listen: vec![listen],
-        upstream,
+        listen: vec![modvisor::manifest::ServeAddr::Tcp(listen)],
+        upstream: modvisor::manifest::ServeAddr::Tcp(upstream),
         on_demand: false,
         idle_stop: None,
         max_pending: 64,

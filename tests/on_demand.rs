@@ -712,3 +712,82 @@ async fn a_listen_address_of_another_module_is_a_manifest_error_at_its_line() {
         .expect("the earlier module serves the address");
     assert!(body.ends_with("hello"), "{body}");
 }
+
+/// An engine that serves HTTP on the Unix socket argv[1] ("hello").
+const UNIX_ENGINE: &str = r#"
+import http.server, os, socketserver, sys
+path = sys.argv[1]
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"hello")
+    def log_message(self, *a):
+        pass
+class S(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    pass
+try:
+    os.unlink(path)
+except FileNotFoundError:
+    pass
+S(path, H).serve_forever()
+"#;
+
+/// `listen` and `upstream` may be Unix sockets: a client of the module's socket (and of its TCP
+/// address, the same module) starts the engine, which serves on its own socket; the module's
+/// socket is removed with the module.
+#[tokio::test]
+async fn unix_sockets_as_listen_and_upstream() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (sock, engine) = (dir.path().join("chat.sock"), dir.path().join("engine.sock"));
+    let tcp = free_port();
+    let m = format!(
+        "trusted = true\n[native]\ncommand = [\"python3\", \"-c\", {}, \"${{upstream}}\"]\n[serve]\nlisten = [\"unix:{}\", \"127.0.0.1:{tcp}\"]\nupstream = \"unix:{}\"\non_demand = true\n",
+        toml_str(UNIX_ENGINE),
+        sock.display(),
+        engine.display()
+    );
+    let d = Daemon::start(&[("ux", &m)]).await;
+    let (_, _, r) = d.wait_module("ux", T, |_, h, _| h == "standby").await;
+    assert!(r.contains(&format!("unix:{}", sock.display())), "{r}");
+    let meta = std::fs::symlink_metadata(&sock).expect("the module's socket");
+    assert!(meta.file_type().is_socket());
+    assert_eq!(
+        meta.permissions().mode() & 0o777,
+        0o666,
+        "as open as loopback TCP"
+    );
+    let s2 = sock.clone();
+    let body = tokio::task::spawn_blocking(move || {
+        let mut s = std::os::unix::net::UnixStream::connect(&s2).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(15)))
+            .map_err(|e| e.to_string())?;
+        write!(s, "GET / HTTP/1.0\r\n\r\n").map_err(|e| e.to_string())?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+        Ok::<_, String>(out)
+    })
+    .await
+    .expect("join")
+    .expect("served through the Unix socket");
+    assert!(
+        body.starts_with("HTTP/1.0 200") && body.ends_with("hello"),
+        "{body}"
+    );
+    assert!(
+        d.log().contains("on demand: connection from uid 0 (pid "),
+        "the peer's credentials name who started it:\n{}",
+        d.log()
+    );
+    let a = addr(tcp);
+    let body = tokio::task::spawn_blocking(move || get(a, "/", Duration::from_secs(15)))
+        .await
+        .expect("join")
+        .expect("served through the TCP address too");
+    assert!(body.ends_with("hello"), "{body}");
+    std::fs::remove_file(d.modules.join("ux.toml")).expect("rm");
+    d.wait_module("ux", T, |s, _, _| s == "(absent)").await;
+    assert!(!sock.exists(), "the module's socket goes with the module");
+}

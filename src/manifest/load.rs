@@ -10,12 +10,11 @@
 //! order), at the line and column of the value; the earlier module keeps it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use super::serve::{Claim, claims};
 use super::trust::{Opened, open_manifest};
-use super::{Containment, ManifestError, Module, parse_manifest_with};
+use super::{Containment, ManifestError, Module, ServeAddr, parse_manifest_with};
 
 /// The winning file for a manifest stem.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,7 +161,7 @@ pub fn load_dirs_with(dirs: &[PathBuf], check_trust: bool, rules: &Containment) 
 
 /// The `[serve]` addresses of the modules accepted so far: (module, its manifest, listen?).
 #[derive(Default)]
-struct Bound(BTreeMap<SocketAddr, (String, PathBuf, bool)>);
+struct Bound(BTreeMap<ServeAddr, (String, PathBuf, bool)>);
 
 impl Bound {
     /// The first address of `mine` that another module already binds: modvisord cannot listen
@@ -178,7 +177,7 @@ impl Bound {
                 } else {
                     "serve.upstream"
                 },
-                c.addr,
+                &c.addr,
                 path.display(),
             );
             let msg = match (c.listen, *listen) {
@@ -193,14 +192,14 @@ impl Bound {
                 ),
                 (false, false) => return None,
             };
-            Some((*c, msg))
+            Some((c.clone(), msg))
         })
     }
 
     fn take(&mut self, module: &str, path: &Path, mine: &[Claim]) {
         for c in mine {
             self.0
-                .entry(c.addr)
+                .entry(c.addr.clone())
                 .or_insert_with(|| (module.to_string(), path.to_path_buf(), c.listen));
         }
     }

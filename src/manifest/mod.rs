@@ -329,14 +329,51 @@ pub struct RestartSpec {
 /// the engine listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServeSpec {
-    pub listen: Vec<std::net::SocketAddr>,
-    pub upstream: std::net::SocketAddr,
+    pub listen: Vec<ServeAddr>,
+    pub upstream: ServeAddr,
     /// Not started at boot: the first connection starts it.
     pub on_demand: bool,
     /// Stopped after this long with no open connection.
     pub idle_stop: Option<Duration>,
     /// Connections held while the engine starts; more are refused.
     pub max_pending: u32,
+}
+
+/// An address of `[serve]`: TCP ("127.0.0.1:8080", "[::1]:8080") or a Unix socket
+/// ("unix:/run/llama/chat.sock", or an absolute path).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ServeAddr {
+    Tcp(std::net::SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for ServeAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServeAddr::Tcp(a) => write!(f, "{a}"),
+            ServeAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+impl std::str::FromStr for ServeAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let path = s.strip_prefix("unix:").or(s.starts_with('/').then_some(s));
+        let Some(p) = path else {
+            return s.parse().map(ServeAddr::Tcp).map_err(|_| {
+                "expected an address with a port, such as \"127.0.0.1:8080\" or \"[::1]:8080\", or a Unix socket such as \"unix:/run/llama/chat.sock\"".to_string()
+            });
+        };
+        // sun_path holds 108 bytes with the terminating NUL.
+        if !p.starts_with('/') || p.len() > 107 || p.contains('\0') || p.ends_with('/') {
+            return Err(format!(
+                "expected an absolute socket path of at most 107 bytes, found \"{p}\""
+            ));
+        }
+        Ok(ServeAddr::Unix(PathBuf::from(p)))
+    }
 }
 
 /// A validated module: everything downstream of `manifest` works with this type only.
@@ -372,7 +409,7 @@ impl Module {
             || self.model != other.model
             || self.resources.memory_max != other.resources.memory_max
             || self.trusted != other.trusted
-            || self.serve.as_ref().map(|s| s.upstream) != other.serve.as_ref().map(|s| s.upstream)
+            || self.serve.as_ref().map(|s| &s.upstream) != other.serve.as_ref().map(|s| &s.upstream)
     }
 }
 

@@ -16,11 +16,14 @@ fn substitute_all(
     name: &str,
     state_dir: &Path,
     model: Option<&Path>,
-    upstream: Option<std::net::SocketAddr>,
+    upstream: Option<&super::ServeAddr>,
 ) -> String {
-    let (up, port) = upstream
-        .map(|u| (u.to_string(), u.port().to_string()))
-        .unwrap_or_default();
+    // ${upstream}: "127.0.0.1:18080", or the socket's path; ${port}: a TCP upstream's port.
+    let (up, port) = match upstream {
+        Some(super::ServeAddr::Tcp(u)) => (u.to_string(), u.port().to_string()),
+        Some(super::ServeAddr::Unix(p)) => (p.display().to_string(), String::new()),
+        None => Default::default(),
+    };
     let model_s = model.map(|m| m.display().to_string()).unwrap_or_default();
     let model_file = model
         .and_then(|m| m.file_name())
@@ -70,7 +73,7 @@ impl Module {
     /// The command (native) or container spec of `mode`, rendered for `model`; None when the
     /// manifest has no section for that mode.
     pub fn render(&self, mode: Mode, state_dir: &Path, model: Option<&Path>) -> Option<Exec> {
-        let upstream = self.serve.as_ref().map(|s| s.upstream);
+        let upstream = self.serve.as_ref().map(|s| &s.upstream);
         let sub = |s: &str| substitute_all(s, &self.name, state_dir, model, upstream);
         match mode {
             Mode::Container => self.container.clone().map(|mut c| {

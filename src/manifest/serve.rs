@@ -1,21 +1,17 @@
 //! `[serve]`: the module's public address, owned by modvisord.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use toml::Spanned;
 
 use super::raw::RawServe;
 use super::validate::Ctx;
-use super::{ManifestError, ServeSpec};
+use super::{ManifestError, ServeAddr, ServeSpec};
 
-fn addr(cx: &Ctx<'_>, s: &Spanned<String>, key: &str) -> Result<SocketAddr, ManifestError> {
-    s.get_ref().parse::<SocketAddr>().or_else(|_| {
-        cx.err(
-            s.span().start,
-            format!("{key}: expected an address with a port, such as \"127.0.0.1:8080\" or \"[::1]:8080\""),
-        )
-    })
+fn addr(cx: &Ctx<'_>, s: &Spanned<String>, key: &str) -> Result<ServeAddr, ManifestError> {
+    s.get_ref()
+        .parse::<ServeAddr>()
+        .or_else(|e| cx.err(s.span().start, format!("{key}: {e}")))
 }
 
 pub(super) fn validate(
@@ -34,7 +30,7 @@ pub(super) fn validate(
     let mut listen = Vec::new();
     for s in list.get_ref() {
         let a = addr(cx, s, "serve.listen")?;
-        if a.ip().is_unspecified() {
+        if matches!(&a, ServeAddr::Tcp(t) if t.ip().is_unspecified()) {
             return cx.err(
                 s.span().start,
                 format!("serve.listen: {a} would listen on every address: name the one to serve on (127.0.0.1, or a LAN address)"),
@@ -72,9 +68,9 @@ pub(super) fn validate(
 }
 
 /// An address a valid manifest's `[serve]` claims, with where it is written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Claim {
-    pub addr: SocketAddr,
+    pub addr: ServeAddr,
     /// Byte offset of the value in the manifest text.
     pub offset: usize,
     /// A `listen` address (modvisord binds it), else the `upstream` (the engine binds it).

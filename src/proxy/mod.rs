@@ -4,16 +4,17 @@
 //! held (up to `max_pending`; more are refused by closing them) until the engine is online, or
 //! closed when the start fails. The supervisor tells the proxy through a [`Gate`].
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::AbortHandle;
 
-use crate::manifest::ServeSpec;
+use crate::manifest::{ServeAddr, ServeSpec};
+
+mod stream;
+use stream::{Listener, Stream};
 
 /// Whether connections may pass now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,13 +51,11 @@ pub fn listen(
     let mut tasks = Vec::new();
     for addr in &spec.listen {
         // The socket bound once for the address (kept across modvisord restarts by systemd).
-        let std =
-            crate::fdstore::listener(*addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-        std.set_nonblocking(true)
+        let l = crate::fdstore::listener(addr)
+            .and_then(Listener::from_bound)
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-        let l = TcpListener::from_std(std).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
         let ctx = Conn {
-            upstream: spec.upstream,
+            upstream: spec.upstream.clone(),
             gate: gate.clone(),
             report: report.clone(),
             open: open.clone(),
@@ -71,7 +70,7 @@ pub fn listen(
 
 #[derive(Clone)]
 struct Conn {
-    upstream: SocketAddr,
+    upstream: ServeAddr,
     gate: watch::Receiver<Gate>,
     report: Report,
     open: Arc<Counter>,
@@ -79,7 +78,7 @@ struct Conn {
     hold_limit: Duration,
 }
 
-async fn accept_loop(l: TcpListener, ctx: Conn) {
+async fn accept_loop(l: Listener, ctx: Conn) {
     loop {
         let (sock, peer) = match l.accept().await {
             Ok(x) => x,
@@ -90,7 +89,6 @@ async fn accept_loop(l: TcpListener, ctx: Conn) {
                 continue;
             }
         };
-        let _ = sock.set_nodelay(true);
         if ctx.open.n.fetch_add(1, Ordering::SeqCst) == 0 {
             ctx.open.reported.store(1, Ordering::SeqCst);
             (ctx.report)(ProxyEvent::Connections(1));
@@ -136,22 +134,22 @@ async fn count_reporter(open: Arc<Counter>, report: Report) {
 }
 
 impl Conn {
-    async fn serve(&self, mut sock: TcpStream, peer: SocketAddr) {
-        if !self.wait_open(peer).await {
+    async fn serve(&self, mut sock: Stream, peer: String) {
+        if !self.wait_open(&peer).await {
             return; // dropped: the client sees the connection closed
         }
-        let mut up = match connect(self.upstream).await {
+        let mut up = match stream::connect(&self.upstream).await {
             Ok(u) => u,
             Err(e) => {
                 tracing::warn!("forwarding a connection from {peer}: {e}");
                 return;
             }
         };
-        forward(&mut sock, &mut up).await;
+        stream::forward(&mut sock, &mut up).await;
     }
 
     /// Holds until the gate opens; false when it closes, the hold is too long, or too many wait.
-    async fn wait_open(&self, peer: SocketAddr) -> bool {
+    async fn wait_open(&self, peer: &str) -> bool {
         let mut gate = self.gate.clone();
         let initial = gate.borrow_and_update().clone();
         if initial == Gate::Open {
@@ -177,34 +175,4 @@ impl Conn {
             _ => false,
         }
     }
-}
-
-/// Moves bytes both ways until both sides are done: splice(2) through a pipe per direction
-/// (the bytes never enter modvisord's memory; `tokio-splice`), or, when no pipe can be made
-/// (out of file descriptors), copies through 64 KiB buffers.
-async fn forward(a: &mut TcpStream, b: &mut TcpStream) {
-    match tokio_splice::zero_copy_bidirectional(a, b).await {
-        Err(e)
-            if e.raw_os_error() == Some(libc::EMFILE) || e.raw_os_error() == Some(libc::ENFILE) =>
-        {
-            let _ = tokio::io::copy_bidirectional_with_sizes(a, b, 64 << 10, 64 << 10).await;
-        }
-        _ => {}
-    }
-}
-
-/// Connects to the engine; a fresh engine may accept a moment after it reports running.
-async fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
-    let mut last = None;
-    for _ in 0..50 {
-        match TcpStream::connect(addr).await {
-            Ok(s) => {
-                let _ = s.set_nodelay(true);
-                return Ok(s);
-            }
-            Err(e) => last = Some(e),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Err(last.unwrap_or_else(|| std::io::Error::other("no attempt")))
 }

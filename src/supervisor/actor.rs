@@ -103,7 +103,7 @@ pub(super) struct Slot {
     /// What the module's listen address does with a connection now ([serve]).
     pub gate: watch::Sender<crate::proxy::Gate>,
     /// The addresses it listens on (their sockets are released when it no longer does).
-    pub listening: Vec<std::net::SocketAddr>,
+    pub listening: Vec<crate::manifest::ServeAddr>,
     /// The listener's tasks (aborted when the module goes or its listen addresses change).
     pub listener: Vec<AbortHandle>,
     /// When the current start began (until it is online: the start duration).

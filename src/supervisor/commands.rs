@@ -277,7 +277,7 @@ impl Supervisor {
         for t in s.listener.drain(..) {
             t.abort();
         }
-        let now: Vec<std::net::SocketAddr> =
+        let now: Vec<crate::manifest::ServeAddr> =
             s.lc.module()
                 .serve
                 .as_ref()
@@ -309,7 +309,7 @@ impl Supervisor {
         let claimed = self
             .slots
             .values()
-            .flat_map(|s| s.listening.iter().copied())
+            .flat_map(|s| s.listening.iter().cloned())
             .collect();
         crate::fdstore::release_unclaimed(&claimed);
         let existing = std::mem::take(&mut self.existing);
