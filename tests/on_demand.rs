@@ -791,3 +791,60 @@ async fn unix_sockets_as_listen_and_upstream() {
     d.wait_module("ux", T, |s, _, _| s == "(absent)").await;
     assert!(!sock.exists(), "the module's socket goes with the module");
 }
+
+/// Clients come and go: the busy properties (Connections, LastActivity, IdleStopAt) are
+/// announced at most once a second per module, and the last count is announced.
+#[tokio::test]
+async fn the_connection_count_is_announced_at_most_once_a_second() {
+    use futures_util::StreamExt;
+    let p = Ports {
+        listen: free_port(),
+        upstream: free_port(),
+    };
+    let m = module(&p, "0", "").replace("on_demand = true\n", "");
+    let d = Daemon::start(&[("busy", &m)]).await;
+    d.wait_module("busy", T, |s, h, _| s == "running" && h == "online")
+        .await;
+    let props = zbus::fdo::PropertiesProxy::builder(&d.conn)
+        .destination("org.modvisor1")
+        .path("/org/modvisor1/module/busy")
+        .build()
+        .await
+        .expect("properties proxy");
+    let mut changes = props.receive_properties_changed().await.expect("subscribe");
+    // Timestamps as the signals arrive, read while the clients connect.
+    let reader = tokio::spawn(async move {
+        let mut seen: Vec<(Instant, u32)> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while seen.last().map(|s| s.1) != Some(10) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(Some(sig)) = tokio::time::timeout(left, changes.next()).await else {
+                break;
+            };
+            let a = sig.args().expect("args");
+            if let Some(v) = a.changed_properties().get("Connections") {
+                let n: u32 = v.try_into().expect("u32");
+                seen.push((Instant::now(), n));
+            }
+        }
+        seen
+    });
+    // Ten clients, one every 50 ms, all kept open.
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        clients.push(TcpStream::connect(addr(p.listen)).expect("connect"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seen = reader.await.expect("reader");
+    assert_eq!(
+        seen.last().map(|s| s.1),
+        Some(10),
+        "the last count is announced: {seen:?}"
+    );
+    assert!(seen.len() <= 4, "10 changes, few announcements: {seen:?}");
+    for w in seen.windows(2) {
+        let gap = w[1].0.duration_since(w[0].0);
+        assert!(gap >= Duration::from_millis(900), "{seen:?}");
+    }
+    drop(clients);
+}

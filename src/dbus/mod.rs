@@ -10,6 +10,7 @@ mod publisher;
 pub mod ratelimit;
 pub mod server;
 pub mod text;
+mod throttle;
 
 pub const BUS_NAME: &str = "org.modvisor1";
 pub const MANAGER_PATH: &str = "/org/modvisor1";

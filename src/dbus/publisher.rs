@@ -62,6 +62,9 @@ pub struct Publisher {
     shown: Shown,
     /// Set after a failed pass: when to try again without waiting for a change.
     retry: Option<Duration>,
+    /// Busy properties held back (at most one announcement a second) and when they are due.
+    throttle: super::throttle::Throttle,
+    held_until: Option<tokio::time::Instant>,
 }
 
 impl Publisher {
@@ -76,6 +79,8 @@ impl Publisher {
             published,
             shown: Shown::default(),
             retry: None,
+            throttle: Default::default(),
+            held_until: None,
         };
         p.pass().await;
         Ok(p)
@@ -90,6 +95,13 @@ impl Publisher {
                     None => std::future::pending().await,
                 }
             };
+            let held = self.held_until;
+            let held_due = async move {
+                match held {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 changed = self.state.changed() => {
                     if changed.is_err() {
@@ -98,6 +110,10 @@ impl Publisher {
                     self.pass().await;
                 }
                 () = retry_due => self.pass().await,
+                () = held_due => {
+                    self.held_until = None;
+                    self.pass().await;
+                }
                 sig = signals.recv() => match sig {
                     Ok(sig) => {
                         // The module's state first, so that a client sees ActiveModel updated.
@@ -190,6 +206,7 @@ impl Publisher {
         for name in gone {
             let announced = self.shown.objects.remove(&name).unwrap_or(false);
             self.shown.props.remove(&name);
+            self.throttle.forget(&name);
             // The object is gone even when the signal fails (zbus prunes it first).
             match server.remove::<ModuleObject, _>(module_path(&name)).await {
                 Ok(_) | Err(zbus::Error::InterfaceNotFound) => {}
@@ -306,11 +323,17 @@ impl Publisher {
                 continue;
             };
             let old = self.shown.props.get(name);
-            if announced && old != Some(m) {
-                let body = props::changed(mo::TABLE, old, m);
+            let now = tokio::time::Instant::now();
+            let (send, later) = self.throttle.hold(name, old, m, now);
+            if let Some(t) = later {
+                self.held_until = Some(self.held_until.map_or(t, |h| h.min(t)));
+            }
+            if announced && old != Some(&send) {
+                let body = props::changed(mo::TABLE, old, &send);
                 match properties_changed(&self.conn, &module_path(name), MODULE_IFACE, body).await {
                     Ok(()) => {
-                        self.shown.props.insert(name.clone(), m.clone());
+                        self.throttle.announced(name, old, &send, now);
+                        self.shown.props.insert(name.clone(), send);
                     }
                     Err(e) => failed.push(format!("PropertiesChanged for {name}: {e}")),
                 }
