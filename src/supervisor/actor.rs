@@ -33,7 +33,8 @@ pub(super) enum Event {
         fallback: Option<String>,
     },
     MemoryTick,
-    Sample(Box<crate::monitor::Sample>),
+    /// A sampling pass, and the number of runs started before it began.
+    Sample(Box<crate::monitor::Sample>, u64),
     /// A RestartModule whose model was checked first (off the actor): None, or why not.
     RestartChecked {
         name: String,
@@ -148,6 +149,9 @@ pub(super) struct Supervisor {
     /// A module just came up with no figures yet: sample again as soon as the pass in flight
     /// (if any) is done.
     pub sample_again: bool,
+    /// Runs started so far: a sample that began before the latest start may have seen its
+    /// engine's process without knowing it is a module's.
+    pub runs_started: u64,
     pub machine_total: u64,
     pub gpus: Vec<crate::monitor::GpuRow>,
     pub foreign: Vec<(u32, String, u64)>,
@@ -200,6 +204,7 @@ pub fn spawn(
         gpu_error_logged: false,
         sampling: false,
         sample_again: false,
+        runs_started: 0,
         machine_total: 0,
         gpus: Vec::new(),
         foreign: Vec::new(),
@@ -386,9 +391,9 @@ impl Supervisor {
                     s.counters.observe_probe(seconds, ok);
                 }
             }
-            Event::Sample(s) => {
+            Event::Sample(s, started) => {
                 self.sampling = false;
-                self.sampled(*s);
+                self.sampled(*s, started);
                 if std::mem::take(&mut self.sample_again) {
                     self.memory_tick();
                 }
@@ -430,6 +435,7 @@ impl Supervisor {
         };
         s.usage = Usage::default();
         s.adm.new_run();
+        self.runs_started += 1;
         s.run = Some(RunSlot {
             generation,
             backend,

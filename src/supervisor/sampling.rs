@@ -54,14 +54,22 @@ impl Supervisor {
         self.sampling = true;
         let tx = self.events.clone();
         let gpu = self.gpu.clone();
+        let started = self.runs_started;
         self.tasks.spawn_blocking(move || {
             let s = crate::monitor::sample(&targets, gpu.as_deref());
-            let _ = tx.send(Event::Sample(Box::new(s)));
+            let _ = tx.send(Event::Sample(Box::new(s), started));
         });
     }
 
     /// Applies one sample: figures, thresholds (degraded), GPUs, foreign processes.
-    pub(super) fn sampled(&mut self, s: crate::monitor::Sample) {
+    pub(super) fn sampled(&mut self, mut s: crate::monitor::Sample, started: u64) {
+        if started != self.runs_started {
+            // A run started meanwhile: its engine may be in this pass's GPU processes without
+            // being known as a module's. Its foreign processes wait for the next pass (now).
+            s.foreign.clone_from(&self.foreign);
+            s.foreign_gpu.clone_from(&self.foreign_gpu);
+            self.sample_again = true;
+        }
         self.machine_total = s.machine_total;
         if !s.gpu_error.is_empty() && !self.gpu_error_logged {
             tracing::warn!("VRAM unknown: {}", s.gpu_error);

@@ -235,6 +235,14 @@ impl Lifecycle {
             }
             None => self.ended(&run, &e.info, None, line, now, fx),
         }
+        if !run.started {
+            // It ended before the backend answered the start (a start that failed at once, off
+            // the actor): whoever waits for the start is answered now; the late answer is stale.
+            let why = self.shown.2.clone();
+            for w in self.start_waiters.drain(..) {
+                fx.push(Effect::Reply(w, Err(OpError::Failed(why.clone()))));
+            }
+        }
     }
 
     /// The engine's error line for a run that ended on its own, looked up after the decision

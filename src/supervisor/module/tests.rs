@@ -1357,3 +1357,23 @@ fn a_unit_systemd_restarts_on_a_configuration_error_is_stopped() {
             .ends_with("; the engine said: error: boom")
     );
 }
+
+/// A start that fails off the actor may report the run's end before the backend's answer to
+/// the start: whoever waits for the start is answered then, not left waiting.
+#[test]
+fn a_run_that_ends_before_its_start_is_answered_answers_the_waiter() {
+    let mut t = T::new("[restart]\npolicy = \"no\"\n");
+    t.feed(Input::Start(7));
+    let fx = t.feed(exit_with(
+        1,
+        ExitInfo::Refused("environment file must be mode 0600 or stricter".into()),
+        None,
+    ));
+    let answered = fx
+        .iter()
+        .any(|e| matches!(e, Effect::Reply(7, Err(OpError::Failed(why))) if why.contains("0600")));
+    assert!(answered, "{fx:?}");
+    assert_eq!(t.lc.state(), Failed);
+    // The late answer is stale.
+    assert_eq!(t.feed(started(1)), vec![]);
+}
