@@ -1,12 +1,15 @@
-//! The on-demand proxy against a direct connection to the same upstream, side by side in one
-//! run (`cargo bench --bench proxy`): added latency of a small HTTP request (p50/p99), the
-//! throughput of a large response, and the memory of open idle connections.
+//! A real modvisord's listen address ([serve]) against a direct connection to the same upstream,
+//! side by side in one run (`cargo bench --bench proxy`): added latency of a small HTTP request
+//! (p50/p99), the throughput of a large response, and modvisord's memory per open idle
+//! connection. The client and the upstream server live in this process, modvisord in its own.
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+mod common;
 
 const BIG: usize = 256 << 20;
 
@@ -44,23 +47,43 @@ async fn upstream() -> SocketAddr {
     a
 }
 
-fn proxy(upstream: SocketAddr) -> SocketAddr {
+/// A real modvisord (its own process, direct backend, private bus) with one `[serve]` module
+/// whose listen address forwards to `upstream` (the module's engine is a `sleep`: the upstream
+/// server lives in this process). Returns the listen address and modvisord's PID.
+async fn proxy(dir: &Path, upstream: SocketAddr) -> (SocketAddr, common::Running) {
     let listen = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port");
-    let spec = modvisor::manifest::ServeSpec {
-        listen: vec![modvisor::manifest::ServeAddr::Tcp(listen)],
-        upstream: modvisor::manifest::ServeAddr::Tcp(upstream),
-        on_demand: false,
-        idle_stop: None,
-        max_pending: 64,
-    };
-    let (tx, rx) = tokio::sync::watch::channel(modvisor::proxy::Gate::Open);
-    std::mem::forget(tx); // open for the whole run
-    let tasks = modvisor::proxy::listen(&spec, rx, Arc::new(|_| {}), Duration::from_secs(10))
-        .expect("listen");
-    std::mem::forget(tasks);
-    listen
+    let modules = dir.join("modules.d");
+    std::fs::create_dir_all(&modules).expect("mkdir");
+    std::fs::write(
+        modules.join("px.toml"),
+        format!(
+            "trusted = true\n[native]\ncommand = [\"/bin/sleep\", \"1000\"]\nuser = \"root\"\nsandbox = {{ private_tmp = false, protect_system = false }}\n[serve]\nlisten = [\"{listen}\"]\nupstream = \"{upstream}\"\n"
+        ),
+    )
+    .expect("manifest");
+    let config = format!(
+        "[paths]\nmodules = [\"{}\"]\nstate = \"{}\"\nruntime = \"{}\"\n[runtime]\ndefault_mode = \"native\"\nnative_backend = \"direct\"\n",
+        modules.display(),
+        dir.join("state").display(),
+        dir.join("run").display()
+    );
+    let r = common::start_daemon(dir, &config, &[]).await;
+    let m = common::manager(&r.conn).await;
+    common::wait_state(&m, "px", "running").await;
+    (listen, r)
+}
+
+fn rss_kib_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
 }
 
 async fn request(a: SocketAddr, path: &str) -> usize {
@@ -93,21 +116,12 @@ async fn latency(a: SocketAddr) -> (Duration, Duration) {
     (v[v.len() / 2], v[v.len() * 99 / 100])
 }
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let up = upstream().await;
-    let px = proxy(up);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (px, daemon) = proxy(dir.path(), up).await;
+    let pid = daemon.daemon.0.id();
     let (d50, d99) = latency(up).await;
     let (p50, p99) = latency(px).await;
     println!("small request, direct   p50 {d50:>10?}  p99 {d99:>10?}");
@@ -127,17 +141,16 @@ async fn main() {
             n as f64 / s / (1 << 20) as f64
         );
     }
-    // Idle connections held open through the proxy (the client side lives here too: both
-    // ends of each connection are counted, so this is an upper bound).
-    let before = rss_kib();
+    // Idle connections held open through modvisord: its own memory per connection.
+    let before = rss_kib_of(pid);
     let mut held = Vec::new();
     for _ in 0..2000 {
         held.push(TcpStream::connect(px).await.expect("connect"));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let after = rss_kib();
+    let after = rss_kib_of(pid);
     println!(
-        "2000 idle proxied connections: +{} KiB RSS, {:.1} KiB each (proxy and clients)",
+        "2000 idle proxied connections: modvisord +{} KiB RSS, {:.1} KiB each",
         after.saturating_sub(before),
         after.saturating_sub(before) as f64 / 2000.0
     );

@@ -143,13 +143,13 @@ async fn a_stream_longer_than_idle_stop_is_never_interrupted() {
         "the stream ran to its end: {body}"
     );
     assert!(body.matches("tick").count() >= 6, "{body}");
-    let c = d
-        .module("st")
-        .await
-        .connections()
-        .await
-        .expect("Connections");
-    assert_eq!(c, 0);
+    // The count drops to 0 a moment (100 ms) after the last connection closed.
+    let st = d.module("st").await;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while st.connections().await.expect("Connections") != 0 {
+        assert!(Instant::now() < deadline, "Connections back to 0");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]

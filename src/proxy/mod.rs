@@ -5,7 +5,6 @@
 //! closed when the start fails. The supervisor tells the proxy through a [`Gate`].
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Semaphore, watch};
@@ -13,7 +12,9 @@ use tokio::task::AbortHandle;
 
 use crate::manifest::{ServeAddr, ServeSpec};
 
+mod count;
 mod stream;
+pub use count::Counter;
 use stream::{Listener, Stream};
 
 /// Whether connections may pass now.
@@ -32,21 +33,29 @@ pub enum Gate {
 pub enum ProxyEvent {
     /// A connection arrived while the engine was not serving (the peer's address).
     Demand(String),
-    /// The number of open connections changed (at once for 0 <-> n, else at most 1/s).
+    /// The number of open connections changed (see count.rs for when it is told).
     Connections(u32),
 }
 
 pub type Report = Arc<dyn Fn(ProxyEvent) + Send + Sync>;
 
-/// Binds every listen address of `spec` and serves them; returns the tasks (abort them to stop
-/// listening) or why an address cannot be bound.
+/// What serves a module's listen addresses.
+pub struct Listening {
+    /// Abort them to stop listening.
+    pub tasks: Vec<AbortHandle>,
+    /// The connections open right now (the supervisor hears of changes a moment later).
+    pub open: Arc<Counter>,
+}
+
+/// Binds every listen address of `spec` and serves them, or says why an address cannot be
+/// bound.
 pub fn listen(
     spec: &ServeSpec,
     gate: watch::Receiver<Gate>,
     report: Report,
     hold_limit: Duration,
-) -> Result<Vec<AbortHandle>, String> {
-    let open = Arc::new(Counter::default());
+) -> Result<Listening, String> {
+    let open = Arc::new(Counter::new(report.clone()));
     let pending = Arc::new(Semaphore::new(spec.max_pending as usize));
     let mut tasks = Vec::new();
     for addr in &spec.listen {
@@ -64,8 +73,9 @@ pub fn listen(
         };
         tasks.push(tokio::spawn(accept_loop(l, ctx)).abort_handle());
     }
-    tasks.push(tokio::spawn(count_reporter(open, report)).abort_handle());
-    Ok(tasks)
+    let counter = open.clone();
+    tasks.push(tokio::spawn(async move { counter.report_changes().await }).abort_handle());
+    Ok(Listening { tasks, open })
 }
 
 #[derive(Clone)]
@@ -89,47 +99,12 @@ async fn accept_loop(l: Listener, ctx: Conn) {
                 continue;
             }
         };
-        if ctx.open.n.fetch_add(1, Ordering::SeqCst) == 0 {
-            ctx.open.reported.store(1, Ordering::SeqCst);
-            (ctx.report)(ProxyEvent::Connections(1));
-        } else {
-            ctx.open.changed.notify_one();
-        }
+        ctx.open.opened();
         let c = ctx.clone();
         tokio::spawn(async move {
             c.serve(sock, peer).await;
-            if c.open.n.fetch_sub(1, Ordering::SeqCst) == 1 {
-                c.open.reported.store(0, Ordering::SeqCst);
-                (c.report)(ProxyEvent::Connections(0));
-            } else {
-                c.open.changed.notify_one();
-            }
+            c.open.closed();
         });
-    }
-}
-
-/// The open connections of a module's listen addresses.
-#[derive(Default)]
-struct Counter {
-    n: AtomicU32,
-    /// What the supervisor was told last.
-    reported: AtomicU32,
-    changed: tokio::sync::Notify,
-}
-
-/// Reports the count when it changed while connections stay open, at most once a second
-/// (0 <-> n is reported at once by the connections themselves: the idle clock depends on it).
-/// Sleeps while nothing changes: no wake-ups of an idle daemon.
-async fn count_reporter(open: Arc<Counter>, report: Report) {
-    loop {
-        open.changed.notified().await;
-        let now = open.n.load(Ordering::SeqCst);
-        let told = open.reported.load(Ordering::SeqCst);
-        if now > 0 && told > 0 && now != told {
-            open.reported.store(now, Ordering::SeqCst);
-            report(ProxyEvent::Connections(now));
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

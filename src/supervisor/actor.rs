@@ -105,6 +105,9 @@ pub(super) struct Slot {
     pub gate: watch::Sender<crate::proxy::Gate>,
     /// The addresses it listens on (their sockets are released when it no longer does).
     pub listening: Vec<crate::manifest::ServeAddr>,
+    /// The connections open through them right now (admission reads it: the lifecycle hears
+    /// of the last one closing a moment later).
+    pub open: Option<Arc<crate::proxy::Counter>>,
     /// The listener's tasks (aborted when the module goes or its listen addresses change).
     pub listener: Vec<AbortHandle>,
     /// When the current start began (until it is online: the start duration).

@@ -538,6 +538,11 @@ impl Supervisor {
     }
 }
 
+/// Connections open through the module's listen addresses right now.
+fn open_now(s: &Slot) -> u32 {
+    s.open.as_ref().map_or(s.lc.connections(), |c| c.open())
+}
+
 /// A module as admission sees it.
 fn holder(name: &str, s: &Slot, preempt: bool) -> Holder {
     let m = s.lc.module();
@@ -562,8 +567,8 @@ fn holder(name: &str, s: &Slot, preempt: bool) -> Holder {
         Some("mid-activation".to_string())
     } else if !s.lc.serving() {
         Some(s.lc.state().as_str().to_string())
-    } else if s.lc.connections() > 0 && !preempt {
-        Some(format!("{} open connections", s.lc.connections()))
+    } else if open_now(s) > 0 && !preempt {
+        Some(format!("{} open connections", open_now(s)))
     } else {
         None
     };

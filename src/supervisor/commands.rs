@@ -258,6 +258,7 @@ impl Supervisor {
             gate: watch::channel(crate::proxy::Gate::Wait).0,
             listener: Vec::new(),
             listening: Vec::new(),
+            open: None,
             adm: super::admit::AdmissionSlot::load(&self.state_dir(&name)),
         };
         slot.decision = self.decide(&slot);
@@ -277,6 +278,7 @@ impl Supervisor {
         for t in s.listener.drain(..) {
             t.abort();
         }
+        s.open = None;
         let now: Vec<crate::manifest::ServeAddr> =
             s.lc.module()
                 .serve
@@ -299,7 +301,10 @@ impl Supervisor {
         });
         let hold = s.lc.module().health.start_limit;
         match crate::proxy::listen(&spec, s.gate.subscribe(), report, hold) {
-            Ok(tasks) => s.listener = tasks,
+            Ok(l) => {
+                s.listener = l.tasks;
+                s.open = Some(l.open);
+            }
             Err(why) => tracing::error!(modvisor_module = name, "{why}"),
         }
     }
