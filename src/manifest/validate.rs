@@ -164,18 +164,7 @@ pub fn parse_manifest_with(
     stem: &str,
     rules: &Containment,
 ) -> Result<Module, ManifestError> {
-    let raw: RawManifest = match toml::from_str(src) {
-        Ok(r) => r,
-        Err(e) => {
-            let offset = e.span().map(|s| s.start).unwrap_or(0);
-            return Err(ManifestError::at(
-                path,
-                src,
-                offset,
-                e.message().trim().to_string(),
-            ));
-        }
-    };
+    let raw = parse_raw(path, src)?;
     let cx = Ctx { path, src };
     if let Some((at, key)) = super::text::first_control_char(src) {
         return cx.err(
@@ -183,82 +172,155 @@ pub fn parse_manifest_with(
             format!("{key}: control characters (such as NUL) are not allowed in a manifest"),
         );
     }
+    let name = module_name(&cx, raw.name.as_ref(), stem)?;
+    let (modes, preferred, stop_timeout) = validate_runtime(&cx, &raw)?;
+    let mut native = native_section(&cx, &raw, &modes)?;
+    let container = container_section(&cx, &raw, &modes, rules)?;
+    let model = validate_model(&cx, raw.model.as_ref())?;
+    if let Some(NativeExec::Command { privileges, .. }) = native.as_mut() {
+        privileges.model_directory = model_directory(model.as_ref());
+    }
+    if mentions_model(native.as_ref(), container.as_ref())
+        && model.as_ref().and_then(|m| m.default.as_ref()).is_none()
+    {
+        let off = raw.model.as_ref().map(|m| m.span().start).unwrap_or(0);
+        return cx.err(off, "${model} is used but model.default is not set");
+    }
+    let health = validate_health(&cx, raw.health.as_ref())?;
+    let resources = validate_resources(&cx, raw.resources.as_ref())?;
+    let restart = validate_restart(&cx, raw.restart.as_ref())?;
+    Ok(Module {
+        name,
+        description: raw.description.unwrap_or_default(),
+        enabled: raw.enabled.unwrap_or(true),
+        trusted: raw.trusted.unwrap_or(false),
+        modes,
+        preferred,
+        stop_timeout,
+        native,
+        container,
+        model,
+        health,
+        resources,
+        restart,
+        serve: super::serve::validate(&cx, raw.serve.as_ref())?,
+        source: path.to_path_buf(),
+    })
+}
 
-    let name = match &raw.name {
+/// The TOML text into the raw manifest, a syntax or unknown-key error at its position.
+fn parse_raw(path: &Path, src: &str) -> Result<RawManifest, ManifestError> {
+    match toml::from_str(src) {
+        Ok(r) => Ok(r),
+        Err(e) => {
+            let offset = e.span().map(|s| s.start).unwrap_or(0);
+            Err(ManifestError::at(
+                path,
+                src,
+                offset,
+                e.message().trim().to_string(),
+            ))
+        }
+    }
+}
+
+/// `name`, else the file name without `.toml`.
+fn module_name(
+    cx: &Ctx<'_>,
+    name: Option<&Spanned<String>>,
+    stem: &str,
+) -> Result<String, ManifestError> {
+    match name {
         Some(n) => {
             if let Err(e) = validate_name(n.get_ref()) {
                 return cx.err(n.span().start, format!("name: {e}"));
             }
-            n.get_ref().clone()
+            Ok(n.get_ref().clone())
         }
         None => {
             if let Err(e) = validate_name(stem) {
                 return cx.err(0, format!("file name: {e} (set `name` or rename the file)"));
             }
-            stem.to_string()
+            Ok(stem.to_string())
         }
-    };
+    }
+}
 
-    // [runtime]
-    let (modes, preferred, stop_timeout) = {
-        let rt = raw.runtime.as_ref().map(|r| r.get_ref());
-        let mut modes: Vec<Mode> = Vec::new();
-        if let Some(list) = rt.and_then(|r| r.modes.as_ref()) {
-            if list.get_ref().is_empty() {
+/// `[runtime]`: the modes (the preferred one first), the preferred mode, the stop timeout.
+fn validate_runtime(
+    cx: &Ctx<'_>,
+    raw: &RawManifest,
+) -> Result<(Vec<Mode>, Option<Mode>, Duration), ManifestError> {
+    let rt = raw.runtime.as_ref().map(|r| r.get_ref());
+    let mut modes = runtime_modes(cx, raw)?;
+    let preferred = match rt.and_then(|r| r.preferred.as_ref()) {
+        Some(p) => {
+            let mode = to_mode(*p.get_ref());
+            if !modes.contains(&mode) {
                 return cx.err(
-                    list.span().start,
-                    "runtime.modes: expected at least one of \"native\", \"container\"",
+                    p.span().start,
+                    format!("runtime.preferred: \"{mode}\" is not in runtime.modes"),
                 );
             }
-            for m in list.get_ref() {
-                let mode = to_mode(*m.get_ref());
-                if modes.contains(&mode) {
-                    return cx.err(
-                        m.span().start,
-                        format!("runtime.modes: \"{mode}\" is listed twice"),
-                    );
-                }
-                modes.push(mode);
-            }
-        } else {
-            if raw.native.is_some() {
-                modes.push(Mode::Native);
-            }
-            if raw.container.is_some() {
-                modes.push(Mode::Container);
-            }
-            if modes.is_empty() {
+            modes.retain(|m| *m != mode);
+            modes.insert(0, mode);
+            Some(mode)
+        }
+        None => None,
+    };
+    let stop_timeout = cx.duration(
+        &rt.and_then(|r| r.stop_timeout.clone()),
+        "runtime.stop_timeout",
+        Duration::from_secs(10),
+    )?;
+    Ok((modes, preferred, stop_timeout))
+}
+
+/// `runtime.modes` as written, else the modes whose sections are present.
+fn runtime_modes(cx: &Ctx<'_>, raw: &RawManifest) -> Result<Vec<Mode>, ManifestError> {
+    let rt = raw.runtime.as_ref().map(|r| r.get_ref());
+    let mut modes: Vec<Mode> = Vec::new();
+    if let Some(list) = rt.and_then(|r| r.modes.as_ref()) {
+        if list.get_ref().is_empty() {
+            return cx.err(
+                list.span().start,
+                "runtime.modes: expected at least one of \"native\", \"container\"",
+            );
+        }
+        for m in list.get_ref() {
+            let mode = to_mode(*m.get_ref());
+            if modes.contains(&mode) {
                 return cx.err(
-                    0,
-                    "expected a [native] or [container] section: the module has nothing to run",
+                    m.span().start,
+                    format!("runtime.modes: \"{mode}\" is listed twice"),
                 );
             }
+            modes.push(mode);
         }
-        let preferred = match rt.and_then(|r| r.preferred.as_ref()) {
-            Some(p) => {
-                let mode = to_mode(*p.get_ref());
-                if !modes.contains(&mode) {
-                    return cx.err(
-                        p.span().start,
-                        format!("runtime.preferred: \"{mode}\" is not in runtime.modes"),
-                    );
-                }
-                modes.retain(|m| *m != mode);
-                modes.insert(0, mode);
-                Some(mode)
-            }
-            None => None,
-        };
-        let stop_timeout = cx.duration(
-            &rt.and_then(|r| r.stop_timeout.clone()),
-            "runtime.stop_timeout",
-            Duration::from_secs(10),
-        )?;
-        (modes, preferred, stop_timeout)
-    };
+    } else {
+        if raw.native.is_some() {
+            modes.push(Mode::Native);
+        }
+        if raw.container.is_some() {
+            modes.push(Mode::Container);
+        }
+        if modes.is_empty() {
+            return cx.err(
+                0,
+                "expected a [native] or [container] section: the module has nothing to run",
+            );
+        }
+    }
+    Ok(modes)
+}
 
-    // [native]
-    let native = match &raw.native {
+/// `[native]`, required when `runtime.modes` lists "native".
+fn native_section(
+    cx: &Ctx<'_>,
+    raw: &RawManifest,
+    modes: &[Mode],
+) -> Result<Option<NativeExec>, ManifestError> {
+    match &raw.native {
         None => {
             if modes.contains(&Mode::Native) {
                 let off = raw.runtime.as_ref().map(|r| r.span().start).unwrap_or(0);
@@ -267,13 +329,21 @@ pub fn parse_manifest_with(
                     "runtime.modes contains \"native\" but there is no [native] section",
                 );
             }
-            None
+            Ok(None)
         }
-        Some(n) => Some(validate_native(&cx, n)?),
-    };
+        Some(n) => Ok(Some(validate_native(cx, n)?)),
+    }
+}
 
-    // [container]
-    let container = match &raw.container {
+/// `[container]`, required when `runtime.modes` lists "container"; an untrusted module's
+/// container checked against the containment rules first.
+fn container_section(
+    cx: &Ctx<'_>,
+    raw: &RawManifest,
+    modes: &[Mode],
+    rules: &Containment,
+) -> Result<Option<ContainerSpec>, ManifestError> {
+    match &raw.container {
         None => {
             if modes.contains(&Mode::Container) {
                 let off = raw.runtime.as_ref().map(|r| r.span().start).unwrap_or(0);
@@ -282,7 +352,7 @@ pub fn parse_manifest_with(
                     "runtime.modes contains \"container\" but there is no [container] section",
                 );
             }
-            None
+            Ok(None)
         }
         Some(c) => {
             if !raw.trusted.unwrap_or(false)
@@ -290,65 +360,78 @@ pub fn parse_manifest_with(
             {
                 return cx.err(offset, why);
             }
-            Some(validate_container(&cx, c)?)
+            Ok(Some(validate_container(cx, c)?))
         }
-    };
-
-    // [model]
-    let model = match &raw.model {
-        None => None,
-        Some(m) => {
-            let mr = m.get_ref();
-            let directory = match &mr.directory {
-                Some(d) if !is_absolute_clean(d.get_ref()) => {
-                    return cx.err(d.span().start, format!("model.directory: expected an absolute path without \"..\", found \"{}\"", d.get_ref()));
-                }
-                Some(d) => Some(PathBuf::from(d.get_ref())),
-                None => None,
-            };
-            let default = match &mr.default {
-                Some(d) if !is_absolute_clean(d.get_ref()) => {
-                    return cx.err(
-                        d.span().start,
-                        format!(
-                            "model.default: expected an absolute path without \"..\", found \"{}\"",
-                            d.get_ref()
-                        ),
-                    );
-                }
-                Some(d) => {
-                    let p = PathBuf::from(d.get_ref());
-                    if let Some(dir) = &directory
-                        && !p.starts_with(dir)
-                    {
-                        return cx.err(
-                            d.span().start,
-                            format!(
-                                "model.default: \"{}\" is not inside model.directory \"{}\"",
-                                p.display(),
-                                dir.display()
-                            ),
-                        );
-                    }
-                    Some(p)
-                }
-                None => None,
-            };
-            Some(ModelSpec { default, directory })
-        }
-    };
-    let mut native = native;
-    if let Some(NativeExec::Command { privileges, .. }) = native.as_mut() {
-        privileges.model_directory = model.as_ref().and_then(|m| {
-            m.directory.clone().or_else(|| {
-                m.default
-                    .as_ref()
-                    .and_then(|d| d.parent().map(Path::to_path_buf))
-            })
-        });
     }
+}
+
+/// `[model]`: absolute paths, the default inside the directory when both are given.
+fn validate_model(
+    cx: &Ctx<'_>,
+    m: Option<&Spanned<RawModel>>,
+) -> Result<Option<ModelSpec>, ManifestError> {
+    let Some(m) = m else { return Ok(None) };
+    let mr = m.get_ref();
+    let directory = match &mr.directory {
+        Some(d) if !is_absolute_clean(d.get_ref()) => {
+            return cx.err(
+                d.span().start,
+                format!(
+                    "model.directory: expected an absolute path without \"..\", found \"{}\"",
+                    d.get_ref()
+                ),
+            );
+        }
+        Some(d) => Some(PathBuf::from(d.get_ref())),
+        None => None,
+    };
+    let default = match &mr.default {
+        Some(d) if !is_absolute_clean(d.get_ref()) => {
+            return cx.err(
+                d.span().start,
+                format!(
+                    "model.default: expected an absolute path without \"..\", found \"{}\"",
+                    d.get_ref()
+                ),
+            );
+        }
+        Some(d) => {
+            let p = PathBuf::from(d.get_ref());
+            if let Some(dir) = &directory
+                && !p.starts_with(dir)
+            {
+                return cx.err(
+                    d.span().start,
+                    format!(
+                        "model.default: \"{}\" is not inside model.directory \"{}\"",
+                        p.display(),
+                        dir.display()
+                    ),
+                );
+            }
+            Some(p)
+        }
+        None => None,
+    };
+    Ok(Some(ModelSpec { default, directory }))
+}
+
+/// The directory a native command reads its models from: model.directory, else the
+/// directory of model.default.
+fn model_directory(model: Option<&ModelSpec>) -> Option<PathBuf> {
+    model.and_then(|m| {
+        m.directory.clone().or_else(|| {
+            m.default
+                .as_ref()
+                .and_then(|d| d.parent().map(Path::to_path_buf))
+        })
+    })
+}
+
+/// Whether the command or environment of either mode uses `${model}` or `${model_file}`.
+fn mentions_model(native: Option<&NativeExec>, container: Option<&ContainerSpec>) -> bool {
     let uses_model = |s: &str| s.contains("${model}") || s.contains("${model_file}");
-    let mentions_model = match (&native, &container) {
+    match (native, container) {
         (
             Some(NativeExec::Command {
                 argv, environment, ..
@@ -370,124 +453,106 @@ pub fn parse_manifest_with(
             true
         }
         _ => false,
-    };
-    if mentions_model && model.as_ref().and_then(|m| m.default.as_ref()).is_none() {
-        let off = raw.model.as_ref().map(|m| m.span().start).unwrap_or(0);
-        return cx.err(off, "${model} is used but model.default is not set");
     }
+}
 
-    // [health]
-    let health = validate_health(&cx, raw.health.as_ref())?;
-
-    // [resources]
-    let resources = match &raw.resources {
-        None => Resources::default(),
-        Some(r) => {
-            let size =
-                |v: &Option<Spanned<String>>, key: &str| -> Result<Option<u64>, ManifestError> {
-                    match v {
-                        None => Ok(None),
-                        Some(s) => match parse_size(s.get_ref()) {
-                            Ok(0) => cx.err(
-                                s.span().start,
-                                format!("{key}: expected a size greater than zero"),
-                            ),
-                            Ok(b) => Ok(Some(b)),
-                            Err(e) => cx.err(s.span().start, format!("{key}: {e}")),
-                        },
-                    }
-                };
-            let pct = |v: &Option<Spanned<i64>>, key: &str| -> Result<Option<u8>, ManifestError> {
-                match v {
-                    None => Ok(None),
-                    Some(_) => cx.count(v, key, 1, 100, 0).map(|n| Some(n as u8)),
-                }
-            };
-            let priority = match &r.priority {
-                None => 0,
-                Some(p) if (-1000..=1000).contains(p.get_ref()) => *p.get_ref() as i32,
-                Some(p) => cx.err(
-                    p.span().start,
-                    format!(
-                        "resources.priority: expected an integer from -1000 to 1000, found {}",
-                        p.get_ref()
-                    ),
-                )?,
-            };
-            Resources {
-                priority,
-                pinned: r.pinned.unwrap_or(false),
-                memory_max: size(&r.memory_max, "resources.memory_max")?,
-                vram: size(&r.vram, "resources.vram")?,
-                ram_warn_percent: pct(&r.ram_warn_percent, "resources.ram_warn_percent")?,
-                vram_warn_percent: pct(&r.vram_warn_percent, "resources.vram_warn_percent")?,
-            }
-        }
-    };
-
-    // [restart]
-    let restart = {
-        let r = raw.restart.as_ref();
-        let mut spec = RestartSpec {
-            policy: match r.and_then(|r| r.policy) {
-                None | Some(RawRestartPolicy::OnFailure) => RestartPolicy::OnFailure,
-                Some(RawRestartPolicy::No) => RestartPolicy::No,
-                Some(RawRestartPolicy::Always) => RestartPolicy::Always,
-            },
-            delay: match r.and_then(|r| r.delay.as_ref()) {
-                None => Duration::from_secs(2),
-                Some(s) => match parse_duration(s.get_ref()) {
-                    Ok(d) if d > MAX_DURATION => cx.err(
-                        s.span().start,
-                        "restart.delay: expected a duration of at most 366d",
-                    )?,
-                    Ok(d) => d,
-                    Err(e) => cx.err(s.span().start, format!("restart.delay: {e}"))?,
-                },
-            },
-            max_delay: Duration::ZERO,
-            max: cx.count(&r.and_then(|r| r.max.clone()), "restart.max", 0, 10_000, 5)?,
-            window: cx.duration(
-                &r.and_then(|r| r.window.clone()),
-                "restart.window",
-                Duration::from_secs(600),
-            )?,
-        };
-        let max_delay = r.and_then(|r| r.max_delay.clone());
-        spec.max_delay = cx.duration(
-            &max_delay,
-            "restart.max_delay",
-            spec.delay.max(Duration::from_secs(60)),
-        )?;
-        if let Some(s) = max_delay.filter(|_| spec.max_delay < spec.delay) {
-            cx.err::<()>(
+/// A size such as "16G", more than zero.
+fn size(
+    cx: &Ctx<'_>,
+    v: &Option<Spanned<String>>,
+    key: &str,
+) -> Result<Option<u64>, ManifestError> {
+    match v {
+        None => Ok(None),
+        Some(s) => match parse_size(s.get_ref()) {
+            Ok(0) => cx.err(
                 s.span().start,
-                format!(
-                    "restart.max_delay: {:?} is shorter than restart.delay ({:?})",
-                    spec.max_delay, spec.delay
-                ),
-            )?;
-        }
-        spec
-    };
+                format!("{key}: expected a size greater than zero"),
+            ),
+            Ok(b) => Ok(Some(b)),
+            Err(e) => cx.err(s.span().start, format!("{key}: {e}")),
+        },
+    }
+}
 
-    Ok(Module {
-        name,
-        description: raw.description.unwrap_or_default(),
-        enabled: raw.enabled.unwrap_or(true),
-        trusted: raw.trusted.unwrap_or(false),
-        modes,
-        preferred,
-        stop_timeout,
-        native,
-        container,
-        model,
-        health,
-        resources,
-        restart,
-        serve: super::serve::validate(&cx, raw.serve.as_ref())?,
-        source: path.to_path_buf(),
+/// A percentage from 1 to 100.
+fn percent(cx: &Ctx<'_>, v: &Option<Spanned<i64>>, key: &str) -> Result<Option<u8>, ManifestError> {
+    match v {
+        None => Ok(None),
+        Some(_) => cx.count(v, key, 1, 100, 0).map(|n| Some(n as u8)),
+    }
+}
+
+/// `[resources]`.
+fn validate_resources(cx: &Ctx<'_>, r: Option<&RawResources>) -> Result<Resources, ManifestError> {
+    let Some(r) = r else {
+        return Ok(Resources::default());
+    };
+    let priority = match &r.priority {
+        None => 0,
+        Some(p) if (-1000..=1000).contains(p.get_ref()) => *p.get_ref() as i32,
+        Some(p) => cx.err(
+            p.span().start,
+            format!(
+                "resources.priority: expected an integer from -1000 to 1000, found {}",
+                p.get_ref()
+            ),
+        )?,
+    };
+    Ok(Resources {
+        priority,
+        pinned: r.pinned.unwrap_or(false),
+        memory_max: size(cx, &r.memory_max, "resources.memory_max")?,
+        vram: size(cx, &r.vram, "resources.vram")?,
+        ram_warn_percent: percent(cx, &r.ram_warn_percent, "resources.ram_warn_percent")?,
+        vram_warn_percent: percent(cx, &r.vram_warn_percent, "resources.vram_warn_percent")?,
     })
+}
+
+/// `[restart]`: `max_delay` defaults to the longer of `delay` and 1m, and is never shorter
+/// than `delay`.
+fn validate_restart(cx: &Ctx<'_>, r: Option<&RawRestart>) -> Result<RestartSpec, ManifestError> {
+    let mut spec = RestartSpec {
+        policy: match r.and_then(|r| r.policy) {
+            None | Some(RawRestartPolicy::OnFailure) => RestartPolicy::OnFailure,
+            Some(RawRestartPolicy::No) => RestartPolicy::No,
+            Some(RawRestartPolicy::Always) => RestartPolicy::Always,
+        },
+        delay: match r.and_then(|r| r.delay.as_ref()) {
+            None => Duration::from_secs(2),
+            Some(s) => match parse_duration(s.get_ref()) {
+                Ok(d) if d > MAX_DURATION => cx.err(
+                    s.span().start,
+                    "restart.delay: expected a duration of at most 366d",
+                )?,
+                Ok(d) => d,
+                Err(e) => cx.err(s.span().start, format!("restart.delay: {e}"))?,
+            },
+        },
+        max_delay: Duration::ZERO,
+        max: cx.count(&r.and_then(|r| r.max.clone()), "restart.max", 0, 10_000, 5)?,
+        window: cx.duration(
+            &r.and_then(|r| r.window.clone()),
+            "restart.window",
+            Duration::from_secs(600),
+        )?,
+    };
+    let max_delay = r.and_then(|r| r.max_delay.clone());
+    spec.max_delay = cx.duration(
+        &max_delay,
+        "restart.max_delay",
+        spec.delay.max(Duration::from_secs(60)),
+    )?;
+    if let Some(s) = max_delay.filter(|_| spec.max_delay < spec.delay) {
+        cx.err::<()>(
+            s.span().start,
+            format!(
+                "restart.max_delay: {:?} is shorter than restart.delay ({:?})",
+                spec.max_delay, spec.delay
+            ),
+        )?;
+    }
+    Ok(spec)
 }
 
 fn to_mode(m: RawMode) -> Mode {
