@@ -51,26 +51,9 @@ pub(super) fn validate_container(
     };
     let network = match &r.network {
         None => None,
-        Some(n) => {
-            let v = n.get_ref();
-            let ok = !v.is_empty()
-                && v.len() <= 64
-                && v.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
-            if !ok {
-                return cx.err(n.span().start, format!("container.network: expected \"host\", \"none\", \"bridge\" or a network name, found \"{v}\""));
-            }
-            Some(v.clone())
-        }
+        Some(n) => Some(network_name(cx, n)?),
     };
-    let mut cap_add = Vec::new();
-    for c in r.cap_add.iter().flatten() {
-        let v = c.get_ref().trim_start_matches("CAP_");
-        if v.is_empty() || !v.chars().all(|ch| ch.is_ascii_uppercase() || ch == '_') {
-            return cx.err(c.span().start, format!("container.cap_add: expected a capability name such as \"SYS_NICE\", found \"{}\"", c.get_ref()));
-        }
-        cap_add.push(v.to_string());
-    }
+    let cap_add = capabilities(cx, r)?;
     let (pids_limit, user) = container_limits(cx, r)?;
     Ok(ContainerSpec {
         network,
@@ -89,6 +72,32 @@ pub(super) fn validate_container(
         gpus,
         pull,
     })
+}
+
+/// `network`: "host", "none", "bridge" or a network name.
+fn network_name(cx: &Ctx<'_>, n: &Spanned<String>) -> Result<String, ManifestError> {
+    let v = n.get_ref();
+    let ok = !v.is_empty()
+        && v.len() <= 64
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if !ok {
+        return cx.err(n.span().start, format!("container.network: expected \"host\", \"none\", \"bridge\" or a network name, found \"{v}\""));
+    }
+    Ok(v.clone())
+}
+
+/// `cap_add`: capability names, written with or without the `CAP_` prefix, kept without it.
+fn capabilities(cx: &Ctx<'_>, r: &RawContainer) -> Result<Vec<String>, ManifestError> {
+    let mut cap_add = Vec::new();
+    for c in r.cap_add.iter().flatten() {
+        let v = c.get_ref().trim_start_matches("CAP_");
+        if v.is_empty() || !v.chars().all(|ch| ch.is_ascii_uppercase() || ch == '_') {
+            return cx.err(c.span().start, format!("container.cap_add: expected a capability name such as \"SYS_NICE\", found \"{}\"", c.get_ref()));
+        }
+        cap_add.push(v.to_string());
+    }
+    Ok(cap_add)
 }
 
 /// `pids_limit` (default 4096: a fork bomb inside cannot exhaust the host's PIDs) and `user`

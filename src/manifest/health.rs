@@ -24,6 +24,36 @@ pub(super) fn validate_health(
         });
     };
     let r = h.get_ref();
+    let probe = validate_probe(cx, h)?;
+    let start_timeout = cx.duration(
+        &r.start_timeout,
+        "health.start_timeout",
+        Duration::from_secs(600),
+    )?;
+    let default_limit = Duration::from_secs(3600).max(start_timeout);
+    let start_limit = cx.duration(&r.start_limit, "health.start_limit", default_limit)?;
+    if let Some(s) = &r.start_limit
+        && start_limit < start_timeout
+    {
+        return cx.err(
+            s.span().start,
+            "health.start_limit: expected at least health.start_timeout",
+        );
+    }
+    Ok(HealthSpec {
+        probe,
+        interval: cx.duration(&r.interval, "health.interval", Duration::from_secs(5))?,
+        timeout: cx.duration(&r.timeout, "health.timeout", Duration::from_secs(2))?,
+        start_timeout,
+        start_limit,
+        failures: cx.count(&r.failures, "health.failures", 1, 1000, 3)?,
+        successes: cx.count(&r.successes, "health.successes", 1, 1000, 1)?,
+    })
+}
+
+/// At most one of `http`, `tcp`, `exec`; `expect` only with `http`.
+fn validate_probe(cx: &Ctx<'_>, h: &Spanned<RawHealth>) -> Result<Option<Probe>, ManifestError> {
+    let r = h.get_ref();
     let set = [r.http.is_some(), r.tcp.is_some(), r.exec.is_some()]
         .iter()
         .filter(|b| **b)
@@ -70,28 +100,5 @@ pub(super) fn validate_health(
     if r.expect.is_some() && r.http.is_none() {
         return cx.err(h.span().start, "health.expect: only allowed with `http`");
     }
-    let start_timeout = cx.duration(
-        &r.start_timeout,
-        "health.start_timeout",
-        Duration::from_secs(600),
-    )?;
-    let default_limit = Duration::from_secs(3600).max(start_timeout);
-    let start_limit = cx.duration(&r.start_limit, "health.start_limit", default_limit)?;
-    if let Some(s) = &r.start_limit
-        && start_limit < start_timeout
-    {
-        return cx.err(
-            s.span().start,
-            "health.start_limit: expected at least health.start_timeout",
-        );
-    }
-    Ok(HealthSpec {
-        probe,
-        interval: cx.duration(&r.interval, "health.interval", Duration::from_secs(5))?,
-        timeout: cx.duration(&r.timeout, "health.timeout", Duration::from_secs(2))?,
-        start_timeout,
-        start_limit,
-        failures: cx.count(&r.failures, "health.failures", 1, 1000, 3)?,
-        successes: cx.count(&r.successes, "health.successes", 1, 1000, 1)?,
-    })
+    Ok(probe)
 }

@@ -24,93 +24,111 @@ pub(super) fn validate_native(
             n.span().start,
             "native: expected `command` (a program to run) or `unit` (an existing systemd unit)",
         ),
-        (None, Some(u)) => {
-            let unit = u.get_ref();
-            let valid_chars = unit
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || ":_.\\@-".contains(c));
-            if !valid_chars
-                || !unit.ends_with(".service")
-                || unit.len() <= ".service".len()
-                || unit.len() > 255
-            {
-                return cx.err(u.span().start, format!("native.unit: expected a systemd service name such as \"ollama.service\", found \"{unit}\""));
-            }
-            for (key, v) in [
-                (
-                    "native.environment",
-                    r.environment.as_ref().map(|s| s.span().start),
-                ),
-                (
-                    "native.working_directory",
-                    r.working_directory.as_ref().map(|s| s.span().start),
-                ),
-                ("native.user", r.user.as_ref().map(|s| s.span().start)),
-                ("native.group", r.group.as_ref().map(|s| s.span().start)),
-                (
-                    "native.environment_file",
-                    r.environment_file.as_ref().map(|s| s.span().start),
-                ),
-                (
-                    "native.credentials",
-                    r.credentials.as_ref().map(|s| s.span().start),
-                ),
-                ("native.sandbox", r.sandbox.as_ref().map(|s| s.span().start)),
-                ("native.gpu", r.gpu.map(|_| n.span().start)),
-                ("native.gpus", r.gpus.as_ref().map(|s| s.span().start)),
-            ] {
-                if let Some(off) = v {
-                    return cx.err(
-                        off,
-                        format!("{key}: not allowed with `unit` (the unit defines it)"),
-                    );
-                }
-            }
-            Ok(NativeExec::Unit(unit.clone()))
-        }
-        (Some(cmd), None) => {
-            let argv = cmd.get_ref();
-            if argv.is_empty() || argv[0].is_empty() {
-                return cx.err(
-                    cmd.span().start,
-                    "native.command: expected a non-empty list: the program and its arguments",
-                );
-            }
-            for a in argv {
-                if a.contains('\0') {
-                    return cx.err(
-                        cmd.span().start,
-                        "native.command: arguments must not contain NUL bytes",
-                    );
-                }
-                cx.placeholders(a, cmd.span().start, "native.command")?;
-            }
-            let environment = cx.environment(&r.environment, "native.environment")?;
-            let working_directory = match &r.working_directory {
-                None => None,
-                Some(w) => {
-                    cx.placeholders(w.get_ref(), w.span().start, "native.working_directory")?;
-                    if !w.get_ref().starts_with('/') && !w.get_ref().starts_with("${state_dir}") {
-                        return cx.err(
-                            w.span().start,
-                            format!(
-                                "native.working_directory: expected an absolute path, found \"{}\"",
-                                w.get_ref()
-                            ),
-                        );
-                    }
-                    Some(PathBuf::from(w.get_ref()))
-                }
-            };
-            let privileges = validate_privileges(cx, r)?;
-            Ok(NativeExec::Command {
-                argv: argv.clone(),
-                environment,
-                working_directory,
-                privileges,
-            })
+        (None, Some(u)) => native_unit(cx, n, u),
+        (Some(cmd), None) => native_command(cx, r, cmd),
+    }
+}
+
+/// `unit`: a systemd service name, and none of the keys the unit itself defines.
+fn native_unit(
+    cx: &Ctx<'_>,
+    n: &Spanned<RawNative>,
+    u: &Spanned<String>,
+) -> Result<NativeExec, ManifestError> {
+    let r = n.get_ref();
+    let unit = u.get_ref();
+    let valid_chars = unit
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || ":_.\\@-".contains(c));
+    if !valid_chars
+        || !unit.ends_with(".service")
+        || unit.len() <= ".service".len()
+        || unit.len() > 255
+    {
+        return cx.err(u.span().start, format!("native.unit: expected a systemd service name such as \"ollama.service\", found \"{unit}\""));
+    }
+    for (key, v) in [
+        (
+            "native.environment",
+            r.environment.as_ref().map(|s| s.span().start),
+        ),
+        (
+            "native.working_directory",
+            r.working_directory.as_ref().map(|s| s.span().start),
+        ),
+        ("native.user", r.user.as_ref().map(|s| s.span().start)),
+        ("native.group", r.group.as_ref().map(|s| s.span().start)),
+        (
+            "native.environment_file",
+            r.environment_file.as_ref().map(|s| s.span().start),
+        ),
+        (
+            "native.credentials",
+            r.credentials.as_ref().map(|s| s.span().start),
+        ),
+        ("native.sandbox", r.sandbox.as_ref().map(|s| s.span().start)),
+        ("native.gpu", r.gpu.map(|_| n.span().start)),
+        ("native.gpus", r.gpus.as_ref().map(|s| s.span().start)),
+    ] {
+        if let Some(off) = v {
+            return cx.err(
+                off,
+                format!("{key}: not allowed with `unit` (the unit defines it)"),
+            );
         }
     }
+    Ok(NativeExec::Unit(unit.clone()))
+}
+
+/// `command`: a non-empty argv, its environment, working directory and privileges.
+fn native_command(
+    cx: &Ctx<'_>,
+    r: &RawNative,
+    cmd: &Spanned<Vec<String>>,
+) -> Result<NativeExec, ManifestError> {
+    let argv = cmd.get_ref();
+    if argv.is_empty() || argv[0].is_empty() {
+        return cx.err(
+            cmd.span().start,
+            "native.command: expected a non-empty list: the program and its arguments",
+        );
+    }
+    for a in argv {
+        if a.contains('\0') {
+            return cx.err(
+                cmd.span().start,
+                "native.command: arguments must not contain NUL bytes",
+            );
+        }
+        cx.placeholders(a, cmd.span().start, "native.command")?;
+    }
+    let environment = cx.environment(&r.environment, "native.environment")?;
+    let working_directory = match &r.working_directory {
+        None => None,
+        Some(w) => Some(working_dir(cx, w)?),
+    };
+    let privileges = validate_privileges(cx, r)?;
+    Ok(NativeExec::Command {
+        argv: argv.clone(),
+        environment,
+        working_directory,
+        privileges,
+    })
+}
+
+/// `working_directory`: absolute, or under `${state_dir}`.
+fn working_dir(cx: &Ctx<'_>, w: &Spanned<String>) -> Result<PathBuf, ManifestError> {
+    cx.placeholders(w.get_ref(), w.span().start, "native.working_directory")?;
+    if !w.get_ref().starts_with('/') && !w.get_ref().starts_with("${state_dir}") {
+        return cx.err(
+            w.span().start,
+            format!(
+                "native.working_directory: expected an absolute path, found \"{}\"",
+                w.get_ref()
+            ),
+        );
+    }
+    Ok(PathBuf::from(w.get_ref()))
 }
 
 /// A user or group name as `useradd` accepts it; numbers are refused, so that root is only
