@@ -405,6 +405,94 @@ impl Ctx<'_> {
         }
         Ok(v)
     }
+
+    /// `[logging]`.
+    fn logging(&self, l: RawLogging, base: &Path, c: &mut Config) -> Result<(), ManifestError> {
+        if let Some(d) = l.module_log_dir.filter(|d| !d.is_empty()) {
+            c.module_log_dir = Some(resolve(base, &d));
+        }
+        if let Some(n) = l.module_log_max_bytes {
+            c.module_log_max_bytes = self.log_max_bytes(&n)?;
+        }
+        Ok(())
+    }
+
+    /// `[models]`.
+    fn models(&self, m: RawModels, base: &Path) -> Result<ModelsConfig, ManifestError> {
+        Ok(ModelsConfig {
+            store: m.store.filter(|s| !s.is_empty()).map(|s| resolve(base, &s)),
+            max_disk: self.size(&m.max_disk, "models.max_disk")?,
+            confirm_above: self.size(&m.confirm_above, "models.confirm_above")?,
+            ollama_registry: m.ollama_registry.filter(|s| !s.is_empty()),
+            fetch_user: m.fetch_user.filter(|s| !s.is_empty()),
+            hf_endpoint: m.hf_endpoint.filter(|s| !s.is_empty()),
+            hf_token_file: m
+                .hf_token_file
+                .filter(|s| !s.is_empty())
+                .map(|s| resolve(base, &s)),
+        })
+    }
+}
+
+/// A path as written in the config file: relative paths are relative to the file (so a
+/// checkout's config/ works from anywhere).
+fn resolve(base: &Path, p: &str) -> PathBuf {
+    let p = PathBuf::from(p);
+    if p.is_absolute() { p } else { base.join(p) }
+}
+
+/// `[paths]`.
+fn paths(p: RawPaths, base: &Path, c: &mut Config) {
+    if let Some(t) = p.manifest_trust_check {
+        c.manifest_trust_check = t;
+    }
+    if let Some(m) = p.modules {
+        c.modules = m.iter().map(|s| resolve(base, s)).collect();
+    }
+    if let Some(s) = p.state {
+        c.state = resolve(base, &s);
+    }
+    if let Some(r) = p.runtime {
+        c.runtime = resolve(base, &r);
+    }
+}
+
+/// `[runtime]`.
+fn runtime(r: RawRuntime, c: &mut Config) {
+    if let Some(d) = r.default_mode {
+        c.policy.default_mode = mode(d);
+    }
+    if let Some(a) = r.allowed_modes {
+        c.policy.allowed_modes = a.into_iter().map(mode).collect();
+    }
+    if let Some(b) = r.docker_enabled {
+        c.policy.docker_enabled = b;
+    }
+    if let Some(b) = r.native_enabled {
+        c.policy.native_enabled = b;
+    }
+    if let Some(s) = r.container_socket {
+        c.container_socket = s;
+    }
+    if let Some(b) = r.native_backend {
+        c.native_backend = match b {
+            RawBackend::Auto => NativeBackendChoice::Auto,
+            RawBackend::Systemd => NativeBackendChoice::Systemd,
+            RawBackend::Direct => NativeBackendChoice::Direct,
+        };
+    }
+}
+
+/// `[dbus]`.
+fn dbus(d: RawDbus, c: &mut Config) {
+    if let Some(b) = d.bus {
+        c.bus = match b {
+            RawBus::Auto => BusChoice::Auto,
+            RawBus::System => BusChoice::System,
+            RawBus::Embedded => BusChoice::Embedded,
+        };
+    }
+    c.bus_address = d.address.filter(|a| !a.is_empty());
 }
 
 impl Config {
@@ -442,71 +530,21 @@ impl Config {
         })?;
         let mut c = Config::default();
         let base = path.parent().unwrap_or(Path::new("/"));
-        // Relative paths in a config file are relative to the file (so a checkout's config/
-        // works from anywhere).
-        let resolve = |p: &str| -> PathBuf {
-            let p = PathBuf::from(p);
-            if p.is_absolute() { p } else { base.join(p) }
-        };
         if let Some(p) = raw.paths {
-            if let Some(t) = p.manifest_trust_check {
-                c.manifest_trust_check = t;
-            }
-            if let Some(m) = p.modules {
-                c.modules = m.iter().map(|s| resolve(s)).collect();
-            }
-            if let Some(s) = p.state {
-                c.state = resolve(&s);
-            }
-            if let Some(r) = p.runtime {
-                c.runtime = resolve(&r);
-            }
+            paths(p, base, &mut c);
         }
         if let Some(r) = raw.runtime {
-            if let Some(d) = r.default_mode {
-                c.policy.default_mode = mode(d);
-            }
-            if let Some(a) = r.allowed_modes {
-                c.policy.allowed_modes = a.into_iter().map(mode).collect();
-            }
-            if let Some(b) = r.docker_enabled {
-                c.policy.docker_enabled = b;
-            }
-            if let Some(b) = r.native_enabled {
-                c.policy.native_enabled = b;
-            }
-            if let Some(s) = r.container_socket {
-                c.container_socket = s;
-            }
-            if let Some(b) = r.native_backend {
-                c.native_backend = match b {
-                    RawBackend::Auto => NativeBackendChoice::Auto,
-                    RawBackend::Systemd => NativeBackendChoice::Systemd,
-                    RawBackend::Direct => NativeBackendChoice::Direct,
-                };
-            }
+            runtime(r, &mut c);
         }
         let cx = Ctx { path, src };
         if let Some(m) = raw.monitor {
             cx.monitor(m, &mut c)?;
         }
         if let Some(l) = raw.logging {
-            if let Some(d) = l.module_log_dir.filter(|d| !d.is_empty()) {
-                c.module_log_dir = Some(resolve(&d));
-            }
-            if let Some(n) = l.module_log_max_bytes {
-                c.module_log_max_bytes = cx.log_max_bytes(&n)?;
-            }
+            cx.logging(l, base, &mut c)?;
         }
         if let Some(d) = raw.dbus {
-            if let Some(b) = d.bus {
-                c.bus = match b {
-                    RawBus::Auto => BusChoice::Auto,
-                    RawBus::System => BusChoice::System,
-                    RawBus::Embedded => BusChoice::Embedded,
-                };
-            }
-            c.bus_address = d.address.filter(|a| !a.is_empty());
+            dbus(d, &mut c);
         }
         if let Some(k) = raw.containers {
             c.containment = containment(k, path, src)?;
@@ -518,18 +556,7 @@ impl Config {
             c.admission = a.validate(path, src)?;
         }
         if let Some(m) = raw.models {
-            c.models = ModelsConfig {
-                store: m.store.filter(|s| !s.is_empty()).map(|s| resolve(&s)),
-                max_disk: cx.size(&m.max_disk, "models.max_disk")?,
-                confirm_above: cx.size(&m.confirm_above, "models.confirm_above")?,
-                ollama_registry: m.ollama_registry.filter(|s| !s.is_empty()),
-                fetch_user: m.fetch_user.filter(|s| !s.is_empty()),
-                hf_endpoint: m.hf_endpoint.filter(|s| !s.is_empty()),
-                hf_token_file: m
-                    .hf_token_file
-                    .filter(|s| !s.is_empty())
-                    .map(|s| resolve(&s)),
-            };
+            c.models = cx.models(m, base)?;
         }
         Ok(c)
     }

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use toml::Spanned;
 
+use super::container::parse_volume;
 use super::raw::RawContainer;
-use super::validate::parse_volume;
 
 /// Capabilities an untrusted container may keep. All are in Docker's and Podman's default set
 /// and act only on the container's own files and processes: an image that starts as root,

@@ -1,9 +1,12 @@
 //! Module manifests: strict parsing into raw types, validation into the trusted [`Module`]
 //! type, and loading from the drop-in directories with precedence and masking.
 
+mod container;
 mod containment;
 mod gpus;
+mod health;
 mod load;
+mod native;
 pub mod probe;
 mod raw;
 mod render;
