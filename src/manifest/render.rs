@@ -5,7 +5,7 @@ use std::path::Path;
 
 use super::{Mode, Module, NativeExec};
 
-/// Substitutes `${model}`, `${model_file}`, `${name}`, `${state_dir}`.
+/// Substitutes `${model}`, `${model_file}`, `${name}`, `${state_dir}`, `${upstream}`, `${port}`.
 pub fn substitute(s: &str, name: &str, state_dir: &Path, model: Option<&Path>) -> String {
     substitute_all(s, name, state_dir, model, None)
 }

@@ -99,7 +99,7 @@ impl Ctx<'_> {
             if !PLACEHOLDERS.contains(&name) {
                 return self.err(
                     offset,
-                    format!("{key}: unknown placeholder \"${{{name}}}\", expected one of ${{model}}, ${{model_file}}, ${{name}}, ${{state_dir}}"),
+                    format!("{key}: unknown placeholder \"${{{name}}}\", expected one of ${{model}}, ${{model_file}}, ${{name}}, ${{state_dir}}, ${{port}}, ${{upstream}}"),
                 );
             }
             rest = &after[end + 1..];
