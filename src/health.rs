@@ -136,9 +136,10 @@ async fn http_get(url: &str, expect: Option<&str>) -> ProbeResult {
     }
 }
 
-/// Probes forever: quickly (every 250 ms at most) until the first success, so a module shows
-/// online as soon as it is, then every `interval`. Each result goes to `report`; the loop ends
-/// when `report` returns false.
+/// Probes forever: quickly until the first success (20 ms after the first try, doubling up to
+/// 250 ms, never slower than `interval`), so a module shows online as soon as it is (an engine
+/// that restarts in 30 ms is online ~40 ms later), then every `interval`. Each result goes to
+/// `report`; the loop ends when `report` returns false.
 pub async fn probe_loop<F, Fut>(
     mut probe: F,
     interval: Duration,
@@ -148,6 +149,7 @@ pub async fn probe_loop<F, Fut>(
     Fut: std::future::Future<Output = ProbeResult>,
 {
     let mut passed = false;
+    let mut quick = START_PROBE_FIRST;
     loop {
         let result = probe().await;
         passed |= result.ok;
@@ -157,11 +159,17 @@ pub async fn probe_loop<F, Fut>(
         let wait = if passed {
             interval
         } else {
-            interval.min(Duration::from_millis(250))
+            let w = quick.min(interval);
+            quick = (quick * 2).min(START_PROBE_MAX);
+            w
         };
         tokio::time::sleep(wait).await;
     }
 }
+
+/// The start phase's probing: the first wait, doubled after each failure up to the last.
+const START_PROBE_FIRST: Duration = Duration::from_millis(20);
+const START_PROBE_MAX: Duration = Duration::from_millis(250);
 
 /// Consecutive-result counting: `failures` bad results in a row flip to unhealthy,
 /// `successes` good ones flip back; anything shorter never changes the verdict (no flapping).
@@ -242,6 +250,35 @@ mod tests {
         assert_eq!(h.feed(true), Some(true));
     }
 
+    /// Virtual time: a start phase of ten failures probes at 0, 20, 60, 140, 300 ms, then every
+    /// 250 ms; a short interval caps it.
+    #[tokio::test(start_paused = true)]
+    async fn the_start_phase_probes_on_a_short_backoff() {
+        for (interval, want) in [
+            (5000, vec![0, 20, 60, 140, 300, 550, 800, 1050]),
+            (30, vec![0, 20, 50, 80, 110, 140, 170, 200]),
+        ] {
+            let t0 = tokio::time::Instant::now();
+            let mut times = Vec::new();
+            probe_loop(
+                || async {
+                    ProbeResult {
+                        ok: false,
+                        detail: String::new(),
+                        loading: true,
+                    }
+                },
+                Duration::from_millis(interval),
+                |_| {
+                    times.push(t0.elapsed().as_millis() as u64);
+                    times.len() < want.len()
+                },
+            )
+            .await;
+            assert_eq!(times, want, "interval {interval} ms");
+        }
+    }
+
     /// Virtual time: a flapping engine (good, bad, good, bad...) never changes the verdict;
     /// three bad answers in a row turn it offline at exactly the third bad probe; two good ones
     /// bring it back. Timing follows the interval exactly.
@@ -290,8 +327,8 @@ mod tests {
         .await;
         let log = log.lock().expect("lock").clone();
         let times: Vec<u64> = log.iter().map(|(t, _)| *t).collect();
-        // 250 ms apart until the first success (third probe), then the 5 s interval.
-        assert_eq!(&times[..4], &[0, 250, 500, 5500]);
+        // 20 ms, then 40 ms apart until the first success (third probe), then the 5 s interval.
+        assert_eq!(&times[..4], &[0, 20, 60, 5060]);
         let verdicts: Vec<Option<bool>> = log.iter().map(|(_, v)| *v).collect();
         assert_eq!(
             verdicts,

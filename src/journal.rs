@@ -9,6 +9,14 @@ use std::sync::{Arc, Mutex};
 
 pub const JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";
 
+/// journald's socket: `JOURNAL_SOCKET`, or `$MODVISOR_JOURNAL_SOCKET` (a daemon in a container
+/// with the host's journal mounted elsewhere, or run without one in a test).
+pub fn journal_socket() -> PathBuf {
+    std::env::var_os("MODVISOR_JOURNAL_SOCKET")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(JOURNAL_SOCKET))
+}
+
 /// A connection to journald's native socket.
 #[derive(Debug)]
 pub struct Journal {
@@ -19,7 +27,7 @@ pub struct Journal {
 impl Journal {
     /// Connects to journald, or `None` when no journal runs here.
     pub fn connect() -> Option<Journal> {
-        Journal::connect_at(Path::new(JOURNAL_SOCKET))
+        Journal::connect_at(&journal_socket())
     }
 
     pub fn connect_at(path: &Path) -> Option<Journal> {
@@ -147,17 +155,20 @@ const RECENT_BYTES: usize = 16 * 1024;
 /// Each kept line is cut to this (error lines are short; the journal has the whole line).
 const RECENT_LINE_MAX: usize = 2048;
 
-/// The last lines of a module, bounded in count and in bytes.
+/// The last lines of a module, bounded in count and in bytes, numbered from 1 (across its runs).
 #[derive(Debug, Default)]
 struct Recent {
     lines: std::collections::VecDeque<String>,
     bytes: usize,
+    /// The number of the newest line (0: none yet).
+    seq: u64,
 }
 
 impl Recent {
     fn push(&mut self, line: &str) {
         let line = crate::bounded::cap_str(line, RECENT_LINE_MAX).into_owned();
         self.bytes += line.len();
+        self.seq += 1;
         self.lines.push_back(line);
         while self.lines.len() > RECENT_LINES || self.bytes > RECENT_BYTES {
             match self.lines.pop_front() {
@@ -165,6 +176,15 @@ impl Recent {
                 None => break,
             }
         }
+    }
+
+    /// The kept lines numbered above `after`, the last `max` of them.
+    fn after(&self, after: u64, max: usize) -> Vec<String> {
+        let first = self.seq + 1 - self.lines.len() as u64;
+        let skip = after.saturating_add(1).saturating_sub(first) as usize;
+        let newer: Vec<&String> = self.lines.iter().skip(skip).collect();
+        let from = newer.len().saturating_sub(max);
+        newer[from..].iter().map(|l| l.to_string()).collect()
     }
 }
 
@@ -186,6 +206,26 @@ impl OutputSink {
     pub fn recent(&self) -> Vec<String> {
         let r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         r.lines.iter().cloned().collect()
+    }
+
+    /// The number of the newest line (0: none yet).
+    pub fn seq(&self) -> u64 {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner()).seq
+    }
+
+    /// The kept lines numbered above `after` (the last `max` of them), with the newest number.
+    pub fn recent_after(&self, after: u64, max: usize) -> (u64, Vec<String>) {
+        let r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        (r.seq, r.after(after, max))
+    }
+
+    /// Keeps the recent lines of `previous` (the module's earlier run): `modvisorctl logs`
+    /// without a journal shows what a run said before it was restarted.
+    pub fn continuing(mut self, previous: Option<&OutputSink>) -> OutputSink {
+        if let Some(p) = previous {
+            self.recent = p.recent.clone();
+        }
+        self
     }
 }
 
@@ -291,6 +331,33 @@ mod tests {
             trusted_matches(None, "ollama.service").join(" "),
             "_SYSTEMD_UNIT=ollama.service + _SYSTEMD_USER_UNIT=ollama.service _UID=0"
         );
+    }
+
+    #[test]
+    fn recent_lines_are_numbered_across_runs() {
+        let a = OutputSink::new("m", None, None, 0);
+        for i in 1..=50 {
+            a.line(Stream::Stdout, format!("line {i}").as_bytes());
+        }
+        assert_eq!(a.seq(), 50);
+        let (seq, lines) = a.recent_after(0, 3);
+        assert_eq!(
+            (seq, lines),
+            (
+                50,
+                vec!["line 48".into(), "line 49".into(), "line 50".into()]
+            )
+        );
+        assert_eq!(a.recent_after(48, 100).1, vec!["line 49", "line 50"]);
+        assert!(a.recent_after(50, 100).1.is_empty());
+        assert_eq!(
+            a.recent_after(0, 100).1.len(),
+            RECENT_LINES,
+            "only what is kept"
+        );
+        let b = OutputSink::new("m", None, None, 0).continuing(Some(&a));
+        b.line(Stream::Stderr, b"next run");
+        assert_eq!(a.recent_after(50, 10), (51, vec!["next run".to_string()]));
     }
 
     #[test]

@@ -22,7 +22,7 @@ fn stderr_is_journal() -> bool {
 pub fn init() -> &'static str {
     let filter = EnvFilter::try_from_env("MODVISOR_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let use_journal = stderr_is_journal()
-        || (std::path::Path::new(crate::journal::JOURNAL_SOCKET).exists()
+        || (crate::journal::journal_socket().exists()
             && std::env::var_os("MODVISOR_LOG_STDERR").is_none());
     if use_journal && let Ok(layer) = tracing_journald::layer() {
         let layer = layer

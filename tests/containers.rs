@@ -270,15 +270,22 @@ async fn adoption_and_recreation(e: Eng) {
 
 async fn missing_image_is_a_clear_error(e: Eng) {
     let name = uniq(e, "noimg");
-    let m = "[container]\nimage = \"localhost/does-not-exist:1\"\nnetwork = \"none\"\n[restart]\npolicy = \"no\"\n".to_string();
+    // The default policy restarts failures; this one is a configuration error: not retried.
+    let m = "[container]\nimage = \"localhost/does-not-exist:1\"\nnetwork = \"none\"\n[restart]\ndelay = \"100ms\"\n".to_string();
     let d = start(e, &[(&name, &m)]).await;
     let (st, h, r) = d.wait_state(&name, "failed").await;
     assert_eq!((st.as_str(), h.as_str()), ("failed", "offline"));
     assert!(
-        r.contains("image localhost/does-not-exist:1 is not present")
-            && r.contains("pull = \"never\""),
+        r.starts_with("not started: image localhost/does-not-exist:1 is not present")
+            && r.contains("pull = \"never\"")
+            && r.contains("a configuration error, not restarted"),
         "{r}"
     );
+    assert!(!r.contains("pid 0"), "{r}");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let p = d.module(&name).await;
+    assert_eq!(p.restarts().await.expect("Restarts"), 0, "not retried");
+    assert_eq!(p.state().await.expect("State"), "failed");
 }
 
 async fn policy_picks_native_or_container(e: Eng) {

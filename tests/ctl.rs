@@ -141,3 +141,62 @@ async fn embedded_bus_is_found_without_flags() {
         "the embedded bus is gone with the daemon"
     );
 }
+
+/// Without a journal, `logs` shows the module output modvisord keeps (the quick-start's
+/// ticker, on the embedded bus as `make run` runs it), and `-f` follows it.
+#[test]
+fn logs_without_a_journal_come_from_modvisord() {
+    use std::io::BufRead;
+    use std::time::{Duration, Instant};
+    let root = env!("CARGO_MANIFEST_DIR");
+    let ticker =
+        std::fs::read_to_string(format!("{root}/config/modules.d/ticker.toml")).expect("ticker");
+    let no_journal = ("MODVISOR_JOURNAL_SOCKET", "/nonexistent/journal-socket");
+    let mut e = EmbeddedDaemon::start_env(&[("ticker", &ticker)], &[no_journal]);
+    let addr = e.address();
+    let deadline = Instant::now() + T;
+    let last = loop {
+        let o = ctl(
+            &["--bus-address", &addr, "logs", "ticker", "-n", "3"],
+            &[no_journal],
+        );
+        let (out, err) = text(&o);
+        assert_eq!(o.status.code(), Some(0), "{out}{err}");
+        let lines: Vec<u32> = out
+            .lines()
+            .map(|l| l.strip_prefix("tick ").and_then(|n| n.parse().ok()))
+            .collect::<Option<_>>()
+            .unwrap_or_else(|| panic!("only ticks: {out}"));
+        assert!(lines.len() <= 3, "{out}");
+        if lines.len() == 3 {
+            assert_eq!(lines[2], lines[0] + 2, "the last three, in order: {out}");
+            break lines[2];
+        }
+        assert!(Instant::now() < deadline, "three lines within {T:?}: {out}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    // -f prints the last line, then the next ones as they come.
+    let mut f = Command::new(env!("CARGO_BIN_EXE_modvisorctl"))
+        .args(["--bus-address", &addr, "logs", "-f", "ticker", "-n", "1"])
+        .env(no_journal.0, no_journal.1)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("logs -f");
+    let out = f.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let first = rx.recv_timeout(T).expect("the last line");
+    let next = rx.recv_timeout(T).expect("a followed line");
+    let _ = f.kill();
+    let _ = f.wait();
+    let n = |l: &str| l.strip_prefix("tick ").and_then(|n| n.parse::<u32>().ok());
+    let (a, b) = (n(&first).expect("tick"), n(&next).expect("tick"));
+    assert!(a >= last && b == a + 1, "{first} then {next}");
+    e.stop();
+}

@@ -442,3 +442,41 @@ async fn no_nvml_library_is_unknown_once_not_an_error_loop() {
     let log = d.log();
     assert_eq!(log.matches("VRAM unknown").count(), 1, "said once:\n{log}");
 }
+
+/// A module that comes up is sampled at once: its first ModuleChanged(online) is followed by
+/// figures, not one sampling interval (here an hour) later.
+#[tokio::test]
+async fn memory_is_known_as_soon_as_a_module_is_online() {
+    use futures_util::StreamExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mode = dir.path().join("mode");
+    set_mode(&mode, "ok");
+    let port = free_port();
+    let m = server_module(&mode, port, "interval = \"100ms\"\n", "");
+    let opts = Options {
+        monitor_interval: "1h",
+        ..Options::default()
+    };
+    let d = Daemon::start_with(&[], opts).await;
+    let mgr = d.manager().await;
+    let mut changes = mgr.receive_module_changed().await.expect("ModuleChanged");
+    d.write_manifest("fig", &m);
+    let deadline = Instant::now() + T;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(Some(sig)) = tokio::time::timeout(left, changes.next()).await else {
+            panic!("fig not online within {T:?}:\n{}", d.log());
+        };
+        let a = sig.args().expect("args");
+        if a.name == "fig" && a.health == "online" {
+            break;
+        }
+    }
+    let mem = d
+        .module("fig")
+        .await
+        .memory_bytes()
+        .await
+        .expect("MemoryBytes");
+    assert!(mem > 0, "MemoryBytes right after online: {mem}");
+}

@@ -655,12 +655,13 @@ async fn a_llama_server_that_fails_on_a_broken_model_closes_the_held_connections
 #[tokio::test]
 async fn the_reason_of_a_start_that_fails_on_a_broken_model_names_the_engine_error() {
     let b = start_on_a_broken_model("[restart]\npolicy = \"no\"\n").await;
-    // The line is looked up once the engine has exited: the reason gains it shortly after.
+    // The line is in the output modvisord keeps: the decision's reason quotes it
+    // ("pid N exited: exit-code 1: LINE; ...").
     let (_, _, reason) = b
         .daemon
         .wait_module(&b.name, T, |_, _, r| names_the_load_error(r))
         .await;
-    assert!(reason.contains("the engine said: "), "{reason}");
+    assert!(reason.contains("exited: exit-code 1: "), "{reason}");
 }
 
 /// Two modules cannot listen on one address: the later manifest (in name order) is refused

@@ -341,6 +341,7 @@ async fn a_stop_after_the_exit_never_signals_a_reused_process_group() {
         restart: RestartSpec {
             policy: RestartPolicy::No,
             delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(1),
             max: 0,
             window: Duration::from_secs(60),
         },

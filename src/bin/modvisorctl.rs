@@ -22,15 +22,25 @@ mod models;
 
 enum Fail {
     Code(u8, String),
+    /// The bus's policy refused the call (exit code 4, one sentence naming the command).
+    Denied,
 }
 
 fn from_zbus(e: zbus::Error) -> Fail {
     match &e {
+        zbus::Error::MethodError(name, _, _)
+            if name.as_str() == "org.freedesktop.DBus.Error.AccessDenied" =>
+        {
+            Fail::Denied
+        }
+        zbus::Error::FDO(f) if matches!(f.as_ref(), zbus::fdo::Error::AccessDenied(_)) => {
+            Fail::Denied
+        }
         zbus::Error::MethodError(name, msg, _) => {
             let text = msg.clone().unwrap_or_else(|| name.to_string());
             let code = match name.as_str() {
                 "org.modvisor1.Error.NoSuchModule" => 3,
-                "org.modvisor1.Error.NotAllowed" | "org.freedesktop.DBus.Error.AccessDenied" => 4,
+                "org.modvisor1.Error.NotAllowed" => 4,
                 "org.modvisor1.Error.InvalidArgument"
                 | "org.freedesktop.DBus.Error.InvalidArgs" => 2,
                 "org.freedesktop.DBus.Error.ServiceUnknown"
@@ -41,12 +51,14 @@ fn from_zbus(e: zbus::Error) -> Fail {
         }
         zbus::Error::FDO(f) => {
             let code = match f.as_ref() {
-                zbus::fdo::Error::AccessDenied(_) => 4,
                 zbus::fdo::Error::ServiceUnknown(_) | zbus::fdo::Error::NameHasNoOwner(_) => 5,
                 zbus::fdo::Error::InvalidArgs(_) => 2,
                 _ => 1,
             };
-            Fail::Code(code, e.to_string())
+            // The text without the error's name ("org.freedesktop.DBus.Error.X: ...").
+            let text = zbus::DBusError::description(f.as_ref())
+                .map_or_else(|| e.to_string(), str::to_string);
+            Fail::Code(code, text)
         }
         zbus::Error::InputOutput(_) | zbus::Error::Address(_) => {
             Fail::Code(5, format!("modvisord is not reachable: {e}"))
@@ -76,6 +88,7 @@ async fn manager(cli: &Cli) -> Result<(zbus::Connection, ManagerProxy<'static>),
     // Fail early with 5 when nobody owns the name.
     m.version().await.map_err(|e| match from_zbus(e) {
         Fail::Code(_, t) => Fail::Code(5, format!("modvisord is not reachable: {t}")),
+        Fail::Denied => Fail::Denied,
     })?;
     Ok((conn, m))
 }
@@ -98,6 +111,7 @@ where
 async fn manager_props(conn: &zbus::Connection) -> Result<Props, Fail> {
     let unreachable = |e: zbus::Error| match from_zbus(e) {
         Fail::Code(_, t) => Fail::Code(5, format!("modvisord is not reachable: {t}")),
+        Fail::Denied => Fail::Denied,
     };
     let p = PropertiesProxy::builder(conn)
         .destination(BUS_NAME)
@@ -443,19 +457,85 @@ fn validate(paths: &[PathBuf], json_out: bool) -> Result<(), Fail> {
     Ok(())
 }
 
-fn logs(name: &str, follow: bool, lines: u32) -> Result<(), Fail> {
-    use std::os::unix::process::CommandExt;
+/// `logs`: from the journal when modvisord writes module output there (journalctl, with
+/// matches only journald and root can produce); otherwise modvisord's own recent lines.
+async fn logs(cli: &Cli, name: &str, follow: bool, lines: u32) -> Result<(), Fail> {
     if let Err(e) = modvisor::manifest::validate_name(name) {
         return Err(Fail::Code(2, e));
     }
-    if !std::path::Path::new(modvisor::journal::JOURNAL_SOCKET).exists() {
-        return Err(Fail::Code(
-            1,
-            "no journal runs on this machine: module output goes to modvisord's stderr (or to \
-             module_log_dir/NAME.log when [logging] module_log_dir is set)"
+    let journal = modvisor::journal::journal_socket().exists();
+    let asked = match connect(cli.bus_address.as_deref()).await {
+        Ok(conn) => get_output(&conn, name, 0, lines).await.map(|o| (conn, o)),
+        Err(e) => Err(Fail::Code(5, e)),
+    };
+    match asked {
+        Ok((conn, (false, seq, out))) => {
+            print_lines(&out);
+            if follow {
+                follow_output(&conn, name, seq).await?;
+            }
+            Ok(())
+        }
+        Ok((_, (true, ..))) => journal_logs(name, follow, lines),
+        Err(_) if journal => journal_logs(name, follow, lines),
+        Err(Fail::Code(5, _)) => Err(Fail::Code(
+            5,
+            "modvisord is not reachable and no journal runs here: module output is in \
+             module_log_dir/NAME.log when [logging] module_log_dir is set"
                 .into(),
-        ));
+        )),
+        Err(f) => Err(f),
     }
+}
+
+async fn get_output(
+    conn: &zbus::Connection,
+    name: &str,
+    after: u64,
+    max: u32,
+) -> Result<(bool, u64, Vec<String>), Fail> {
+    let reply = conn
+        .call_method(
+            Some(BUS_NAME),
+            MANAGER_PATH,
+            Some(MANAGER_IFACE),
+            "GetOutput",
+            &(name, after, max),
+        )
+        .await
+        .map_err(from_zbus)?;
+    reply
+        .body()
+        .deserialize()
+        .map_err(|e| Fail::Code(1, format!("GetOutput: {e}")))
+}
+
+fn print_lines(lines: &[String]) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    for l in lines {
+        let _ = writeln!(out, "{l}");
+    }
+    let _ = out.flush();
+}
+
+/// `logs -f` without a journal: asks for newer lines twice a second until interrupted.
+async fn follow_output(conn: &zbus::Connection, name: &str, mut seq: u64) -> Result<(), Fail> {
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let (_, newest, out) = get_output(conn, name, seq, u32::MAX).await?;
+        if newest < seq {
+            // The module was removed and added again: its lines start over.
+            seq = 0;
+            continue;
+        }
+        print_lines(&out);
+        seq = newest;
+    }
+}
+
+fn journal_logs(name: &str, follow: bool, lines: u32) -> Result<(), Fail> {
+    use std::os::unix::process::CommandExt;
     let unit = format!("modvisor-{name}.service");
     let mut cmd = std::process::Command::new("journalctl");
     cmd.arg("--no-pager")
@@ -672,7 +752,7 @@ async fn run(cli: &Cli) -> Result<(), Fail> {
             name,
             follow,
             lines,
-        } => logs(name, *follow, *lines),
+        } => logs(cli, name, *follow, *lines).await,
         Cmd::Validate { paths } => validate(paths, cli.json),
         Cmd::Export {
             name,
@@ -709,9 +789,33 @@ fn main() -> ExitCode {
     };
     match rt.block_on(run(&cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(Fail::Denied) => {
+            eprintln!(
+                "modvisorctl: not allowed: only root and members of group modvisor may {}",
+                action(&cli.cmd)
+            );
+            ExitCode::from(4)
+        }
         Err(Fail::Code(code, msg)) => {
             eprintln!("modvisorctl: {msg}");
             ExitCode::from(code)
         }
+    }
+}
+
+/// What a refused command wanted to do, for the one sentence a refusal prints (the bus's own
+/// "Rejected send message, 1 matched rules; ..." helps nobody).
+fn action(cmd: &Cmd) -> &'static str {
+    match cmd {
+        Cmd::Start { .. } => "start modules",
+        Cmd::Stop { .. } => "stop modules",
+        Cmd::Restart { .. } => "restart modules",
+        Cmd::Reload => "reload the manifests",
+        Cmd::Override { .. } => "override a module's mode",
+        Cmd::Activate { .. } => "activate models",
+        Cmd::Pull { .. } => "pull models",
+        Cmd::Rm { .. } => "remove models",
+        Cmd::Logs { .. } => "read module output",
+        _ => "do this",
     }
 }

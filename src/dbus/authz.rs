@@ -53,7 +53,7 @@ pub async fn authorize(conn: &Connection, hdr: &Header<'_>, what: &str) -> Resul
         );
     }
     Err(Error::NotAllowed(format!(
-        "{what} needs root or membership in the \"{ADMIN_GROUP}\" group (caller uid {uid})"
+        "not allowed: only root and members of group {ADMIN_GROUP} may call {what} (caller uid {uid})"
     )))
 }
 

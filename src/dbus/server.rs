@@ -169,6 +169,25 @@ impl Manager {
         Ok(self.handle.activate_model(name, model).await?)
     }
 
+    /// The module's recent output (what modvisord keeps in memory: its last 40 lines, at
+    /// most 16 KiB) numbered above `after`, the last `max` of them; with the newest number
+    /// (for the next call) and whether module output also goes to the journal. Root and
+    /// group modvisor only: an engine's output may hold what its clients sent.
+    async fn get_output(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        name: &str,
+        after: u64,
+        max: u32,
+    ) -> Result<(bool, u64, Vec<String>), Error> {
+        check_name(name)?;
+        authorize(conn, &hdr, "GetOutput").await?;
+        let (seq, lines) = self.handle.output(name, after, max as usize).await?;
+        let journal = crate::journal::journal_socket().exists();
+        Ok((journal, seq, lines))
+    }
+
     async fn explain(&self, name: &str) -> Result<String, Error> {
         check_name(name)?;
         Ok(clean(&self.handle.explain(name).await?))

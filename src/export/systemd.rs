@@ -23,6 +23,7 @@ pub const MIRRORED: &[(&str, &str)] = &[
     ("KillMode", "KillMode"),
     ("Restart", "Restart"),
     ("RestartUSec", "RestartSec"),
+    ("RestartPreventExitStatus", "RestartPreventExitStatus"),
     ("StartLimitBurst", "StartLimitBurst"),
     ("StartLimitIntervalUSec", "StartLimitIntervalSec"),
     ("TimeoutStopUSec", "TimeoutStopSec"),
@@ -128,6 +129,8 @@ pub fn render(m: &Module, state_dir: &Path, model: Option<&Path>) -> Result<Stri
     u.set("KillMode", "control-group");
     u.set("Restart", m.restart.policy.as_str());
     u.set("RestartSec", &timespan(m.restart.delay));
+    u.comment("126/127: the command could not run; restarting cannot help.");
+    u.set("RestartPreventExitStatus", "126 127");
     u.set("TimeoutStopSec", &timespan(m.stop_timeout));
     if let Some(max) = m.resources.memory_max {
         u.set("MemoryMax", &max.to_string());
@@ -364,6 +367,7 @@ window = "1m"
             "KillMode=control-group",
             "Restart=always",
             "RestartSec=250ms",
+            "RestartPreventExitStatus=126 127",
             "TimeoutStopSec=1500ms",
             "MemoryMax=536870912",
             "SyslogIdentifier=x",

@@ -317,7 +317,10 @@ impl RestartPolicy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RestartSpec {
     pub policy: RestartPolicy,
+    /// The wait before the first restart of a budget; each next one waits twice as long, up
+    /// to `max_delay`.
     pub delay: Duration,
+    pub max_delay: Duration,
     pub max: u32,
     pub window: Duration,
 }

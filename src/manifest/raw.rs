@@ -169,6 +169,7 @@ pub enum RawRestartPolicy {
 pub struct RawRestart {
     pub policy: Option<RawRestartPolicy>,
     pub delay: Option<Spanned<String>>,
+    pub max_delay: Option<Spanned<String>>,
     pub max: Option<Spanned<i64>>,
     pub window: Option<Spanned<String>>,
 }

@@ -428,7 +428,7 @@ pub fn parse_manifest_with(
     // [restart]
     let restart = {
         let r = raw.restart.as_ref();
-        RestartSpec {
+        let mut spec = RestartSpec {
             policy: match r.and_then(|r| r.policy) {
                 None | Some(RawRestartPolicy::OnFailure) => RestartPolicy::OnFailure,
                 Some(RawRestartPolicy::No) => RestartPolicy::No,
@@ -445,13 +445,30 @@ pub fn parse_manifest_with(
                     Err(e) => cx.err(s.span().start, format!("restart.delay: {e}"))?,
                 },
             },
+            max_delay: Duration::ZERO,
             max: cx.count(&r.and_then(|r| r.max.clone()), "restart.max", 0, 10_000, 5)?,
             window: cx.duration(
                 &r.and_then(|r| r.window.clone()),
                 "restart.window",
                 Duration::from_secs(600),
             )?,
+        };
+        let max_delay = r.and_then(|r| r.max_delay.clone());
+        spec.max_delay = cx.duration(
+            &max_delay,
+            "restart.max_delay",
+            spec.delay.max(Duration::from_secs(60)),
+        )?;
+        if let Some(s) = max_delay.filter(|_| spec.max_delay < spec.delay) {
+            cx.err::<()>(
+                s.span().start,
+                format!(
+                    "restart.max_delay: {:?} is shorter than restart.delay ({:?})",
+                    spec.max_delay, spec.delay
+                ),
+            )?;
         }
+        spec
     };
 
     Ok(Module {

@@ -39,6 +39,18 @@ pub const LABEL_MODULE: &str = "org.modvisor.module";
 pub const LABEL_SPEC: &str = "org.modvisor.spec";
 pub const LABEL_OWNER: &str = "org.modvisor.owner";
 
+/// Why a container did not start: `Refused` when retrying cannot help (configuration).
+enum Failure {
+    Refused(String),
+    Other(String),
+}
+
+impl From<String> for Failure {
+    fn from(why: String) -> Self {
+        Failure::Other(why)
+    }
+}
+
 pub fn container_name(module: &str) -> String {
     format!("modvisor-{module}")
 }
@@ -595,16 +607,16 @@ impl ContainerBackend {
         }
     }
 
-    async fn ensure_image(&self, spec: &ContainerSpec) -> Result<(), String> {
+    async fn ensure_image(&self, spec: &ContainerSpec) -> Result<(), Failure> {
         let (status, _) = get_json(&self.sock, &format!("/images/{}/json", spec.image)).await?;
         if status == 200 {
             return Ok(());
         }
         match spec.pull {
-            Pull::Never => Err(format!(
+            Pull::Never => Err(Failure::Refused(format!(
                 "image {} is not present in {} and pull = \"never\"",
                 spec.image, self.description
-            )),
+            ))),
             Pull::Missing => {
                 let opts = bollard::query_parameters::CreateImageOptionsBuilder::default()
                     .from_image(&spec.image)
@@ -677,7 +689,7 @@ impl ContainerBackend {
         spec: ContainerSpec,
         events: mpsc::UnboundedSender<RuntimeEvent>,
         exited: watch::Sender<bool>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Failure> {
         let cname = container_name(&req.name);
         let hash = spec_hash(&spec, req.memory_max);
         let send_running = |i: &Inspect| {
@@ -740,7 +752,8 @@ impl ContainerBackend {
         let secrets = match spec.environment_file.clone() {
             Some(f) => tokio::task::spawn_blocking(move || crate::secrets::environment_file(&f))
                 .await
-                .map_err(|e| format!("reading the environment file: {e}"))??,
+                .map_err(|e| format!("reading the environment file: {e}"))?
+                .map_err(Failure::Refused)?,
             None => Vec::new(),
         };
         let body = self.create_body(&req, &spec, &hash, secrets);
@@ -763,7 +776,7 @@ impl ContainerBackend {
                     .await
                     .map_err(|e| format!("creating {cname}: {e}"))?
             }
-            Err(e) => return Err(format!("creating {cname}: {e}")),
+            Err(e) => return Err(format!("creating {cname}: {e}").into()),
         };
         lock(&self.runs).insert(
             cname.clone(),
@@ -790,7 +803,7 @@ impl ContainerBackend {
         {
             lock(&self.runs).remove(&cname);
             let _ = self.remove(&cname).await;
-            return Err(format!("starting {cname}: {e}"));
+            return Err(format!("starting {cname}: {e}").into());
         }
         // After the start: both engines end a follow of a container that is not running yet.
         // (A quick exit's last lines are read again on its die event.)
@@ -842,13 +855,17 @@ impl Backend for Arc<ContainerBackend> {
             let (name, generation) = (req.name.clone(), req.generation);
             // The semaphore is never closed; were it, the start would just go unbounded.
             let _permit = me.starts.acquire().await.ok();
-            if let Err(why) = me.clone().run(req, spec, events.clone(), exited_tx).await {
-                tracing::warn!(modvisor_module = %name, "{why}");
+            if let Err(f) = me.clone().run(req, spec, events.clone(), exited_tx).await {
+                let info = match f {
+                    Failure::Refused(why) => ExitInfo::Refused(why),
+                    Failure::Other(why) => ExitInfo::Other(why),
+                };
+                tracing::warn!(modvisor_module = %name, "{info}");
                 let _ = exited_for_fail.send(true);
                 let _ = events.send(RuntimeEvent::Exited {
                     name,
                     generation,
-                    info: ExitInfo::Other(why),
+                    info,
                 });
             }
         });

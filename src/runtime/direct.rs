@@ -221,7 +221,7 @@ async fn run(l: Launch, backend_record: impl FnOnce(u32) -> Option<PathBuf> + Se
         Ok(p) => p,
         Err(why) => {
             tracing::error!(modvisor_module = %l.req.name, "not starting {}: {why}", l.req.name);
-            return l.end(ExitInfo::Other(why));
+            return l.end(ExitInfo::Refused(why));
         }
     };
     if privileges.runs_as_root() && prep.identity.as_ref().is_some_and(|i| i.is_root()) {
@@ -239,16 +239,25 @@ async fn run(l: Launch, backend_record: impl FnOnce(u32) -> Option<PathBuf> + Se
         Ok(c) => c,
         Err(why) => {
             remove_credentials(prep.credentials.as_deref());
-            return l.end(ExitInfo::Other(why));
+            return l.end(ExitInfo::Refused(why));
         }
     };
     let pid = child.id().unwrap_or(0);
     let pid_file = backend_record(pid);
+    let mut forwarders = Vec::new();
     if let Some(out) = child.stdout.take() {
-        tokio::spawn(forward(out, l.req.sink.clone(), Stream::Stdout));
+        forwarders.push(tokio::spawn(forward(
+            out,
+            l.req.sink.clone(),
+            Stream::Stdout,
+        )));
     }
     if let Some(err) = child.stderr.take() {
-        tokio::spawn(forward(err, l.req.sink.clone(), Stream::Stderr));
+        forwarders.push(tokio::spawn(forward(
+            err,
+            l.req.sink.clone(),
+            Stream::Stderr,
+        )));
     }
     if let Some(i) = &prep.identity {
         tracing::info!(modvisor_module = %l.req.name, "started pid {pid} as {} (uid {})", i.user, i.uid);
@@ -269,6 +278,10 @@ async fn run(l: Launch, backend_record: impl FnOnce(u32) -> Option<PathBuf> + Se
         let _ = std::fs::remove_file(f);
     }
     remove_credentials(prep.credentials.as_deref());
+    // The engine's last words are read before its exit is reported (its reason quotes them),
+    // for a moment at most: an escaped grandchild may hold the pipes open.
+    let drained = futures_util::future::join_all(forwarders);
+    let _ = tokio::time::timeout(Duration::from_millis(100), drained).await;
     l.end(info);
 }
 

@@ -27,6 +27,9 @@ pub enum ExitInfo {
     Other(String),
     /// The backend's own restart budget is spent (systemd's start-limit-hit) after this exit.
     StartLimitHit(Box<ExitInfo>),
+    /// The backend could not start the engine for a reason a restart cannot change (an image
+    /// missing with `pull = "never"`, a command or user that does not exist): no process ran.
+    Refused(String),
 }
 
 impl ExitInfo {
@@ -46,6 +49,7 @@ impl fmt::Display for ExitInfo {
             },
             ExitInfo::Other(s) => f.write_str(s),
             ExitInfo::StartLimitHit(last) => write!(f, "{last}; start limit hit"),
+            ExitInfo::Refused(s) => f.write_str(s),
         }
     }
 }

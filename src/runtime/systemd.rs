@@ -6,7 +6,8 @@
 //! - `LimitCORE`/`LimitCORESoft` = 0: a crashing engine never dumps gigabytes of core.
 //! - `KillMode=control-group`: stop really stops everything the engine forked.
 //! - `Restart`, `RestartUSec`, `StartLimitBurst`, `StartLimitIntervalUSec`: systemd restarts the
-//!   engine itself (also while modvisord is down), within the manifest's budget.
+//!   engine itself (also while modvisord is down), within the manifest's budget;
+//!   `RestartPreventExitStatus=126 127`: a command that cannot run is not restarted.
 //! - `TimeoutStopUSec`: SIGTERM, then SIGKILL of the cgroup after the manifest's stop timeout.
 //! - `MemoryMax` when set; `Environment`, `WorkingDirectory`, `User` as the manifest says.
 //! - `Environment=MODVISOR_SPEC=HASH`: a hash of what the unit runs, read back on adoption.
@@ -228,6 +229,12 @@ impl SystemdBackend {
                 ov(Variant::from(req.restart.policy.as_str().to_string())),
             ),
             ("RestartUSec", ov(Variant::from(usec(req.restart.delay)))),
+            // 126/127: the command could not run (not executable, not found, a shared
+            // library missing). A configuration error: restarting cannot help.
+            (
+                "RestartPreventExitStatus",
+                ov(Variant::from((vec![126i32, 127], Vec::<i32>::new()))),
+            ),
             // Measured on systemd 252: StartLimitBurst=N allows N automatic restarts.
             ("StartLimitBurst", ov(Variant::from(req.restart.max))),
             (

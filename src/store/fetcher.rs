@@ -377,6 +377,28 @@ fn resume_offset(r: &reqwest::Response, have: u64) -> Result<u64, String> {
     }
 }
 
+/// Appends the response body to `file`, counting from `from`, never past `cap` bytes.
+async fn copy_body(
+    r: reqwest::Response,
+    file: &mut tokio::fs::File,
+    from: u64,
+    cap: u64,
+    done: &AtomicU64,
+) -> Result<u64, String> {
+    let mut written = from;
+    let mut s = r.bytes_stream();
+    while let Some(chunk) = s.next().await {
+        let chunk = chunk.map_err(|e| format!("after {written} bytes: {e}"))?;
+        written += chunk.len() as u64;
+        if written > cap {
+            return Err(format!("the server sent more than {cap} bytes"));
+        }
+        file.write_all(&chunk).await.map_err(|e| e.to_string())?;
+        done.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+    }
+    Ok(written)
+}
+
 /// Downloads one file into `DIR/NAME.part`, resuming what is there (Range), never past its
 /// announced size (or `limit` when none was announced).
 async fn download(
@@ -422,18 +444,13 @@ async fn download(
         .await
         .map_err(|e| ctx(&e))?;
     let cap = f.size.unwrap_or(limit);
-    let mut written = from;
     done.fetch_add(from, Ordering::Relaxed);
-    let mut s = r.bytes_stream();
-    while let Some(chunk) = s.next().await {
-        let chunk = chunk.map_err(|e| ctx(&format!("after {written} bytes: {e}")))?;
-        written += chunk.len() as u64;
-        if written > cap {
-            return Err(ctx(&format!("the server sent more than {cap} bytes")));
-        }
-        file.write_all(&chunk).await.map_err(|e| ctx(&e))?;
-        done.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-    }
+    let copied = copy_body(r, &mut file, from, cap, done).await;
+    // tokio's File writes in the background: without this flush a failed attempt could
+    // still be writing when the retry measures the part file, and resume too early.
+    let flushed = file.flush().await;
+    let written = copied.map_err(|e| ctx(&e))?;
+    flushed.map_err(|e| ctx(&e))?;
     file.sync_all().await.map_err(|e| ctx(&e))?;
     if let Some(sz) = f.size
         && written != sz

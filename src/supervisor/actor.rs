@@ -10,7 +10,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
 
-use super::module::{Input, Lifecycle, Now, Started};
+use super::module::{Exit, Input, Lifecycle, Now, Started};
 use super::resources::Usage;
 use super::{Backends, Command, Found, Handle, ManagerSignal, OpError, Reply, ReplyId};
 use crate::config::Config;
@@ -89,6 +89,9 @@ pub(super) struct Slot {
     /// Timers and helper tasks of this module, aborted when it is removed.
     pub tasks: Vec<AbortHandle>,
     pub sink: Option<OutputSink>,
+    /// The number of the module's last output line before its current run started: what
+    /// the run said is numbered above it.
+    pub output_start: u64,
     /// The unit or container of the latest run ("" for direct children).
     pub last_unit: String,
     pub usage: Usage,
@@ -138,6 +141,9 @@ pub(super) struct Supervisor {
     pub gpu: Option<Arc<crate::monitor::Gpu>>,
     pub gpu_error_logged: bool,
     pub sampling: bool,
+    /// A module just came up with no figures yet: sample again as soon as the pass in flight
+    /// (if any) is done.
+    pub sample_again: bool,
     pub machine_total: u64,
     pub gpus: Vec<crate::monitor::GpuRow>,
     pub foreign: Vec<(u32, String, u64)>,
@@ -189,6 +195,7 @@ pub fn spawn(
         gpu: gpu.ok(),
         gpu_error_logged: false,
         sampling: false,
+        sample_again: false,
         machine_total: 0,
         gpus: Vec::new(),
         foreign: Vec::new(),
@@ -304,12 +311,23 @@ impl Supervisor {
                 generation,
                 info,
             } => {
+                let mut line = None;
                 if let Some(s) = self.slots.get_mut(&name)
                     && s.run.as_ref().is_some_and(|r| r.generation == generation)
                 {
                     s.run = None;
+                    // The output kept in memory (direct children, containers): no I/O.
+                    let start = s.output_start;
+                    line = s.sink.as_ref().and_then(|k| {
+                        crate::model::last_error_line(&k.recent_after(start, usize::MAX).1)
+                    });
                 }
-                self.feed(&name, Input::Exited { generation, info });
+                let exit = Exit {
+                    generation,
+                    info,
+                    line,
+                };
+                self.feed(&name, Input::Exited(exit));
             }
             RuntimeEvent::Status {
                 name,
@@ -331,6 +349,7 @@ impl Supervisor {
                     phase,
                 };
                 self.feed(&name, input);
+                self.sample_fresh(&name);
             }
         }
     }
@@ -366,6 +385,9 @@ impl Supervisor {
             Event::Sample(s) => {
                 self.sampling = false;
                 self.sampled(*s);
+                if std::mem::take(&mut self.sample_again) {
+                    self.memory_tick();
+                }
             }
             Event::Measured {
                 name,
@@ -411,6 +433,7 @@ impl Supervisor {
             container_id: String::new(),
         });
         self.feed(&name, Input::Started(started));
+        self.sample_fresh(&name);
     }
 
     pub fn publish(&self) {

@@ -28,6 +28,21 @@ impl Supervisor {
             Command::Explain(n, r) => {
                 let _ = r.send(self.explain(&n));
             }
+            Command::Output {
+                name,
+                after,
+                max,
+                reply,
+            } => {
+                let out = match self.slots.get(&name) {
+                    None => Err(Self::no_such(&name)),
+                    Some(s) => Ok(s
+                        .sink
+                        .as_ref()
+                        .map_or((0, Vec::new()), |k| k.recent_after(after, max))),
+                };
+                let _ = reply.send(out);
+            }
             Command::Ping(r) => {
                 let _ = r.send(());
             }
@@ -233,6 +248,7 @@ impl Supervisor {
             probe: None,
             tasks: Vec::new(),
             sink: None,
+            output_start: 0,
             last_unit: String::new(),
             usage: Default::default(),
             found,

@@ -54,6 +54,9 @@ impl Supervisor {
                 reason,
             } => {
                 self.count_start(n, state, health);
+                if state == crate::state::State::Running {
+                    self.sample_fresh(n);
+                }
                 tracing::info!(
                     modvisor_module = n,
                     message_id = MSG_STATE_CHANGED,
@@ -170,7 +173,8 @@ impl Supervisor {
             self.journal.clone(),
             self.cfg.module_log_dir.as_deref(),
             self.cfg.module_log_max_bytes,
-        );
+        )
+        .continuing(s.sink.as_ref());
         let req = RunRequest {
             name: n.to_string(),
             generation,
@@ -187,6 +191,7 @@ impl Supervisor {
             return;
         };
         s.decision = decision;
+        s.output_start = sink.seq();
         s.sink = Some(sink);
         // A run left in another backend than the one chosen now would be a second copy.
         for (b, o) in std::mem::take(&mut s.found) {
@@ -330,13 +335,14 @@ impl Supervisor {
     /// way: look again shortly), else from the journal (a unit writes there directly).
     fn lookup_engine_line(&mut self, n: &str) {
         let Some(s) = self.slots.get(n) else { return };
-        let sink = s.sink.clone();
+        let (sink, start) = (s.sink.clone(), s.output_start);
         let unit = Some(s.last_unit.clone()).filter(|u| u.ends_with(".service"));
         let back = self.back(n);
         self.spawn_for(n, async move {
             let from_output = || {
-                sink.as_ref()
-                    .and_then(|s| crate::model::last_error_line(&s.recent()))
+                sink.as_ref().and_then(|s| {
+                    crate::model::last_error_line(&s.recent_after(start, usize::MAX).1)
+                })
             };
             let mut line = from_output();
             if line.is_none() {

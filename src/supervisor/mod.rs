@@ -10,6 +10,7 @@
 //! | module.rs      | the lifecycle state machine (+ module/events.rs, activate.rs)   |
 //! | run.rs         | one run: what backend progress and probe results show           |
 //! | restart.rs     | the restart budget and the decision after an exit               |
+//! | failure.rs     | what kind of failure ended a run: configuration, resource, crash |
 //! | activation.rs  | model activation as a sub-machine                               |
 //! | reconcile.rs   | the pure diff of old and new manifests                          |
 //! | resources.rs   | RAM/VRAM thresholds                                             |
@@ -24,6 +25,7 @@ mod admit;
 mod commands;
 mod effects;
 mod explain;
+pub mod failure;
 pub mod module;
 mod reconcile;
 mod resources;
@@ -76,6 +78,14 @@ pub enum Command {
     Reload(oneshot::Sender<Vec<(String, String)>>),
     SetModeOverride(String, String, Reply<()>),
     Explain(String, Reply<String>),
+    /// The module's recent output lines numbered above `after` (the last `max`), with the
+    /// newest number.
+    Output {
+        name: String,
+        after: u64,
+        max: usize,
+        reply: Reply<(u64, Vec<String>)>,
+    },
     ActivateModel(String, String, Reply<()>),
     /// Answered when the actor's loop is alive (watchdog).
     Ping(oneshot::Sender<()>),
@@ -133,6 +143,20 @@ impl Handle {
     }
     pub async fn explain(&self, name: &str) -> Result<String, OpError> {
         self.ask(|r| Command::Explain(name.into(), r)).await
+    }
+    pub async fn output(
+        &self,
+        name: &str,
+        after: u64,
+        max: usize,
+    ) -> Result<(u64, Vec<String>), OpError> {
+        self.ask(|reply| Command::Output {
+            name: name.into(),
+            after,
+            max,
+            reply,
+        })
+        .await
     }
     pub async fn activate_model(&self, name: &str, model: &str) -> Result<(), OpError> {
         self.ask(|r| Command::ActivateModel(name.into(), model.into(), r))

@@ -39,6 +39,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::activation::{self, Activation, Next};
+use super::failure;
 use super::restart::{self, AfterExit, RestartBudget};
 use super::run::{Run, Shown, Stopping, Then};
 use super::{OpError, ReplyId};
@@ -80,10 +81,7 @@ pub enum Input {
         restarts: Option<u32>,
         phase: RunPhase,
     },
-    Exited {
-        generation: u64,
-        info: ExitInfo,
-    },
+    Exited(Exit),
     Probe {
         generation: u64,
         result: ProbeResult,
@@ -120,6 +118,15 @@ pub enum Input {
     ModelValidated(Result<PathBuf, String>),
     ModelRecorded(Result<(), String>),
     EngineLine(Option<String>),
+}
+
+/// A run ended: how, and the engine's last error line when modvisord has it at hand (the
+/// output it keeps of direct children and containers).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exit {
+    pub generation: u64,
+    pub info: ExitInfo,
+    pub line: Option<String>,
 }
 
 /// The backend's answer to a start.
@@ -234,7 +241,7 @@ pub struct Lifecycle {
     quiet: Option<Quiet>,
     /// A start that never came online ended: the engine's last error line is looked up for
     /// the reason shown (the generation it belongs to).
-    line_for: Option<u64>,
+    line_for: Option<(u64, String)>,
 }
 
 /// Why modvisor itself stopped a module that will start again on demand.
@@ -404,7 +411,7 @@ impl Lifecycle {
                 restarts,
                 phase,
             } => self.on_progress(generation, main_pid, restarts, phase, now, &mut fx),
-            Input::Exited { generation, info } => self.on_exited(generation, info, now, &mut fx),
+            Input::Exited(e) => self.on_exited(e, now, &mut fx),
             Input::Probe { generation, result } => self.on_probe(generation, result, &mut fx),
             Input::Timer(t) => self.on_timer(t, now, &mut fx),
             Input::Warning(w) => self.warning = w,
@@ -441,7 +448,7 @@ impl Lifecycle {
                     let next = a.engine_line(l);
                     self.activation_next(next, now, &mut fx);
                 } else {
-                    self.failed_start_line(l);
+                    self.failed_start_line(l, &mut fx);
                 }
             }
         }

@@ -1,8 +1,11 @@
-//! The restart budget and the decision after a run ended on its own (pure).
+//! The restart budget and the decision after a run ended on its own (pure): configuration
+//! errors are never restarted; crashes and resource errors follow the policy, each restart
+//! of a budget waiting twice as long as the one before (`delay` up to `max_delay`).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use super::failure::{self, Class};
 use crate::manifest::{RestartPolicy, RestartSpec};
 use crate::runtime::ExitInfo;
 use crate::state::State;
@@ -66,6 +69,8 @@ pub struct Ended<'a> {
     pub by_backend: bool,
     /// Restarts so far (the backend's count when it restarts itself).
     pub restarts: u32,
+    /// The engine's last error line, when known: it may name a configuration error.
+    pub line: Option<&'a str>,
 }
 
 pub fn after_exit(
@@ -83,6 +88,20 @@ pub fn after_exit(
             ),
         )
     };
+    let class = match (ended.info.success(), ended.timed_out) {
+        (true, false) => None,
+        (_, true) => Some(Class::Crash),
+        (false, false) => Some(failure::classify(ended.info, ended.line)),
+    };
+    if let Some(Class::Config(hint)) = class {
+        return AfterExit::Stay(
+            State::Failed,
+            format!(
+                "{}; a configuration error, not restarted: {hint}",
+                ended.what
+            ),
+        );
+    }
     if ended.by_backend && !ended.timed_out {
         return match ended.info {
             ExitInfo::StartLimitHit(last) => limit(last),
@@ -112,13 +131,20 @@ pub fn after_exit(
         );
     }
     match budget.try_take(now) {
-        Some(count) => AfterExit::Restart {
-            delay: spec.delay,
-            reason: format!(
-                "{}; restarting in {:?} (restart {count} of {max} within {window:?})",
-                ended.what, spec.delay
-            ),
-        },
+        Some(count) => {
+            let delay = failure::backoff(spec.delay, spec.max_delay, count);
+            let kind = match class {
+                Some(Class::Resource) => "out of memory (a resource error): ",
+                _ => "",
+            };
+            AfterExit::Restart {
+                delay,
+                reason: format!(
+                    "{}; {kind}restarting in {delay:?} (restart {count} of {max} within {window:?})",
+                    ended.what
+                ),
+            }
+        }
         None => limit(&ended.what),
     }
 }
@@ -131,6 +157,7 @@ mod tests {
         RestartSpec {
             policy,
             delay: Duration::from_secs(2),
+            max_delay: Duration::from_secs(60),
             max,
             window: Duration::from_secs(60),
         }
@@ -298,6 +325,7 @@ mod tests {
                 timed_out,
                 by_backend,
                 restarts,
+                line: None,
             };
             assert_eq!(
                 after_exit(&s, &mut b, &ended, Instant::now()),
@@ -318,6 +346,7 @@ mod tests {
             timed_out: false,
             by_backend: false,
             restarts: 0,
+            line: None,
         };
         let now = Instant::now();
         assert!(matches!(

@@ -40,6 +40,9 @@ pub struct Run {
     pub start_token: u64,
     /// The probe's last answer in the start phase (a change is progress).
     pub last_detail: String,
+    /// What the backend last reported of the run; it may report before it answers the start
+    /// (an adopted container is running at once).
+    pub last_phase: Option<RunPhase>,
 }
 
 /// The published triple.
@@ -59,6 +62,7 @@ impl Run {
             stopping: None,
             start_token: 0,
             last_detail: String::new(),
+            last_phase: None,
         }
     }
 

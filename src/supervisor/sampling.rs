@@ -8,6 +8,23 @@ use crate::monitor::Target;
 use crate::supervisor::MSG_FOREIGN_GPU;
 
 impl Supervisor {
+    /// A run whose process is known (started, or its PID reported) or that reached `running`
+    /// is sampled at once while it has no figures, not at the next interval: no view shows
+    /// 0 bytes for a running engine.
+    pub(super) fn sample_fresh(&mut self, n: &str) {
+        let fresh = self
+            .slots
+            .get(n)
+            .is_some_and(|s| s.run.is_some() && s.usage.memory == 0 && s.lc.main_pid() > 1);
+        if fresh {
+            if self.sampling {
+                self.sample_again = true;
+            } else {
+                self.memory_tick();
+            }
+        }
+    }
+
     pub(super) fn memory_tick(&mut self) {
         let targets: Vec<Target> = self
             .slots

@@ -127,6 +127,8 @@ pub struct Options {
     pub backend: &'static str,
     /// More keys for the config's [runtime] table.
     pub runtime_extra: String,
+    /// `[monitor] interval` (default 1s).
+    pub monitor_interval: &'static str,
 }
 
 impl Default for Options {
@@ -136,6 +138,7 @@ impl Default for Options {
             env: Vec::new(),
             backend: "direct",
             runtime_extra: String::new(),
+            monitor_interval: "1s",
         }
     }
 }
@@ -156,12 +159,13 @@ impl Daemon {
         }
         let config = dir.path().join("modvisor.toml");
         let cfg = format!(
-            "[paths]\nmodules = [\"{}\"]\nstate = \"{}\"\nruntime = \"{}\"\n[runtime]\ndefault_mode = \"native\"\nnative_backend = \"{}\"\n{}[monitor]\ninterval = \"1s\"\n{}",
+            "[paths]\nmodules = [\"{}\"]\nstate = \"{}\"\nruntime = \"{}\"\n[runtime]\ndefault_mode = \"native\"\nnative_backend = \"{}\"\n{}[monitor]\ninterval = \"{}\"\n{}",
             modules.display(),
             dir.path().join("state").display(),
             dir.path().join("run").display(),
             opts.backend,
             opts.runtime_extra,
+            opts.monitor_interval,
             opts.extra_config
         );
         std::fs::write(&config, cfg).expect("write config");
@@ -491,6 +495,10 @@ pub struct EmbeddedDaemon {
 
 impl EmbeddedDaemon {
     pub fn start(manifests: &[(&str, &str)]) -> EmbeddedDaemon {
+        EmbeddedDaemon::start_env(manifests, &[])
+    }
+
+    pub fn start_env(manifests: &[(&str, &str)], env: &[(&str, &str)]) -> EmbeddedDaemon {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().expect("tempdir");
         // Other users (the authorization tests) must reach the bus socket.
@@ -524,6 +532,7 @@ impl EmbeddedDaemon {
             .env_remove("MODVISOR_BUS_ADDRESS")
             .env("NOTIFY_SOCKET", &notify)
             .env("MODVISOR_LOG_STDERR", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stderr(log)
             .spawn()

@@ -23,6 +23,7 @@ impl Lifecycle {
 
     pub(super) fn on_started(&mut self, s: Started, now: Now, fx: &mut Fx) {
         let has_probe = self.module.health.probe.is_some();
+        let (health, restarts) = (self.module.health.clone(), self.restarts);
         let start_limit = self.module.health.start_limit;
         let shutting_down = self.shutting_down;
         let Some(run) = self.run_mut(s.generation) else {
@@ -55,8 +56,13 @@ impl Lifecycle {
             );
             return;
         }
-        let shown = run.started_shown(has_probe);
-        self.shown = shown;
+        // A unit or container whose backend reported it before answering the start (an adopted
+        // container is running at once) shows what was reported, not "starting" again.
+        let reported = match run.last_phase.clone() {
+            Some(p) if run.survives => run.progress_shown(&p, restarts, &health),
+            _ => None,
+        };
+        self.shown = reported.unwrap_or_else(|| run.started_shown(has_probe));
         self.arm_idle(now, fx);
         if has_probe {
             fx.push(Effect::StartProbe { generation: g });
@@ -120,6 +126,7 @@ impl Lifecycle {
             return;
         }
         run.main_pid = main_pid;
+        run.last_phase = Some(phase.clone());
         if let Some(r) = restarts {
             self.restarts = r;
         }
@@ -210,40 +217,63 @@ impl Lifecycle {
         fx.push(Effect::Stop { generation: g });
     }
 
-    pub(super) fn on_exited(&mut self, generation: u64, info: ExitInfo, now: Now, fx: &mut Fx) {
-        let Some(run) = self.run_mut(generation).cloned() else {
+    pub(super) fn on_exited(&mut self, e: Exit, now: Now, fx: &mut Fx) {
+        let Some(run) = self.run_mut(e.generation).cloned() else {
             return;
         };
         self.phase = Phase::Down;
         fx.push(Effect::StopProbe);
+        let line = e.line.as_deref();
         match run.stopping {
-            Some(Stopping::Asked(then)) => self.stopped(then, &info, now, fx),
-            Some(Stopping::StartTimeout { limit }) => self.ended(&run, &info, Some(limit), now, fx),
-            None => self.ended(&run, &info, None, now, fx),
+            Some(Stopping::Asked(then)) => self.stopped(then, &e.info, now, fx),
+            Some(Stopping::StartTimeout { limit }) => {
+                self.ended(&run, &e.info, Some(limit), None, now, fx)
+            }
+            None => self.ended(&run, &e.info, None, line, now, fx),
         }
     }
 
-    /// The engine's error line for a start that failed: added to the reason, unless the
-    /// module has moved on (started again, or was stopped) meanwhile.
-    pub(super) fn failed_start_line(&mut self, line: Option<String>) {
-        let Some(g) = self.line_for.take() else {
+    /// The engine's error line for a run that ended on its own, looked up after the decision
+    /// (it was not in the output modvisord keeps): added to the reason, unless the module has
+    /// moved on (started again, or was stopped) meanwhile. A line that names a configuration
+    /// error cancels the pending restart.
+    pub(super) fn failed_start_line(&mut self, line: Option<String>, fx: &mut Fx) {
+        let Some((g, what)) = self.line_for.take() else {
             return;
         };
         let Some(l) = line else { return };
-        let same = match &self.phase {
-            Phase::Down => self.generation == g,
-            Phase::RestartWait { token } => *token == g + 1,
-            Phase::Up(_) => false,
-        };
-        if same
-            && matches!(
+        let waiting = matches!(self.phase, Phase::RestartWait { token } if token == g + 1);
+        let same = waiting || matches!(self.phase, Phase::Down if self.generation == g);
+        if !same
+            || !matches!(
                 self.shown.0,
                 State::Failed | State::Starting | State::Inactive
             )
         {
-            self.shown.2 =
-                crate::bounded::cap_for_dbus(&format!("{}; the engine said: {l}", self.shown.2));
+            return;
         }
+        let class = failure::classify(&ExitInfo::Other(String::new()), Some(&l));
+        if let (true, failure::Class::Config(hint)) = (waiting, class) {
+            // The restart is not started: its due timer finds the module down and is stale.
+            self.phase = Phase::Down;
+            let l = failure::short_line(&l);
+            let why = format!("{what}: {l}; a configuration error, not restarted: {hint}");
+            self.set(
+                State::Failed,
+                Health::Offline,
+                crate::bounded::cap_for_dbus(&why),
+            );
+            return;
+        }
+        self.shown.2 =
+            crate::bounded::cap_for_dbus(&format!("{}; the engine said: {l}", self.shown.2));
+        // The state is the same; the reason is news (a ModuleChanged and a journal line).
+        let (health, reason) = self.effective();
+        fx.push(Effect::Changed {
+            state: self.shown.0,
+            health,
+            reason: reason.to_string(),
+        });
     }
 
     /// The run ended because it was asked to.
@@ -271,23 +301,11 @@ impl Lifecycle {
         run: &Run,
         info: &ExitInfo,
         timed_out: Option<bool>,
+        line: Option<&str>,
         now: Now,
         fx: &mut Fx,
     ) {
-        let h = &self.module.health;
-        let what = if timed_out == Some(true) {
-            let lim = h.start_limit;
-            format!("no successful health probe within start_limit ({lim:?}), progress or not")
-        } else if timed_out == Some(false) {
-            let st = h.start_timeout;
-            format!(
-                "no successful health probe within start_timeout ({st:?}) and no progress meanwhile"
-            )
-        } else if run.main_pid > 0 {
-            format!("pid {} exited: {info}", run.main_pid)
-        } else {
-            format!("the engine exited: {info}")
-        };
+        let what = self.what_ended(run, info, timed_out, line);
         if self.activation.is_some() {
             // The engine died on the model being activated (or on the rollback): the
             // transaction decides, not the restart policy.
@@ -295,10 +313,10 @@ impl Lifecycle {
             self.activation_failed(run.generation, &what, now, fx);
             return;
         }
-        // It exited on its own (a model it cannot load, a crash): what the engine said last goes
-        // into the reason once found.
-        if timed_out.is_none() {
-            self.line_for = Some(run.generation);
+        // It exited on its own (a model it cannot load, a crash) and what the engine said last
+        // is not known yet: it goes into the reason once found.
+        if timed_out.is_none() && line.is_none() {
+            self.line_for = Some((run.generation, what.clone()));
             fx.push(Effect::LookupEngineLine);
         }
         let ended = restart::Ended {
@@ -307,6 +325,7 @@ impl Lifecycle {
             timed_out: timed_out.is_some(),
             by_backend: run.restarts_itself,
             restarts: self.restarts,
+            line,
         };
         match restart::after_exit(&self.module.restart, &mut self.budget, &ended, now.mono) {
             AfterExit::Stay(state, why) => self.set(state, Health::Offline, why),
@@ -321,6 +340,36 @@ impl Lifecycle {
                 });
                 self.set(State::Starting, Health::Offline, reason);
             }
+        }
+    }
+
+    /// How a run ended, in words: "pid 42 exited: exit-code 127: LINE", "not started: …".
+    fn what_ended(
+        &self,
+        run: &Run,
+        info: &ExitInfo,
+        timed_out: Option<bool>,
+        line: Option<&str>,
+    ) -> String {
+        let h = &self.module.health;
+        let what = if timed_out == Some(true) {
+            let lim = h.start_limit;
+            format!("no successful health probe within start_limit ({lim:?}), progress or not")
+        } else if timed_out == Some(false) {
+            let st = h.start_timeout;
+            format!(
+                "no successful health probe within start_timeout ({st:?}) and no progress meanwhile"
+            )
+        } else if matches!(info, ExitInfo::Refused(_)) {
+            format!("not started: {info}")
+        } else if run.main_pid > 0 {
+            format!("pid {} exited: {info}", run.main_pid)
+        } else {
+            format!("the engine exited: {info}")
+        };
+        match line {
+            Some(l) => format!("{what}: {}", failure::short_line(l)),
+            None => what,
         }
     }
 }

@@ -78,10 +78,11 @@ fn started_as(generation: u64, systemd: bool) -> Input {
     })
 }
 fn exited(generation: u64, code: i32) -> Input {
-    Input::Exited {
+    Input::Exited(Exit {
         generation,
         info: ExitInfo::Code(code),
-    }
+        line: None,
+    })
 }
 fn start(generation: u64) -> Effect {
     Effect::Start {
@@ -262,16 +263,18 @@ fn stop_between_two_automatic_restarts() {
 #[test]
 fn crash_loop_until_the_budget_is_spent() {
     let mut t = T::running("[restart]\ndelay = \"1s\"\nmax = 2\nwindow = \"1m\"\n");
+    // Each restart of the budget waits twice as long as the one before.
     for (g, n) in [(1u64, 1u32), (3, 2)] {
         let fx = t.feed(exited(g, 1));
+        let after = Duration::from_secs(1 << (n - 1));
         assert!(
             fx.contains(&Effect::Arm {
                 timer: Timer::RestartDue(g + 1),
-                after: Duration::from_secs(1)
+                after
             }),
             "{fx:?}"
         );
-        t.advance(Duration::from_secs(1));
+        t.advance(after);
         assert_eq!(
             t.feed(Input::Timer(Timer::RestartDue(g + 1)))[0],
             start(g + 2)
@@ -514,10 +517,11 @@ fn systemd_restarts_and_start_limit() {
             Starting,
         ),
         (
-            Input::Exited {
+            Input::Exited(Exit {
                 generation: 1,
                 info: ExitInfo::StartLimitHit(Box::new(ExitInfo::Code(1))),
-            },
+                line: None,
+            }),
             vec![
                 Effect::StopProbe,
                 Effect::LookupEngineLine,
@@ -1185,4 +1189,116 @@ fn the_engine_line_of_a_failed_start_goes_into_the_reason_once() {
         "{:?}",
         t.lc.effective()
     );
+}
+
+fn exit_with(generation: u64, info: ExitInfo, line: Option<&str>) -> Input {
+    Input::Exited(Exit {
+        generation,
+        info,
+        line: line.map(String::from),
+    })
+}
+
+/// Configuration errors are not restarted, whatever the policy; the engine's line is in the
+/// reason; resource errors are restarted and say so.
+#[test]
+fn configuration_errors_are_not_restarted_and_name_the_cause() {
+    let lib =
+        "sh: error while loading shared libraries: libgomp.so.1: cannot open shared object file";
+    #[rustfmt::skip]
+    let rows: Vec<(ExitInfo, Option<&str>, State, &str)> = vec![
+        (ExitInfo::Code(127), Some(lib), Failed, "pid 42 exited: exit-code 127: sh: error while loading shared libraries: libgomp.so.1: cannot open shared object file; a configuration error, not restarted: install the missing library"),
+        (ExitInfo::Code(127), None, Failed, "pid 42 exited: exit-code 127; a configuration error, not restarted: the command or a library it needs is missing"),
+        (ExitInfo::Code(1), Some("error: couldn't bind HTTP server socket, port: 8080: Address already in use"), Failed, "pid 42 exited: exit-code 1: error: couldn't bind HTTP server socket, port: 8080: Address already in use; a configuration error, not restarted: another process listens on the engine's port"),
+        (ExitInfo::Refused("image localhost/x:1 is not present in podman and pull = \"never\"".into()), None, Failed, "not started: image localhost/x:1 is not present in podman and pull = \"never\"; a configuration error, not restarted: fix the manifest or the machine"),
+        (ExitInfo::Other("oom-kill".into()), None, Starting, "pid 42 exited: oom-kill; out of memory (a resource error): restarting in 2s (restart 1 of 5 within 600s)"),
+        (ExitInfo::Code(1), Some("CUDA error: out of memory"), Starting, "pid 42 exited: exit-code 1: CUDA error: out of memory; out of memory (a resource error): restarting in 2s (restart 1 of 5 within 600s)"),
+        (ExitInfo::Code(3), Some("error: boom"), Starting, "pid 42 exited: exit-code 3: error: boom; restarting in 2s (restart 1 of 5 within 600s)"),
+    ];
+    for (info, line, state, reason) in rows {
+        let mut t = T::running("[restart]\npolicy = \"always\"\n");
+        let fx = t.feed(exit_with(1, info.clone(), line));
+        assert_eq!(t.lc.state(), state, "{info}");
+        assert_eq!(t.lc.effective().1, reason, "{info}");
+        let armed = fx.iter().any(|e| matches!(e, Effect::Arm { .. }));
+        assert_eq!(armed, state == Starting, "{info}: {fx:?}");
+        assert_eq!(
+            fx.contains(&Effect::LookupEngineLine),
+            line.is_none(),
+            "looked up only when not at hand: {fx:?}"
+        );
+    }
+}
+
+/// The line found after the decision (systemd's journal, late output) still stops a restart
+/// that cannot help; the restart's timer then finds nothing to start.
+#[test]
+fn a_late_configuration_line_cancels_the_pending_restart() {
+    let mut t = T::running("");
+    t.rows(vec![
+        (
+            exited(1, 1),
+            vec![
+                Effect::StopProbe,
+                Effect::LookupEngineLine,
+                Effect::Arm {
+                    timer: Timer::RestartDue(2),
+                    after: Duration::from_secs(2),
+                },
+                changed(
+                    Starting,
+                    Health::Offline,
+                    "pid 42 exited: exit-code 1; restarting in 2s (restart 1 of 5 within 600s)",
+                ),
+            ],
+            Starting,
+        ),
+        (
+            Input::EngineLine(Some("llama-server: error while loading shared libraries: libgomp.so.1: cannot open shared object file".into())),
+            vec![changed(
+                Failed,
+                Health::Offline,
+                "pid 42 exited: exit-code 1: llama-server: error while loading shared libraries: libgomp.so.1: cannot open shared object file; a configuration error, not restarted: install the missing library",
+            )],
+            Failed,
+        ),
+        (Input::Timer(Timer::RestartDue(2)), vec![], Failed),
+    ]);
+    // A crash line only adds to the reason; the restart stays due.
+    let mut t = T::running("");
+    t.feed(exited(1, 1));
+    let reason = "pid 42 exited: exit-code 1; restarting in 2s (restart 1 of 5 within 600s); the engine said: error: boom";
+    assert_eq!(
+        t.feed(Input::EngineLine(Some("error: boom".into()))),
+        vec![changed(Starting, Health::Offline, reason)]
+    );
+    t.advance(Duration::from_secs(2));
+    assert_eq!(t.feed(Input::Timer(Timer::RestartDue(2)))[0], start(3));
+}
+
+/// An adopted container reports "running" before its backend answers the start: the answer
+/// does not turn it back into "starting".
+#[test]
+fn a_run_reported_running_before_the_start_was_answered_stays_running() {
+    let mut t = T::new("");
+    t.feed(Input::Boot);
+    t.feed(Input::Progress {
+        generation: 1,
+        main_pid: 77,
+        restarts: None,
+        phase: RunPhase::Running,
+    });
+    // A container's start answers without a PID (it is reported as progress).
+    let Input::Started(mut s) = started_as(1, true) else {
+        unreachable!()
+    };
+    s.main_pid = 0;
+    t.feed(Input::Started(s));
+    assert_eq!(t.lc.state(), Running, "{:?}", t.lc.effective());
+    assert_eq!(t.lc.main_pid(), 77);
+    // Without an early report it starts as before.
+    let mut t = T::new("");
+    t.feed(Input::Boot);
+    t.feed(started_as(1, true));
+    assert_eq!(t.lc.state(), Starting);
 }
