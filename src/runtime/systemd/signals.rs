@@ -1,6 +1,7 @@
-//! One subscription for all units: two match rules on the bus, whatever the number of modules
-//! (systemd's `PropertiesChanged` under `/org/freedesktop/systemd1/unit`, and the manager's
-//! `UnitRemoved`), dispatched inside modvisord to the run that follows each unit's object path.
+//! One subscription for all units: three match rules on the bus, whatever the number of modules
+//! (systemd's `PropertiesChanged` under `/org/freedesktop/systemd1/unit`, the manager's
+//! `UnitRemoved`, and the bus's `NameOwnerChanged` of `org.freedesktop.systemd1`), dispatched
+//! inside modvisord to the run that follows each unit's object path.
 //!
 //! dbus-daemon allows a connection 512 match rules on the system bus: a rule per unit ran out
 //! at a few hundred modules. zbus never drops a message of a match rule's queue (a full queue
@@ -8,8 +9,10 @@
 //! the dispatcher only looks up a map and never waits, so it does not hold the socket up.
 //!
 //! A run learns *that* its unit changed (several changes coalesce into one wake-up) and reads
-//! the unit's state itself. When the connection to the bus ends, every subscription ends too:
-//! the runs report that systemd is not reachable.
+//! the unit's state itself. When systemd takes its name anew (it lost its bus connection under
+//! a flood of signals, or re-executed), modvisord subscribes again and every run re-reads its
+//! unit. When modvisord's own connection to the bus ends, every subscription ends too: the runs
+//! report that systemd is not reachable.
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
@@ -95,19 +98,69 @@ fn rule(
     .build()
 }
 
-/// The unit a signal is about: the object path of a `PropertiesChanged`, the second argument
-/// of a `UnitRemoved(s id, o path)`.
-fn unit_of(msg: &Message) -> Option<String> {
+/// What a signal asks of the dispatcher.
+#[derive(Debug, PartialEq, Eq)]
+enum Signal {
+    /// A unit changed (or was unloaded): wake the runs following its object path.
+    Unit(String),
+    /// systemd took its bus name anew (it re-connected to the bus, or re-executed): what it
+    /// knew of its subscribers may be gone.
+    NewManager(String),
+}
+
+/// The object path of a `PropertiesChanged`, the second argument of a `UnitRemoved(s id, o
+/// path)`, the new owner of a `NameOwnerChanged`.
+fn classify(msg: &Message) -> Option<Signal> {
     let h = msg.header();
-    if h.member().is_some_and(|m| m.as_str() == "UnitRemoved") {
-        let (_, path): (String, OwnedObjectPath) = msg.body().deserialize().ok()?;
-        return Some(path.as_str().to_string());
+    match h.member().map(|m| m.as_str()) {
+        Some("UnitRemoved") => {
+            let (_, path): (String, OwnedObjectPath) = msg.body().deserialize().ok()?;
+            Some(Signal::Unit(path.as_str().to_string()))
+        }
+        Some("NameOwnerChanged") => {
+            let (_, _, new): (String, String, String) = msg.body().deserialize().ok()?;
+            (!new.is_empty()).then_some(Signal::NewManager(new))
+        }
+        _ => h.path().map(|p| Signal::Unit(p.as_str().to_string())),
     }
-    h.path().map(|p| p.as_str().to_string())
+}
+
+/// NameOwnerChanged of org.freedesktop.systemd1.
+fn owner_rule() -> zbus::Result<MatchRule<'static>> {
+    MatchRule::builder()
+        .msg_type(Type::Signal)
+        .sender("org.freedesktop.DBus")
+        .interface("org.freedesktop.DBus")
+        .member("NameOwnerChanged")
+        .path("/org/freedesktop/DBus")
+        .arg(0, SYSTEMD)
+        .build()
+}
+
+/// A new manager: subscribe again (systemd sends unit changes only to subscribers), then wake
+/// every run, so that each reads its unit anew.
+async fn resubscribe(conn: Connection, routes: Arc<Mutex<Routes>>, owner: String) {
+    let r = conn
+        .call_method(
+            Some(SYSTEMD),
+            MANAGER_PATH,
+            Some("org.freedesktop.systemd1.Manager"),
+            "Subscribe",
+            &(),
+        )
+        .await;
+    match r {
+        Ok(_) => tracing::info!("systemd took its bus name anew ({owner}): subscribed again"),
+        Err(e) => tracing::warn!("systemd took its bus name anew ({owner}); Subscribe: {e}"),
+    }
+    let paths: Vec<String> = lock(&routes).by_path.keys().cloned().collect();
+    for p in paths {
+        dispatch(&routes, &p);
+    }
 }
 
 impl UnitSignals {
-    /// Adds the two match rules on `conn` (the calls return once the bus has them, so a
+    /// Adds the three match rules on `conn` (the calls return once the bus has them, so a
     /// subscription made afterwards misses nothing) and spawns the dispatcher.
     pub async fn start(conn: &Connection) -> zbus::Result<UnitSignals> {
         let changed = rule(
@@ -118,14 +171,21 @@ impl UnitSignals {
         let removed = rule("UnitRemoved", "org.freedesktop.systemd1.Manager", None)?;
         let changed = MessageStream::for_match_rule(changed, conn, Some(QUEUE)).await?;
         let removed = MessageStream::for_match_rule(removed, conn, Some(QUEUE)).await?;
+        let owner = MessageStream::for_match_rule(owner_rule()?, conn, None).await?;
         let signals = UnitSignals::default();
         lock(&signals.routes).alive = true;
         let routes = signals.routes.clone();
+        let conn = conn.clone();
         tokio::spawn(async move {
-            let mut all = futures_util::stream::select(changed, removed);
+            let units = futures_util::stream::select(changed, removed);
+            let mut all = futures_util::stream::select(units, owner);
             while let Some(msg) = all.next().await {
-                if let Some(path) = msg.ok().as_ref().and_then(unit_of) {
-                    dispatch(&routes, &path);
+                match msg.ok().as_ref().and_then(classify) {
+                    Some(Signal::Unit(path)) => dispatch(&routes, &path),
+                    Some(Signal::NewManager(owner)) => {
+                        tokio::spawn(resubscribe(conn.clone(), routes.clone(), owner));
+                    }
+                    None => {}
                 }
             }
             tracing::warn!("the connection to systemd's bus ended: no more unit changes");
@@ -211,6 +271,58 @@ mod tests {
         assert_eq!(a2.changed().await, Some(()));
         drop(a2);
         assert_eq!(s.followed(), 0);
+    }
+
+    fn signal<B: serde::Serialize + zbus::zvariant::DynamicType>(
+        path: &str,
+        iface: &str,
+        member: &str,
+        body: &B,
+    ) -> Message {
+        Message::signal(path, iface, member)
+            .build(body)
+            .expect("a valid signal")
+    }
+
+    #[test]
+    fn signals_name_their_unit_or_a_new_manager() {
+        let unit = "/org/freedesktop/systemd1/unit/modvisor_2da_2eservice";
+        let changed = signal(
+            unit,
+            "org.freedesktop.DBus.Properties",
+            "PropertiesChanged",
+            &(
+                "org.freedesktop.systemd1.Unit",
+                HashMap::<String, zbus::Variant>::new(),
+                Vec::<String>::new(),
+            ),
+        );
+        assert_eq!(classify(&changed), Some(Signal::Unit(unit.into())));
+        let path = OwnedObjectPath::try_from(unit).expect("path");
+        let removed = signal(
+            MANAGER_PATH,
+            "org.freedesktop.systemd1.Manager",
+            "UnitRemoved",
+            &("modvisor-a.service", path),
+        );
+        assert_eq!(classify(&removed), Some(Signal::Unit(unit.into())));
+        let owner = |new: &str| {
+            signal(
+                "/org/freedesktop/DBus",
+                "org.freedesktop.DBus",
+                "NameOwnerChanged",
+                &(SYSTEMD, ":1.4", new),
+            )
+        };
+        assert_eq!(
+            classify(&owner(":1.9")),
+            Some(Signal::NewManager(":1.9".into()))
+        );
+        assert_eq!(
+            classify(&owner("")),
+            None,
+            "the name lost is not a new manager"
+        );
     }
 
     #[tokio::test]
