@@ -308,10 +308,6 @@ const SYSTEMD: &str = "org.freedesktop.systemd1";
 const UNIT_IFACE: &str = "org.freedesktop.systemd1.Unit";
 const SERVICE_IFACE: &str = "org.freedesktop.systemd1.Service";
 
-/// A unit is re-read this long after its last change even without a signal: a safety net
-/// only (zbus does not drop signals of a match rule; see [`watch`]).
-const RECHECK: Duration = Duration::from_secs(30);
-
 impl Shared {
     /// All properties of one interface of the object at `path`, in one bounded call.
     async fn get_all(
@@ -336,8 +332,14 @@ impl Shared {
             .await
     }
 
+    /// The unit's state in one round trip: both interfaces are asked at once (the Service
+    /// one is used only when the unit is loaded).
     async fn status(&self, path: &str) -> zbus::Result<UnitStatus> {
-        let unit = self.get_all(path, UNIT_IFACE).await?;
+        let (unit, svc) = futures_util::join!(
+            self.get_all(path, UNIT_IFACE),
+            self.get_all(path, SERVICE_IFACE)
+        );
+        let unit = unit?;
         let mut st = UnitStatus {
             load_state: get(&unit, "LoadState").unwrap_or_default(),
             active_state: get(&unit, "ActiveState").unwrap_or_default(),
@@ -347,7 +349,7 @@ impl Shared {
         let job: Option<(u32, OwnedObjectPath)> = get(&unit, "Job");
         st.job_pending = job.is_some_and(|(id, _)| id != 0);
         if st.load_state == "loaded" {
-            let svc = self.get_all(path, SERVICE_IFACE).await?;
+            let svc = svc?;
             st.main_pid = get(&svc, "MainPID").unwrap_or(0);
             st.n_restarts = get(&svc, "NRestarts").unwrap_or(0);
             st.result = get(&svc, "Result").unwrap_or_default();
@@ -537,14 +539,25 @@ fn final_exit(st: &UnitStatus, last: &UnitStatus) -> ExitInfo {
 
 /// Follows one unit until it is final (inactive with no job, failed, or gone), reporting each
 /// change. An `inactive` is the end once the unit was seen active (or is gone), not a
-/// not-yet-started unit.
-async fn follow(sh: Arc<Shared>, unit: String, run: Run, mut changes: Subscription) {
+/// not-yet-started unit. `known`: the state just read, when nothing was done to the unit since
+/// (adopted or observed), so that it is not read again.
+async fn follow(
+    sh: Arc<Shared>,
+    unit: String,
+    run: Run,
+    mut changes: Subscription,
+    mut known: Option<UnitStatus>,
+) {
     let path = unit_path(&unit);
     let name = run.name.clone();
     let mut seen_active = false;
     let mut last = UnitStatus::default();
     loop {
-        let st = match sh.status(&path).await {
+        let read = match known.take() {
+            Some(st) => Ok(st),
+            None => sh.status(&path).await,
+        };
+        let st = match read {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(modvisor_module = %name, "{unit}: {e}");
@@ -570,9 +583,10 @@ async fn follow(sh: Arc<Shared>, unit: String, run: Run, mut changes: Subscripti
             run.status(&st, phase_of(&st));
             last = st;
         }
-        match tokio::time::timeout(RECHECK, changes.changed()).await {
-            Ok(Some(())) | Err(_) => {}
-            Ok(None) => return run.fail("systemd is not reachable".into()),
+        // Nothing wakes a unit that does not change: zbus drops no signal of a match rule (see
+        // [`signals`]), and the subscription ends only with the connection.
+        if changes.changed().await.is_none() {
+            return run.fail("systemd is not reachable".into());
         }
     }
 }
@@ -589,9 +603,18 @@ async fn run_unit(sh: Arc<Shared>, req: RunRequest, unit: String, run: Run) {
         Exec::Native(NativeExec::Command { .. }) => launch_transient(&sh, &req, &unit, &now).await,
     };
     match launched {
-        Ok(()) => follow(sh, unit, run, changes).await,
+        Ok(Launch::Left) => follow(sh, unit, run, changes, Some(now)).await,
+        Ok(Launch::Started) => follow(sh, unit, run, changes, None).await,
         Err(why) => run.fail(why),
     }
+}
+
+/// What a launch did to the unit.
+enum Launch {
+    /// Nothing: it runs as it should (adopted, or an existing unit observed).
+    Left,
+    /// Started (or replaced): its state is read anew.
+    Started,
 }
 
 /// An existing unit: observed when it runs, started otherwise (never a second copy).
@@ -600,10 +623,10 @@ async fn launch_unit(
     req: &RunRequest,
     unit: &str,
     now: &UnitStatus,
-) -> Result<(), String> {
+) -> Result<Launch, String> {
     if is_running(now) {
         tracing::info!(modvisor_module = %req.name, "{unit} is already running (pid {}): observing it, not starting a second copy", now.main_pid);
-        return Ok(());
+        return Ok(Launch::Left);
     }
     if let Some(addr) = req.guard_port.as_deref().filter(|a| super::port_in_use(a)) {
         return Err(format!(
@@ -612,6 +635,7 @@ async fn launch_unit(
     }
     sh.start_unit(unit)
         .await
+        .map(|()| Launch::Started)
         .map_err(|e| format!("StartUnit {unit}: {e}"))
 }
 
@@ -621,7 +645,7 @@ async fn launch_transient(
     req: &RunRequest,
     unit: &str,
     now: &UnitStatus,
-) -> Result<(), String> {
+) -> Result<Launch, String> {
     let path = unit_path(unit);
     let hash = spec_hash(req, sh.kind);
     let ours = now
@@ -630,7 +654,7 @@ async fn launch_transient(
         .any(|e| e == &format!("MODVISOR_SPEC={hash}"));
     if is_running(now) && ours {
         tracing::info!(modvisor_module = %req.name, "adopted {unit} (pid {}), already running with the same spec", now.main_pid);
-        return Ok(());
+        return Ok(Launch::Left);
     }
     if is_running(now) {
         tracing::info!(modvisor_module = %req.name, "{unit} runs an older spec: replacing it");
@@ -651,6 +675,7 @@ async fn launch_transient(
         SystemdBackend::transient_properties(req, &hash, &sh.owner, &unit_env)
     })
     .await
+    .map(|()| Launch::Started)
     .map_err(|e| format!("StartTransientUnit {unit}: {e}"))
 }
 
