@@ -307,37 +307,62 @@ async fn prepare_unit(
 const SYSTEMD: &str = "org.freedesktop.systemd1";
 const UNIT_IFACE: &str = "org.freedesktop.systemd1.Unit";
 const SERVICE_IFACE: &str = "org.freedesktop.systemd1.Service";
+/// What [`UnitStatus`] is made of.
+const UNIT_PROPS: &[&str] = &["LoadState", "ActiveState", "SubState", "Job"];
+const SERVICE_PROPS: &[&str] = &[
+    "MainPID",
+    "NRestarts",
+    "Result",
+    "ExecMainCode",
+    "ExecMainStatus",
+    "Environment",
+];
 
 impl Shared {
-    /// All properties of one interface of the object at `path`, in one bounded call.
-    async fn get_all(
-        &self,
-        path: &str,
-        interface: &str,
-    ) -> zbus::Result<HashMap<String, OwnedVariant>> {
+    /// One property of the object at `path`, in one bounded call.
+    async fn get_one(&self, path: &str, interface: &str, name: &str) -> zbus::Result<OwnedVariant> {
         self.calls
-            .run("GetAll", |_| async {
+            .run("Get", |_| async {
                 let reply = self
                     .conn
                     .call_method(
                         Some(SYSTEMD),
                         path,
                         Some("org.freedesktop.DBus.Properties"),
-                        "GetAll",
-                        &(interface,),
+                        "Get",
+                        &(interface, name),
                     )
                     .await?;
-                reply.body().deserialize::<HashMap<String, OwnedVariant>>()
+                reply.body().deserialize::<OwnedVariant>()
             })
             .await
     }
 
-    /// The unit's state in one round trip: both interfaces are asked at once (the Service
-    /// one is used only when the unit is loaded).
+    /// The named properties of one interface, asked all at once. Not GetAll: systemd's Service
+    /// interface has hundreds of properties, and serializing them for every change of every
+    /// unit was most of the work modvisord gave systemd while hundreds of units started.
+    async fn get_some(
+        &self,
+        path: &str,
+        interface: &str,
+        names: &[&str],
+    ) -> zbus::Result<HashMap<String, OwnedVariant>> {
+        let values =
+            futures_util::future::join_all(names.iter().map(|n| self.get_one(path, interface, n)))
+                .await;
+        names
+            .iter()
+            .zip(values)
+            .map(|(n, v)| v.map(|v| (n.to_string(), v)))
+            .collect()
+    }
+
+    /// The unit's state in one round trip: every property is asked at once (the Service ones
+    /// are used only when the unit is loaded).
     async fn status(&self, path: &str) -> zbus::Result<UnitStatus> {
         let (unit, svc) = futures_util::join!(
-            self.get_all(path, UNIT_IFACE),
-            self.get_all(path, SERVICE_IFACE)
+            self.get_some(path, UNIT_IFACE, UNIT_PROPS),
+            self.get_some(path, SERVICE_IFACE, SERVICE_PROPS)
         );
         let unit = unit?;
         let mut st = UnitStatus {
@@ -438,7 +463,7 @@ impl Shared {
         let paths: Vec<String> = units.iter().map(|u| u.6.to_string()).collect();
         let envs: Vec<Vec<String>> = futures_util::stream::iter(paths)
             .map(|path| async move {
-                match self.get_all(&path, SERVICE_IFACE).await {
+                match self.get_some(&path, SERVICE_IFACE, &["Environment"]).await {
                     Ok(svc) => get(&svc, "Environment").unwrap_or_default(),
                     Err(_) => Vec::new(),
                 }
@@ -540,7 +565,8 @@ fn final_exit(st: &UnitStatus, last: &UnitStatus) -> ExitInfo {
 /// Follows one unit until it is final (inactive with no job, failed, or gone), reporting each
 /// change. An `inactive` is the end once the unit was seen active (or is gone), not a
 /// not-yet-started unit. `known`: the state just read, when nothing was done to the unit since
-/// (adopted or observed), so that it is not read again.
+/// (adopted or observed), so that it is not read again; None after a start: the unit is read
+/// at its first change (a read before would only queue behind systemd's work on the job).
 async fn follow(
     sh: Arc<Shared>,
     unit: String,
@@ -552,6 +578,9 @@ async fn follow(
     let name = run.name.clone();
     let mut seen_active = false;
     let mut last = UnitStatus::default();
+    if known.is_none() && changes.changed().await.is_none() {
+        return run.fail("systemd is not reachable".into());
+    }
     loop {
         let read = match known.take() {
             Some(st) => Ok(st),
