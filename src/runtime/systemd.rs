@@ -26,6 +26,7 @@ use zbus_systemd::systemd1::ManagerProxy;
 use crate::manifest::NativeExec;
 
 pub mod calls;
+mod payload;
 pub mod sandbox;
 pub mod signals;
 use calls::Calls;
@@ -565,40 +566,26 @@ fn final_exit(st: &UnitStatus, last: &UnitStatus) -> ExitInfo {
 /// Follows one unit until it is final (inactive with no job, failed, or gone), reporting each
 /// change. An `inactive` is the end once the unit was seen active (or is gone), not a
 /// not-yet-started unit. `known`: the state just read, when nothing was done to the unit since
-/// (adopted or observed), so that it is not read again; None after a start: the unit is read
-/// at its first change (a read before would only queue behind systemd's work on the job).
+/// (adopted or observed), so that it is not read again; None after a start: the unit's first
+/// change tells (a read before would only queue behind systemd's work on the job).
 async fn follow(
     sh: Arc<Shared>,
     unit: String,
     run: Run,
     mut changes: Subscription,
-    mut known: Option<UnitStatus>,
+    known: Option<UnitStatus>,
 ) {
     let path = unit_path(&unit);
-    let name = run.name.clone();
     let mut seen_active = false;
     let mut last = UnitStatus::default();
-    if known.is_none() && changes.changed().await.is_none() {
-        return run.fail("systemd is not reachable".into());
-    }
+    let mut next = known;
     loop {
-        let read = match known.take() {
-            Some(st) => Ok(st),
-            None => sh.status(&path).await,
-        };
-        let st = match read {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(modvisor_module = %name, "{unit}: {e}");
-                UnitStatus {
-                    load_state: "not-found".into(),
-                    active_state: "inactive".into(),
-                    ..last.clone()
-                }
-            }
+        let st = match next.take() {
+            Some(st) => st,
+            None => read_or_gone(&sh, &path, &run.name, &last).await,
         };
         if st != last {
-            tracing::debug!(modvisor_module = %name, "{unit}: {} {} result={} pid={} restarts={} job={}", st.active_state, st.sub_state, st.result, st.main_pid, st.n_restarts, st.job_pending);
+            tracing::debug!(modvisor_module = %run.name, "{unit}: {} {} result={} pid={} restarts={} job={}", st.active_state, st.sub_state, st.result, st.main_pid, st.n_restarts, st.job_pending);
             seen_active |= matches!(
                 st.active_state.as_str(),
                 "active" | "activating" | "reloading" | "deactivating"
@@ -614,8 +601,41 @@ async fn follow(
         }
         // Nothing wakes a unit that does not change: zbus drops no signal of a match rule (see
         // [`signals`]), and the subscription ends only with the connection.
-        if changes.changed().await.is_none() {
-            return run.fail("systemd is not reachable".into());
+        match next_picture(&mut changes, &last).await {
+            Some(picture) => next = picture,
+            None => return run.fail("systemd is not reachable".into()),
+        }
+    }
+}
+
+/// Waits for the unit's next change: Some(Some(state)) when the signals tell it completely,
+/// Some(None) when it must be read; None once the bus is gone.
+async fn next_picture(changes: &mut Subscription, last: &UnitStatus) -> Option<Option<UnitStatus>> {
+    let mut cur = last.clone();
+    loop {
+        let first = changes.changed().await?;
+        let batch: Vec<_> = std::iter::once(first).chain(changes.pending()).collect();
+        let applied = payload::apply_all(&mut cur, batch.iter().map(|c| &**c));
+        if applied.reread {
+            return Some(None);
+        }
+        if applied.unit_changed {
+            return Some(payload::enough(&cur).then_some(cur));
+        }
+    }
+}
+
+/// The unit's state; a unit that cannot be read any more counts as gone.
+async fn read_or_gone(sh: &Shared, path: &str, name: &str, last: &UnitStatus) -> UnitStatus {
+    match sh.status(path).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(modvisor_module = %name, "{path}: {e}");
+            UnitStatus {
+                load_state: "not-found".into(),
+                active_state: "inactive".into(),
+                ..last.clone()
+            }
         }
     }
 }

@@ -8,8 +8,8 @@
 //! stops reading the socket instead), so a change cannot be lost between the bus and a run;
 //! the dispatcher only looks up a map and never waits, so it does not hold the socket up.
 //!
-//! A run learns *that* its unit changed (several changes coalesce into one wake-up) and reads
-//! the unit's state itself. When systemd takes its name anew (it lost its bus connection under
+//! A run gets what systemd said of its unit (the properties a `PropertiesChanged` carried, or
+//! "read it anew"). When systemd takes its name anew (it lost its bus connection under
 //! a flood of signals, or re-executed), modvisord subscribes again and every run re-reads its
 //! unit. When modvisord's own connection to the bus ends, every subscription ends too: the runs
 //! report that systemd is not reachable.
@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use zbus::message::{Message, Type};
-use zbus::{Connection, MatchRule, MessageStream, OwnedObjectPath};
+use zbus::{Connection, MatchRule, MessageStream, OwnedObjectPath, OwnedVariant};
 
 const SYSTEMD: &str = "org.freedesktop.systemd1";
 const UNIT_NAMESPACE: &str = "/org/freedesktop/systemd1/unit";
@@ -38,7 +38,7 @@ struct Routes {
     next_id: u64,
     /// Object path -> the runs following it (usually one; briefly two while a run replaces
     /// another's unit).
-    by_path: HashMap<String, Vec<(u64, mpsc::Sender<()>)>>,
+    by_path: HashMap<String, Vec<(u64, mpsc::UnboundedSender<Arc<Change>>)>>,
 }
 
 /// The dispatcher's routing table, shared with the subscriptions (which remove themselves).
@@ -47,19 +47,39 @@ pub struct UnitSignals {
     routes: Arc<Mutex<Routes>>,
 }
 
+/// What systemd said of a unit.
+#[derive(Debug)]
+pub enum Change {
+    /// A `PropertiesChanged` of one of the unit's interfaces, with what it carried. systemd
+    /// sends every property of the interface that emits changes, the type's interface (Service)
+    /// before Unit, so a Unit change completes a consistent picture.
+    Props {
+        interface: String,
+        values: HashMap<String, OwnedVariant>,
+        invalidated: Vec<String>,
+    },
+    /// Read the unit anew: it was unloaded, the signal could not be read, or systemd came back
+    /// without its subscribers.
+    Reread,
+}
+
 /// A run's view of its unit's changes. Dropping it removes its route.
 pub struct Subscription {
-    rx: mpsc::Receiver<()>,
+    rx: mpsc::UnboundedReceiver<Arc<Change>>,
     id: u64,
     path: String,
     routes: Arc<Mutex<Routes>>,
 }
 
 impl Subscription {
-    /// Resolves at the unit's next change (all changes since the last call count as one);
-    /// None once the bus connection is gone.
-    pub async fn changed(&mut self) -> Option<()> {
+    /// The unit's next change; None once the bus connection is gone.
+    pub async fn changed(&mut self) -> Option<Arc<Change>> {
         self.rx.recv().await
+    }
+
+    /// The changes that came meanwhile, without waiting.
+    pub fn pending(&mut self) -> Vec<Arc<Change>> {
+        std::iter::from_fn(|| self.rx.try_recv().ok()).collect()
     }
 }
 
@@ -101,8 +121,10 @@ fn rule(
 /// What a signal asks of the dispatcher.
 #[derive(Debug, PartialEq, Eq)]
 enum Signal {
-    /// A unit changed (or was unloaded): wake the runs following its object path.
-    Unit(String),
+    /// A unit's properties changed: tell the runs following its object path what changed.
+    Props(String),
+    /// A unit was unloaded: the runs following it read it anew.
+    Removed(String),
     /// systemd took its bus name anew (it re-connected to the bus, or re-executed): what it
     /// knew of its subscribers may be gone.
     NewManager(String),
@@ -115,13 +137,26 @@ fn classify(msg: &Message) -> Option<Signal> {
     match h.member().map(|m| m.as_str()) {
         Some("UnitRemoved") => {
             let (_, path): (String, OwnedObjectPath) = msg.body().deserialize().ok()?;
-            Some(Signal::Unit(path.as_str().to_string()))
+            Some(Signal::Removed(path.as_str().to_string()))
         }
         Some("NameOwnerChanged") => {
             let (_, _, new): (String, String, String) = msg.body().deserialize().ok()?;
             (!new.is_empty()).then_some(Signal::NewManager(new))
         }
-        _ => h.path().map(|p| Signal::Unit(p.as_str().to_string())),
+        _ => h.path().map(|p| Signal::Props(p.as_str().to_string())),
+    }
+}
+
+/// The body of a `PropertiesChanged` (anything unreadable: read the unit anew).
+fn props_of(msg: &Message) -> Change {
+    type Body = (String, HashMap<String, OwnedVariant>, Vec<String>);
+    match msg.body().deserialize::<Body>() {
+        Ok((interface, values, invalidated)) => Change::Props {
+            interface,
+            values,
+            invalidated,
+        },
+        Err(_) => Change::Reread,
     }
 }
 
@@ -155,7 +190,7 @@ async fn resubscribe(conn: Connection, routes: Arc<Mutex<Routes>>, owner: String
     }
     let paths: Vec<String> = lock(&routes).by_path.keys().cloned().collect();
     for p in paths {
-        dispatch(&routes, &p);
+        dispatch(&routes, &p, || Change::Reread);
     }
 }
 
@@ -180,8 +215,10 @@ impl UnitSignals {
             let units = futures_util::stream::select(changed, removed);
             let mut all = futures_util::stream::select(units, owner);
             while let Some(msg) = all.next().await {
-                match msg.ok().as_ref().and_then(classify) {
-                    Some(Signal::Unit(path)) => dispatch(&routes, &path),
+                let Ok(msg) = msg else { continue };
+                match classify(&msg) {
+                    Some(Signal::Props(path)) => dispatch(&routes, &path, || props_of(&msg)),
+                    Some(Signal::Removed(path)) => dispatch(&routes, &path, || Change::Reread),
                     Some(Signal::NewManager(owner)) => {
                         tokio::spawn(resubscribe(conn.clone(), routes.clone(), owner));
                     }
@@ -198,8 +235,7 @@ impl UnitSignals {
 
     /// Follows the unit at `path` from now on.
     pub fn subscribe(&self, path: &str) -> Subscription {
-        // One slot: a change while one is pending is already covered by it.
-        let (tx, rx) = mpsc::channel(1);
+        let (tx, rx) = mpsc::unbounded_channel();
         let mut r = lock(&self.routes);
         r.next_id += 1;
         let id = r.next_id;
@@ -223,12 +259,14 @@ impl UnitSignals {
     }
 }
 
-fn dispatch(routes: &Mutex<Routes>, path: &str) {
+/// Hands the change (made only when someone follows `path`) to the runs following it.
+fn dispatch(routes: &Mutex<Routes>, path: &str, change: impl FnOnce() -> Change) {
     let r = lock(routes);
     if let Some(v) = r.by_path.get(path) {
+        let c = Arc::new(change());
         for (_, tx) in v {
-            // Full: a wake-up is already pending, which covers this change too.
-            let _ = tx.try_send(());
+            // A run that ended has dropped its receiver; its route goes with its Subscription.
+            let _ = tx.send(c.clone());
         }
     }
 }
@@ -243,21 +281,33 @@ mod tests {
         s
     }
 
+    fn is_reread(c: Option<Arc<Change>>) -> bool {
+        matches!(c.as_deref(), Some(Change::Reread))
+    }
+
     #[tokio::test]
-    async fn changes_coalesce_and_reach_only_their_path() {
+    async fn changes_reach_only_their_path_in_order() {
         let s = table();
         let mut a = s.subscribe("/u/a");
         let mut b = s.subscribe("/u/b");
-        dispatch(&s.routes, "/u/a");
-        dispatch(&s.routes, "/u/a");
-        assert_eq!(a.changed().await, Some(()));
-        assert!(
-            a.rx.try_recv().is_err(),
-            "two changes coalesce into one wake-up"
-        );
-        assert!(b.rx.try_recv().is_err(), "b's unit did not change");
-        dispatch(&s.routes, "/u/b");
-        assert_eq!(b.changed().await, Some(()));
+        dispatch(&s.routes, "/u/a", || Change::Reread);
+        dispatch(&s.routes, "/u/a", || Change::Props {
+            interface: "x".into(),
+            values: HashMap::new(),
+            invalidated: Vec::new(),
+        });
+        assert!(is_reread(a.changed().await));
+        let rest = a.pending();
+        assert!(matches!(rest.as_slice(), [c] if matches!(**c, Change::Props { .. })));
+        assert!(b.pending().is_empty(), "b's unit did not change");
+        dispatch(&s.routes, "/u/b", || Change::Reread);
+        assert!(is_reread(b.changed().await));
+    }
+
+    #[tokio::test]
+    async fn a_change_nobody_follows_is_not_even_made() {
+        let s = table();
+        dispatch(&s.routes, "/u/nobody", || unreachable!("made for nobody"));
     }
 
     #[tokio::test]
@@ -267,8 +317,8 @@ mod tests {
         let mut a2 = s.subscribe("/u/a");
         assert_eq!(s.followed(), 1);
         drop(a1);
-        dispatch(&s.routes, "/u/a");
-        assert_eq!(a2.changed().await, Some(()));
+        dispatch(&s.routes, "/u/a", || Change::Reread);
+        assert!(is_reread(a2.changed().await));
         drop(a2);
         assert_eq!(s.followed(), 0);
     }
@@ -297,7 +347,10 @@ mod tests {
                 Vec::<String>::new(),
             ),
         );
-        assert_eq!(classify(&changed), Some(Signal::Unit(unit.into())));
+        assert_eq!(classify(&changed), Some(Signal::Props(unit.into())));
+        assert!(
+            matches!(props_of(&changed), Change::Props { interface, .. } if interface == "org.freedesktop.systemd1.Unit")
+        );
         let path = OwnedObjectPath::try_from(unit).expect("path");
         let removed = signal(
             MANAGER_PATH,
@@ -305,7 +358,7 @@ mod tests {
             "UnitRemoved",
             &("modvisor-a.service", path),
         );
-        assert_eq!(classify(&removed), Some(Signal::Unit(unit.into())));
+        assert_eq!(classify(&removed), Some(Signal::Removed(unit.into())));
         let owner = |new: &str| {
             signal(
                 "/org/freedesktop/DBus",
@@ -334,8 +387,8 @@ mod tests {
             r.alive = false;
             r.by_path.clear();
         }
-        assert_eq!(a.changed().await, None);
+        assert!(a.changed().await.is_none());
         let mut late = s.subscribe("/u/b");
-        assert_eq!(late.changed().await, None);
+        assert!(late.changed().await.is_none());
     }
 }
