@@ -31,6 +31,9 @@ const MANAGER_PATH: &str = "/org/freedesktop/systemd1";
 /// starts emits a few signals per unit; the dispatcher drains them at once).
 const QUEUE: NonZeroUsize = NonZeroUsize::new(4096).expect("non-zero");
 
+/// One run following a path: its id and where its changes go.
+type Route = (u64, mpsc::UnboundedSender<Arc<Change>>);
+
 #[derive(Default)]
 struct Routes {
     /// False once the connection's signal streams ended: new subscriptions end at once.
@@ -38,7 +41,7 @@ struct Routes {
     next_id: u64,
     /// Object path -> the runs following it (usually one; briefly two while a run replaces
     /// another's unit).
-    by_path: HashMap<String, Vec<(u64, mpsc::UnboundedSender<Arc<Change>>)>>,
+    by_path: HashMap<String, Vec<Route>>,
 }
 
 /// The dispatcher's routing table, shared with the subscriptions (which remove themselves).
