@@ -21,15 +21,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use zbus::message::{Message, Type};
-use zbus::{Connection, MatchRule, MessageStream, OwnedObjectPath, OwnedVariant};
+use zbus::{Connection, MatchRule, MessageStream, OwnedObjectPath, OwnedVariant, Variant};
 
 const SYSTEMD: &str = "org.freedesktop.systemd1";
 const UNIT_NAMESPACE: &str = "/org/freedesktop/systemd1/unit";
 const MANAGER_PATH: &str = "/org/freedesktop/systemd1";
 
-/// Messages zbus queues for the dispatcher before it stops reading the socket (a burst of
-/// starts emits a few signals per unit; the dispatcher drains them at once).
-const QUEUE: NonZeroUsize = NonZeroUsize::new(4096).expect("non-zero");
+/// Messages zbus queues for the dispatcher before it stops reading the socket. Small: the
+/// dispatcher never waits (nothing can deadlock on a full queue), and a burst of hundreds of
+/// starts then waits in the socket and the bus instead of in modvisord's memory.
+const QUEUE: NonZeroUsize = NonZeroUsize::new(64).expect("non-zero");
 
 /// One run following a path: its id and where its changes go.
 type Route = (u64, mpsc::UnboundedSender<Arc<Change>>);
@@ -150,16 +151,26 @@ fn classify(msg: &Message) -> Option<Signal> {
     }
 }
 
-/// The body of a `PropertiesChanged` (anything unreadable: read the unit anew).
+/// The body of a `PropertiesChanged` (anything unreadable: read the unit anew), keeping only
+/// the properties a unit's state is made of: systemd sends dozens per change, and a burst of
+/// hundreds of starts would otherwise queue them all.
 fn props_of(msg: &Message) -> Change {
-    type Body = (String, HashMap<String, OwnedVariant>, Vec<String>);
-    match msg.body().deserialize::<Body>() {
-        Ok((interface, values, invalidated)) => Change::Props {
-            interface,
-            values,
-            invalidated,
-        },
-        Err(_) => Change::Reread,
+    // Borrowed from the message: only the properties kept are copied.
+    type Body<'b> = (&'b str, HashMap<&'b str, Variant<'b>>, Vec<&'b str>);
+    let wanted = |k: &str| super::UNIT_PROPS.contains(&k) || super::SERVICE_PROPS.contains(&k);
+    let body = msg.body();
+    let Ok((interface, values, invalidated)) = body.deserialize::<Body<'_>>() else {
+        return Change::Reread;
+    };
+    let values = values
+        .into_iter()
+        .filter(|(k, _)| wanted(k))
+        .filter_map(|(k, v)| Some((k.to_string(), OwnedVariant::try_from(v).ok()?)))
+        .collect();
+    Change::Props {
+        interface: interface.to_string(),
+        values,
+        invalidated: invalidated.into_iter().map(str::to_string).collect(),
     }
 }
 
