@@ -66,6 +66,9 @@ async fn connect_bus(cfg: &Config, opts: &Options) -> Result<(zbus::Connection, 
     if choice != BusChoice::Embedded {
         match zbus::Connection::system().await {
             Ok(c) => {
+                // The object server first: once the name is ours, a call that comes before the
+                // objects are served is answered (UnknownObject) instead of left to time out.
+                let _ = c.object_server();
                 // Only keep the system bus if it lets us own the name (the policy file is installed).
                 match c
                     .request_name_with_flags(BUS_NAME, dbus::embedded::OWN_NAME_FLAGS)

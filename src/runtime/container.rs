@@ -197,6 +197,9 @@ pub struct ContainerBackend {
     owner: String,
     /// Container name -> the run modvisor follows there.
     runs: Arc<Mutex<HashMap<String, (String, Run)>>>,
+    /// Starts (pull, create, start) in progress at most: the systemd backend's bound, so that
+    /// hundreds of modules at once queue here, in order, not in the engine's API.
+    starts: tokio::sync::Semaphore,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -257,6 +260,7 @@ impl ContainerBackend {
                         description,
                         owner: state_dir.display().to_string(),
                         runs: Arc::new(Mutex::new(HashMap::new())),
+                        starts: tokio::sync::Semaphore::new(super::systemd::calls::MAX_IN_FLIGHT),
                     });
                     b.clone().spawn_events();
                     return Ok(b);
@@ -849,7 +853,9 @@ impl Backend for Arc<ContainerBackend> {
         let exited_for_fail = exited_tx.clone();
         tokio::spawn(async move {
             let (name, generation) = (req.name.clone(), req.generation);
-            if let Err(f) = me.run(req, spec, events.clone(), exited_tx).await {
+            // The semaphore is never closed; were it, the start would just go unbounded.
+            let _permit = me.starts.acquire().await.ok();
+            if let Err(f) = me.clone().run(req, spec, events.clone(), exited_tx).await {
                 let info = match f {
                     Failure::Refused(why) => ExitInfo::Refused(why),
                     Failure::Other(why) => ExitInfo::Other(why),

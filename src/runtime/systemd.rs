@@ -15,6 +15,7 @@
 //! - `User=` (default `modvisor-engine`), the sandbox and the secrets: see [`sandbox`].
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -24,8 +25,13 @@ use zbus_systemd::systemd1::ManagerProxy;
 
 use crate::manifest::NativeExec;
 
+pub mod calls;
+mod payload;
 pub mod sandbox;
+pub mod signals;
+use calls::Calls;
 use sandbox::ManagerKind;
+use signals::{Subscription, UnitSignals};
 
 use super::{
     Backend, BoxFuture, Exec, ExitInfo, Owned, RunHandle, RunPhase, RunRequest, RuntimeError,
@@ -108,8 +114,16 @@ fn get<T: TryFrom<OwnedVariant>>(m: &HashMap<String, OwnedVariant>, k: &str) -> 
 }
 
 pub struct SystemdBackend {
+    sh: Arc<Shared>,
+}
+
+/// What every run of the backend uses: the connection, its bounded calls and the one
+/// subscription to systemd's signals.
+struct Shared {
     conn: Connection,
     manager: ManagerProxy<'static>,
+    calls: Calls,
+    signals: UnitSignals,
     /// `MODVISOR_OWNER=STATE_DIR` in each transient unit's environment: which modvisord
     /// instance a unit belongs to (one per manager in production; many in tests).
     owner: String,
@@ -119,7 +133,8 @@ pub struct SystemdBackend {
 }
 
 impl SystemdBackend {
-    /// Connects to the manager on `conn` (the system bus) and subscribes to its signals.
+    /// Connects to the manager on `conn` (the system bus), subscribes to its signals (needed
+    /// for systemd to send unit changes at all) and adds the match rules for them.
     /// Fails when no manager answers there.
     pub async fn connect(
         conn: Connection,
@@ -128,6 +143,7 @@ impl SystemdBackend {
         let manager = ManagerProxy::new(&conn).await?;
         let version = manager.version().await?;
         manager.subscribe().await?;
+        let signals = UnitSignals::start(&conn).await?;
         let kind = ManagerKind::detect(&conn).await?;
         tracing::info!(
             "systemd {version} answers on the bus ({}): using transient units",
@@ -139,54 +155,21 @@ impl SystemdBackend {
                 kind.describe()
             );
         }
-        Ok(SystemdBackend {
+        let sh = Shared {
             conn,
             manager,
+            calls: Calls::default(),
+            signals,
             owner: format!("MODVISOR_OWNER={}", state_dir.display()),
             state: state_dir.to_path_buf(),
             kind,
-        })
+        };
+        Ok(SystemdBackend { sh: Arc::new(sh) })
     }
 
     /// The manager units are created in.
     pub fn manager_kind(&self) -> ManagerKind {
-        self.kind
-    }
-
-    async fn status(conn: &Connection, path: &str) -> zbus::Result<UnitStatus> {
-        let props = zbus::fdo::PropertiesProxy::builder(conn)
-            .destination("org.freedesktop.systemd1")
-            .path(path.to_string())
-            .cache_properties(zbus::proxy::CacheProperties::No)
-            .build()
-            .await?;
-        let unit = props
-            .get_all(zbus::names::InterfaceName::from_static_str_unchecked(
-                "org.freedesktop.systemd1.Unit",
-            ))
-            .await?;
-        let mut st = UnitStatus {
-            load_state: get(&unit, "LoadState").unwrap_or_default(),
-            active_state: get(&unit, "ActiveState").unwrap_or_default(),
-            sub_state: get(&unit, "SubState").unwrap_or_default(),
-            ..UnitStatus::default()
-        };
-        let job: Option<(u32, OwnedObjectPath)> = get(&unit, "Job");
-        st.job_pending = job.is_some_and(|(id, _)| id != 0);
-        if st.load_state == "loaded" {
-            let svc = props
-                .get_all(zbus::names::InterfaceName::from_static_str_unchecked(
-                    "org.freedesktop.systemd1.Service",
-                ))
-                .await?;
-            st.main_pid = get(&svc, "MainPID").unwrap_or(0);
-            st.n_restarts = get(&svc, "NRestarts").unwrap_or(0);
-            st.result = get(&svc, "Result").unwrap_or_default();
-            st.exec_main_code = get(&svc, "ExecMainCode").unwrap_or(0);
-            st.exec_main_status = get(&svc, "ExecMainStatus").unwrap_or(0);
-            st.environment = get(&svc, "Environment").unwrap_or_default();
-        }
-        Ok(st)
+        self.sh.kind
     }
 
     fn transient_properties(
@@ -322,95 +305,427 @@ async fn prepare_unit(
     })
 }
 
-/// Follows one unit until it is final (inactive with no job, failed, or gone), reporting each
-/// change. `stop_requested` marks that an `inactive` is the end, not a not-yet-started unit.
-async fn follow(
-    conn: Connection,
-    unit: String,
+const SYSTEMD: &str = "org.freedesktop.systemd1";
+const UNIT_IFACE: &str = "org.freedesktop.systemd1.Unit";
+const SERVICE_IFACE: &str = "org.freedesktop.systemd1.Service";
+/// What [`UnitStatus`] is made of.
+const UNIT_PROPS: &[&str] = &["LoadState", "ActiveState", "SubState", "Job"];
+const SERVICE_PROPS: &[&str] = &[
+    "MainPID",
+    "NRestarts",
+    "Result",
+    "ExecMainCode",
+    "ExecMainStatus",
+    "Environment",
+];
+
+impl Shared {
+    /// One property of the object at `path`, in one bounded call.
+    async fn get_one(&self, path: &str, interface: &str, name: &str) -> zbus::Result<OwnedVariant> {
+        self.calls
+            .run("Get", |_| async {
+                let reply = self
+                    .conn
+                    .call_method(
+                        Some(SYSTEMD),
+                        path,
+                        Some("org.freedesktop.DBus.Properties"),
+                        "Get",
+                        &(interface, name),
+                    )
+                    .await?;
+                reply.body().deserialize::<OwnedVariant>()
+            })
+            .await
+    }
+
+    /// The named properties of one interface, asked all at once. Not GetAll: systemd's Service
+    /// interface has hundreds of properties, and serializing them for every change of every
+    /// unit was most of the work modvisord gave systemd while hundreds of units started.
+    async fn get_some(
+        &self,
+        path: &str,
+        interface: &str,
+        names: &[&str],
+    ) -> zbus::Result<HashMap<String, OwnedVariant>> {
+        let values =
+            futures_util::future::join_all(names.iter().map(|n| self.get_one(path, interface, n)))
+                .await;
+        names
+            .iter()
+            .zip(values)
+            .map(|(n, v)| v.map(|v| (n.to_string(), v)))
+            .collect()
+    }
+
+    /// The unit's state in one round trip: every property is asked at once (the Service ones
+    /// are used only when the unit is loaded).
+    async fn status(&self, path: &str) -> zbus::Result<UnitStatus> {
+        let (unit, svc) = futures_util::join!(
+            self.get_some(path, UNIT_IFACE, UNIT_PROPS),
+            self.get_some(path, SERVICE_IFACE, SERVICE_PROPS)
+        );
+        let unit = unit?;
+        let mut st = UnitStatus {
+            load_state: get(&unit, "LoadState").unwrap_or_default(),
+            active_state: get(&unit, "ActiveState").unwrap_or_default(),
+            sub_state: get(&unit, "SubState").unwrap_or_default(),
+            ..UnitStatus::default()
+        };
+        let job: Option<(u32, OwnedObjectPath)> = get(&unit, "Job");
+        st.job_pending = job.is_some_and(|(id, _)| id != 0);
+        if st.load_state == "loaded" {
+            let svc = svc?;
+            st.main_pid = get(&svc, "MainPID").unwrap_or(0);
+            st.n_restarts = get(&svc, "NRestarts").unwrap_or(0);
+            st.result = get(&svc, "Result").unwrap_or_default();
+            st.exec_main_code = get(&svc, "ExecMainCode").unwrap_or(0);
+            st.exec_main_status = get(&svc, "ExecMainStatus").unwrap_or(0);
+            st.environment = get(&svc, "Environment").unwrap_or_default();
+        }
+        Ok(st)
+    }
+
+    async fn start_unit(&self, unit: &str) -> zbus::Result<()> {
+        self.calls
+            .run("StartUnit", |_| {
+                self.manager.start_unit(unit.to_string(), "replace".into())
+            })
+            .await
+            .map(drop)
+    }
+
+    async fn stop_unit(&self, unit: &str) -> zbus::Result<()> {
+        self.calls
+            .run("StopUnit", |_| {
+                self.manager.stop_unit(unit.to_string(), "replace".into())
+            })
+            .await
+            .map(drop)
+    }
+
+    async fn reset_failed(&self, unit: &str) -> zbus::Result<()> {
+        self.calls
+            .run("ResetFailedUnit", |_| {
+                self.manager.reset_failed_unit(unit.to_string())
+            })
+            .await
+    }
+
+    /// StartTransientUnit with the properties `props` makes (again for each attempt).
+    async fn start_transient(
+        &self,
+        unit: &str,
+        props: impl Fn() -> Vec<(String, OwnedVariant)>,
+    ) -> zbus::Result<()> {
+        self.calls
+            .run("StartTransientUnit", |attempt| {
+                let call = self.manager.start_transient_unit(
+                    unit.to_string(),
+                    "fail".into(),
+                    props(),
+                    vec![],
+                );
+                async move {
+                    match call.await {
+                        Ok(_) => Ok(()),
+                        // After a NoReply, the attempt before may have created it after all.
+                        Err(e)
+                            if attempt > 0
+                                && calls::error_name(&e).as_deref()
+                                    == Some("org.freedesktop.systemd1.UnitExists") =>
+                        {
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+            })
+            .await
+    }
+
+    /// Our units that exist now (their environment names this modvisord as the owner).
+    async fn owned_units(&self) -> Vec<Owned> {
+        let listed = self
+            .calls
+            .run("ListUnitsByPatterns", |_| {
+                self.manager
+                    .list_units_by_patterns(vec![], vec!["modvisor-*.service".into()])
+            })
+            .await;
+        let units = match listed {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!("listing modvisor units: {e}");
+                return Vec::new();
+            }
+        };
+        // The environments are read side by side (bounded by the calls' own limit).
+        let paths: Vec<String> = units.iter().map(|u| u.6.to_string()).collect();
+        let envs: Vec<Vec<String>> = futures_util::stream::iter(paths)
+            .map(|path| async move {
+                match self.get_some(&path, SERVICE_IFACE, &["Environment"]).await {
+                    Ok(svc) => get(&svc, "Environment").unwrap_or_default(),
+                    Err(_) => Vec::new(),
+                }
+            })
+            .buffered(calls::MAX_IN_FLIGHT)
+            .collect()
+            .await;
+        let mut ours = Vec::new();
+        for (u, env) in units.iter().zip(envs) {
+            let module =
+                u.0.strip_prefix("modvisor-")
+                    .and_then(|m| m.strip_suffix(".service"));
+            if let (Some(module), true) = (module, env.iter().any(|e| e == &self.owner)) {
+                ours.push(Owned {
+                    module: module.to_string(),
+                    id: u.0.clone(),
+                    running: matches!(u.3.as_str(), "active" | "activating" | "reloading"),
+                });
+            }
+        }
+        ours
+    }
+}
+
+/// Where a run reports to the supervisor.
+struct Run {
     name: String,
     generation: u64,
     events: mpsc::UnboundedSender<RuntimeEvent>,
     exited: watch::Sender<bool>,
-    mut signals: zbus::fdo::PropertiesChangedStream,
+}
+
+impl Run {
+    fn status(&self, st: &UnitStatus, phase: RunPhase) {
+        let _ = self.events.send(RuntimeEvent::Status {
+            name: self.name.clone(),
+            generation: self.generation,
+            main_pid: st.main_pid,
+            restarts: Some(st.n_restarts),
+            container_id: None,
+            phase,
+        });
+    }
+
+    /// The final restart count first, so the supervisor can tell a spent budget; then the exit.
+    fn ended(self, restarts: u32, info: ExitInfo) {
+        let _ = self.events.send(RuntimeEvent::Status {
+            name: self.name.clone(),
+            generation: self.generation,
+            main_pid: 0,
+            restarts: Some(restarts),
+            container_id: None,
+            phase: RunPhase::Ended,
+        });
+        self.fail_with(info);
+    }
+
+    fn fail_with(self, info: ExitInfo) {
+        let _ = self.exited.send(true);
+        let _ = self.events.send(RuntimeEvent::Exited {
+            name: self.name,
+            generation: self.generation,
+            info,
+        });
+    }
+
+    fn fail(self, why: String) {
+        self.fail_with(ExitInfo::Other(why));
+    }
+}
+
+fn is_running(st: &UnitStatus) -> bool {
+    matches!(
+        st.active_state.as_str(),
+        "active" | "activating" | "reloading"
+    )
+}
+
+fn phase_of(st: &UnitStatus) -> RunPhase {
+    match (st.active_state.as_str(), st.sub_state.as_str()) {
+        ("activating", "auto-restart") => RunPhase::Restarting(st.exit_info()),
+        ("active", _) | ("reloading", _) => RunPhase::Running,
+        ("deactivating", _) => RunPhase::Stopping,
+        _ => RunPhase::Starting,
+    }
+}
+
+/// How a run ended, from the unit's final state `st` and the one before it.
+fn final_exit(st: &UnitStatus, last: &UnitStatus) -> ExitInfo {
+    if st.result == "start-limit-hit" {
+        ExitInfo::StartLimitHit(Box::new(last.exit_info()))
+    } else if st.result == "success" && st.active_state == "inactive" {
+        ExitInfo::Code(st.exec_main_status)
+    } else {
+        st.exit_info()
+    }
+}
+
+/// Follows one unit until it is final (inactive with no job, failed, or gone), reporting each
+/// change. An `inactive` is the end once the unit was seen active (or is gone), not a
+/// not-yet-started unit. `known`: the state just read, when nothing was done to the unit since
+/// (adopted or observed), so that it is not read again; None after a start: the unit's first
+/// change tells (a read before would only queue behind systemd's work on the job).
+async fn follow(
+    sh: Arc<Shared>,
+    unit: String,
+    run: Run,
+    mut changes: Subscription,
+    known: Option<UnitStatus>,
 ) {
     let path = unit_path(&unit);
     let mut seen_active = false;
     let mut last = UnitStatus::default();
+    let mut next = known;
     loop {
-        let st = match SystemdBackend::status(&conn, &path).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(modvisor_module = %name, "{unit}: {e}");
-                UnitStatus {
-                    load_state: "not-found".into(),
-                    active_state: "inactive".into(),
-                    ..last.clone()
-                }
-            }
+        let st = match next.take() {
+            Some(st) => st,
+            None => read_or_gone(&sh, &path, &run.name, &last).await,
         };
         if st != last {
-            tracing::debug!(modvisor_module = %name, "{unit}: {} {} result={} pid={} restarts={} job={}", st.active_state, st.sub_state, st.result, st.main_pid, st.n_restarts, st.job_pending);
+            tracing::debug!(modvisor_module = %run.name, "{unit}: {} {} result={} pid={} restarts={} job={}", st.active_state, st.sub_state, st.result, st.main_pid, st.n_restarts, st.job_pending);
             seen_active |= matches!(
                 st.active_state.as_str(),
                 "active" | "activating" | "reloading" | "deactivating"
             );
-            let phase = match (st.active_state.as_str(), st.sub_state.as_str()) {
-                ("activating", "auto-restart") => RunPhase::Restarting(st.exit_info()),
-                ("active", _) | ("reloading", _) => RunPhase::Running,
-                ("deactivating", _) => RunPhase::Stopping,
-                _ => RunPhase::Starting,
-            };
             let gone = st.load_state == "not-found";
-            let final_state = st.active_state == "failed"
-                || (!st.job_pending && st.active_state == "inactive" && (seen_active || gone));
-            if final_state {
-                let mut info = st.exit_info();
-                if st.result == "start-limit-hit" {
-                    info = ExitInfo::StartLimitHit(Box::new(last.exit_info()));
-                } else if st.result == "success" && st.active_state == "inactive" {
-                    info = ExitInfo::Code(st.exec_main_status);
-                }
-                // The final restart count first, so the supervisor can tell a spent budget.
-                let _ = events.send(RuntimeEvent::Status {
-                    name: name.clone(),
-                    generation,
-                    main_pid: 0,
-                    restarts: Some(st.n_restarts),
-                    container_id: None,
-                    phase: RunPhase::Ended,
-                });
-                let _ = exited.send(true);
-                let _ = events.send(RuntimeEvent::Exited {
-                    name,
-                    generation,
-                    info,
-                });
-                return;
+            if st.active_state == "failed"
+                || (!st.job_pending && st.active_state == "inactive" && (seen_active || gone))
+            {
+                return run.ended(st.n_restarts, final_exit(&st, &last));
             }
-            let _ = events.send(RuntimeEvent::Status {
-                name: name.clone(),
-                generation,
-                main_pid: st.main_pid,
-                restarts: Some(st.n_restarts),
-                container_id: None,
-                phase,
-            });
+            run.status(&st, phase_of(&st));
             last = st;
         }
-        // Wait for the next change of this unit, bounded so that a missed signal is recovered.
-        match tokio::time::timeout(Duration::from_secs(30), signals.next()).await {
-            Ok(Some(_)) | Err(_) => {}
-            Ok(None) => {
-                let _ = exited.send(true);
-                let _ = events.send(RuntimeEvent::Exited {
-                    name,
-                    generation,
-                    info: ExitInfo::Other("systemd is not reachable".into()),
-                });
-                return;
+        // Nothing wakes a unit that does not change: zbus drops no signal of a match rule (see
+        // [`signals`]), and the subscription ends only with the connection.
+        match next_picture(&mut changes, &last).await {
+            Some(picture) => next = picture,
+            None => return run.fail("systemd is not reachable".into()),
+        }
+    }
+}
+
+/// Waits for the unit's next change: Some(Some(state)) when the signals tell it completely,
+/// Some(None) when it must be read; None once the bus is gone.
+async fn next_picture(changes: &mut Subscription, last: &UnitStatus) -> Option<Option<UnitStatus>> {
+    let mut cur = last.clone();
+    loop {
+        let first = changes.changed().await?;
+        let batch: Vec<_> = std::iter::once(first).chain(changes.pending()).collect();
+        let applied = payload::apply_all(&mut cur, batch.iter().map(|c| &**c));
+        if applied.reread {
+            return Some(None);
+        }
+        if applied.unit_changed {
+            return Some(payload::enough(&cur).then_some(cur));
+        }
+    }
+}
+
+/// The unit's state; a unit that cannot be read any more counts as gone.
+async fn read_or_gone(sh: &Shared, path: &str, name: &str, last: &UnitStatus) -> UnitStatus {
+    match sh.status(path).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(modvisor_module = %name, "{path}: {e}");
+            UnitStatus {
+                load_state: "not-found".into(),
+                active_state: "inactive".into(),
+                ..last.clone()
             }
         }
     }
+}
+
+/// Starts (or adopts) the run's unit, then follows it.
+async fn run_unit(sh: Arc<Shared>, req: RunRequest, unit: String, run: Run) {
+    let path = unit_path(&unit);
+    // Subscribe before looking, so that no change falls between the two.
+    let changes = sh.signals.subscribe(&path);
+    let now = sh.status(&path).await.unwrap_or_default();
+    let launched = match &req.exec {
+        Exec::Native(NativeExec::Unit(_)) => launch_unit(&sh, &req, &unit, &now).await,
+        Exec::Container(_) => Err("containers are not run by systemd".into()),
+        Exec::Native(NativeExec::Command { .. }) => launch_transient(&sh, &req, &unit, &now).await,
+    };
+    match launched {
+        Ok(Launch::Left) => follow(sh, unit, run, changes, Some(now)).await,
+        Ok(Launch::Started) => follow(sh, unit, run, changes, None).await,
+        Err(why) => run.fail(why),
+    }
+}
+
+/// What a launch did to the unit.
+enum Launch {
+    /// Nothing: it runs as it should (adopted, or an existing unit observed).
+    Left,
+    /// Started (or replaced): its state is read anew.
+    Started,
+}
+
+/// An existing unit: observed when it runs, started otherwise (never a second copy).
+async fn launch_unit(
+    sh: &Shared,
+    req: &RunRequest,
+    unit: &str,
+    now: &UnitStatus,
+) -> Result<Launch, String> {
+    if is_running(now) {
+        tracing::info!(modvisor_module = %req.name, "{unit} is already running (pid {}): observing it, not starting a second copy", now.main_pid);
+        return Ok(Launch::Left);
+    }
+    if let Some(addr) = req.guard_port.as_deref().filter(|a| super::port_in_use(a)) {
+        return Err(format!(
+            "{addr} is already in use by another process: not starting {unit}, which would be a second copy"
+        ));
+    }
+    sh.start_unit(unit)
+        .await
+        .map(|()| Launch::Started)
+        .map_err(|e| format!("StartUnit {unit}: {e}"))
+}
+
+/// A transient unit: adopted when it runs our spec, else (re)created.
+async fn launch_transient(
+    sh: &Shared,
+    req: &RunRequest,
+    unit: &str,
+    now: &UnitStatus,
+) -> Result<Launch, String> {
+    let path = unit_path(unit);
+    let hash = spec_hash(req, sh.kind);
+    let ours = now
+        .environment
+        .iter()
+        .any(|e| e == &format!("MODVISOR_SPEC={hash}"));
+    if is_running(now) && ours {
+        tracing::info!(modvisor_module = %req.name, "adopted {unit} (pid {}), already running with the same spec", now.main_pid);
+        return Ok(Launch::Left);
+    }
+    if is_running(now) {
+        tracing::info!(modvisor_module = %req.name, "{unit} runs an older spec: replacing it");
+        let _ = sh.stop_unit(unit).await;
+        wait_gone(sh, &path, req.stop_timeout + Duration::from_secs(5)).await;
+    }
+    if now.load_state == "loaded" || now.active_state == "failed" {
+        let _ = sh.reset_failed(unit).await;
+        wait_gone(sh, &path, Duration::from_secs(5)).await;
+    }
+    if let Some(addr) = req.guard_port.as_deref().filter(|a| super::port_in_use(a)) {
+        return Err(format!(
+            "{addr} is already in use by another process: not starting a second copy"
+        ));
+    }
+    let unit_env = prepare_unit(req, sh.kind, &sh.state).await?;
+    sh.start_transient(unit, || {
+        SystemdBackend::transient_properties(req, &hash, &sh.owner, &unit_env)
+    })
+    .await
+    .map(|()| Launch::Started)
+    .map_err(|e| format!("StartTransientUnit {unit}: {e}"))
 }
 
 impl Backend for SystemdBackend {
@@ -440,165 +755,44 @@ impl Backend for SystemdBackend {
     ) -> Result<RunHandle, RuntimeError> {
         let unit = self.unit_for(&req);
         let (exited_tx, exited_rx) = watch::channel(false);
-        let conn = self.conn.clone();
-        let manager = self.manager.clone();
-        let owner = self.owner.clone();
-        let (kind, state) = (self.kind, self.state.clone());
         let handle = RunHandle {
             pid: 0,
             pgid: 0,
             exited: exited_rx,
             unit: unit.clone(),
         };
-        let name = req.name.clone();
-        let generation = req.generation;
-        tokio::spawn(async move {
-            let fail = |why: String| {
-                let _ = exited_tx.send(true);
-                let _ = events.send(RuntimeEvent::Exited {
-                    name: name.clone(),
-                    generation,
-                    info: ExitInfo::Other(why),
-                });
-            };
-            let path = unit_path(&unit);
-            let props = zbus::fdo::PropertiesProxy::builder(&conn)
-                .destination("org.freedesktop.systemd1")
-                .path(path.clone())
-                .cache_properties(zbus::proxy::CacheProperties::No)
-                .build()
-                .await;
-            // Subscribe before looking, so that no change falls between the two.
-            let signals = match props {
-                Ok(p) => p.receive_properties_changed().await,
-                Err(e) => Err(e),
-            };
-            let signals = match signals {
-                Ok(s) => s,
-                Err(e) => return fail(format!("cannot follow {unit}: {e}")),
-            };
-            let now = SystemdBackend::status(&conn, &path)
-                .await
-                .unwrap_or_default();
-            let running = matches!(
-                now.active_state.as_str(),
-                "active" | "activating" | "reloading"
-            );
-            match &req.exec {
-                Exec::Native(NativeExec::Unit(_)) => {
-                    if running {
-                        tracing::info!(modvisor_module = %name, "{unit} is already running (pid {}): observing it, not starting a second copy", now.main_pid);
-                    } else if let Some(addr) =
-                        req.guard_port.as_deref().filter(|a| super::port_in_use(a))
-                    {
-                        return fail(format!(
-                            "{addr} is already in use by another process: not starting {unit}, which would be a second copy"
-                        ));
-                    } else if let Err(e) = manager.start_unit(unit.clone(), "replace".into()).await
-                    {
-                        return fail(format!("StartUnit {unit}: {e}"));
-                    }
-                }
-                Exec::Container(_) => return fail("containers are not run by systemd".into()),
-                Exec::Native(NativeExec::Command { .. }) => {
-                    let hash = spec_hash(&req, kind);
-                    let ours = now
-                        .environment
-                        .iter()
-                        .any(|e| e == &format!("MODVISOR_SPEC={hash}"));
-                    if running && ours {
-                        tracing::info!(modvisor_module = %name, "adopted {unit} (pid {}), already running with the same spec", now.main_pid);
-                    } else {
-                        if running {
-                            tracing::info!(modvisor_module = %name, "{unit} runs an older spec: replacing it");
-                            let _ = manager.stop_unit(unit.clone(), "replace".into()).await;
-                            wait_gone(&conn, &path, req.stop_timeout + Duration::from_secs(5))
-                                .await;
-                        }
-                        if now.load_state == "loaded" || now.active_state == "failed" {
-                            let _ = manager.reset_failed_unit(unit.clone()).await;
-                            wait_gone(&conn, &path, Duration::from_secs(5)).await;
-                        }
-                        if let Some(addr) =
-                            req.guard_port.as_deref().filter(|a| super::port_in_use(a))
-                        {
-                            return fail(format!(
-                                "{addr} is already in use by another process: not starting a second copy"
-                            ));
-                        }
-                        let unit_env = match prepare_unit(&req, kind, &state).await {
-                            Ok(u) => u,
-                            Err(why) => return fail(why),
-                        };
-                        let props =
-                            SystemdBackend::transient_properties(&req, &hash, &owner, &unit_env);
-                        if let Err(e) = manager
-                            .start_transient_unit(unit.clone(), "fail".into(), props, vec![])
-                            .await
-                        {
-                            return fail(format!("StartTransientUnit {unit}: {e}"));
-                        }
-                    }
-                }
-            }
-            follow(conn, unit, name, generation, events, exited_tx, signals).await;
-        });
+        let run = Run {
+            name: req.name.clone(),
+            generation: req.generation,
+            events,
+            exited: exited_tx,
+        };
+        tokio::spawn(run_unit(self.sh.clone(), req, unit, run));
         Ok(handle)
     }
 
     fn list_units(&self) -> BoxFuture<Vec<Owned>> {
-        let manager = self.manager.clone();
-        let conn = self.conn.clone();
-        let owner = self.owner.clone();
-        Box::pin(async move {
-            let units = match manager
-                .list_units_by_patterns(vec![], vec!["modvisor-*.service".into()])
-                .await
-            {
-                Ok(u) => u,
-                Err(e) => {
-                    tracing::warn!("listing modvisor units: {e}");
-                    return Vec::new();
-                }
-            };
-            let mut ours = Vec::new();
-            for u in units {
-                let st = SystemdBackend::status(&conn, u.6.as_str())
-                    .await
-                    .unwrap_or_default();
-                let module =
-                    u.0.strip_prefix("modvisor-")
-                        .and_then(|m| m.strip_suffix(".service"));
-                if let (Some(module), true) = (module, st.environment.iter().any(|e| e == &owner)) {
-                    let running = matches!(u.3.as_str(), "active" | "activating" | "reloading");
-                    ours.push(Owned {
-                        module: module.to_string(),
-                        id: u.0.clone(),
-                        running,
-                    });
-                }
-            }
-            ours
-        })
+        let sh = self.sh.clone();
+        Box::pin(async move { sh.owned_units().await })
     }
 
     fn stop_unit(&self, unit: &str) -> BoxFuture<()> {
-        let manager = self.manager.clone();
+        let sh = self.sh.clone();
         let unit = unit.to_string();
         Box::pin(async move {
             tracing::info!("stopping {unit}: no manifest wants it any more");
-            if let Err(e) = manager.stop_unit(unit.clone(), "replace".into()).await {
+            if let Err(e) = sh.stop_unit(&unit).await {
                 tracing::warn!("StopUnit {unit}: {e}");
             }
         })
     }
 
     fn stop(&self, handle: &RunHandle, timeout: Duration) -> BoxFuture<()> {
-        let manager = self.manager.clone();
+        let sh = self.sh.clone();
         let unit = handle.unit.clone();
         let mut exited = handle.exited.clone();
         Box::pin(async move {
-            if let Err(e) = manager.stop_unit(unit.clone(), "replace".into()).await {
+            if let Err(e) = sh.stop_unit(&unit).await {
                 tracing::warn!("StopUnit {unit}: {e}");
             }
             // systemd escalates to SIGKILL after TimeoutStopSec; allow a margin beyond it.
@@ -614,10 +808,10 @@ impl Backend for SystemdBackend {
 }
 
 /// Waits until the unit is unloaded (or inactive and unreferenced), bounded.
-async fn wait_gone(conn: &Connection, path: &str, limit: Duration) {
+async fn wait_gone(sh: &Shared, path: &str, limit: Duration) {
     let deadline = tokio::time::Instant::now() + limit;
     while tokio::time::Instant::now() < deadline {
-        match SystemdBackend::status(conn, path).await {
+        match sh.status(path).await {
             Ok(s)
                 if s.load_state == "loaded"
                     && s.active_state != "inactive"
