@@ -12,11 +12,17 @@ impl Supervisor {
     /// is sampled at once while it has no figures, not at the next interval: no view shows
     /// 0 bytes for a running engine.
     pub(super) fn sample_fresh(&mut self, n: &str) {
-        let fresh = self
-            .slots
-            .get(n)
-            .is_some_and(|s| s.run.is_some() && s.usage.memory == 0 && s.lc.main_pid() > 1);
+        let Some(s) = self.slots.get_mut(n) else {
+            return;
+        };
+        let pid = s.lc.main_pid();
+        let fresh = s.run.is_some() && s.usage.memory == 0 && pid > 1;
         if fresh {
+            // At once, the main process alone (one small /proc read): a lower bound until the
+            // full pass below (its group or cgroup, and VRAM) lands.
+            if let Some(st) = crate::procfs::stat(pid) {
+                s.usage.memory = st.rss_pages * crate::procfs::page_size();
+            }
             if self.sampling {
                 self.sample_again = true;
             } else {
