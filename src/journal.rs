@@ -143,8 +143,10 @@ impl RotatingFile {
 #[derive(Clone)]
 pub struct OutputSink {
     module: Arc<str>,
-    /// The last lines the module wrote (for error reports such as a failed model activation).
+    /// The last lines this run wrote (for error reports such as a failed model activation).
     recent: Arc<Mutex<Recent>>,
+    /// The last lines the module wrote, across its runs (`modvisorctl logs` without a journal).
+    history: Arc<Mutex<Recent>>,
     journal: Option<Arc<Journal>>,
     file: Option<Arc<Mutex<RotatingFile>>>,
 }
@@ -208,22 +210,24 @@ impl OutputSink {
         r.lines.iter().cloned().collect()
     }
 
-    /// The number of the newest line (0: none yet).
+    /// The number of the module's newest line, across its runs (0: none yet).
     pub fn seq(&self) -> u64 {
-        self.recent.lock().unwrap_or_else(|p| p.into_inner()).seq
+        self.history.lock().unwrap_or_else(|p| p.into_inner()).seq
     }
 
-    /// The kept lines numbered above `after` (the last `max` of them), with the newest number.
+    /// The module's kept lines (across its runs) numbered above `after`, the last `max` of
+    /// them, with the newest number.
     pub fn recent_after(&self, after: u64, max: usize) -> (u64, Vec<String>) {
-        let r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let r = self.history.lock().unwrap_or_else(|p| p.into_inner());
         (r.seq, r.after(after, max))
     }
 
-    /// Keeps the recent lines of `previous` (the module's earlier run): `modvisorctl logs`
-    /// without a journal shows what a run said before it was restarted.
+    /// Keeps the module's history of `previous` (its earlier run): `modvisorctl logs` without
+    /// a journal shows what a run said before it was restarted. Error lookups read this run's
+    /// own lines only.
     pub fn continuing(mut self, previous: Option<&OutputSink>) -> OutputSink {
         if let Some(p) = previous {
-            self.recent = p.recent.clone();
+            self.history = p.history.clone();
         }
         self
     }
@@ -256,6 +260,7 @@ impl OutputSink {
         OutputSink {
             module: module.into(),
             recent: Arc::new(Mutex::new(Recent::default())),
+            history: Arc::new(Mutex::new(Recent::default())),
             journal,
             file,
         }
@@ -265,6 +270,10 @@ impl OutputSink {
         let text = String::from_utf8_lossy(line);
         let text = text.trim_end_matches(['\r', '\n']);
         self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(text);
+        self.history
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(text);
@@ -358,6 +367,7 @@ mod tests {
         let b = OutputSink::new("m", None, None, 0).continuing(Some(&a));
         b.line(Stream::Stderr, b"next run");
         assert_eq!(a.recent_after(50, 10), (51, vec!["next run".to_string()]));
+        assert_eq!(b.recent(), vec!["next run"], "a run's own lines");
     }
 
     #[test]

@@ -125,8 +125,11 @@ async fn a_slow_loader_is_not_cut_off_before_start_timeout() {
         "",
     );
     let d = Daemon::start(&[("slow", &m)]).await;
+    // (Its memory growth may be the first news, its probe's 503 follows.)
     let (s, h, r) = d
-        .wait_module("slow", T, |_, _, r| r.contains("loading"))
+        .wait_module("slow", T, |_, _, r| {
+            r.contains("loading") && r.contains("HTTP 503")
+        })
         .await;
     assert_eq!((s.as_str(), h.as_str()), ("starting", "unknown"));
     assert!(r.contains("HTTP 503"), "{r}");

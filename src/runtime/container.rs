@@ -900,8 +900,14 @@ impl Backend for Arc<ContainerBackend> {
         let me = self.clone();
         let cname = handle.unit.clone();
         let mut exited = handle.exited.clone();
+        // The container of this run, by ID: once it has died the supervisor may already have
+        // created the next run's container under the same name.
+        let mut target = cname.clone();
         if let Some((_, run)) = lock(&self.runs).get_mut(&cname) {
             run.stopping = true;
+            if !run.id.is_empty() {
+                target.clone_from(&run.id);
+            }
         }
         Box::pin(async move {
             let t = timeout.as_secs().max(1) as i32;
@@ -923,7 +929,7 @@ impl Backend for Arc<ContainerBackend> {
                     });
                 }
             }
-            if let Err(e) = me.remove(&cname).await {
+            if let Err(e) = me.remove(&target).await {
                 tracing::warn!("{e}");
             }
         })

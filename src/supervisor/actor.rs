@@ -329,10 +329,10 @@ impl Supervisor {
                 {
                     s.run = None;
                     // The output kept in memory (direct children, containers): no I/O.
-                    let start = s.output_start;
-                    line = s.sink.as_ref().and_then(|k| {
-                        crate::model::last_error_line(&k.recent_after(start, usize::MAX).1)
-                    });
+                    line = s
+                        .sink
+                        .as_ref()
+                        .and_then(|k| crate::model::last_error_line(&k.recent()));
                 }
                 let exit = Exit {
                     generation,

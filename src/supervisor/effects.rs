@@ -338,14 +338,13 @@ impl Supervisor {
     /// way: look again shortly), else from the journal (a unit writes there directly).
     fn lookup_engine_line(&mut self, n: &str) {
         let Some(s) = self.slots.get(n) else { return };
-        let (sink, start) = (s.sink.clone(), s.output_start);
+        let sink = s.sink.clone();
         let unit = Some(s.last_unit.clone()).filter(|u| u.ends_with(".service"));
         let back = self.back(n);
         self.spawn_for(n, async move {
             let from_output = || {
-                sink.as_ref().and_then(|s| {
-                    crate::model::last_error_line(&s.recent_after(start, usize::MAX).1)
-                })
+                sink.as_ref()
+                    .and_then(|s| crate::model::last_error_line(&s.recent()))
             };
             let mut line = from_output();
             if line.is_none() {
