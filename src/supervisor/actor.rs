@@ -95,6 +95,8 @@ pub(super) struct Slot {
     pub output_start: u64,
     /// The number of its last output line the latest sample saw (output is start progress).
     pub output_seen: u64,
+    /// A container ID its backend reported before it answered the start: (generation, ID).
+    pub early_container_id: Option<(u64, String)>,
     /// The unit or container of the latest run ("" for direct children).
     pub last_unit: String,
     pub usage: Usage,
@@ -349,10 +351,12 @@ impl Supervisor {
                 phase,
                 container_id,
             } => {
-                if let (Some(id), Some(s)) = (container_id, self.slots.get_mut(&name))
-                    && let Some(r) = s.run.as_mut().filter(|r| r.generation == generation)
-                {
-                    r.container_id = id;
+                if let (Some(id), Some(s)) = (container_id, self.slots.get_mut(&name)) {
+                    match s.run.as_mut().filter(|r| r.generation == generation) {
+                        Some(r) => r.container_id = id,
+                        // Reported before the start was answered (an adopted container).
+                        None => s.early_container_id = Some((generation, id)),
+                    }
                 }
                 let input = Input::Progress {
                     generation,
@@ -439,11 +443,17 @@ impl Supervisor {
         s.usage = Usage::default();
         s.adm.new_run();
         self.runs_started += 1;
+        let container_id = s
+            .early_container_id
+            .take()
+            .filter(|(g, _)| *g == generation)
+            .map(|(_, id)| id)
+            .unwrap_or_default();
         s.run = Some(RunSlot {
             generation,
             backend,
             handle,
-            container_id: String::new(),
+            container_id,
         });
         self.feed(&name, Input::Started(started));
         self.sample_fresh(&name);

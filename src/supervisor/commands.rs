@@ -250,6 +250,7 @@ impl Supervisor {
             sink: None,
             output_start: 0,
             output_seen: 0,
+            early_container_id: None,
             last_unit: String::new(),
             usage: Default::default(),
             found,
