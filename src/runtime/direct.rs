@@ -244,21 +244,7 @@ async fn run(l: Launch, backend_record: impl FnOnce(u32) -> Option<PathBuf> + Se
     };
     let pid = child.id().unwrap_or(0);
     let pid_file = backend_record(pid);
-    let mut forwarders = Vec::new();
-    if let Some(out) = child.stdout.take() {
-        forwarders.push(tokio::spawn(forward(
-            out,
-            l.req.sink.clone(),
-            Stream::Stdout,
-        )));
-    }
-    if let Some(err) = child.stderr.take() {
-        forwarders.push(tokio::spawn(forward(
-            err,
-            l.req.sink.clone(),
-            Stream::Stderr,
-        )));
-    }
+    let forwarders = forward_output(&mut child, &l.req.sink);
     if let Some(i) = &prep.identity {
         tracing::info!(modvisor_module = %l.req.name, "started pid {pid} as {} (uid {})", i.user, i.uid);
     }
@@ -278,11 +264,30 @@ async fn run(l: Launch, backend_record: impl FnOnce(u32) -> Option<PathBuf> + Se
         let _ = std::fs::remove_file(f);
     }
     remove_credentials(prep.credentials.as_deref());
-    // The engine's last words are read before its exit is reported (its reason quotes them),
-    // for a moment at most: an escaped grandchild may hold the pipes open.
+    drain(forwarders).await;
+    l.end(info);
+}
+
+/// Forwards the child's stdout and stderr to the module's sink, a task each.
+fn forward_output(
+    child: &mut tokio::process::Child,
+    sink: &OutputSink,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        tasks.push(tokio::spawn(forward(out, sink.clone(), Stream::Stdout)));
+    }
+    if let Some(err) = child.stderr.take() {
+        tasks.push(tokio::spawn(forward(err, sink.clone(), Stream::Stderr)));
+    }
+    tasks
+}
+
+/// The engine's last words are read before its exit is reported (its reason quotes them),
+/// for a moment at most: an escaped grandchild may hold the pipes open.
+async fn drain(forwarders: Vec<tokio::task::JoinHandle<()>>) {
     let drained = futures_util::future::join_all(forwarders);
     let _ = tokio::time::timeout(Duration::from_millis(100), drained).await;
-    l.end(info);
 }
 
 /// Spawns under the run's lock, so that a `stop` either cancels it first or sees its PID.
