@@ -316,7 +316,7 @@ export class Store {
         rec.steps.push({ step, detail, model, time: Date.now() });
         if (step in FINAL_STEPS && !rec.own)
             rec.status = FINAL_STEPS[step];
-        this.changed("activation:" + name, "modules");
+        this.changed("activation:" + name, "module:" + name, "modules");
     }
 
     /// True while this module cannot take another operation: one of ours is in flight, an
@@ -366,7 +366,7 @@ export class Store {
     async activate_model(name, model) {
         const rec = { model, steps: [], status: "running", error: null, own: true };
         this.activations.set(name, rec);
-        this.changed("activation:" + name, "modules");
+        this.changed("activation:" + name, "module:" + name, "modules");
         try {
             await this.act(name, "activate", "ActivateModel", [name, model], "ss");
             rec.status = "ok";
@@ -375,7 +375,7 @@ export class Store {
             rec.error = describeError(ex);
             throw ex;
         } finally {
-            this.changed("activation:" + name, "modules");
+            this.changed("activation:" + name, "module:" + name, "modules");
         }
     }
 
