@@ -1,18 +1,18 @@
 //! modvisord: wiring of config, supervisor, bus, signals, inotify, sd_notify and the watchdog.
 //! One ordered shutdown path: signal -> STOPPING=1 -> stop modules -> release the bus.
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::config::{BusChoice, Config, NativeBackendChoice};
 use crate::dbus::embedded::EmbeddedBus;
 use crate::dbus::{self, BUS_NAME};
+use crate::dirwatch::DirWatch;
 use crate::journal::Journal;
 use crate::runtime::Backend;
 use crate::runtime::container::ContainerBackend;
@@ -96,80 +96,6 @@ async fn connect_bus(cfg: &Config, opts: &Options) -> Result<(zbus::Connection, 
         .build()
         .await?;
     Ok((c, Bus::Embedded(Box::new(eb))))
-}
-
-/// The directories to watch: each module directory, or its nearest existing ancestor so that
-/// creating the directory later is noticed too.
-fn watch_targets(dirs: &[PathBuf]) -> BTreeSet<PathBuf> {
-    dirs.iter()
-        .filter_map(|d| d.ancestors().find(|a| a.is_dir()).map(Path::to_path_buf))
-        .collect()
-}
-
-/// Watches the module directories; every burst of events (debounced 100 ms) asks for a reload.
-/// Created before the supervisor's first scan, so that no change can fall between the two.
-struct DirWatch {
-    dirs: Vec<PathBuf>,
-    watcher: notify::RecommendedWatcher,
-    watched: BTreeSet<PathBuf>,
-    rx: mpsc::UnboundedReceiver<()>,
-}
-
-impl DirWatch {
-    fn new(dirs: Vec<PathBuf>) -> Result<DirWatch, DaemonError> {
-        use notify::{RecursiveMode, Watcher};
-        let (tx, rx) = mpsc::unbounded_channel::<()>();
-        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            // Our own reads of the manifests show up as access events: ignoring them keeps a
-            // reload from triggering the next one.
-            if res.is_ok_and(|ev| !matches!(ev.kind, notify::EventKind::Access(_))) {
-                let _ = tx.send(());
-            }
-        })
-        .map_err(|e| DaemonError::Setup(format!("inotify: {e}")))?;
-        let watched = watch_targets(&dirs);
-        for d in &watched {
-            if let Err(e) = watcher.watch(d, RecursiveMode::NonRecursive) {
-                tracing::warn!("cannot watch {}: {e}", d.display());
-            }
-        }
-        Ok(DirWatch {
-            dirs,
-            watcher,
-            watched,
-            rx,
-        })
-    }
-
-    fn spawn(mut self, handle: Handle) {
-        use notify::{RecursiveMode, Watcher};
-        tokio::spawn(async move {
-            while self.rx.recv().await.is_some() {
-                while let Ok(Some(())) =
-                    tokio::time::timeout(Duration::from_millis(100), self.rx.recv()).await
-                {
-                }
-                // Directories may have appeared or gone: follow them.
-                let now = watch_targets(&self.dirs);
-                for gone in self.watched.difference(&now) {
-                    let _ = self.watcher.unwatch(gone);
-                }
-                for new in now.difference(&self.watched) {
-                    if let Err(e) = self.watcher.watch(new, RecursiveMode::NonRecursive) {
-                        tracing::warn!("cannot watch {}: {e}", new.display());
-                    }
-                }
-                self.watched = now;
-                match handle.reload().await {
-                    Ok(errs) if !errs.is_empty() => {
-                        tracing::debug!("reload after a change: {} manifest errors", errs.len())
-                    }
-                    Ok(_) => {}
-                    Err(_) => return,
-                }
-            }
-        });
-    }
 }
 
 /// Connects to systemd on the system bus (bounded: 5 s).
@@ -339,7 +265,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     }
     let journal = Journal::connect().map(Arc::new);
 
-    let dir_watch = DirWatch::new(cfg.modules.clone())?;
+    let dir_watch = DirWatch::new(cfg.modules.clone()).map_err(DaemonError::Setup)?;
     let (handle, ready, sup_task) = supervisor::spawn(
         cfg.clone(),
         supervisor::Backends {

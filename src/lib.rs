@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dbus;
+pub mod dirwatch;
 pub mod export;
 pub mod fdstore;
 pub mod health;
