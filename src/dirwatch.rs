@@ -197,4 +197,49 @@ mod tests {
         let endless = (0..500).map(|_| (WRITING_QUIET, ms(50))).collect();
         assert_eq!(burst_ends_after(endless).await, BURST_MAX);
     }
+
+    /// What the kernel's inotify really reports through `notify` for the two ways a manifest
+    /// lands: the last event of each must end the burst after the short quiet.
+    #[tokio::test]
+    async fn real_inotify_a_rename_and_a_write_in_place_end_settled() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut w = DirWatch::new(vec![dir.path().to_path_buf()]).expect("watch");
+        let drain = |rx: &mut mpsc::UnboundedReceiver<Duration>| {
+            let mut seen = Vec::new();
+            while let Ok(q) = rx.try_recv() {
+                seen.push(q);
+            }
+            seen
+        };
+        let settle = || tokio::time::sleep(Duration::from_millis(200));
+
+        let outside = tempfile::tempdir().expect("tempdir");
+        let src = outside.path().join("a.toml");
+        std::fs::write(&src, "x = 1\n").expect("write");
+        std::fs::rename(&src, dir.path().join("a.toml")).expect("rename");
+        settle().await;
+        assert_eq!(
+            drain(&mut w.rx),
+            vec![SETTLED_QUIET],
+            "a rename into the directory"
+        );
+
+        std::fs::write(dir.path().join("b.toml"), "x = 2\n").expect("write");
+        settle().await;
+        let seen = drain(&mut w.rx);
+        assert_eq!(
+            seen.last(),
+            Some(&SETTLED_QUIET),
+            "a write in place: {seen:?}"
+        );
+        assert!(
+            seen.contains(&WRITING_QUIET),
+            "create and data first: {seen:?}"
+        );
+
+        // Our own read of a manifest wakes nothing.
+        std::fs::read(dir.path().join("b.toml")).expect("read");
+        settle().await;
+        assert_eq!(drain(&mut w.rx), vec![], "a read");
+    }
 }
