@@ -206,13 +206,27 @@ async fn start_metrics(
     Ok(Some(server))
 }
 
-pub async fn run(opts: Options) -> Result<(), DaemonError> {
-    let cfg = Arc::new(Config::load(opts.config.as_deref())?);
-    // Handlers first: a SIGTERM right after READY=1 must take the orderly path.
-    let mut term =
-        signal(SignalKind::terminate()).map_err(|e| DaemonError::Setup(e.to_string()))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| DaemonError::Setup(e.to_string()))?;
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| DaemonError::Setup(e.to_string()))?;
+/// The signals modvisord acts on.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals, DaemonError> {
+        let on = |k| signal(k).map_err(|e| DaemonError::Setup(e.to_string()));
+        Ok(Signals {
+            term: on(SignalKind::terminate())?,
+            int: on(SignalKind::interrupt())?,
+            hup: on(SignalKind::hangup())?,
+        })
+    }
+}
+
+/// What the process itself needs before anything starts: to reap every orphan, no core dumps,
+/// its directories.
+fn prepare_process(cfg: &Config) -> Result<(), DaemonError> {
     crate::reaper::become_subreaper()
         .map_err(|e| DaemonError::Setup(format!("become child subreaper: {e}")))?;
     // No core dumps, of modvisord or of anything it starts (inherited by every direct child;
@@ -228,26 +242,29 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         std::fs::create_dir_all(d)
             .map_err(|e| DaemonError::Setup(format!("create {}: {e}", d.display())))?;
     }
-    let native = native_backend(&cfg).await?;
-    let (container, container_engine): (Result<Arc<dyn Backend>, String>, String) =
-        if !cfg.policy.docker_enabled {
-            (
-                Err("containers are disabled (docker_enabled = false)".into()),
-                String::new(),
-            )
-        } else {
-            match ContainerBackend::connect(&cfg.container_socket, &cfg.state).await {
-                Ok(b) => {
-                    let d = b.description().to_string();
-                    (Ok(Arc::new(b)), d)
-                }
-                Err(why) => {
-                    tracing::info!("containers unavailable: {why}");
-                    (Err(why), String::new())
-                }
-            }
-        };
-    // NVML is optional: without it VRAM is unknown, said once here, never an error loop.
+    Ok(())
+}
+
+/// The container backend and the engine's description, or why containers are unavailable.
+async fn container_backend(cfg: &Config) -> (Result<Arc<dyn Backend>, String>, String) {
+    if !cfg.policy.docker_enabled {
+        let why = "containers are disabled (docker_enabled = false)";
+        return (Err(why.into()), String::new());
+    }
+    match ContainerBackend::connect(&cfg.container_socket, &cfg.state).await {
+        Ok(b) => {
+            let d = b.description().to_string();
+            (Ok(Arc::new(b)), d)
+        }
+        Err(why) => {
+            tracing::info!("containers unavailable: {why}");
+            (Err(why), String::new())
+        }
+    }
+}
+
+/// NVML is optional: without it VRAM is unknown, said once here, never an error loop.
+async fn open_gpu(cfg: &Config) -> Result<Arc<crate::monitor::Gpu>, String> {
     let lib = cfg.nvml_library.clone();
     let gpu = tokio::task::spawn_blocking(move || crate::monitor::Gpu::open(&lib))
         .await
@@ -257,6 +274,18 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         Ok(_) => tracing::info!("NVML loaded: GPUs and VRAM are monitored"),
         Err(e) => tracing::info!("VRAM unknown: {e}"),
     }
+    gpu
+}
+
+/// The supervisor's handle, its first reconcile, its task.
+type Spawned = (Handle, oneshot::Receiver<()>, tokio::task::JoinHandle<()>);
+
+/// The supervisor and what it runs on, started; the module directories watched.
+async fn start_supervisor(cfg: &Arc<Config>) -> Result<Spawned, DaemonError> {
+    let native = native_backend(cfg).await?;
+    let (container, container_engine) = container_backend(cfg).await;
+    let gpu = open_gpu(cfg).await;
+    // Engines of an earlier modvisord, to adopt.
     let mut existing: Vec<(Arc<dyn Backend>, crate::runtime::Owned)> = Vec::new();
     for b in std::iter::once(native.clone()).chain(container.clone().ok()) {
         for o in b.list_units().await {
@@ -264,20 +293,23 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         }
     }
     let journal = Journal::connect().map(Arc::new);
-
     let dir_watch = DirWatch::new(cfg.modules.clone()).map_err(DaemonError::Setup)?;
-    let (handle, ready, sup_task) = supervisor::spawn(
-        cfg.clone(),
-        supervisor::Backends {
-            native: Some(native),
-            container,
-            container_engine,
-        },
-        journal,
-        existing,
-        gpu,
-    );
+    let backends = supervisor::Backends {
+        native: Some(native),
+        container,
+        container_engine,
+    };
+    let (handle, ready, task) = supervisor::spawn(cfg.clone(), backends, journal, existing, gpu);
     dir_watch.spawn(handle.clone());
+    Ok((handle, ready, task))
+}
+
+pub async fn run(opts: Options) -> Result<(), DaemonError> {
+    let cfg = Arc::new(Config::load(opts.config.as_deref())?);
+    // Handlers first: a SIGTERM right after READY=1 must take the orderly path.
+    let mut signals = Signals::install()?;
+    prepare_process(&cfg)?;
+    let (handle, ready, sup_task) = start_supervisor(&cfg).await?;
     let (conn, bus) = connect_bus(&cfg, &opts).await?;
     let published = dbus::server::serve(&conn, handle.clone()).await?;
     dbus::models::serve(&conn, model_puller(&cfg)?, handle.state.clone()).await?;
@@ -299,27 +331,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     notify(&[NotifyState::Ready, NotifyState::Status(&summary)]);
     tracing::info!("modvisord {} ready: {summary}", env!("CARGO_PKG_VERSION"));
 
-    let mut state = handle.state.clone();
-    let why = loop {
-        tokio::select! {
-            _ = term.recv() => break "SIGTERM",
-            _ = int.recv() => break "SIGINT",
-            _ = hup.recv() => {
-                notify(&[NotifyState::Reloading]);
-                let errs = handle.reload().await.unwrap_or_default();
-                tracing::info!("SIGHUP: manifests reloaded, {} errors", errs.len());
-                let s = handle.state.borrow().summary();
-                notify(&[NotifyState::Ready, NotifyState::Status(&s)]);
-            }
-            r = state.changed() => {
-                if r.is_err() {
-                    break "the supervisor ended";
-                }
-                let s = state.borrow_and_update().summary();
-                notify(&[NotifyState::Status(&s)]);
-            }
-        }
-    };
+    let why = serve_until_signal(&handle, &mut signals).await;
     tracing::info!("{why}: stopping");
     notify(&[
         NotifyState::Stopping,
@@ -340,4 +352,30 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Runs until a signal (or the supervisor's end) says stop; SIGHUP reloads; the status line
+/// follows the state. Returns what ended it.
+async fn serve_until_signal(handle: &Handle, sig: &mut Signals) -> &'static str {
+    let mut state = handle.state.clone();
+    loop {
+        tokio::select! {
+            _ = sig.term.recv() => return "SIGTERM",
+            _ = sig.int.recv() => return "SIGINT",
+            _ = sig.hup.recv() => {
+                notify(&[NotifyState::Reloading]);
+                let errs = handle.reload().await.unwrap_or_default();
+                tracing::info!("SIGHUP: manifests reloaded, {} errors", errs.len());
+                let s = handle.state.borrow().summary();
+                notify(&[NotifyState::Ready, NotifyState::Status(&s)]);
+            }
+            r = state.changed() => {
+                if r.is_err() {
+                    return "the supervisor ended";
+                }
+                let s = state.borrow_and_update().summary();
+                notify(&[NotifyState::Status(&s)]);
+            }
+        }
+    }
 }
