@@ -654,25 +654,64 @@ fn print_change(json_out: bool, tty: bool, name: &str, state: &str, health: &str
     }
 }
 
+async fn list(cli: &Cli) -> Result<(), Fail> {
+    let (_c, m) = manager(cli).await?;
+    let rows = m.list_modules().await.map_err(from_zbus)?;
+    if cli.json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|r| json!({"name": r.0, "mode": r.1, "state": r.2, "health": r.3, "reason": r.4, "path": r.5.as_str()}))
+            .collect();
+        println!("{:#}", serde_json::Value::Array(v));
+    } else {
+        for r in rows {
+            println!("{}\t{}\t{}\t{}", r.0, or_dash(r.1), r.2, r.3);
+        }
+    }
+    Ok(())
+}
+
+async fn reload(cli: &Cli) -> Result<(), Fail> {
+    let errs = manager(cli).await?.1.reload().await.map_err(from_zbus)?;
+    for (_, e) in &errs {
+        eprintln!("{e}");
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(Fail::Code(1, format!("{} manifest errors", errs.len())))
+    }
+}
+
+async fn explain(cli: &Cli, name: &str) -> Result<(), Fail> {
+    let text = manager(cli)
+        .await?
+        .1
+        .explain(name)
+        .await
+        .map_err(from_zbus)?;
+    if cli.json {
+        println!("{}", json!({"name": name, "explanation": text}));
+    } else {
+        print!("{text}");
+    }
+    Ok(())
+}
+
+/// `activate`: with `--pull`, the model is pulled into the store first.
+async fn activate(cli: &Cli, name: &str, model: &str, pull: bool, yes: bool) -> Result<(), Fail> {
+    let (conn, m) = manager(cli).await?;
+    if pull {
+        let source = modvisor::store::split_file(model).0;
+        models::pull(&conn, source, None, &[], yes).await?;
+    }
+    m.activate_model(name, model).await.map_err(from_zbus)
+}
+
 async fn run(cli: &Cli) -> Result<(), Fail> {
     match &cli.cmd {
         Cmd::Status { name } => status(cli, name.as_deref()).await,
-        Cmd::List => {
-            let (_c, m) = manager(cli).await?;
-            let rows = m.list_modules().await.map_err(from_zbus)?;
-            if cli.json {
-                let v: Vec<_> = rows
-                    .iter()
-                    .map(|r| json!({"name": r.0, "mode": r.1, "state": r.2, "health": r.3, "reason": r.4, "path": r.5.as_str()}))
-                    .collect();
-                println!("{:#}", serde_json::Value::Array(v));
-            } else {
-                for r in rows {
-                    println!("{}\t{}\t{}\t{}", r.0, or_dash(r.1), r.2, r.3);
-                }
-            }
-            Ok(())
-        }
+        Cmd::List => list(cli).await,
         Cmd::Start { name } => manager(cli)
             .await?
             .1
@@ -691,44 +730,14 @@ async fn run(cli: &Cli) -> Result<(), Fail> {
             .restart_module(name)
             .await
             .map_err(from_zbus),
-        Cmd::Reload => {
-            let errs = manager(cli).await?.1.reload().await.map_err(from_zbus)?;
-            for (_, e) in &errs {
-                eprintln!("{e}");
-            }
-            if errs.is_empty() {
-                Ok(())
-            } else {
-                Err(Fail::Code(1, format!("{} manifest errors", errs.len())))
-            }
-        }
-        Cmd::Explain { name } => {
-            let text = manager(cli)
-                .await?
-                .1
-                .explain(name)
-                .await
-                .map_err(from_zbus)?;
-            if cli.json {
-                println!("{}", json!({"name": name, "explanation": text}));
-            } else {
-                print!("{text}");
-            }
-            Ok(())
-        }
+        Cmd::Reload => reload(cli).await,
+        Cmd::Explain { name } => explain(cli, name).await,
         Cmd::Activate {
             name,
             model,
             pull,
             yes,
-        } => {
-            let (conn, m) = manager(cli).await?;
-            if *pull {
-                let source = modvisor::store::split_file(model).0;
-                models::pull(&conn, source, None, &[], *yes).await?;
-            }
-            m.activate_model(name, model).await.map_err(from_zbus)
-        }
+        } => activate(cli, name, model, *pull, *yes).await,
         Cmd::Pull {
             source,
             sha256,
