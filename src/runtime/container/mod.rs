@@ -14,9 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bollard::Docker;
-use bollard::models::{
-    ContainerCreateBody, DeviceMapping, DeviceRequest, HostConfig, PortBinding, ResourcesUlimits,
-};
+use bollard::models::ContainerCreateBody;
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, EventsOptions, LogsOptionsBuilder,
     RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
@@ -33,7 +31,9 @@ use super::{
 use crate::bounded::{LineSplitter, MAX_LINE};
 use crate::health::ProbeResult;
 use crate::journal::{OutputSink, Stream};
-use crate::manifest::{ContainerSpec, Gpus, Pull};
+use crate::manifest::{ContainerSpec, Pull};
+
+mod body;
 
 pub const LABEL_MODULE: &str = "org.modvisor.module";
 pub const LABEL_SPEC: &str = "org.modvisor.spec";
@@ -458,155 +458,6 @@ impl ContainerBackend {
         }
     }
 
-    fn create_body(
-        &self,
-        req: &RunRequest,
-        spec: &ContainerSpec,
-        hash: &str,
-        secrets: Vec<(String, String)>,
-    ) -> ContainerCreateBody {
-        let mut labels = HashMap::new();
-        labels.insert(LABEL_MODULE.to_string(), req.name.clone());
-        labels.insert(LABEL_SPEC.to_string(), hash.to_string());
-        labels.insert(LABEL_OWNER.to_string(), self.owner.clone());
-        let mut port_bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
-        let mut exposed = Vec::new();
-        for p in &spec.ports {
-            let key = format!("{}/{}", p.container_port, p.protocol);
-            exposed.push(key.clone());
-            port_bindings
-                .entry(key)
-                .or_insert_with(|| Some(Vec::new()))
-                .get_or_insert_with(Vec::new)
-                .push(PortBinding {
-                    host_ip: Some(p.host_ip.clone()),
-                    host_port: Some(p.host_port.to_string()),
-                });
-        }
-        let ulimit = |name: &str, v: i64| ResourcesUlimits {
-            name: Some(name.into()),
-            soft: Some(v),
-            hard: Some(v),
-        };
-        // Core 0 always. Podman replaces all its default ulimits as soon as one is sent, and
-        // then asks for more open files than this machine allows: send nofile/nproc too.
-        // RLIMIT_NPROC counts every process of the uid on the host (no user namespace here),
-        // so it is no container limit (the pids cgroup is); it only must not be lower.
-        let mut ulimits = vec![ulimit("core", 0)];
-        if self.engine == Engine::Podman {
-            ulimits.push(ulimit("nofile", 20000));
-            ulimits.push(ulimit("nproc", spec.pids_limit as i64));
-        }
-        // "any" not placed by admission (it is off): one GPU, the engine's pick.
-        let placed = spec.gpus.as_ref().map(|g| g.placed(&[]));
-        let (device_requests, devices) = match (&placed, self.engine) {
-            (None, _) => (None, None),
-            (Some(g), Engine::Docker) => {
-                let (count, ids) = match g {
-                    Gpus::All => (Some(-1), None),
-                    Gpus::Count(n) => (Some(*n as i64), None),
-                    Gpus::Any => (Some(1), None),
-                    Gpus::Ids(v) => (None, Some(v.clone())),
-                };
-                (
-                    Some(vec![DeviceRequest {
-                        driver: Some("nvidia".into()),
-                        count,
-                        device_ids: ids,
-                        capabilities: Some(vec![vec!["gpu".into()]]),
-                        options: None,
-                    }]),
-                    None,
-                )
-            }
-            // Podman ignores DeviceRequests: CDI device names instead.
-            (Some(g), Engine::Podman) => {
-                let names: Vec<String> = match g {
-                    Gpus::All => vec!["nvidia.com/gpu=all".into()],
-                    Gpus::Count(n) => (0..*n).map(|i| format!("nvidia.com/gpu={i}")).collect(),
-                    Gpus::Any => vec!["nvidia.com/gpu=0".into()],
-                    Gpus::Ids(v) => v.iter().map(|i| format!("nvidia.com/gpu={i}")).collect(),
-                };
-                (
-                    None,
-                    Some(
-                        names
-                            .into_iter()
-                            .map(|n| DeviceMapping {
-                                path_on_host: Some(n.clone()),
-                                path_in_container: Some(n),
-                                cgroup_permissions: Some("rwm".into()),
-                            })
-                            .collect(),
-                    ),
-                )
-            }
-        };
-        let host = HostConfig {
-            memory: req.memory_max.map(|m| m as i64),
-            // The pids cgroup of the container (both engines): a fork bomb inside stops there.
-            pids_limit: Some(spec.pids_limit as i64),
-            ulimits: Some(ulimits),
-            init: Some(true),
-            privileged: Some(false),
-            cap_drop: Some(vec!["ALL".into()]),
-            cap_add: if spec.cap_add.is_empty() {
-                None
-            } else {
-                Some(spec.cap_add.clone())
-            },
-            security_opt: Some(vec!["no-new-privileges".into()]),
-            binds: Some(
-                spec.volumes
-                    .iter()
-                    .map(|v| {
-                        format!(
-                            "{}:{}:{}",
-                            v.source.display(),
-                            v.target.display(),
-                            if v.read_only { "ro" } else { "rw" }
-                        )
-                    })
-                    .collect(),
-            ),
-            port_bindings: if port_bindings.is_empty() {
-                None
-            } else {
-                Some(port_bindings)
-            },
-            network_mode: spec.network.clone(),
-            device_requests,
-            devices,
-            ..Default::default()
-        };
-        ContainerCreateBody {
-            image: Some(spec.image.clone()),
-            cmd: if spec.command.is_empty() {
-                None
-            } else {
-                Some(spec.command.clone())
-            },
-            env: Some(
-                spec.environment
-                    .iter()
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .chain(secrets.iter().map(|(k, v)| format!("{k}={v}")))
-                    .chain([format!("MODVISOR_MODULE={}", req.name)])
-                    .collect(),
-            ),
-            user: spec.user.clone(),
-            labels: Some(labels),
-            exposed_ports: if exposed.is_empty() {
-                None
-            } else {
-                Some(exposed)
-            },
-            stop_timeout: Some(req.stop_timeout.as_secs().max(1) as i64),
-            host_config: Some(host),
-            ..Default::default()
-        }
-    }
-
     async fn ensure_image(&self, spec: &ContainerSpec) -> Result<(), Failure> {
         let (status, _) = get_json(&self.sock, &format!("/images/{}/json", spec.image)).await?;
         if status == 200 {
@@ -683,12 +534,88 @@ impl ContainerBackend {
         }
     }
 
+    /// Keeps the run of a container modvisord follows (events, logs, stop).
+    fn register(&self, cname: &str, req: &RunRequest, id: &str, events: &Events, exited: Exited) {
+        let run = Run {
+            generation: req.generation,
+            id: id.to_string(),
+            events: events.clone(),
+            exited,
+            oom: false,
+            stopping: false,
+            sink: req.sink.clone(),
+        };
+        lock(&self.runs).insert(cname.to_string(), (req.name.clone(), run));
+    }
+
+    /// The container of that name as found: the one to adopt (running, same spec, ours), or
+    /// None once any other is removed.
+    async fn adoptable(
+        &self,
+        req: &RunRequest,
+        cname: &str,
+        hash: &str,
+    ) -> Result<Option<Inspect>, Failure> {
+        // A container of that name may be in the middle of its removal (the previous run's
+        // stop): Podman then answers 500 "no such container". Treat that as gone.
+        let existing = match inspect(&self.sock, cname).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!(modvisor_module = %req.name, "{e}");
+                self.remove(cname).await?;
+                None
+            }
+        };
+        match existing {
+            Some(i)
+                if i.running
+                    && i.labels.get(LABEL_SPEC).map(String::as_str) == Some(hash)
+                    && i.labels.get(LABEL_OWNER) == Some(&self.owner) =>
+            {
+                tracing::info!(modvisor_module = %req.name, "adopted container {cname} ({}), already running with the same spec", &i.id[..12.min(i.id.len())]);
+                Ok(Some(i))
+            }
+            Some(i) => {
+                if i.running {
+                    tracing::info!(modvisor_module = %req.name, "container {cname} runs another spec: recreating it");
+                }
+                self.remove(cname).await?;
+                Ok(None)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Creates the container; a name still taken by one on its way out is removed, once.
+    async fn create(&self, cname: &str, body: ContainerCreateBody) -> Result<String, Failure> {
+        let opts = CreateContainerOptionsBuilder::default().name(cname).build();
+        match self
+            .docker
+            .create_container(Some(opts.clone()), body.clone())
+            .await
+        {
+            Ok(c) => Ok(c.id),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 409, ..
+            }) => {
+                self.remove(cname).await?;
+                let c = self
+                    .docker
+                    .create_container(Some(opts), body)
+                    .await
+                    .map_err(|e| format!("creating {cname}: {e}"))?;
+                Ok(c.id)
+            }
+            Err(e) => Err(format!("creating {cname}: {e}").into()),
+        }
+    }
+
     async fn run(
         self: Arc<Self>,
         req: RunRequest,
         spec: ContainerSpec,
-        events: mpsc::UnboundedSender<RuntimeEvent>,
-        exited: watch::Sender<bool>,
+        events: Events,
+        exited: Exited,
     ) -> Result<(), Failure> {
         let cname = container_name(&req.name);
         let hash = spec_hash(&spec, req.memory_max);
@@ -702,112 +629,29 @@ impl ContainerBackend {
                 container_id: Some(i.id.clone()),
             });
         };
-        // A container of that name may be in the middle of its removal (the previous run's
-        // stop): Podman then answers 500 "no such container". Treat that as gone.
-        let existing = match inspect(&self.sock, &cname).await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::debug!(modvisor_module = %req.name, "{e}");
-                self.remove(&cname).await?;
-                None
-            }
-        };
-        match existing {
-            Some(i)
-                if i.running
-                    && i.labels.get(LABEL_SPEC) == Some(&hash)
-                    && i.labels.get(LABEL_OWNER) == Some(&self.owner) =>
-            {
-                tracing::info!(modvisor_module = %req.name, "adopted container {cname} ({}), already running with the same spec", &i.id[..12.min(i.id.len())]);
-                lock(&self.runs).insert(
-                    cname.clone(),
-                    (
-                        req.name.clone(),
-                        Run {
-                            generation: req.generation,
-                            id: i.id.clone(),
-                            events: events.clone(),
-                            exited,
-                            oom: false,
-                            stopping: false,
-                            sink: req.sink.clone(),
-                        },
-                    ),
-                );
-                self.follow_logs(i.id.clone(), req.sink.clone(), true);
-                send_running(&i);
-                return Ok(());
-            }
-            Some(i) => {
-                if i.running {
-                    tracing::info!(modvisor_module = %req.name, "container {cname} runs another spec: recreating it");
-                }
-                self.remove(&cname).await?;
-            }
-            None => {}
+        if let Some(i) = self.adoptable(&req, &cname, &hash).await? {
+            self.register(&cname, &req, &i.id, &events, exited);
+            self.follow_logs(i.id.clone(), req.sink.clone(), true);
+            send_running(&i);
+            return Ok(());
         }
         self.ensure_image(&spec).await?;
-        // Secrets are read at each creation (a rotated file applies at the next start), checked
-        // root-only like the native backends' (values never appear in an error).
-        let secrets = match spec.environment_file.clone() {
-            Some(f) => tokio::task::spawn_blocking(move || crate::secrets::environment_file(&f))
-                .await
-                .map_err(|e| format!("reading the environment file: {e}"))?
-                .map_err(Failure::Refused)?,
-            None => Vec::new(),
-        };
-        let body = self.create_body(&req, &spec, &hash, secrets);
-        let opts = CreateContainerOptionsBuilder::default()
-            .name(&cname)
-            .build();
-        let created = match self
-            .docker
-            .create_container(Some(opts.clone()), body.clone())
-            .await
-        {
-            Ok(c) => c,
-            // The name is still taken by a container on its way out: remove it, try once more.
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 409, ..
-            }) => {
-                self.remove(&cname).await?;
-                self.docker
-                    .create_container(Some(opts), body)
-                    .await
-                    .map_err(|e| format!("creating {cname}: {e}"))?
-            }
-            Err(e) => return Err(format!("creating {cname}: {e}").into()),
-        };
-        lock(&self.runs).insert(
-            cname.clone(),
-            (
-                req.name.clone(),
-                Run {
-                    generation: req.generation,
-                    id: created.id.clone(),
-                    events: events.clone(),
-                    exited,
-                    oom: false,
-                    stopping: false,
-                    sink: req.sink.clone(),
-                },
-            ),
+        let secrets = read_secrets(&spec).await?;
+        let body = body::create_body(self.engine, &self.owner, &req, &spec, &hash, secrets);
+        let id = self.create(&cname, body).await?;
+        self.register(&cname, &req, &id, &events, exited);
+        let start = self.docker.start_container(
+            &cname,
+            None::<bollard::query_parameters::StartContainerOptions>,
         );
-        if let Err(e) = self
-            .docker
-            .start_container(
-                &cname,
-                None::<bollard::query_parameters::StartContainerOptions>,
-            )
-            .await
-        {
+        if let Err(e) = start.await {
             lock(&self.runs).remove(&cname);
             let _ = self.remove(&cname).await;
             return Err(format!("starting {cname}: {e}").into());
         }
         // After the start: both engines end a follow of a container that is not running yet.
         // (A quick exit's last lines are read again on its die event.)
-        self.follow_logs(created.id.clone(), req.sink.clone(), false);
+        self.follow_logs(id, req.sink.clone(), false);
         // It may already have exited (the die event reports that): only a running one is news.
         if let Ok(Some(i)) = inspect(&self.sock, &cname).await
             && i.running
@@ -816,6 +660,21 @@ impl ContainerBackend {
         }
         Ok(())
     }
+}
+
+type Events = mpsc::UnboundedSender<RuntimeEvent>;
+type Exited = watch::Sender<bool>;
+
+/// Secrets are read at each creation (a rotated file applies at the next start), checked
+/// root-only like the native backends' (values never appear in an error).
+async fn read_secrets(spec: &ContainerSpec) -> Result<Vec<(String, String)>, Failure> {
+    let Some(f) = spec.environment_file.clone() else {
+        return Ok(Vec::new());
+    };
+    tokio::task::spawn_blocking(move || crate::secrets::environment_file(&f))
+        .await
+        .map_err(|e| format!("reading the environment file: {e}"))?
+        .map_err(Failure::Refused)
 }
 
 impl Backend for Arc<ContainerBackend> {
