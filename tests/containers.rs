@@ -7,73 +7,8 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::engines::*;
 use common::*;
-use serde_json::Value;
-
-#[derive(Clone, Copy)]
-enum Eng {
-    Podman,
-    Docker,
-}
-
-impl Eng {
-    fn socket(self) -> String {
-        match self {
-            Eng::Podman => {
-                std::env::var("PODMAN_SOCK").unwrap_or_else(|_| "/run/podman/podman.sock".into())
-            }
-            Eng::Docker => std::env::var("DOCKER_HOST")
-                .map(|h| h.trim_start_matches("unix://").to_string())
-                .unwrap_or_else(|_| "/run/docker.sock".into()),
-        }
-    }
-    fn image(self) -> &'static str {
-        match self {
-            Eng::Podman => "localhost/bb:latest",
-            Eng::Docker => "bb:latest",
-        }
-    }
-    fn cli(self) -> Command {
-        match self {
-            Eng::Podman => Command::new("podman"),
-            Eng::Docker => {
-                let mut c = Command::new("/usr/bin/docker");
-                c.env("DOCKER_HOST", format!("unix://{}", self.socket()));
-                c
-            }
-        }
-    }
-    fn tag(self) -> &'static str {
-        match self {
-            Eng::Podman => "pm",
-            Eng::Docker => "dk",
-        }
-    }
-    /// The engine's own view of a container (None when it does not exist).
-    fn inspect(self, name: &str) -> Option<Value> {
-        let out = self
-            .cli()
-            .args(["inspect", "--type", "container", name])
-            .output()
-            .expect("engine CLI");
-        if !out.status.success() {
-            return None;
-        }
-        let v: Value = serde_json::from_slice(&out.stdout).expect("inspect json");
-        v.get(0).cloned()
-    }
-}
-
-/// Removes the test's containers whatever happened (containers outlive modvisord).
-struct Cleanup(Eng, Vec<String>);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for n in &self.1 {
-            let _ = self.0.cli().args(["rm", "-f", n]).output();
-        }
-    }
-}
 
 fn uniq(e: Eng, tag: &str) -> String {
     format!("ct{}{}-{tag}", e.tag(), std::process::id())
@@ -81,11 +16,7 @@ fn uniq(e: Eng, tag: &str) -> String {
 
 /// A daemon using this engine.
 async fn start(e: Eng, manifests: &[(&str, &str)]) -> Daemon {
-    let o = Options {
-        runtime_extra: format!("container_socket = \"{}\"\n", e.socket()),
-        ..Options::default()
-    };
-    Daemon::start_with(manifests, o).await
+    start_on(e, manifests).await
 }
 
 fn cmodule(e: Eng, script: &str, extra: &str) -> String {

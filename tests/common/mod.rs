@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod engine_user;
+pub mod engines;
 pub mod sysmgr;
 
 use std::path::{Path, PathBuf};
