@@ -11,74 +11,9 @@ use modvisor::dbus::client::ManagerProxy;
 
 pub const WAIT: Duration = Duration::from_secs(30);
 
-/// A private dbus-daemon configured like a system bus with the shipped policy (as
-/// tests/common does); killed when dropped.
-pub struct Bus {
-    child: Child,
-    pub address: String,
-}
-
-impl Bus {
-    pub fn start(dir: &Path) -> Bus {
-        let sock = dir.join("bus");
-        let policy =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/dbus/org.modvisor1.conf");
-        let conf = format!(
-            r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <auth>EXTERNAL</auth>
-  <listen>unix:path={sock}</listen>
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
-  </policy>
-  <include>{policy}</include>
-</busconfig>
-"#,
-            sock = sock.display(),
-            policy = policy.display()
-        );
-        let conf_path = dir.join("bus.conf");
-        std::fs::write(&conf_path, conf).expect("write bus config");
-        let mut child = Command::new("dbus-daemon")
-            .arg(format!("--config-file={}", conf_path.display()))
-            .args(["--nofork", "--nopidfile", "--print-address=1"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("dbus-daemon must be installed");
-        use std::io::BufRead;
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("read dbus-daemon address");
-        assert!(!line.trim().is_empty(), "dbus-daemon did not start");
-        Bus {
-            child,
-            address: format!("unix:path={}", sock.display()),
-        }
-    }
-}
-
-impl Drop for Bus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+#[path = "../../tests/common/bus.rs"]
+mod bus;
+pub use bus::Bus;
 
 /// modvisord; SIGTERM and a bounded wait when dropped.
 pub struct Daemon(pub Child);
@@ -136,7 +71,7 @@ pub struct Running {
 pub async fn start_daemon(dir: &Path, config: &str, env: &[(&str, &std::ffi::OsStr)]) -> Running {
     let config_path = dir.join("modvisor.toml");
     std::fs::write(&config_path, config).expect("config");
-    let bus = Bus::start(dir);
+    let bus = Bus::start_at(dir);
     let conn = zbus::connection::Builder::address(bus.address.as_str())
         .build()
         .await
