@@ -164,20 +164,20 @@ fn client() -> Result<reqwest::Client, String> {
         .map_err(|e| format!("HTTP client: {e}"))
 }
 
-async fn run(req: Request) -> Result<(), String> {
-    let c = client()?;
-    let plan = match &req.source {
+/// The files of the source, with their sizes and checksums where the source says.
+async fn plan(c: &reqwest::Client, source: &Wire) -> Result<Vec<PlanFile>, String> {
+    match source {
         Wire::Ollama {
             registry,
             name,
             tag,
-        } => ollama_plan(&c, registry, name, tag).await?,
-        Wire::Url { url, file, sha256 } => vec![PlanFile {
+        } => ollama_plan(c, registry, name, tag).await,
+        Wire::Url { url, file, sha256 } => Ok(vec![PlanFile {
             name: file.clone(),
             url: url.clone(),
-            size: head_size(&c, url).await,
+            size: head_size(c, url).await,
             sha256: sha256.clone(),
-        }],
+        }]),
         Wire::Hf {
             endpoint,
             repo,
@@ -186,22 +186,52 @@ async fn run(req: Request) -> Result<(), String> {
             token,
         } => {
             let hf = Hf {
-                c: &c,
+                c,
                 base: endpoint.trim_end_matches('/'),
                 token: token.as_deref(),
             };
-            hf.plan(repo, revision, include).await?
+            hf.plan(repo, revision, include).await
         }
-    };
-    emit(&Msg::Plan(plan.clone()));
-    let go = tokio::task::spawn_blocking(|| {
+    }
+}
+
+/// modvisord answers the plan with "go" on stdin (after its quota check), or ends the pull.
+async fn told_to_go() -> Result<bool, String> {
+    let line = tokio::task::spawn_blocking(|| {
         let mut l = String::new();
         std::io::stdin().lock().read_line(&mut l).map(|_| l)
     })
     .await
     .map_err(|e| e.to_string())?
     .map_err(|e| e.to_string())?;
-    if go.trim() != "go" {
+    Ok(line.trim() == "go")
+}
+
+/// Reads the GGUF header of each downloaded `.gguf` and reports it (or why it is not one).
+async fn report_ggufs(plan: &[PlanFile], dir: &Path) -> Result<(), String> {
+    for f in plan.iter().filter(|f| f.name.ends_with(".gguf")) {
+        let p = dir.join(part_name(&f.name));
+        let r = tokio::task::spawn_blocking(move || open_own(&p).and_then(gguf::read))
+            .await
+            .map_err(|e| e.to_string())?;
+        let (info, error) = match r {
+            Ok(i) => (Some(i), None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        emit(&Msg::Gguf {
+            name: f.name.clone(),
+            info,
+            error,
+        });
+    }
+    Ok(())
+}
+
+async fn run(req: Request) -> Result<(), String> {
+    let c = client()?;
+    let plan = plan(&c, &req.source).await?;
+    emit(&Msg::Plan(plan.clone()));
+    if !told_to_go().await? {
         return Ok(());
     }
     let done = Arc::new(AtomicU64::new(0));
@@ -230,21 +260,7 @@ async fn run(req: Request) -> Result<(), String> {
     ticker.abort();
     emit(&Msg::Progress(done.load(Ordering::Relaxed)));
     results.into_iter().collect::<Result<Vec<()>, String>>()?;
-    for f in plan.iter().filter(|f| f.name.ends_with(".gguf")) {
-        let p = req.dir.join(part_name(&f.name));
-        let r = tokio::task::spawn_blocking(move || open_own(&p).and_then(gguf::read))
-            .await
-            .map_err(|e| e.to_string())?;
-        let (info, error) = match r {
-            Ok(i) => (Some(i), None),
-            Err(e) => (None, Some(e.to_string())),
-        };
-        emit(&Msg::Gguf {
-            name: f.name.clone(),
-            info,
-            error,
-        });
-    }
+    report_ggufs(&plan, &req.dir).await?;
     emit(&Msg::Done);
     Ok(())
 }
