@@ -72,7 +72,7 @@ fn validate_probe(cx: &Ctx<'_>, h: &Spanned<RawHealth>) -> Result<Option<Probe>,
         }
         Some(Probe::Http {
             url: url.clone(),
-            expect: r.expect.clone(),
+            expect: r.expect.as_ref().map(|e| e.get_ref().clone()),
         })
     } else if let Some(t) = &r.tcp {
         let a = t.get_ref();
@@ -97,8 +97,8 @@ fn validate_probe(cx: &Ctx<'_>, h: &Spanned<RawHealth>) -> Result<Option<Probe>,
     } else {
         None
     };
-    if r.expect.is_some() && r.http.is_none() {
-        return cx.err(h.span().start, "health.expect: only allowed with `http`");
+    if let Some(e) = r.expect.as_ref().filter(|_| r.http.is_none()) {
+        return cx.err(e.span().start, "health.expect: only allowed with `http`");
     }
     Ok(probe)
 }

@@ -67,7 +67,7 @@ fn native_unit(
             r.credentials.as_ref().map(|s| s.span().start),
         ),
         ("native.sandbox", r.sandbox.as_ref().map(|s| s.span().start)),
-        ("native.gpu", r.gpu.map(|_| n.span().start)),
+        ("native.gpu", r.gpu.as_ref().map(|s| s.span().start)),
         ("native.gpus", r.gpus.as_ref().map(|s| s.span().start)),
     ] {
         if let Some(off) = v {
@@ -218,7 +218,7 @@ fn validate_privileges(cx: &Ctx<'_>, r: &RawNative) -> Result<Privileges, Manife
         environment_file,
         credentials,
         sandbox,
-        gpu: r.gpu.unwrap_or(false) || gpus.is_some(),
+        gpu: r.gpu.as_ref().is_some_and(|g| *g.get_ref()) || gpus.is_some(),
         gpus,
         model_directory: None,
     })

@@ -60,7 +60,7 @@ pub struct RawNative {
     pub environment_file: Option<Spanned<String>>,
     pub credentials: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
     pub sandbox: Option<Spanned<RawSandbox>>,
-    pub gpu: Option<bool>,
+    pub gpu: Option<Spanned<bool>>,
     pub gpus: Option<Spanned<RawGpus>>,
     pub unit: Option<Spanned<String>>,
 }
@@ -136,7 +136,7 @@ pub struct RawHealth {
     pub http: Option<Spanned<String>>,
     pub tcp: Option<Spanned<String>>,
     pub exec: Option<Spanned<Vec<String>>>,
-    pub expect: Option<String>,
+    pub expect: Option<Spanned<String>>,
     pub interval: Option<Spanned<String>>,
     pub timeout: Option<Spanned<String>>,
     pub start_timeout: Option<Spanned<String>>,
