@@ -368,7 +368,13 @@ impl Ctx<'_> {
         ] {
             if let Some(p) = v {
                 if !(1..=100).contains(p.get_ref()) {
-                    return self.err(p.span().start, format!("{key}: expected 1 to 100"));
+                    return self.err(
+                        p.span().start,
+                        format!(
+                            "{key}: expected an integer from 1 to 100, found {}",
+                            p.get_ref()
+                        ),
+                    );
                 }
                 *slot = *p.get_ref();
             }
@@ -739,7 +745,7 @@ module_log_dir = "/var/log/modvisor"
     fn warn_percentages_outside_1_to_100_are_errors_at_their_value() {
         assert_eq!(
             error("[monitor]\nvram_warn_percent = 0\n"),
-            "/etc/modvisor/modvisor.toml:2:21: monitor.vram_warn_percent: expected 1 to 100"
+            "/etc/modvisor/modvisor.toml:2:21: monitor.vram_warn_percent: expected an integer from 1 to 100, found 0"
         );
     }
 }
