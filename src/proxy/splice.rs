@@ -1,0 +1,401 @@
+//! Moving the bytes of one connection both ways: splice(2) from one socket into a pipe and
+//! from the pipe into the other socket, so they never enter modvisord's memory.
+//!
+//! Each direction gets its pipe only when its first bytes arrive (an idle connection holds no
+//! pipe), starts with the kernel's default pipe (64 KiB), and grows it to 1 MiB once the
+//! direction proves to be bulk (the pipe filled up): a splice moves at most one pipe's worth,
+//! so a small pipe costs a syscall and often a wake-up per 64 KiB of a large response. Within
+//! one wake-up a direction moves all it can (fill, drain, fill again) until both its sockets
+//! would block; tokio's cooperative budget, charged by every readiness poll, keeps one busy
+//! connection from starving the others. When no pipe can be made (out of descriptors), that
+//! direction copies through a 64 KiB buffer instead.
+#![allow(unsafe_code)]
+
+use std::future::poll_fn;
+use std::io::{self, ErrorKind, PipeReader, PipeWriter};
+use std::os::fd::{AsRawFd, RawFd};
+use std::task::{Context, Poll};
+
+use nix::fcntl::{FcntlArg, fcntl};
+use tokio::io::Interest;
+use tokio::net::{TcpStream, UnixStream};
+
+/// The kernel's default pipe size: what a direction starts with.
+const SMALL: usize = 64 << 10;
+/// What the pipe of a bulk direction grows to (fs.pipe-max-size's default, so no privilege is
+/// needed).
+const BULK: usize = 1 << 20;
+/// The buffer of a direction that could not get a pipe.
+const COPY: usize = 64 << 10;
+
+/// A socket registered with tokio: readiness to wait on, and raw I/O to attempt.
+pub trait Socket: AsRawFd {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn try_io<R>(&self, i: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
+}
+
+macro_rules! socket {
+    ($t:ty) => {
+        impl Socket for $t {
+            fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                <$t>::poll_read_ready(self, cx)
+            }
+            fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                <$t>::poll_write_ready(self, cx)
+            }
+            fn try_io<R>(&self, i: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
+                <$t>::try_io(self, i, f)
+            }
+        }
+    };
+}
+socket!(TcpStream);
+socket!(UnixStream);
+
+/// Moves bytes both ways until both directions have seen their end (each end is passed on as
+/// a shutdown of the other socket's write side), or until either fails.
+pub async fn bidirectional<A: Socket, B: Socket>(a: &A, b: &B) -> io::Result<()> {
+    run(a, b, Half::default(), Half::default()).await
+}
+
+async fn run<A: Socket, B: Socket>(a: &A, b: &B, mut ab: Half, mut ba: Half) -> io::Result<()> {
+    poll_fn(|cx| {
+        let ab = ab.poll(cx, a, b)?;
+        let ba = ba.poll(cx, b, a)?;
+        if ab.is_ready() && ba.is_ready() {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+/// Where a direction's bytes wait between its two sockets.
+#[derive(Default)]
+enum Via {
+    /// Nothing has arrived yet.
+    #[default]
+    Nothing,
+    Pipe {
+        r: PipeReader,
+        w: PipeWriter,
+        size: usize,
+    },
+    /// No pipe could be made: `buf[start..start + held]` waits.
+    Copy { buf: Box<[u8]>, start: usize },
+}
+
+/// One direction.
+#[derive(Default)]
+struct Half {
+    via: Via,
+    /// Bytes read and not yet written.
+    held: usize,
+    /// The pipe took no more though the socket may have more: wait for the writer.
+    stalled: bool,
+    eof: bool,
+    done: bool,
+}
+
+impl Half {
+    /// Ready once this direction's end has been passed on; pending with a wake-up registered.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &impl Socket,
+        to: &impl Socket,
+    ) -> Poll<io::Result<()>> {
+        while !self.done {
+            let filled = self.fill(cx, from)?;
+            let drained = self.drain(cx, to)?;
+            if self.eof && self.held == 0 {
+                // SAFETY: shutdown(2) on a socket this connection owns; no memory is passed.
+                // Failure (the peer is already gone) is the other direction's to see.
+                unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) };
+                self.done = true;
+            } else if !filled && !drained {
+                return Poll::Pending;
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Reads what `from` has into the pipe; false when there is nothing to do now (a wake-up
+    /// on `from` is registered, or the writer has to make room first).
+    fn fill(&mut self, cx: &mut Context<'_>, from: &impl Socket) -> io::Result<bool> {
+        if self.eof || self.stalled || self.held >= self.room() {
+            return Ok(false);
+        }
+        loop {
+            match from.poll_read_ready(cx) {
+                Poll::Pending => return Ok(false),
+                Poll::Ready(r) => r?,
+            }
+            if matches!(self.via, Via::Nothing) {
+                self.via = Via::new()?;
+            }
+            let fd = from.as_raw_fd();
+            match from.try_io(Interest::READABLE, || self.read(fd)) {
+                Ok(Some(0)) => self.eof = true,
+                Ok(Some(n)) => self.held += n,
+                Ok(None) => self.stalled = true,
+                // Readiness is cleared: poll again to register for the next.
+                Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+            if self.stalled || self.held >= SMALL {
+                self.grow();
+            }
+            return Ok(!self.stalled);
+        }
+    }
+
+    /// Writes what is held to `to`; false when nothing is held or `to` is full (a wake-up on
+    /// it is registered).
+    fn drain(&mut self, cx: &mut Context<'_>, to: &impl Socket) -> io::Result<bool> {
+        if self.held == 0 {
+            return Ok(false);
+        }
+        loop {
+            match to.poll_write_ready(cx) {
+                Poll::Pending => return Ok(false),
+                Poll::Ready(r) => r?,
+            }
+            let fd = to.as_raw_fd();
+            match to.try_io(Interest::WRITABLE, || self.write(fd)) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.held -= n;
+                    self.stalled = false;
+                    return Ok(true);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// How much may be held.
+    fn room(&self) -> usize {
+        match &self.via {
+            Via::Pipe { size, .. } => *size,
+            _ => COPY,
+        }
+    }
+
+    /// A bulk direction's pipe grows once; when the kernel refuses (the user's pipe pages are
+    /// used up) it stays as it is.
+    fn grow(&mut self) {
+        if let Via::Pipe { w, size, .. } = &mut self.via
+            && *size < BULK
+        {
+            *size = match fcntl(&*w, FcntlArg::F_SETPIPE_SZ(BULK as i32)) {
+                Ok(n) if n > 0 => n as usize,
+                _ => BULK, // not again
+            };
+        }
+    }
+
+    /// One read from `fd`: Some(0) at its end; None when a non-empty pipe took nothing (it is
+    /// full in pages though not in bytes: splice cannot tell that from an empty socket).
+    fn read(&mut self, fd: RawFd) -> io::Result<Option<usize>> {
+        let r = match &mut self.via {
+            Via::Pipe { w, .. } => splice(fd, w.as_raw_fd(), BULK),
+            Via::Copy { buf, start } => {
+                if self.held == 0 {
+                    *start = 0;
+                } else if *start + self.held == buf.len() {
+                    // Make room at the end (held < COPY, or fill would not read).
+                    buf.copy_within(*start.., 0);
+                    *start = 0;
+                }
+                let free = &mut buf[*start + self.held..];
+                // SAFETY: reads at most free.len() bytes into memory this direction owns.
+                let n = unsafe { libc::read(fd, free.as_mut_ptr().cast(), free.len()) };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            }
+            Via::Nothing => Err(io::Error::other("no pipe")),
+        };
+        match r {
+            Err(e) if e.kind() == ErrorKind::WouldBlock && self.held > 0 => {
+                if let Via::Pipe { .. } = self.via {
+                    return Ok(None);
+                }
+                Err(e)
+            }
+            r => r.map(Some),
+        }
+    }
+
+    /// One write of what is held to `fd`.
+    fn write(&mut self, fd: RawFd) -> io::Result<usize> {
+        match &mut self.via {
+            Via::Pipe { r, .. } => splice(r.as_raw_fd(), fd, self.held),
+            Via::Copy { buf, start } => {
+                let data = &buf[*start..*start + self.held];
+                // SAFETY: sends from memory this direction owns, at most data.len() bytes; no
+                // SIGPIPE for a peer that is gone (an error instead).
+                let n =
+                    unsafe { libc::send(fd, data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL) };
+                if n < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                *start += n as usize;
+                Ok(n as usize)
+            }
+            Via::Nothing => Err(io::Error::other("no pipe")),
+        }
+    }
+}
+
+impl Via {
+    /// A pipe, or a buffer when the process or the system is out of descriptors.
+    fn new() -> io::Result<Via> {
+        match std::io::pipe() {
+            Ok((r, w)) => Ok(Via::Pipe { r, w, size: SMALL }),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                Ok(Via::Copy {
+                    buf: vec![0; COPY].into_boxed_slice(),
+                    start: 0,
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// splice(2) of up to `len` bytes, never blocking on the pipe (the socket is non-blocking).
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: two descriptors this connection owns, no offsets (both are sockets or pipes);
+    // no memory of ours is touched.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// Bytes no two positions of which repeat in a short cycle (a dropped, doubled or
+    /// reordered chunk shows).
+    fn payload(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// One end of the connection: sends `out` and then its end (shutdown of its write side)
+    /// while it reads to the peer's end; returns what it read.
+    async fn end<S: AsyncRead + AsyncWrite>(s: S, out: Vec<u8>) -> Vec<u8> {
+        let (mut r, mut w) = tokio::io::split(s);
+        let send = async move {
+            w.write_all(&out).await.expect("send");
+            w.shutdown().await.expect("shutdown");
+        };
+        let recv = async move {
+            let mut got = Vec::new();
+            r.read_to_end(&mut got).await.expect("receive");
+            got
+        };
+        tokio::join!(send, recv).1
+    }
+
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let a = l.local_addr().expect("addr");
+        let (c, s) = tokio::join!(TcpStream::connect(a), l.accept());
+        (c.expect("connect"), s.expect("accept").0)
+    }
+
+    /// 24 MiB one way and 8 MiB the other, at the same time, each followed by its end: both
+    /// arrive intact, both ends are passed on, and the forwarding finishes.
+    async fn both_ways(
+        client: impl AsyncRead + AsyncWrite,
+        engine: impl AsyncRead + AsyncWrite,
+        fwd: impl Future<Output = io::Result<()>>,
+    ) {
+        let (up, down) = (payload(8 << 20, 1), payload(24 << 20, 2));
+        let (to_engine, to_client, done) =
+            tokio::join!(end(engine, down.clone()), end(client, up.clone()), fwd);
+        done.expect("forwarding ends without error");
+        assert!(
+            to_engine == up,
+            "client to engine: {} of {} bytes, or different",
+            to_engine.len(),
+            up.len()
+        );
+        assert!(
+            to_client == down,
+            "engine to client: {} of {} bytes, or different",
+            to_client.len(),
+            down.len()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tcp_to_tcp_through_pipes() {
+        let ((client, a), (b, engine)) = (tcp_pair().await, tcp_pair().await);
+        both_ways(client, engine, bidirectional(&a, &b)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tcp_to_unix_through_pipes() {
+        let (client, a) = tcp_pair().await;
+        let (b, engine) = UnixStream::pair().expect("pair");
+        both_ways(client, engine, bidirectional(&a, &b)).await;
+    }
+
+    /// What a direction does when no pipe can be made (out of descriptors).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tcp_to_unix_through_buffers() {
+        let (client, a) = tcp_pair().await;
+        let (b, engine) = UnixStream::pair().expect("pair");
+        let copy = || Half {
+            via: Via::Copy {
+                buf: vec![0; COPY].into_boxed_slice(),
+                start: 0,
+            },
+            ..Half::default()
+        };
+        both_ways(client, engine, run(&a, &b, copy(), copy())).await;
+    }
+
+    /// A peer that resets ends the forwarding with an error instead of a hang.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reset_ends_the_connection() {
+        let ((client, a), (b, mut engine)) = (tcp_pair().await, tcp_pair().await);
+        let fwd = tokio::spawn(async move { bidirectional(&a, &b).await });
+        engine.write_all(&payload(1 << 20, 3)).await.expect("send");
+        client.set_zero_linger().expect("linger");
+        drop(client);
+        let r = tokio::time::timeout(std::time::Duration::from_secs(5), fwd).await;
+        assert!(matches!(r, Ok(Ok(Err(_)))), "{r:?}");
+    }
+}
