@@ -1,10 +1,12 @@
 //! Moving the bytes of one connection both ways: splice(2) from one socket into a pipe and
 //! from the pipe into the other socket, so they never enter modvisord's memory.
 //!
-//! Each direction gets its pipe only when its first bytes arrive (an idle connection holds no
-//! pipe), starts with the kernel's default pipe (64 KiB), and grows it to 1 MiB once the
-//! direction proves to be bulk (the pipe filled up): a splice moves at most one pipe's worth,
-//! so a small pipe costs a syscall and often a wake-up per 64 KiB of a large response. Within
+//! A direction starts without a pipe: what arrives is passed on at once through 8 KiB on the
+//! stack (a request, a small response or a streamed token costs no pipe, that is no pipe2(2)
+//! and two close(2)s, and an idle connection holds no descriptors beyond its two sockets).
+//! A read that fills those 8 KiB shows a bulk direction: it gets a pipe, the kernel's default
+//! (64 KiB), grown to 1 MiB once it fills up: a splice moves at most one pipe's worth, and with
+//! 64 KiB modvisord spent about twice the CPU time per MiB and 8 times the context switches. Within
 //! one wake-up a direction moves all it can (fill, drain, fill again) until both its sockets
 //! would block; tokio's cooperative budget, charged by every readiness poll, keeps one busy
 //! connection from starving the others. When no pipe can be made (out of descriptors), that
@@ -25,8 +27,11 @@ const SMALL: usize = 64 << 10;
 /// What the pipe of a bulk direction grows to (fs.pipe-max-size's default, so no privilege is
 /// needed).
 const BULK: usize = 1 << 20;
-/// The buffer of a direction that could not get a pipe.
+/// The buffer of a direction that could not get a pipe, or whose peer did not take a chunk
+/// passed on at once.
 const COPY: usize = 64 << 10;
+/// What a direction without a pipe reads at a time.
+const FIRST: usize = 8 << 10;
 
 /// A socket registered with tokio: readiness to wait on, and raw I/O to attempt.
 pub trait Socket: AsRawFd {
@@ -56,10 +61,7 @@ socket!(UnixStream);
 /// Moves bytes both ways until both directions have seen their end (each end is passed on as
 /// a shutdown of the other socket's write side), or until either fails.
 pub async fn bidirectional<A: Socket, B: Socket>(a: &A, b: &B) -> io::Result<()> {
-    run(a, b, Half::default(), Half::default()).await
-}
-
-async fn run<A: Socket, B: Socket>(a: &A, b: &B, mut ab: Half, mut ba: Half) -> io::Result<()> {
+    let (mut ab, mut ba) = (Half::default(), Half::default());
     poll_fn(|cx| {
         let ab = ab.poll(cx, a, b)?;
         let ba = ba.poll(cx, b, a)?;
@@ -75,7 +77,7 @@ async fn run<A: Socket, B: Socket>(a: &A, b: &B, mut ab: Half, mut ba: Half) -> 
 /// Where a direction's bytes wait between its two sockets.
 #[derive(Default)]
 enum Via {
-    /// Nothing has arrived yet.
+    /// No pipe (yet): chunks are passed on at once.
     #[default]
     Nothing,
     Pipe {
@@ -83,7 +85,8 @@ enum Via {
         w: PipeWriter,
         size: usize,
     },
-    /// No pipe could be made: `buf[start..start + held]` waits.
+    /// No pipe could be made, or a chunk passed on was not taken whole: `buf[start..start +
+    /// held]` waits. Once it is sent the direction is without a pipe again.
     Copy { buf: Box<[u8]>, start: usize },
 }
 
@@ -108,14 +111,22 @@ impl Half {
         to: &impl Socket,
     ) -> Poll<io::Result<()>> {
         while !self.done {
-            let filled = self.fill(cx, from)?;
-            let drained = self.drain(cx, to)?;
+            let moved = if matches!(self.via, Via::Nothing) {
+                self.pass(cx, from, to)?
+            } else {
+                let filled = self.fill(cx, from)?;
+                let drained = self.drain(cx, to)?;
+                filled || drained
+            };
+            if self.held == 0 && matches!(self.via, Via::Copy { .. }) {
+                self.via = Via::Nothing;
+            }
             if self.eof && self.held == 0 {
                 // SAFETY: shutdown(2) on a socket this connection owns; no memory is passed.
                 // Failure (the peer is already gone) is the other direction's to see.
                 unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) };
                 self.done = true;
-            } else if !filled && !drained {
+            } else if !moved {
                 return Poll::Pending;
             }
         }
@@ -133,9 +144,6 @@ impl Half {
                 Poll::Pending => return Ok(false),
                 Poll::Ready(r) => r?,
             }
-            if matches!(self.via, Via::Nothing) {
-                self.via = Via::new()?;
-            }
             let fd = from.as_raw_fd();
             match from.try_io(Interest::READABLE, || self.read(fd)) {
                 Ok(Some(0)) => self.eof = true,
@@ -149,6 +157,49 @@ impl Half {
                 self.grow();
             }
             return Ok(!self.stalled);
+        }
+    }
+
+    /// Without a pipe: reads a chunk from `from` and sends it to `to` at once (whatever `to`
+    /// does not take waits in a buffer); a chunk that fills the stack buffer gets the direction
+    /// a pipe. False when `from` has nothing (a wake-up is registered).
+    fn pass(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &impl Socket,
+        to: &impl Socket,
+    ) -> io::Result<bool> {
+        loop {
+            match from.poll_read_ready(cx) {
+                Poll::Pending => return Ok(false),
+                Poll::Ready(r) => r?,
+            }
+            let mut chunk = [0u8; FIRST];
+            let fd = from.as_raw_fd();
+            let n = match from.try_io(Interest::READABLE, || recv(fd, &mut chunk)) {
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            };
+            if n == 0 {
+                self.eof = true;
+                return Ok(true);
+            }
+            // Tried whatever tokio last saw of `to`: a full socket answers EAGAIN, and the
+            // buffer's drain below then waits for it the usual way.
+            let sent = match send(to.as_raw_fd(), &chunk[..n]) {
+                Err(e) if e.kind() == ErrorKind::WouldBlock => 0,
+                r => r?,
+            };
+            if sent < n {
+                let mut buf = vec![0; COPY].into_boxed_slice();
+                buf[..n - sent].copy_from_slice(&chunk[sent..n]);
+                self.via = Via::Copy { buf, start: 0 };
+                self.held = n - sent;
+            } else if n == FIRST {
+                self.via = Via::new()?;
+            }
+            return Ok(true);
         }
     }
 
@@ -211,14 +262,7 @@ impl Half {
                     buf.copy_within(*start.., 0);
                     *start = 0;
                 }
-                let free = &mut buf[*start + self.held..];
-                // SAFETY: reads at most free.len() bytes into memory this direction owns.
-                let n = unsafe { libc::read(fd, free.as_mut_ptr().cast(), free.len()) };
-                if n < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
-                }
+                recv(fd, &mut buf[*start + self.held..])
             }
             Via::Nothing => Err(io::Error::other("no pipe")),
         };
@@ -238,16 +282,9 @@ impl Half {
         match &mut self.via {
             Via::Pipe { r, .. } => splice(r.as_raw_fd(), fd, self.held),
             Via::Copy { buf, start } => {
-                let data = &buf[*start..*start + self.held];
-                // SAFETY: sends from memory this direction owns, at most data.len() bytes; no
-                // SIGPIPE for a peer that is gone (an error instead).
-                let n =
-                    unsafe { libc::send(fd, data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL) };
-                if n < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                *start += n as usize;
-                Ok(n as usize)
+                let n = send(fd, &buf[*start..*start + self.held])?;
+                *start += n;
+                Ok(n)
             }
             Via::Nothing => Err(io::Error::other("no pipe")),
         }
@@ -257,6 +294,13 @@ impl Half {
 impl Via {
     /// A pipe, or a buffer when the process or the system is out of descriptors.
     fn new() -> io::Result<Via> {
+        #[cfg(test)]
+        if tests::NO_PIPES.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(Via::Copy {
+                buf: vec![0; COPY].into_boxed_slice(),
+                start: 0,
+            });
+        }
         match std::io::pipe() {
             Ok((r, w)) => Ok(Via::Pipe { r, w, size: SMALL }),
             Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
@@ -267,6 +311,29 @@ impl Via {
             }
             Err(e) => Err(e),
         }
+    }
+}
+
+/// recv(2) into `buf`, never blocking.
+fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: writes at most buf.len() bytes into memory the caller lends us.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// send(2) of `buf`, never blocking; no SIGPIPE for a peer that is gone (an error instead).
+fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+    // SAFETY: reads at most buf.len() bytes of memory the caller lends us.
+    let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), flags) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
     }
 }
 
@@ -296,6 +363,10 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
     use tokio::net::TcpListener;
+
+    /// Via::new makes no pipe, as when out of descriptors (only the test that sets it runs in
+    /// its process under nextest; under `cargo test` others merely use buffers too).
+    pub static NO_PIPES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
     /// Bytes no two positions of which repeat in a short cycle (a dropped, doubled or
     /// reordered chunk shows).
@@ -372,19 +443,64 @@ mod tests {
         both_ways(client, engine, bidirectional(&a, &b)).await;
     }
 
+    /// A small request and a small response, each followed by its end: passed on without a
+    /// pipe.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn small_exchange_without_pipes() {
+        let ((client, a), (b, engine)) = (tcp_pair().await, tcp_pair().await);
+        let (req, resp) = (payload(300, 4), payload(2000, 5));
+        let (got_req, got_resp, done) = tokio::join!(
+            end(engine, resp.clone()),
+            end(client, req.clone()),
+            bidirectional(&a, &b)
+        );
+        done.expect("forwarding ends without error");
+        assert_eq!((got_req, got_resp), (req, resp));
+    }
+
+    /// Many small writes to an engine that reads nothing for a while: chunks its socket does
+    /// not take wait in a buffer, and all arrive in order once it reads.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn small_writes_to_a_slow_reader() {
+        let ((mut client, a), (b, mut engine)) = (tcp_pair().await, tcp_pair().await);
+        let fwd = tokio::spawn(async move { bidirectional(&a, &b).await });
+        let data = payload(6 << 20, 6);
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            for c in sent.chunks(1000) {
+                client.write_all(c).await.expect("send");
+                tokio::task::yield_now().await;
+            }
+            client.shutdown().await.expect("shutdown");
+            client
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let mut got = Vec::new();
+        engine.read_to_end(&mut got).await.expect("receive");
+        assert!(
+            got == data,
+            "{} of {} bytes, or different",
+            got.len(),
+            data.len()
+        );
+        engine.shutdown().await.expect("shutdown");
+        let mut client = writer.await.expect("writer");
+        let mut rest = Vec::new();
+        client
+            .read_to_end(&mut rest)
+            .await
+            .expect("the engine's end");
+        let r = tokio::time::timeout(std::time::Duration::from_secs(5), fwd).await;
+        assert!(matches!(r, Ok(Ok(Ok(())))), "{r:?}");
+    }
+
     /// What a direction does when no pipe can be made (out of descriptors).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn tcp_to_unix_through_buffers() {
         let (client, a) = tcp_pair().await;
         let (b, engine) = UnixStream::pair().expect("pair");
-        let copy = || Half {
-            via: Via::Copy {
-                buf: vec![0; COPY].into_boxed_slice(),
-                start: 0,
-            },
-            ..Half::default()
-        };
-        both_ways(client, engine, run(&a, &b, copy(), copy())).await;
+        NO_PIPES.store(true, std::sync::atomic::Ordering::Relaxed);
+        both_ways(client, engine, bidirectional(&a, &b)).await;
     }
 
     /// A peer that resets ends the forwarding with an error instead of a hang.
