@@ -130,33 +130,46 @@ fn cpu_and_switches(pid: u32) -> (u64, u64) {
 }
 
 /// The large response, direct and proxied in turn, three times each (the best of each is
-/// shown: other work on the machine only ever slows a run down), with modvisord's CPU time
-/// and context switches per MiB proxied (those hardly depend on what else runs).
+/// shown: other work on the machine only ever slows a run down), with the CPU time per MiB of
+/// this process (client and upstream) and of modvisord, and modvisord's context switches per
+/// MiB: those hardly depend on what else runs, and show where a proxied MiB's time goes.
 async fn big(up: SocketAddr, px: SocketAddr, pid: u32) {
     request(up, "/big").await;
     request(px, "/big").await;
-    let (mut direct, mut proxied, mut cost) = (0f64, 0f64, Vec::new());
-    for _ in 0..3 {
+    let (mut direct, mut proxied) = (0f64, 0f64);
+    for round in 1..=3 {
+        let mut line = format!("  run {round}:");
         for (a, best) in [(up, &mut direct), (px, &mut proxied)] {
-            let (ns0, sw0) = cpu_and_switches(pid);
+            let ((ns0, sw0), (me0, _)) =
+                (cpu_and_switches(pid), cpu_and_switches(std::process::id()));
             let t = Instant::now();
-            let n = request(a, "/big").await;
-            let mib = n as f64 / (1 << 20) as f64;
-            *best = best.max(mib / t.elapsed().as_secs_f64());
-            let (ns1, sw1) = cpu_and_switches(pid);
+            let mib = request(a, "/big").await as f64 / (1 << 20) as f64;
+            let rate = mib / t.elapsed().as_secs_f64();
+            *best = best.max(rate);
+            let ((ns1, sw1), (me1, _)) =
+                (cpu_and_switches(pid), cpu_and_switches(std::process::id()));
+            let per = |a: u64, b: u64| (b - a) as f64 / 1e3 / mib;
+            line += &format!(
+                " {rate:>5.0} MiB/s, client+upstream {:>4.0} µs/MiB",
+                per(me0, me1)
+            );
             if a == px {
-                cost.push(((ns1 - ns0) as f64 / 1e3 / mib, (sw1 - sw0) as f64 / mib));
+                line += &format!(
+                    ", modvisord {:>4.0} µs/MiB and {:.1} context switches/MiB",
+                    per(ns0, ns1),
+                    (sw1 - sw0) as f64 / mib
+                );
+            } else {
+                line += " direct |";
             }
         }
+        println!("{line}");
     }
     println!("256 MiB response, direct   {direct:>8.0} MiB/s (best of 3)");
     println!(
         "256 MiB response, proxied  {proxied:>8.0} MiB/s (best of 3), {:.0} % of direct",
         proxied / direct * 100.0
     );
-    for (us, sw) in cost {
-        println!("  modvisord per MiB proxied: {us:>6.1} µs CPU, {sw:>6.1} context switches");
-    }
 }
 
 async fn latency(a: SocketAddr) -> (Duration, Duration) {
