@@ -6,11 +6,11 @@
 //! and two close(2)s, and an idle connection holds no descriptors beyond its two sockets).
 //! A read that fills those 8 KiB shows a bulk direction: it gets a pipe, the kernel's default
 //! (64 KiB), grown to 1 MiB once it fills up: a splice moves at most one pipe's worth, and with
-//! 64 KiB modvisord spent about twice the CPU time per MiB and 8 times the context switches. Within
-//! one wake-up a direction moves all it can (fill, drain, fill again) until both its sockets
-//! would block; tokio's cooperative budget, charged by every readiness poll, keeps one busy
-//! connection from starving the others. When no pipe can be made (out of descriptors), that
-//! direction copies through a 64 KiB buffer instead.
+//! 64 KiB modvisord spent about twice the CPU time per MiB and 8 times the context switches.
+//! Within one wake-up a direction moves all it can (fill, drain, fill again) until both its
+//! sockets would block; tokio's cooperative budget, charged by every readiness poll, keeps one
+//! busy connection from starving the others. When no pipe can be made (out of descriptors),
+//! the direction goes on copying through the 8 KiB on the stack.
 #![allow(unsafe_code)]
 
 use std::future::poll_fn;
@@ -27,8 +27,7 @@ const SMALL: usize = 64 << 10;
 /// What the pipe of a bulk direction grows to (fs.pipe-max-size's default, so no privilege is
 /// needed).
 const BULK: usize = 1 << 20;
-/// The buffer of a direction that could not get a pipe, or whose peer did not take a chunk
-/// passed on at once.
+/// The buffer of a direction whose peer did not take a chunk passed on at once.
 const COPY: usize = 64 << 10;
 /// What a direction without a pipe reads at a time.
 const FIRST: usize = 8 << 10;
@@ -85,8 +84,8 @@ enum Via {
         w: PipeWriter,
         size: usize,
     },
-    /// No pipe could be made, or a chunk passed on was not taken whole: `buf[start..start +
-    /// held]` waits. Once it is sent the direction is without a pipe again.
+    /// A chunk passed on was not taken whole: `buf[start..start + held]` waits (and what
+    /// arrives meanwhile joins it). Once it is sent the direction is without a pipe again.
     Copy { buf: Box<[u8]>, start: usize },
 }
 
@@ -197,7 +196,7 @@ impl Half {
                 self.via = Via::Copy { buf, start: 0 };
                 self.held = n - sent;
             } else if n == FIRST {
-                self.via = Via::new()?;
+                self.via = Via::pipe()?;
             }
             return Ok(true);
         }
@@ -255,9 +254,7 @@ impl Half {
         let r = match &mut self.via {
             Via::Pipe { w, .. } => splice(fd, w.as_raw_fd(), BULK),
             Via::Copy { buf, start } => {
-                if self.held == 0 {
-                    *start = 0;
-                } else if *start + self.held == buf.len() {
+                if *start + self.held == buf.len() {
                     // Make room at the end (held < COPY, or fill would not read).
                     buf.copy_within(*start.., 0);
                     *start = 0;
@@ -292,22 +289,17 @@ impl Half {
 }
 
 impl Via {
-    /// A pipe, or a buffer when the process or the system is out of descriptors.
-    fn new() -> io::Result<Via> {
+    /// A pipe, or still none when the process or the system is out of descriptors (the
+    /// direction goes on through the stack; a later bulk read tries again).
+    fn pipe() -> io::Result<Via> {
         #[cfg(test)]
         if tests::NO_PIPES.load(std::sync::atomic::Ordering::Relaxed) {
-            return Ok(Via::Copy {
-                buf: vec![0; COPY].into_boxed_slice(),
-                start: 0,
-            });
+            return Ok(Via::Nothing);
         }
         match std::io::pipe() {
             Ok((r, w)) => Ok(Via::Pipe { r, w, size: SMALL }),
             Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
-                Ok(Via::Copy {
-                    buf: vec![0; COPY].into_boxed_slice(),
-                    start: 0,
-                })
+                Ok(Via::Nothing)
             }
             Err(e) => Err(e),
         }
@@ -364,7 +356,7 @@ mod tests {
     use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
     use tokio::net::TcpListener;
 
-    /// Via::new makes no pipe, as when out of descriptors (only the test that sets it runs in
+    /// Via::pipe makes no pipe, as when out of descriptors (only the test that sets it runs in
     /// its process under nextest; under `cargo test` others merely use buffers too).
     pub static NO_PIPES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -494,7 +486,7 @@ mod tests {
         assert!(matches!(r, Ok(Ok(Ok(())))), "{r:?}");
     }
 
-    /// What a direction does when no pipe can be made (out of descriptors).
+    /// What a direction does when no pipe can be made (out of descriptors): it copies.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn tcp_to_unix_through_buffers() {
         let (client, a) = tcp_pair().await;
