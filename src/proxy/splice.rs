@@ -11,14 +11,14 @@
 //! sockets would block; tokio's cooperative budget, charged by every readiness poll, keeps one
 //! busy connection from starving the others. When no pipe can be made (out of descriptors),
 //! the direction goes on copying through the 8 KiB on the stack.
-#![allow(unsafe_code)]
 
 use std::future::poll_fn;
 use std::io::{self, ErrorKind, PipeReader, PipeWriter};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::task::{Context, Poll};
 
-use nix::fcntl::{FcntlArg, fcntl};
+use nix::fcntl::{FcntlArg, SpliceFFlags, fcntl};
+use nix::sys::socket::{MsgFlags, Shutdown};
 use tokio::io::Interest;
 use tokio::net::{TcpStream, UnixStream};
 
@@ -33,7 +33,7 @@ const COPY: usize = 64 << 10;
 const FIRST: usize = 8 << 10;
 
 /// A socket registered with tokio: readiness to wait on, and raw I/O to attempt.
-pub trait Socket: AsRawFd {
+pub trait Socket: AsRawFd + AsFd {
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
     fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
     fn try_io<R>(&self, i: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
@@ -121,9 +121,8 @@ impl Half {
                 self.via = Via::Nothing;
             }
             if self.eof && self.held == 0 {
-                // SAFETY: shutdown(2) on a socket this connection owns; no memory is passed.
                 // Failure (the peer is already gone) is the other direction's to see.
-                unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) };
+                let _ = nix::sys::socket::shutdown(to.as_raw_fd(), Shutdown::Write);
                 self.done = true;
             } else if !moved {
                 return Poll::Pending;
@@ -143,7 +142,7 @@ impl Half {
                 Poll::Pending => return Ok(false),
                 Poll::Ready(r) => r?,
             }
-            let fd = from.as_raw_fd();
+            let fd = from.as_fd();
             match from.try_io(Interest::READABLE, || self.read(fd)) {
                 Ok(Some(0)) => self.eof = true,
                 Ok(Some(n)) => self.held += n,
@@ -213,7 +212,7 @@ impl Half {
                 Poll::Pending => return Ok(false),
                 Poll::Ready(r) => r?,
             }
-            let fd = to.as_raw_fd();
+            let fd = to.as_fd();
             match to.try_io(Interest::WRITABLE, || self.write(fd)) {
                 Ok(0) => return Err(ErrorKind::WriteZero.into()),
                 Ok(n) => {
@@ -250,16 +249,16 @@ impl Half {
 
     /// One read from `fd`: Some(0) at its end; None when a non-empty pipe took nothing (it is
     /// full in pages though not in bytes: splice cannot tell that from an empty socket).
-    fn read(&mut self, fd: RawFd) -> io::Result<Option<usize>> {
+    fn read(&mut self, fd: BorrowedFd<'_>) -> io::Result<Option<usize>> {
         let r = match &mut self.via {
-            Via::Pipe { w, .. } => splice(fd, w.as_raw_fd(), BULK),
+            Via::Pipe { w, .. } => splice(fd, w.as_fd(), BULK),
             Via::Copy { buf, start } => {
                 if *start + self.held == buf.len() {
                     // Make room at the end (held < COPY, or fill would not read).
                     buf.copy_within(*start.., 0);
                     *start = 0;
                 }
-                recv(fd, &mut buf[*start + self.held..])
+                recv(fd.as_raw_fd(), &mut buf[*start + self.held..])
             }
             Via::Nothing => Err(io::Error::other("no pipe")),
         };
@@ -275,11 +274,11 @@ impl Half {
     }
 
     /// One write of what is held to `fd`.
-    fn write(&mut self, fd: RawFd) -> io::Result<usize> {
+    fn write(&mut self, fd: BorrowedFd<'_>) -> io::Result<usize> {
         match &mut self.via {
-            Via::Pipe { r, .. } => splice(r.as_raw_fd(), fd, self.held),
+            Via::Pipe { r, .. } => splice(r.as_fd(), fd, self.held),
             Via::Copy { buf, start } => {
-                let n = send(fd, &buf[*start..*start + self.held])?;
+                let n = send(fd.as_raw_fd(), &buf[*start..*start + self.held])?;
                 *start += n;
                 Ok(n)
             }
@@ -308,46 +307,20 @@ impl Via {
 
 /// recv(2) into `buf`, never blocking.
 fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: writes at most buf.len() bytes into memory the caller lends us.
-    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+    Ok(nix::sys::socket::recv(fd, buf, MsgFlags::MSG_DONTWAIT)?)
 }
 
 /// send(2) of `buf`, never blocking; no SIGPIPE for a peer that is gone (an error instead).
 fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
-    let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
-    // SAFETY: reads at most buf.len() bytes of memory the caller lends us.
-    let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), flags) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+    Ok(nix::sys::socket::send(fd, buf, flags)?)
 }
 
-/// splice(2) of up to `len` bytes, never blocking on the pipe (the socket is non-blocking).
-fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
-    // SAFETY: two descriptors this connection owns, no offsets (both are sockets or pipes);
-    // no memory of ours is touched.
-    let n = unsafe {
-        libc::splice(
-            from,
-            std::ptr::null_mut(),
-            to,
-            std::ptr::null_mut(),
-            len,
-            libc::SPLICE_F_NONBLOCK,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+/// splice(2) of up to `len` bytes (no offsets: both are sockets or pipes), never blocking on
+/// the pipe (the socket is non-blocking).
+fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+    let flags = SpliceFFlags::SPLICE_F_NONBLOCK;
+    Ok(nix::fcntl::splice(from, None, to, None, len, flags)?)
 }
 
 #[cfg(test)]
