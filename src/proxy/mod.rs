@@ -13,6 +13,7 @@ use tokio::task::AbortHandle;
 use crate::manifest::{ServeAddr, ServeSpec};
 
 mod count;
+mod splice;
 mod stream;
 pub use count::Counter;
 use stream::{Listener, Stream};

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
+use super::splice;
 use crate::fdstore::Bound;
 use crate::manifest::ServeAddr;
 
@@ -75,26 +76,13 @@ pub async fn connect(addr: &ServeAddr) -> std::io::Result<Stream> {
     Err(last.unwrap_or_else(|| std::io::Error::other("no attempt")))
 }
 
-/// Moves bytes both ways until both sides are done: splice(2) through a pipe per direction
-/// (the bytes never enter modvisord's memory; `tokio-splice`), or, when no pipe can be made
-/// (out of file descriptors), copies through 64 KiB buffers.
+/// Moves bytes both ways until both sides are done (see splice.rs).
 pub async fn forward(a: &mut Stream, b: &mut Stream) {
-    match (a, b) {
-        (Stream::Tcp(a), Stream::Tcp(b)) => pipe(a, b).await,
-        (Stream::Tcp(a), Stream::Unix(b)) => pipe(a, b).await,
-        (Stream::Unix(a), Stream::Tcp(b)) => pipe(a, b).await,
-        (Stream::Unix(a), Stream::Unix(b)) => pipe(a, b).await,
-    }
-}
-
-async fn pipe<A, B>(a: &mut A, b: &mut B)
-where
-    A: tokio_splice::Stream + Unpin,
-    B: tokio_splice::Stream + Unpin,
-{
-    if let Err(e) = tokio_splice::zero_copy_bidirectional(a, b).await
-        && matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
-    {
-        let _ = tokio::io::copy_bidirectional_with_sizes(a, b, 64 << 10, 64 << 10).await;
-    }
+    // An error ends the connection: the caller drops both sockets.
+    let _ = match (&*a, &*b) {
+        (Stream::Tcp(a), Stream::Tcp(b)) => splice::bidirectional(a, b).await,
+        (Stream::Tcp(a), Stream::Unix(b)) => splice::bidirectional(a, b).await,
+        (Stream::Unix(a), Stream::Tcp(b)) => splice::bidirectional(a, b).await,
+        (Stream::Unix(a), Stream::Unix(b)) => splice::bidirectional(a, b).await,
+    };
 }
