@@ -1,5 +1,5 @@
 //! Resource sampling: RAM per module from /proc (one pass for all modules), the machine's
-//! memory (sysinfo), VRAM through NVML (nvml-wrapper). Everything here blocks: the supervisor
+//! memory (/proc/meminfo), VRAM through NVML (nvml-wrapper). Everything here blocks: the supervisor
 //! calls [`sample`] from `spawn_blocking`, once per `monitor.interval`, and not at all when no
 //! module runs.
 
@@ -73,7 +73,7 @@ fn scan_proc() -> HashMap<u32, Proc> {
 
 /// The cgroup directory (v2, or the named systemd hierarchy on hybrid systems) of a process.
 fn cgroup_procs_file(pid: u32) -> Option<PathBuf> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let text = crate::procfs::read_small(format!("/proc/{pid}/cgroup"), false)?;
     let mut candidates = Vec::new();
     for line in text.lines() {
         let mut parts = line.splitn(3, ':');
@@ -106,7 +106,7 @@ fn module_pids(
     let mut set = HashSet::new();
     if t.own_cgroup
         && let Some(f) = cgroup_procs_file(t.main_pid)
-        && let Ok(s) = std::fs::read_to_string(f)
+        && let Some(s) = crate::procfs::read_small(f, false)
     {
         set.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
     }
@@ -226,18 +226,25 @@ fn comm(pid: u32) -> String {
         .unwrap_or_default()
 }
 
+/// (MemTotal, MemAvailable) of /proc/meminfo, in bytes (0 when unreadable). Read directly:
+/// one small file, no crate that reads /proc/stat as well at every pass.
+fn meminfo() -> (u64, u64) {
+    let Some(t) = crate::procfs::read_small("/proc/meminfo", false) else {
+        return (0, 0);
+    };
+    let field = |name: &str| {
+        t.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map_or(0, |kib| kib * 1024)
+    };
+    (field("MemTotal:"), field("MemAvailable:"))
+}
+
 /// What admission reads right before a start: `MemAvailable` and each GPU (index, total,
 /// used), live. Blocking (a read of /proc/meminfo, one NVML query per GPU).
 pub fn free_memory(gpu: Option<&Gpu>) -> (u64, Vec<(u32, u64, u64)>) {
-    let avail = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map(|kib| kib * 1024)
-        .unwrap_or(0);
+    let avail = meminfo().1;
     let gpus = gpu.and_then(|g| g.memory().ok()).unwrap_or_default();
     (avail, gpus)
 }
@@ -245,13 +252,7 @@ pub fn free_memory(gpu: Option<&Gpu>) -> (u64, Vec<(u32, u64, u64)>) {
 /// One sampling pass over everything. Blocking.
 pub fn sample(targets: &[Target], gpu: Option<&Gpu>) -> Sample {
     let mut out = Sample::default();
-    if let Ok(sys) = sysinfo::System::new_with_specifics(
-        sysinfo::RefreshKind::nothing()
-            .with_memory(sysinfo::MemoryRefreshKind::nothing().with_ram()),
-    ) {
-        out.machine_total = sys.total_memory();
-        out.machine_available = sys.available_memory();
-    }
+    (out.machine_total, out.machine_available) = meminfo();
     let (gpu_rows, gpu_procs) = match gpu.map(|g| g.sample()) {
         Some(Ok(x)) => x,
         Some(Err(e)) => {
