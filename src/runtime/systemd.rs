@@ -306,6 +306,7 @@ async fn prepare_unit(
 }
 
 const SYSTEMD: &str = "org.freedesktop.systemd1";
+const NO_SUCH_UNIT: &str = "org.freedesktop.systemd1.NoSuchUnit";
 const UNIT_IFACE: &str = "org.freedesktop.systemd1.Unit";
 const SERVICE_IFACE: &str = "org.freedesktop.systemd1.Service";
 /// What [`UnitStatus`] is made of.
@@ -384,6 +385,26 @@ impl Shared {
             st.environment = get(&svc, "Environment").unwrap_or_default();
         }
         Ok(st)
+    }
+
+    /// The unit's state before a run starts or adopts it. A unit systemd has not loaded (the
+    /// usual case: a transient unit about to be created) is told by one `GetUnit`, without
+    /// reading its properties: reading a property of an unloaded unit makes systemd load it
+    /// from disk and unload it again, once per property, all before the start itself.
+    async fn look(&self, unit: &str) -> zbus::Result<UnitStatus> {
+        let found = self
+            .calls
+            .run("GetUnit", |_| self.manager.get_unit(unit.to_string()))
+            .await;
+        match found {
+            Ok(_) => self.status(&unit_path(unit)).await,
+            Err(e) if calls::error_name(&e).as_deref() == Some(NO_SUCH_UNIT) => Ok(UnitStatus {
+                load_state: "not-found".into(),
+                active_state: "inactive".into(),
+                ..UnitStatus::default()
+            }),
+            Err(e) => Err(e),
+        }
     }
 
     async fn start_unit(&self, unit: &str) -> zbus::Result<()> {
@@ -645,7 +666,7 @@ async fn run_unit(sh: Arc<Shared>, req: RunRequest, unit: String, run: Run) {
     let path = unit_path(&unit);
     // Subscribe before looking, so that no change falls between the two.
     let changes = sh.signals.subscribe(&path);
-    let now = sh.status(&path).await.unwrap_or_default();
+    let now = sh.look(&unit).await.unwrap_or_default();
     let launched = match &req.exec {
         Exec::Native(NativeExec::Unit(_)) => launch_unit(&sh, &req, &unit, &now).await,
         Exec::Container(_) => Err("containers are not run by systemd".into()),
