@@ -98,6 +98,52 @@ fn cgroup_procs_file(pid: u32) -> Option<PathBuf> {
         .find(|f| f.exists())
 }
 
+/// Every process of the machine, and each one's children.
+struct AllProcs {
+    procs: HashMap<u32, Proc>,
+    children: HashMap<u32, Vec<u32>>,
+}
+
+impl AllProcs {
+    fn scan() -> AllProcs {
+        let procs = scan_proc();
+        let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+        for (pid, p) in &procs {
+            children.entry(p.ppid).or_default().push(*pid);
+        }
+        AllProcs { procs, children }
+    }
+
+    /// A target's processes and their RSS.
+    fn measure(&self, t: &Target) -> (HashSet<u32>, u64) {
+        let pids = module_pids(t, &self.procs, &self.children);
+        let rss = pids
+            .iter()
+            .filter_map(|p| self.procs.get(p))
+            .map(|p| p.rss)
+            .sum();
+        (pids, rss)
+    }
+}
+
+/// The processes of a unit or a container and their RSS, from its cgroup alone (what it
+/// forks stays in it): no pass over every process of the machine, which was most of an idle
+/// daemon's CPU time. None when there is no such cgroup or it cannot be read.
+fn cgroup_members(t: &Target) -> Option<Vec<(u32, u64)>> {
+    if !t.own_cgroup || t.pgid > 1 {
+        return None;
+    }
+    let text = crate::procfs::read_small(cgroup_procs_file(t.main_pid)?, false)?;
+    let page = crate::procfs::page_size();
+    let pids = text
+        .split_whitespace()
+        .filter_map(|p| p.parse::<u32>().ok());
+    Some(
+        pids.filter_map(|pid| Some((pid, crate::procfs::stat(pid)?.rss_pages * page)))
+            .collect(),
+    )
+}
+
 fn module_pids(
     t: &Target,
     procs: &HashMap<u32, Proc>,
@@ -265,19 +311,20 @@ pub fn sample(targets: &[Target], gpu: Option<&Gpu>) -> Sample {
     if targets.is_empty() && gpu_procs.is_empty() {
         return out;
     }
-    let procs = scan_proc();
-    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
-    for (pid, p) in &procs {
-        children.entry(p.ppid).or_default().push(*pid);
-    }
+    // The pass over every process of the machine is made only for the targets whose cgroup
+    // does not tell their processes (direct children, which share the daemon's).
+    let members: Vec<Option<Vec<(u32, u64)>>> = targets.iter().map(cgroup_members).collect();
+    let all = members.iter().any(Option::is_none).then(AllProcs::scan);
     let mut owned: HashSet<u32> = HashSet::new();
-    for t in targets {
-        let pids = module_pids(t, &procs, &children);
-        let rss = pids
-            .iter()
-            .filter_map(|p| procs.get(p))
-            .map(|p| p.rss)
-            .sum();
+    for (t, m) in targets.iter().zip(members) {
+        let (pids, rss) = match (m, &all) {
+            (Some(list), _) => (
+                list.iter().map(|(p, _)| *p).collect::<HashSet<u32>>(),
+                list.iter().map(|(_, r)| *r).sum(),
+            ),
+            (None, Some(all)) => all.measure(t),
+            (None, None) => (HashSet::new(), 0),
+        };
         let mine: Vec<&(u32, u64, u32)> = gpu_procs
             .iter()
             .filter(|(pid, _, _)| pids.contains(pid))
@@ -319,6 +366,26 @@ pub fn sample(targets: &[Target], gpu: Option<&Gpu>) -> Sample {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cgroup_tells_its_processes() {
+        let me = std::process::id();
+        let t = Target {
+            name: "me".into(),
+            main_pid: me,
+            pgid: 0,
+            own_cgroup: true,
+        };
+        // None where this test runs in the root cgroup (a container): the full pass then.
+        if let Some(list) = cgroup_members(&t) {
+            assert!(list.iter().any(|(p, rss)| *p == me && *rss > 0), "{list:?}");
+        }
+        let direct = Target {
+            own_cgroup: false,
+            ..t
+        };
+        assert!(cgroup_members(&direct).is_none());
+    }
 
     #[test]
     fn own_process_tree_is_measured() {
