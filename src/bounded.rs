@@ -11,7 +11,10 @@ pub const MAX_LINE: usize = 64 * 1024;
 /// The most bytes of one reason, detail or error text sent over D-Bus.
 pub const DBUS_TEXT_MAX: usize = 4096;
 
-const READ_CHUNK: usize = 16 * 1024;
+/// Each output stream of each direct child holds one such buffer for as long as it runs
+/// (two per module: 32 KiB each at 16 KiB, 3 MiB of a 100-module daemon). A pipe page: an
+/// engine's output arrives in writes smaller than this; a larger burst takes a few more reads.
+const READ_CHUNK: usize = 4 * 1024;
 
 /// The length of `bytes` without a UTF-8 sequence cut off at its end (at most 3 bytes
 /// shorter; the whole when that would leave nothing, or when the end is not UTF-8 anyway).

@@ -1,5 +1,5 @@
 //! Resource sampling: RAM per module from /proc (one pass for all modules), the machine's
-//! memory (sysinfo), VRAM through NVML (nvml-wrapper). Everything here blocks: the supervisor
+//! memory (/proc/meminfo), VRAM through NVML (nvml-wrapper). Everything here blocks: the supervisor
 //! calls [`sample`] from `spawn_blocking`, once per `monitor.interval`, and not at all when no
 //! module runs.
 
@@ -73,7 +73,7 @@ fn scan_proc() -> HashMap<u32, Proc> {
 
 /// The cgroup directory (v2, or the named systemd hierarchy on hybrid systems) of a process.
 fn cgroup_procs_file(pid: u32) -> Option<PathBuf> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let text = crate::procfs::read_small(format!("/proc/{pid}/cgroup"), false)?;
     let mut candidates = Vec::new();
     for line in text.lines() {
         let mut parts = line.splitn(3, ':');
@@ -98,6 +98,52 @@ fn cgroup_procs_file(pid: u32) -> Option<PathBuf> {
         .find(|f| f.exists())
 }
 
+/// Every process of the machine, and each one's children.
+struct AllProcs {
+    procs: HashMap<u32, Proc>,
+    children: HashMap<u32, Vec<u32>>,
+}
+
+impl AllProcs {
+    fn scan() -> AllProcs {
+        let procs = scan_proc();
+        let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+        for (pid, p) in &procs {
+            children.entry(p.ppid).or_default().push(*pid);
+        }
+        AllProcs { procs, children }
+    }
+
+    /// A target's processes and their RSS.
+    fn measure(&self, t: &Target) -> (HashSet<u32>, u64) {
+        let pids = module_pids(t, &self.procs, &self.children);
+        let rss = pids
+            .iter()
+            .filter_map(|p| self.procs.get(p))
+            .map(|p| p.rss)
+            .sum();
+        (pids, rss)
+    }
+}
+
+/// The processes of a unit or a container and their RSS, from its cgroup alone (what it
+/// forks stays in it): no pass over every process of the machine, which was most of an idle
+/// daemon's CPU time. None when there is no such cgroup or it cannot be read.
+fn cgroup_members(t: &Target) -> Option<Vec<(u32, u64)>> {
+    if !t.own_cgroup || t.pgid > 1 {
+        return None;
+    }
+    let text = crate::procfs::read_small(cgroup_procs_file(t.main_pid)?, false)?;
+    let page = crate::procfs::page_size();
+    let pids = text
+        .split_whitespace()
+        .filter_map(|p| p.parse::<u32>().ok());
+    Some(
+        pids.filter_map(|pid| Some((pid, crate::procfs::stat(pid)?.rss_pages * page)))
+            .collect(),
+    )
+}
+
 fn module_pids(
     t: &Target,
     procs: &HashMap<u32, Proc>,
@@ -106,7 +152,7 @@ fn module_pids(
     let mut set = HashSet::new();
     if t.own_cgroup
         && let Some(f) = cgroup_procs_file(t.main_pid)
-        && let Ok(s) = std::fs::read_to_string(f)
+        && let Some(s) = crate::procfs::read_small(f, false)
     {
         set.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
     }
@@ -226,18 +272,25 @@ fn comm(pid: u32) -> String {
         .unwrap_or_default()
 }
 
+/// (MemTotal, MemAvailable) of /proc/meminfo, in bytes (0 when unreadable). Read directly:
+/// one small file, no crate that reads /proc/stat as well at every pass.
+fn meminfo() -> (u64, u64) {
+    let Some(t) = crate::procfs::read_small("/proc/meminfo", false) else {
+        return (0, 0);
+    };
+    let field = |name: &str| {
+        t.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map_or(0, |kib| kib * 1024)
+    };
+    (field("MemTotal:"), field("MemAvailable:"))
+}
+
 /// What admission reads right before a start: `MemAvailable` and each GPU (index, total,
 /// used), live. Blocking (a read of /proc/meminfo, one NVML query per GPU).
 pub fn free_memory(gpu: Option<&Gpu>) -> (u64, Vec<(u32, u64, u64)>) {
-    let avail = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map(|kib| kib * 1024)
-        .unwrap_or(0);
+    let avail = meminfo().1;
     let gpus = gpu.and_then(|g| g.memory().ok()).unwrap_or_default();
     (avail, gpus)
 }
@@ -245,13 +298,7 @@ pub fn free_memory(gpu: Option<&Gpu>) -> (u64, Vec<(u32, u64, u64)>) {
 /// One sampling pass over everything. Blocking.
 pub fn sample(targets: &[Target], gpu: Option<&Gpu>) -> Sample {
     let mut out = Sample::default();
-    if let Ok(sys) = sysinfo::System::new_with_specifics(
-        sysinfo::RefreshKind::nothing()
-            .with_memory(sysinfo::MemoryRefreshKind::nothing().with_ram()),
-    ) {
-        out.machine_total = sys.total_memory();
-        out.machine_available = sys.available_memory();
-    }
+    (out.machine_total, out.machine_available) = meminfo();
     let (gpu_rows, gpu_procs) = match gpu.map(|g| g.sample()) {
         Some(Ok(x)) => x,
         Some(Err(e)) => {
@@ -264,19 +311,20 @@ pub fn sample(targets: &[Target], gpu: Option<&Gpu>) -> Sample {
     if targets.is_empty() && gpu_procs.is_empty() {
         return out;
     }
-    let procs = scan_proc();
-    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
-    for (pid, p) in &procs {
-        children.entry(p.ppid).or_default().push(*pid);
-    }
+    // The pass over every process of the machine is made only for the targets whose cgroup
+    // does not tell their processes (direct children, which share the daemon's).
+    let members: Vec<Option<Vec<(u32, u64)>>> = targets.iter().map(cgroup_members).collect();
+    let all = members.iter().any(Option::is_none).then(AllProcs::scan);
     let mut owned: HashSet<u32> = HashSet::new();
-    for t in targets {
-        let pids = module_pids(t, &procs, &children);
-        let rss = pids
-            .iter()
-            .filter_map(|p| procs.get(p))
-            .map(|p| p.rss)
-            .sum();
+    for (t, m) in targets.iter().zip(members) {
+        let (pids, rss) = match (m, &all) {
+            (Some(list), _) => (
+                list.iter().map(|(p, _)| *p).collect::<HashSet<u32>>(),
+                list.iter().map(|(_, r)| *r).sum(),
+            ),
+            (None, Some(all)) => all.measure(t),
+            (None, None) => (HashSet::new(), 0),
+        };
         let mine: Vec<&(u32, u64, u32)> = gpu_procs
             .iter()
             .filter(|(pid, _, _)| pids.contains(pid))
@@ -318,6 +366,26 @@ pub fn sample(targets: &[Target], gpu: Option<&Gpu>) -> Sample {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cgroup_tells_its_processes() {
+        let me = std::process::id();
+        let t = Target {
+            name: "me".into(),
+            main_pid: me,
+            pgid: 0,
+            own_cgroup: true,
+        };
+        // None where this test runs in the root cgroup (a container): the full pass then.
+        if let Some(list) = cgroup_members(&t) {
+            assert!(list.iter().any(|(p, rss)| *p == me && *rss > 0), "{list:?}");
+        }
+        let direct = Target {
+            own_cgroup: false,
+            ..t
+        };
+        assert!(cgroup_members(&direct).is_none());
+    }
 
     #[test]
     fn own_process_tree_is_measured() {

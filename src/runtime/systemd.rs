@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
+use zbus::message::Sequence;
 use zbus::{Connection, OwnedObjectPath, OwnedVariant, Variant};
 use zbus_systemd::systemd1::ManagerProxy;
 
@@ -31,7 +32,7 @@ pub mod sandbox;
 pub mod signals;
 use calls::Calls;
 use sandbox::ManagerKind;
-use signals::{Subscription, UnitSignals};
+use signals::{Change, Subscription, UnitSignals};
 
 use super::{
     Backend, BoxFuture, Exec, ExitInfo, Owned, RunHandle, RunPhase, RunRequest, RuntimeError,
@@ -306,6 +307,7 @@ async fn prepare_unit(
 }
 
 const SYSTEMD: &str = "org.freedesktop.systemd1";
+const NO_SUCH_UNIT: &str = "org.freedesktop.systemd1.NoSuchUnit";
 const UNIT_IFACE: &str = "org.freedesktop.systemd1.Unit";
 const SERVICE_IFACE: &str = "org.freedesktop.systemd1.Service";
 /// What [`UnitStatus`] is made of.
@@ -386,6 +388,26 @@ impl Shared {
         Ok(st)
     }
 
+    /// The unit's state before a run starts or adopts it. A unit systemd has not loaded (the
+    /// usual case: a transient unit about to be created) is told by one `GetUnit`, without
+    /// reading its properties: reading a property of an unloaded unit makes systemd load it
+    /// from disk and unload it again, once per property, all before the start itself.
+    async fn look(&self, unit: &str) -> zbus::Result<UnitStatus> {
+        let found = self
+            .calls
+            .run("GetUnit", |_| self.manager.get_unit(unit.to_string()))
+            .await;
+        match found {
+            Ok(_) => self.status(&unit_path(unit)).await,
+            Err(e) if calls::error_name(&e).as_deref() == Some(NO_SUCH_UNIT) => Ok(UnitStatus {
+                load_state: "not-found".into(),
+                active_state: "inactive".into(),
+                ..UnitStatus::default()
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn start_unit(&self, unit: &str) -> zbus::Result<()> {
         self.calls
             .run("StartUnit", |_| {
@@ -412,30 +434,32 @@ impl Shared {
             .await
     }
 
-    /// StartTransientUnit with the properties `props` makes (again for each attempt).
+    /// StartTransientUnit with the properties `props` makes (again for each attempt). Returns
+    /// where its reply came in the connection's stream (None when an earlier attempt created
+    /// the unit after all: its changes may have come before this reply).
     async fn start_transient(
         &self,
         unit: &str,
         props: impl Fn() -> Vec<(String, OwnedVariant)>,
-    ) -> zbus::Result<()> {
+    ) -> zbus::Result<Option<Sequence>> {
         self.calls
             .run("StartTransientUnit", |attempt| {
-                let call = self.manager.start_transient_unit(
-                    unit.to_string(),
-                    "fail".into(),
-                    props(),
-                    vec![],
-                );
+                let aux: Vec<(String, Vec<(String, OwnedVariant)>)> = Vec::new();
+                let body = (unit.to_string(), "fail".to_string(), props(), aux);
                 async move {
+                    let call = self
+                        .manager
+                        .inner()
+                        .call_method("StartTransientUnit", &body);
                     match call.await {
-                        Ok(_) => Ok(()),
+                        Ok(reply) => Ok(Some(reply.recv_position())),
                         // After a NoReply, the attempt before may have created it after all.
                         Err(e)
                             if attempt > 0
                                 && calls::error_name(&e).as_deref()
                                     == Some("org.freedesktop.systemd1.UnitExists") =>
                         {
-                            Ok(())
+                            Ok(None)
                         }
                         Err(e) => Err(e),
                     }
@@ -563,26 +587,33 @@ fn final_exit(st: &UnitStatus, last: &UnitStatus) -> ExitInfo {
     }
 }
 
+/// How [`follow`] learns the unit's state first.
+enum First {
+    /// Just read, and nothing was done to the unit since (adopted or observed).
+    Known(UnitStatus),
+    /// Started; the reply came at this position: its changes after it, or a read.
+    After(Sequence),
+    /// Read it.
+    Read,
+}
+
 /// Follows one unit until it is final (inactive with no job, failed, or gone), reporting each
 /// change. An `inactive` is the end once the unit was seen active (or is gone), not a
-/// not-yet-started unit. `known`: the state just read, when nothing was done to the unit since
-/// (adopted or observed), so that it is not read again; None after a start: the unit's first
-/// change tells (a read before would only queue behind systemd's work on the job).
-async fn follow(
-    sh: Arc<Shared>,
-    unit: String,
-    run: Run,
-    mut changes: Subscription,
-    known: Option<UnitStatus>,
-) {
+/// not-yet-started unit.
+async fn follow(sh: Arc<Shared>, unit: String, run: Run, mut changes: Subscription, first: First) {
     let path = unit_path(&unit);
     let mut seen_active = false;
     let mut last = UnitStatus::default();
-    let mut next = known;
+    let (mut next, mut after) = match first {
+        First::Known(st) => (Some(st), None),
+        First::After(at) => (None, Some(at)),
+        First::Read => (None, None),
+    };
     loop {
-        let st = match next.take() {
-            Some(st) => st,
-            None => read_or_gone(&sh, &path, &run.name, &last).await,
+        let st = match (next.take(), after.take()) {
+            (Some(st), _) => st,
+            (None, Some(at)) => first_picture(&sh, &path, &run.name, &mut changes, at).await,
+            (None, None) => read_or_gone(&sh, &path, &run.name, &last).await,
         };
         if st != last {
             tracing::debug!(modvisor_module = %run.name, "{unit}: {} {} result={} pid={} restarts={} job={}", st.active_state, st.sub_state, st.result, st.main_pid, st.n_restarts, st.job_pending);
@@ -605,6 +636,44 @@ async fn follow(
             Some(picture) => next = picture,
             None => return run.fail("systemd is not reachable".into()),
         }
+    }
+}
+
+/// The unit's state right after its start, from whichever comes first: its changes after the
+/// start's reply when they tell it completely (the usual case: the engine is reported running
+/// in the wake-up systemd's signal arrives in), or a read (asked at once; its answer queues
+/// behind systemd's work on the job, so it usually comes just after those signals). Changes
+/// that came before the reply were about the unit as it was before the start, and are skipped.
+async fn first_picture(
+    sh: &Shared,
+    path: &str,
+    name: &str,
+    changes: &mut Subscription,
+    after: Sequence,
+) -> UnitStatus {
+    let from_signals = async {
+        let mut cur = UnitStatus::default();
+        loop {
+            let c = changes.changed().await?;
+            if matches!(&*c, Change::Props { at, .. } if *at < after) {
+                continue;
+            }
+            let applied = payload::apply(&mut cur, &c);
+            if applied.reread {
+                return None;
+            }
+            if applied.unit_changed && payload::enough(&cur) {
+                return Some(cur);
+            }
+        }
+    };
+    // A change consumed here and lost when the read wins came before the read's answer, which
+    // therefore already tells it.
+    let before = UnitStatus::default();
+    tokio::select! {
+        biased;
+        Some(st) = from_signals => st,
+        st = read_or_gone(sh, path, name, &before) => st,
     }
 }
 
@@ -645,15 +714,16 @@ async fn run_unit(sh: Arc<Shared>, req: RunRequest, unit: String, run: Run) {
     let path = unit_path(&unit);
     // Subscribe before looking, so that no change falls between the two.
     let changes = sh.signals.subscribe(&path);
-    let now = sh.status(&path).await.unwrap_or_default();
+    let now = sh.look(&unit).await.unwrap_or_default();
     let launched = match &req.exec {
         Exec::Native(NativeExec::Unit(_)) => launch_unit(&sh, &req, &unit, &now).await,
         Exec::Container(_) => Err("containers are not run by systemd".into()),
         Exec::Native(NativeExec::Command { .. }) => launch_transient(&sh, &req, &unit, &now).await,
     };
     match launched {
-        Ok(Launch::Left) => follow(sh, unit, run, changes, Some(now)).await,
-        Ok(Launch::Started) => follow(sh, unit, run, changes, None).await,
+        Ok(Launch::Left) => follow(sh, unit, run, changes, First::Known(now)).await,
+        Ok(Launch::Started(Some(at))) => follow(sh, unit, run, changes, First::After(at)).await,
+        Ok(Launch::Started(None)) => follow(sh, unit, run, changes, First::Read).await,
         Err(why) => run.fail(why),
     }
 }
@@ -662,8 +732,9 @@ async fn run_unit(sh: Arc<Shared>, req: RunRequest, unit: String, run: Run) {
 enum Launch {
     /// Nothing: it runs as it should (adopted, or an existing unit observed).
     Left,
-    /// Started (or replaced): its state is read anew.
-    Started,
+    /// Started (or replaced), its reply at this position of the connection's stream (None:
+    /// unknown): its state comes from its first changes after that, or a read.
+    Started(Option<Sequence>),
 }
 
 /// An existing unit: observed when it runs, started otherwise (never a second copy).
@@ -684,7 +755,7 @@ async fn launch_unit(
     }
     sh.start_unit(unit)
         .await
-        .map(|()| Launch::Started)
+        .map(|()| Launch::Started(None))
         .map_err(|e| format!("StartUnit {unit}: {e}"))
 }
 
@@ -724,7 +795,7 @@ async fn launch_transient(
         SystemdBackend::transient_properties(req, &hash, &sh.owner, &unit_env)
     })
     .await
-    .map(|()| Launch::Started)
+    .map(Launch::Started)
     .map_err(|e| format!("StartTransientUnit {unit}: {e}"))
 }
 

@@ -151,6 +151,9 @@ pub(super) struct Supervisor {
     pub gpu: Option<Arc<crate::monitor::Gpu>>,
     pub gpu_error_logged: bool,
     pub sampling: bool,
+    /// Whether there is anything to sample (a run, or a GPU to watch): the ticker sleeps
+    /// without a single wake-up while there is not.
+    pub sample_wanted: watch::Sender<bool>,
     /// A module just came up with no figures yet: sample again as soon as the pass in flight
     /// (if any) is done.
     pub sample_again: bool,
@@ -208,6 +211,7 @@ pub fn spawn(
         gpu: gpu.ok(),
         gpu_error_logged: false,
         sampling: false,
+        sample_wanted: watch::channel(false).0,
         sample_again: false,
         runs_started: 0,
         machine_total: 0,
@@ -240,6 +244,7 @@ impl Supervisor {
         self.reload();
         self.publish();
         let _ = ready.send(());
+        self.want_samples();
         self.start_ticker();
         let mut shutdown: Option<oneshot::Sender<()>> = None;
         loop {
@@ -257,6 +262,7 @@ impl Supervisor {
             }
             self.check_pending(None);
             self.publish();
+            self.want_samples();
             if shutdown.is_some() && self.slots.values().all(|s| s.lc.is_down()) {
                 break;
             }
@@ -270,19 +276,45 @@ impl Supervisor {
         }
     }
 
+    /// The `[monitor] interval` ticker: ticks only while there is something to sample, so an
+    /// idle daemon with nothing running is not woken at all. Its first tick after a pause is
+    /// a full interval later: a run that just started is sampled at once anyway
+    /// ([`Supervisor::sample_fresh`]).
     fn start_ticker(&mut self) {
         let tx = self.events.clone();
-        let interval = self.cfg.monitor_interval;
+        let period = self.cfg.monitor_interval;
+        let mut wanted = self.sample_wanted.subscribe();
         self.tasks.spawn(async move {
-            let mut t = tokio::time::interval(interval);
-            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                t.tick().await;
-                if tx.send(Event::MemoryTick).is_err() {
+                if wanted.wait_for(|w| *w).await.is_err() {
                     return;
+                }
+                let first = tokio::time::Instant::now() + period;
+                let mut t = tokio::time::interval_at(first, period);
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = t.tick() => {
+                            if tx.send(Event::MemoryTick).is_err() {
+                                return;
+                            }
+                        }
+                        r = wanted.changed() => match r {
+                            Ok(()) if !*wanted.borrow_and_update() => break,
+                            Ok(()) => {}
+                            Err(_) => return,
+                        },
+                    }
                 }
             }
         });
+    }
+
+    /// Tells the ticker whether there is anything to sample.
+    fn want_samples(&mut self) {
+        let wanted = self.gpu.is_some() || self.slots.values().any(|s| s.run.is_some());
+        self.sample_wanted
+            .send_if_modified(|w| std::mem::replace(w, wanted) != wanted);
     }
 
     /// Direct children are stopped (they cannot outlive the daemon); units and containers

@@ -41,6 +41,7 @@ pub fn apply(st: &mut UnitStatus, change: &Change) -> Applied {
         interface,
         values,
         invalidated,
+        ..
     } = change
     else {
         return Applied {
@@ -120,6 +121,7 @@ mod tests {
                 })
                 .collect(),
             invalidated: invalidated.iter().map(|s| s.to_string()).collect(),
+            at: Default::default(),
         }
     }
 

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
-use zbus::message::{Message, Type};
+use zbus::message::{Message, Sequence, Type};
 use zbus::{Connection, MatchRule, MessageStream, OwnedObjectPath, OwnedVariant, Variant};
 
 const SYSTEMD: &str = "org.freedesktop.systemd1";
@@ -61,6 +61,9 @@ pub enum Change {
         interface: String,
         values: HashMap<String, OwnedVariant>,
         invalidated: Vec<String>,
+        /// Where the signal came in the connection's stream: what came before a call's reply
+        /// was sent before systemd handled the call.
+        at: Sequence,
     },
     /// Read the unit anew: it was unloaded, the signal could not be read, or systemd came back
     /// without its subscribers.
@@ -171,6 +174,7 @@ fn props_of(msg: &Message) -> Change {
         interface: interface.to_string(),
         values,
         invalidated: invalidated.into_iter().map(str::to_string).collect(),
+        at: msg.recv_position(),
     }
 }
 
@@ -309,6 +313,7 @@ mod tests {
             interface: "x".into(),
             values: HashMap::new(),
             invalidated: Vec::new(),
+            at: Sequence::default(),
         });
         assert!(is_reread(a.changed().await));
         let rest = a.pending();
