@@ -404,6 +404,7 @@ impl Backend for DirectBackend {
             pgid: 0,
             exited: exited_rx,
             unit: String::new(),
+            stop_asked: Default::default(),
         })
     }
 

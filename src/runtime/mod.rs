@@ -140,6 +140,25 @@ pub struct RunHandle {
     pub exited: watch::Receiver<bool>,
     /// The unit, for backends that have one.
     pub unit: String,
+    /// Told by a stop, for a start that is still being made.
+    pub stop_asked: StopAsked,
+}
+
+/// A stop may come while the backend is still making the run (a unit or a container is
+/// created off the actor, after `start` returned): the stop cannot reach what does not exist
+/// yet, so it says so here first, and the start checks before it creates the run (abandoned)
+/// and after (undone).
+#[derive(Debug, Clone, Default)]
+pub struct StopAsked(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl StopAsked {
+    pub fn ask(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn asked(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 /// Runs one health probe where it belongs: an exec probe inside the run when the backend can

@@ -519,6 +519,7 @@ struct Run {
     generation: u64,
     events: mpsc::UnboundedSender<RuntimeEvent>,
     exited: watch::Sender<bool>,
+    stop_asked: super::StopAsked,
 }
 
 impl Run {
@@ -715,11 +716,22 @@ async fn run_unit(sh: Arc<Shared>, req: RunRequest, unit: String, run: Run) {
     // Subscribe before looking, so that no change falls between the two.
     let changes = sh.signals.subscribe(&path);
     let now = sh.look(&unit).await.unwrap_or_default();
+    if run.stop_asked.asked() {
+        return run.fail_with(ExitInfo::Other("stopped before it started".into()));
+    }
     let launched = match &req.exec {
         Exec::Native(NativeExec::Unit(_)) => launch_unit(&sh, &req, &unit, &now).await,
         Exec::Container(_) => Err("containers are not run by systemd".into()),
         Exec::Native(NativeExec::Command { .. }) => launch_transient(&sh, &req, &unit, &now).await,
     };
+    // A stop that came while the unit was being made found nothing to stop: stop it now (the
+    // follow below sees it end).
+    if matches!(launched, Ok(Launch::Started(_)))
+        && run.stop_asked.asked()
+        && let Err(e) = sh.stop_unit(&unit).await
+    {
+        tracing::warn!("StopUnit {unit}: {e}");
+    }
     match launched {
         Ok(Launch::Left) => follow(sh, unit, run, changes, First::Known(now)).await,
         Ok(Launch::Started(Some(at))) => follow(sh, unit, run, changes, First::After(at)).await,
@@ -831,12 +843,14 @@ impl Backend for SystemdBackend {
             pgid: 0,
             exited: exited_rx,
             unit: unit.clone(),
+            stop_asked: Default::default(),
         };
         let run = Run {
             name: req.name.clone(),
             generation: req.generation,
             events,
             exited: exited_tx,
+            stop_asked: handle.stop_asked.clone(),
         };
         tokio::spawn(run_unit(self.sh.clone(), req, unit, run));
         Ok(handle)
@@ -862,6 +876,8 @@ impl Backend for SystemdBackend {
         let sh = self.sh.clone();
         let unit = handle.unit.clone();
         let mut exited = handle.exited.clone();
+        // Before the StopUnit: a unit not created yet is then not created, or stopped once it is.
+        handle.stop_asked.ask();
         Box::pin(async move {
             if let Err(e) = sh.stop_unit(&unit).await {
                 tracing::warn!("StopUnit {unit}: {e}");

@@ -616,6 +616,7 @@ impl ContainerBackend {
         spec: ContainerSpec,
         events: Events,
         exited: Exited,
+        stop_asked: super::StopAsked,
     ) -> Result<(), Failure> {
         let cname = container_name(&req.name);
         let hash = spec_hash(&spec, req.memory_max);
@@ -638,6 +639,9 @@ impl ContainerBackend {
         self.ensure_image(&spec).await?;
         let secrets = read_secrets(&spec).await?;
         let body = body::create_body(self.engine, &self.owner, &req, &spec, &hash, secrets);
+        if stop_asked.asked() {
+            return Err(Failure::Other("stopped before it started".into()));
+        }
         let id = self.create(&cname, body).await?;
         self.register(&cname, &req, &id, &events, exited);
         let start = self.docker.start_container(
@@ -648,6 +652,18 @@ impl ContainerBackend {
             lock(&self.runs).remove(&cname);
             let _ = self.remove(&cname).await;
             return Err(format!("starting {cname}: {e}").into());
+        }
+        if stop_asked.asked() {
+            // A stop came while the container was being made and found nothing: stop it now
+            // (its die event ends the run, and it is removed then).
+            if let Some((_, run)) = lock(&self.runs).get_mut(&cname) {
+                run.stopping = true;
+            }
+            let t = req.stop_timeout.as_secs().max(1) as i32;
+            let opts = StopContainerOptionsBuilder::default().t(t).build();
+            if let Err(e) = self.docker.stop_container(&cname, Some(opts)).await {
+                tracing::debug!("stopping {cname}: {e}");
+            }
         }
         // After the start: both engines end a follow of a container that is not running yet.
         // (A quick exit's last lines are read again on its die event.)
@@ -707,14 +723,20 @@ impl Backend for Arc<ContainerBackend> {
             pgid: 0,
             exited: exited_rx,
             unit: container_name(&req.name),
+            stop_asked: Default::default(),
         };
+        let stop_asked = handle.stop_asked.clone();
         let me = self.clone();
         let exited_for_fail = exited_tx.clone();
         tokio::spawn(async move {
             let (name, generation) = (req.name.clone(), req.generation);
             // The semaphore is never closed; were it, the start would just go unbounded.
             let _permit = me.starts.acquire().await.ok();
-            if let Err(f) = me.clone().run(req, spec, events.clone(), exited_tx).await {
+            if let Err(f) = me
+                .clone()
+                .run(req, spec, events.clone(), exited_tx, stop_asked)
+                .await
+            {
                 let info = match f {
                     Failure::Refused(why) => ExitInfo::Refused(why),
                     Failure::Other(why) => ExitInfo::Other(why),
@@ -756,6 +778,8 @@ impl Backend for Arc<ContainerBackend> {
     }
 
     fn stop(&self, handle: &RunHandle, timeout: Duration) -> BoxFuture<()> {
+        // First: a container still being made is then not made, or stopped once it is.
+        handle.stop_asked.ask();
         let me = self.clone();
         let cname = handle.unit.clone();
         let mut exited = handle.exited.clone();
