@@ -27,12 +27,64 @@ fn cmodule(e: Eng, script: &str, extra: &str) -> String {
     )
 }
 
-async fn labels_limits_journal(e: Eng) {
-    assert!(
-        std::path::Path::new(&e.socket()).exists(),
-        "the {} API socket must exist (make test starts it)",
-        e.tag()
+/// The container as the engine shows it: modvisor's labels, the memory limit of the manifest,
+/// unprivileged, core dumps off.
+fn assert_labels_and_limits(i: &serde_json::Value, name: &str) {
+    assert_eq!(
+        i["Config"]["Labels"]["org.modvisor.module"].as_str(),
+        Some(name)
     );
+    assert!(
+        i["Config"]["Labels"]["org.modvisor.spec"]
+            .as_str()
+            .is_some_and(|h| h.len() == 16)
+    );
+    assert_eq!(i["HostConfig"]["Memory"].as_i64(), Some(64 << 20));
+    assert_eq!(i["HostConfig"]["Privileged"].as_bool(), Some(false));
+    let ulimits = i["HostConfig"]["Ulimits"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        ulimits
+            .iter()
+            .any(|u| (u["Name"] == "core" || u["Name"] == "RLIMIT_CORE")
+                && u["Soft"] == 0
+                && u["Hard"] == 0),
+        "{ulimits:?}"
+    );
+}
+
+/// The container's own lines reach the journal under its module: core 0, no capabilities.
+async fn wait_journal_lines(name: &str, tag: &str) {
+    let deadline = Instant::now() + T;
+    loop {
+        let out = Command::new("journalctl")
+            .args([
+                "--no-pager",
+                "-o",
+                "cat",
+                &format!("MODVISOR_MODULE={name}"),
+            ])
+            .output()
+            .expect("journalctl");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if text.contains(tag) && text.contains("core=0") && text.contains("CapEff") {
+            assert!(
+                text.contains("CapEff:\t0000000000000000"),
+                "capabilities dropped: {text}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "journal lacks the container's lines: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn labels_limits_journal(e: Eng) {
     let name = uniq(e, "basic");
     let cname = format!("modvisor-{name}");
     let _c = Cleanup(e, vec![cname.clone()]);
@@ -63,55 +115,9 @@ async fn labels_limits_journal(e: Eng) {
     let id = p.container_id().await.expect("ContainerId");
     let i = e.inspect(&cname).expect("the engine knows the container");
     assert_eq!(i["Id"].as_str(), Some(id.as_str()));
-    assert_eq!(
-        i["Config"]["Labels"]["org.modvisor.module"].as_str(),
-        Some(name.as_str())
-    );
-    assert!(
-        i["Config"]["Labels"]["org.modvisor.spec"]
-            .as_str()
-            .is_some_and(|h| h.len() == 16)
-    );
-    assert_eq!(i["HostConfig"]["Memory"].as_i64(), Some(64 << 20));
-    assert_eq!(i["HostConfig"]["Privileged"].as_bool(), Some(false));
-    let ulimits = i["HostConfig"]["Ulimits"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    assert!(
-        ulimits
-            .iter()
-            .any(|u| (u["Name"] == "core" || u["Name"] == "RLIMIT_CORE")
-                && u["Soft"] == 0
-                && u["Hard"] == 0),
-        "{ulimits:?}"
-    );
+    assert_labels_and_limits(&i, &name);
     // Read inside the container, through the journal: core 0, no capabilities.
-    let deadline = Instant::now() + T;
-    loop {
-        let out = Command::new("journalctl")
-            .args([
-                "--no-pager",
-                "-o",
-                "cat",
-                &format!("MODVISOR_MODULE={name}"),
-            ])
-            .output()
-            .expect("journalctl");
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        if text.contains(&tag) && text.contains("core=0") && text.contains("CapEff") {
-            assert!(
-                text.contains("CapEff:\t0000000000000000"),
-                "capabilities dropped: {text}"
-            );
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "journal lacks the container's lines: {text}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_journal_lines(&name, &tag).await;
     // StopModule removes it.
     m.stop_module(&name).await.expect("StopModule");
     assert!(
