@@ -520,6 +520,9 @@ struct Run {
     events: mpsc::UnboundedSender<RuntimeEvent>,
     exited: watch::Sender<bool>,
     stop_asked: super::StopAsked,
+    /// The unit has `Restart=no` (a transient unit of ours): its end in systemd's signals is
+    /// final, reported without reading the unit again.
+    ends_final: bool,
 }
 
 impl Run {
@@ -613,7 +616,7 @@ async fn follow(sh: Arc<Shared>, unit: String, run: Run, mut changes: Subscripti
     loop {
         let st = match (next.take(), after.take()) {
             (Some(st), _) => st,
-            (None, Some(at)) => first_picture(&sh, &path, &run.name, &mut changes, at).await,
+            (None, Some(at)) => first_picture(&sh, &path, &run, &mut changes, at).await,
             (None, None) => read_or_gone(&sh, &path, &run.name, &last).await,
         };
         if st != last {
@@ -633,7 +636,7 @@ async fn follow(sh: Arc<Shared>, unit: String, run: Run, mut changes: Subscripti
         }
         // Nothing wakes a unit that does not change: zbus drops no signal of a match rule (see
         // [`signals`]), and the subscription ends only with the connection.
-        match next_picture(&mut changes, &last).await {
+        match next_picture(&mut changes, &last, run.ends_final).await {
             Some(picture) => next = picture,
             None => return run.fail("systemd is not reachable".into()),
         }
@@ -648,7 +651,7 @@ async fn follow(sh: Arc<Shared>, unit: String, run: Run, mut changes: Subscripti
 async fn first_picture(
     sh: &Shared,
     path: &str,
-    name: &str,
+    run: &Run,
     changes: &mut Subscription,
     after: Sequence,
 ) -> UnitStatus {
@@ -663,7 +666,7 @@ async fn first_picture(
             if applied.reread {
                 return None;
             }
-            if applied.unit_changed && payload::enough(&cur) {
+            if applied.unit_changed && payload::enough(&cur, run.ends_final) {
                 return Some(cur);
             }
         }
@@ -674,13 +677,17 @@ async fn first_picture(
     tokio::select! {
         biased;
         Some(st) = from_signals => st,
-        st = read_or_gone(sh, path, name, &before) => st,
+        st = read_or_gone(sh, path, &run.name, &before) => st,
     }
 }
 
 /// Waits for the unit's next change: Some(Some(state)) when the signals tell it completely,
 /// Some(None) when it must be read; None once the bus is gone.
-async fn next_picture(changes: &mut Subscription, last: &UnitStatus) -> Option<Option<UnitStatus>> {
+async fn next_picture(
+    changes: &mut Subscription,
+    last: &UnitStatus,
+    ends_final: bool,
+) -> Option<Option<UnitStatus>> {
     let mut cur = last.clone();
     loop {
         let first = changes.changed().await?;
@@ -690,7 +697,7 @@ async fn next_picture(changes: &mut Subscription, last: &UnitStatus) -> Option<O
             return Some(None);
         }
         if applied.unit_changed {
-            return Some(payload::enough(&cur).then_some(cur));
+            return Some(payload::enough(&cur, ends_final).then_some(cur));
         }
     }
 }
@@ -851,6 +858,8 @@ impl Backend for SystemdBackend {
             events,
             exited: exited_tx,
             stop_asked: handle.stop_asked.clone(),
+            ends_final: matches!(req.exec, Exec::Native(NativeExec::Command { .. }))
+                && req.restart.policy.as_str() == "no",
         };
         tokio::spawn(run_unit(self.sh.clone(), req, unit, run));
         Ok(handle)

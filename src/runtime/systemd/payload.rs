@@ -2,9 +2,13 @@
 //! an engine is reported in the same wake-up as systemd's signal, without asking systemd again.
 //!
 //! Only a picture the signals complete is used as it is: a Unit change (systemd sends the
-//! Service one before it) to a running, starting or stopping unit with its main PID. An end
-//! (failed, inactive), an automatic restart, a property systemd only invalidated, or anything
-//! unreadable is read anew (one round trip): the exit's figures must be exactly systemd's.
+//! Service one, with `Result`, `ExecMainCode`, `ExecMainStatus`, `MainPID` and `NRestarts`,
+//! just before it) to a running, starting or stopping unit with its main PID, and the end of a
+//! unit that systemd will not restart (`Restart=no`). The end of a unit systemd may restart is
+//! read anew (one round trip): systemd 252 reports such a unit `failed` first and
+//! `activating/auto-restart` a moment later, so a `failed` in the signals is not yet final.
+//! An automatic restart, a property systemd only invalidated, or anything unreadable is read
+//! anew as well.
 
 use std::collections::HashMap;
 
@@ -95,12 +99,15 @@ pub fn apply_all<'a>(st: &mut UnitStatus, batch: impl IntoIterator<Item = &'a Ch
 }
 
 /// Whether the signals' picture is enough to report: running (with its main PID), starting
-/// or stopping. Ends and automatic restarts are read anew, for systemd's exact figures.
-pub fn enough(st: &UnitStatus) -> bool {
+/// or stopping; an end (failed, or inactive with no job) only when `ends_final` (the unit has
+/// `Restart=no`). Automatic restarts are read anew.
+pub fn enough(st: &UnitStatus, ends_final: bool) -> bool {
     match st.active_state.as_str() {
         "active" | "reloading" => st.main_pid != 0,
         "activating" => st.sub_state != "auto-restart",
         "deactivating" => true,
+        "failed" => ends_final,
+        "inactive" => ends_final && !st.job_pending,
         _ => false,
     }
 }
@@ -157,18 +164,58 @@ mod tests {
             }
         );
         assert_eq!((st.active_state.as_str(), st.main_pid), ("active", 42));
-        assert!(enough(&st));
+        assert!(enough(&st, false));
+    }
+
+    /// The Service change systemd 252 sends before the Unit one when `kill -9` ends the engine
+    /// (seen with `busctl monitor` on the testbed).
+    fn killed() -> Change {
+        props(
+            SERVICE_IFACE,
+            &[
+                ("MainPID", Variant::from(0u32)),
+                ("Result", Variant::from("signal".to_string())),
+                ("NRestarts", Variant::from(0u32)),
+                ("ExecMainCode", Variant::from(2i32)),
+                ("ExecMainStatus", Variant::from(9i32)),
+            ],
+            &[],
+        )
+    }
+
+    #[test]
+    fn the_end_of_a_unit_without_restart_comes_from_the_signals() {
+        let mut st = UnitStatus::default();
+        apply_all(&mut st, [&service(42), &unit("active", "running")]);
+        let a = apply_all(&mut st, [&killed(), &unit("failed", "failed")]);
+        assert!(a.unit_changed && !a.reread);
+        assert!(enough(&st, true), "Restart=no: failed is final");
+        assert_eq!(st.exit_info(), crate::runtime::ExitInfo::Signal(9));
+        let mut clean = UnitStatus::default();
+        apply_all(&mut clean, [&service(0), &unit("inactive", "dead")]);
+        assert!(enough(&clean, true), "a clean exit without a job is final");
+        clean.job_pending = true;
+        assert!(
+            !enough(&clean, true),
+            "inactive with a job pending starts again"
+        );
     }
 
     #[test]
     fn ends_restarts_and_unknowns_are_read_anew() {
         let mut st = UnitStatus::default();
-        apply_all(&mut st, [&service(0), &unit("failed", "failed")]);
-        assert!(!enough(&st), "an end is read for systemd's exact exit");
+        apply_all(&mut st, [&killed(), &unit("failed", "failed")]);
+        assert!(
+            !enough(&st, false),
+            "systemd 252 says failed before auto-restart: read a unit that may restart"
+        );
         apply_all(&mut st, [&unit("activating", "auto-restart")]);
-        assert!(!enough(&st), "an automatic restart is read for the exit");
+        assert!(
+            !enough(&st, true),
+            "an automatic restart is read for the exit"
+        );
         apply_all(&mut st, [&unit("active", "running")]);
-        assert!(!enough(&st), "running without a main PID is read");
+        assert!(!enough(&st, true), "running without a main PID is read");
         let a = apply_all(&mut st, [&props(SERVICE_IFACE, &[], &["MainPID"])]);
         assert!(a.reread, "an invalidated property of ours is read");
         assert!(apply_all(&mut st, [&Change::Reread]).reread);
