@@ -77,6 +77,13 @@ pub(super) struct Live {
 
 /// What must be free before a start that evicted proceeds: MemAvailable, and free bytes per GPU.
 #[derive(Debug, Clone)]
+/// A module's footprints to record in its state directory.
+pub(super) struct FootprintWrite {
+    name: String,
+    dir: PathBuf,
+    footprints: Footprints,
+}
+
 struct Want {
     ram: u64,
     gpu_free: Vec<(u32, u64)>,
@@ -480,48 +487,60 @@ impl Supervisor {
             .collect()
     }
 
-    /// Learns footprints from a sample: the run's peaks, written once it has been online for
-    /// `learn_after` and they grew enough.
-    pub(super) fn learn(&mut self, n: &str) {
+    /// Learns footprints from a sample: the run's peaks, to be written (returned) once it has
+    /// been online for `learn_after` and they grew enough.
+    pub(super) fn learn(&mut self, n: &str) -> Option<FootprintWrite> {
         let learn_after = self.cfg.admission.learn_after;
         let dir = self.state_dir(n);
-        let Some(s) = self.slots.get_mut(n) else {
-            return;
-        };
+        let s = self.slots.get_mut(n)?;
         let a = &mut s.adm;
         if s.run.is_none() {
             a.run_peak = Footprint::default();
             a.online_at = None;
-            return;
+            return None;
         }
         a.run_peak.absorb(s.usage.memory, &a.vram_now);
         if !s.lc.serving() {
-            return;
+            return None;
         }
         let since = *a.online_at.get_or_insert_with(Instant::now);
         if since.elapsed() < learn_after {
-            return;
+            return None;
         }
         let key = admission::footprint::model_key(s.lc.active_model().map(|p| p.as_path()));
         let entry = a.footprints.by_model.entry(key.clone()).or_default();
         entry.absorb(a.run_peak.ram_peak, &a.run_peak.vram_peak);
         if !entry.differs_enough(a.written.by_model.get(&key)) {
-            return;
+            return None;
         }
         entry.measured_at = us(std::time::SystemTime::now()) / 1_000_000;
         let (ram, vram) = (entry.ram_peak, entry.vram_total());
         a.written = a.footprints.clone();
         let fps = a.footprints.clone();
-        let name = n.to_string();
         tracing::info!(
             modvisor_module = n,
             "{n}: footprint learned: peak RAM {}, peak VRAM {}",
             format_bytes(ram),
             format_bytes(vram)
         );
+        Some(FootprintWrite {
+            name: n.to_string(),
+            dir,
+            footprints: fps,
+        })
+    }
+
+    /// Writes the footprints a sampling pass learned, all in one blocking task (the modules
+    /// that came online together reach `learn_after` together).
+    pub(super) fn write_footprints(&mut self, writes: Vec<FootprintWrite>) {
+        if writes.is_empty() {
+            return;
+        }
         self.tasks.spawn_blocking(move || {
-            if let Err(e) = fps.store(&dir) {
-                tracing::warn!(modvisor_module = %name, "cannot record the footprint in {}: {e}", dir.display());
+            for w in writes {
+                if let Err(e) = w.footprints.store(&w.dir) {
+                    tracing::warn!(modvisor_module = %w.name, "cannot record the footprint in {}: {e}", w.dir.display());
+                }
             }
         });
     }

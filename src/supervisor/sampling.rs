@@ -97,6 +97,7 @@ impl Supervisor {
         self.foreign_gpu = s.foreign_gpu;
         let (ram_pct, vram_pct) = (self.cfg.ram_warn_percent, self.cfg.vram_warn_percent);
         let names: Vec<String> = self.slots.keys().cloned().collect();
+        let mut writes = Vec::new();
         for n in names {
             let Some(slot) = self.slots.get_mut(&n) else {
                 continue;
@@ -125,12 +126,13 @@ impl Supervisor {
                 resources::warning(r, &slot.usage, self.machine_total, ram_pct, vram_pct)
             };
             let generation = slot.lc.running().unwrap_or(0);
-            self.learn(&n);
+            writes.extend(self.learn(&n));
             self.feed(&n, Input::Warning(warning));
             if let Some(what) = progress {
                 self.feed(&n, Input::Progressing { generation, what });
             }
         }
+        self.write_footprints(writes);
     }
 }
 
