@@ -5,7 +5,7 @@ use zbus::message::Header;
 use zbus::names::BusName;
 
 use super::ADMIN_GROUP;
-use super::server::Error;
+use super::error::Error;
 
 /// Decides whether the caller of a mutating method may act: root, or a member of the
 /// `modvisor` group. The caller is identified by the bus (its credentials), never by our pid.

@@ -4,6 +4,7 @@
 mod authz;
 pub mod client;
 pub mod embedded;
+mod error;
 pub mod models;
 pub mod props;
 mod publisher;

@@ -16,7 +16,7 @@ use zbus::{Connection, OwnedObjectPath, interface};
 use zbus::{OwnedVariant as OwnedValue, Variant as Value};
 
 use super::authz::authorize;
-use super::server::Error;
+use super::error::Error;
 use super::text::clean;
 use crate::state::{Snapshot, State};
 use crate::store::{Job, JobState, PullOptions, Puller, Record, StoreError};

@@ -10,44 +10,15 @@ use zbus::object_server::SignalEmitter;
 use zbus::{Connection, OwnedObjectPath, interface};
 
 use super::authz::authorize;
+pub use super::error::Error;
 use super::props::{manager as mp, module as mo};
 use super::text::clean;
 use super::{MANAGER_PATH, module_path};
 use crate::manifest::validate_name;
 use crate::state::{ModuleStatus, Snapshot};
-use crate::supervisor::{Handle, OpError};
+use crate::supervisor::Handle;
 
 pub use super::publisher::Publisher;
-
-#[derive(zbus::DBusError, Debug)]
-#[zbus(prefix = "org.modvisor1.Error")]
-pub enum Error {
-    #[zbus(error)]
-    ZBus(zbus::Error),
-    NoSuchModule(String),
-    NotAllowed(String),
-    InvalidArgument(String),
-    Busy(String),
-    Failed(String),
-}
-
-/// Error texts are cleaned for the bus and bounded: an engine's error line in a failed
-/// activation, or a manifest's values, never grow a reply past a few KiB.
-fn bounded(s: &str) -> String {
-    clean(&crate::bounded::cap_for_dbus(s))
-}
-
-impl From<OpError> for Error {
-    fn from(e: OpError) -> Self {
-        match e {
-            OpError::NoSuchModule(s) => Error::NoSuchModule(bounded(&s)),
-            OpError::InvalidArgument(s) => Error::InvalidArgument(bounded(&s)),
-            OpError::NotAllowed(s) => Error::NotAllowed(bounded(&s)),
-            OpError::Busy(s) => Error::Busy(bounded(&s)),
-            OpError::Failed(s) => Error::Failed(bounded(&s)),
-        }
-    }
-}
 
 fn check_name(name: &str) -> Result<(), Error> {
     validate_name(name).map_err(Error::InvalidArgument)
