@@ -4,8 +4,8 @@ use std::net::IpAddr;
 
 use toml::Spanned;
 
+use super::ctx::{Ctx, is_absolute_clean, secret_path};
 use super::raw::{RawContainer, RawPull};
-use super::validate::{Ctx, is_absolute_clean, secret_path};
 use super::{ContainerSpec, DEFAULT_PIDS_LIMIT, ManifestError, PortMap, Pull, Volume};
 
 pub(super) fn validate_container(

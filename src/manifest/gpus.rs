@@ -3,8 +3,8 @@
 
 use toml::Spanned;
 
+use super::ctx::Ctx;
 use super::raw::{RawGpuId, RawGpus};
-use super::validate::Ctx;
 use super::{Gpus, ManifestError};
 
 /// `"all"`, `"any"`, a count, or a list of indices/UUIDs (`key`: "container.gpus").

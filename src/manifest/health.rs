@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use toml::Spanned;
 
+use super::ctx::Ctx;
 use super::raw::RawHealth;
-use super::validate::Ctx;
 use super::{HealthSpec, ManifestError, Probe};
 
 pub(super) fn validate_health(

@@ -3,6 +3,7 @@
 
 mod container;
 mod containment;
+mod ctx;
 mod gpus;
 mod health;
 mod load;

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use toml::Spanned;
 
+use super::ctx::{Ctx, secret_path};
 use super::raw::{RawNative, RawSandbox};
-use super::validate::{Ctx, secret_path};
 use super::{ManifestError, NativeExec, Privileges, Sandbox};
 
 pub(super) fn validate_native(

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use toml::Spanned;
 
+use super::ctx::Ctx;
 use super::raw::RawServe;
-use super::validate::Ctx;
 use super::{ManifestError, ServeAddr, ServeSpec};
 
 fn addr(cx: &Ctx<'_>, s: &Spanned<String>, key: &str) -> Result<ServeAddr, ManifestError> {
