@@ -4,106 +4,28 @@
 //! directory it is given (owned by its user); modvisord takes them over without trusting that
 //! directory (adopt.rs), verifies them and moves them into the store.
 //!
-//! Protocol, one JSON object per line: modvisord writes a [`Request`]; the fetcher answers
-//! [`Msg::Plan`], waits for `go` (anything else or EOF: it stops), then sends
-//! [`Msg::Progress`] at most 10 times a second, a [`Msg::Gguf`] for every `.gguf` file once
-//! all are downloaded, and finally [`Msg::Done`] or [`Msg::Error`].
+//! The protocol is in wire.rs.
 
-use std::io::{BufRead, Write};
-use std::path::{Path, PathBuf};
+use std::io::BufRead;
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 
-use super::gguf::{self, GgufInfo};
+use super::gguf;
 use super::hf::Hf;
-use super::source::{OLLAMA_MODEL_LAYER, check_scheme, valid_sha256};
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum Wire {
-    Ollama {
-        registry: String,
-        name: String,
-        tag: String,
-    },
-    Url {
-        url: String,
-        file: String,
-        sha256: String,
-    },
-    Hf {
-        endpoint: String,
-        repo: String,
-        revision: String,
-        include: Vec<String>,
-        /// Sent only to the endpoint's host (reqwest drops it on a redirect elsewhere).
-        #[serde(default)]
-        token: Option<String>,
-    },
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Request {
-    pub source: Wire,
-    /// Where the `.part` files go.
-    pub dir: PathBuf,
-    /// Most bytes any file may have when its size is not announced.
-    pub limit: u64,
-    /// The store id (modvisord's own; not sent to the fetcher).
-    #[serde(skip)]
-    pub model: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PlanFile {
-    pub name: String,
-    pub url: String,
-    pub size: Option<u64>,
-    pub sha256: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Msg {
-    /// The commit a Hugging Face revision resolved to (before the plan).
-    Revision(String),
-    Plan(Vec<PlanFile>),
-    Progress(u64),
-    /// The GGUF header of a downloaded `.gguf` file, or why it could not be read.
-    Gguf {
-        name: String,
-        info: Option<GgufInfo>,
-        error: Option<String>,
-    },
-    Done,
-    Error(String),
-}
+use super::http::client;
+use super::source::{OLLAMA_MODEL_LAYER, valid_sha256};
+use super::wire::{Msg, PlanFile, Request, Wire, emit, part_name};
 
 /// Files downloaded at once within one pull.
 const PARALLEL: usize = 3;
 const MAX_MANIFEST: usize = 1 << 20;
-/// A file without a sha256 (not in LFS: config, tokenizer) may be at most this large.
-pub const MAX_UNHASHED: u64 = 16 << 20;
-
-/// The `.part` name of a plan file (repository paths flattened; `%` is never in a safe name).
-pub fn part_name(name: &str) -> String {
-    format!("{}.part", name.replace('/', "%"))
-}
-
-pub(super) fn emit(m: &Msg) {
-    if let Ok(s) = serde_json::to_string(m) {
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{s}");
-        let _ = out.flush();
-    }
-}
-
 /// The entry point of `modvisord --fetch`.
 pub fn main() -> ExitCode {
     let mut line = String::new();
@@ -134,34 +56,6 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-pub(super) fn client_no_redirects() -> Result<reqwest::Client, String> {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(Duration::from_secs(15))
-        .read_timeout(Duration::from_secs(60))
-        .build()
-        .map_err(|e| format!("HTTP client: {e}"))
-}
-
-fn client() -> Result<reqwest::Client, String> {
-    let policy = reqwest::redirect::Policy::custom(|a| {
-        if a.previous().len() >= 5 {
-            a.error("more than 5 redirects")
-        } else if let Err(e) = check_scheme(a.url()) {
-            a.error(e.to_string())
-        } else {
-            a.follow()
-        }
-    });
-    reqwest::Client::builder()
-        .redirect(policy)
-        .connect_timeout(Duration::from_secs(15))
-        .read_timeout(Duration::from_secs(60))
-        .user_agent(concat!("modvisor/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| format!("HTTP client: {e}"))
 }
 
 /// The files of the source, with their sizes and checksums where the source says.
@@ -354,19 +248,6 @@ async fn ollama_plan(
         size: Some(layer.size),
         sha256: hexd.to_string(),
     }])
-}
-
-pub(super) async fn bounded_body(r: reqwest::Response, max: usize) -> Result<Vec<u8>, String> {
-    let mut body = Vec::new();
-    let mut s = r.bytes_stream();
-    while let Some(chunk) = s.next().await {
-        let chunk = chunk.map_err(|e| e.to_string())?;
-        if body.len() + chunk.len() > max {
-            return Err(format!("the answer is larger than {max} bytes"));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
 }
 
 /// Where the response starts writing: an append after `have` bytes (206), or from 0 (200).

@@ -15,8 +15,9 @@
 
 use serde::Deserialize;
 
-use super::fetcher::{MAX_UNHASHED, Msg, PlanFile, bounded_body, client_no_redirects, emit};
+use super::http::{bounded_body, client_no_redirects};
 use super::source::{glob_match, safe_rel_path, valid_sha256};
+use super::wire::{MAX_UNHASHED, Msg, PlanFile, emit};
 
 /// The most bytes of repository info read.
 const MAX_REPO_INFO: usize = 4 << 20;

@@ -19,8 +19,10 @@ pub mod compat;
 pub mod fetcher;
 pub mod gguf;
 mod hf;
+mod http;
 pub mod pull;
 pub mod source;
+pub mod wire;
 
 use std::path::{Component, Path, PathBuf};
 

@@ -16,8 +16,8 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::adopt::{self, Staged};
-use super::fetcher::{MAX_UNHASHED, Msg, PlanFile, Request, Wire, part_name};
 use super::source::{check_scheme, safe_file_name, safe_rel_path, valid_sha256};
+use super::wire::{MAX_UNHASHED, Msg, PlanFile, Request, Wire, part_name};
 use super::{FileRecord, Record, Source, Store, StoreError, gguf};
 use crate::manifest::units::format_bytes;
 
