@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use super::ManagerSignal;
-use super::actor::{Event, Slot, Supervisor};
+use super::admission_slot::{Live, Pending};
 use super::module::Input;
+use super::table::{Event, Slot, Supervisor};
 use crate::admission::{
     self, Decision, Footprint, Footprints, Foreign, GpuFree, GpuNeed, Holder, Machine, Need,
     Request, Source, Verdict,
@@ -20,60 +21,6 @@ use crate::state::State;
 
 /// Journal MESSAGE_ID of admission decisions that evict or refuse.
 pub const MSG_ADMISSION: &str = "6a7b8c9d0e1f42a3b4c5d6e7f8091a2b";
-
-/// A module's admission state, kept in its slot.
-#[derive(Debug, Default)]
-pub(super) struct AdmissionSlot {
-    /// Footprints by model, as learned (and as last written).
-    pub footprints: Footprints,
-    written: Footprints,
-    /// The current run's peaks, and since when it has been online.
-    run_peak: Footprint,
-    online_at: Option<Instant>,
-    /// What it was admitted with (its share while it is still starting).
-    pub admitted: Option<Need>,
-    /// The arithmetic of the last decision (for `explain`).
-    pub arithmetic: String,
-    /// VRAM it uses now, per GPU.
-    pub vram_now: BTreeMap<u32, u64>,
-}
-
-impl AdmissionSlot {
-    /// A new run: nothing of the previous one counts (its VRAM, its peaks, when it was online).
-    pub fn new_run(&mut self) {
-        self.vram_now.clear();
-        self.run_peak = Footprint::default();
-        self.online_at = None;
-    }
-
-    pub fn load(state_dir: &Path) -> AdmissionSlot {
-        let footprints = Footprints::load(state_dir);
-        AdmissionSlot {
-            written: footprints.clone(),
-            footprints,
-            ..AdmissionSlot::default()
-        }
-    }
-}
-
-/// A start waiting for evicted modules to stop and their memory to show as free.
-#[derive(Debug)]
-pub(super) struct Pending {
-    generation: u64,
-    model: Option<PathBuf>,
-    victims: Vec<String>,
-    /// The GPUs the decision placed it on (`"any"`: the one chosen).
-    gpus: Vec<u32>,
-    /// The release poll is under way.
-    polling: bool,
-}
-
-/// The live figures of one measurement.
-#[derive(Debug, Clone, Default)]
-pub(super) struct Live {
-    mem_available: u64,
-    gpus: Vec<GpuFree>,
-}
 
 /// What must be free before a start that evicted proceeds: MemAvailable, and free bytes per GPU.
 #[derive(Debug, Clone)]

@@ -2,9 +2,9 @@
 
 use tokio::sync::{oneshot, watch};
 
-use super::actor::{Event, Slot, Supervisor};
 use super::module::{Input, Lifecycle, Now};
 use super::reconcile::{self, Change};
+use super::table::{Event, Slot, Supervisor};
 use super::{Command, OpError};
 use crate::manifest::{self, LoadResult, Mode, Module};
 use crate::supervisor::MSG_MANIFEST_ERROR;
@@ -260,7 +260,7 @@ impl Supervisor {
             listener: Vec::new(),
             listening: Vec::new(),
             open: None,
-            adm: super::admit::AdmissionSlot::load(&self.state_dir(&name)),
+            adm: super::admission_slot::AdmissionSlot::load(&self.state_dir(&name)),
         };
         slot.decision = self.decide(&slot);
         self.slots.insert(name.clone(), slot);

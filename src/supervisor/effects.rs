@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::actor::{Event, Supervisor};
 use super::module::{Effect, Input, Timer};
+use super::table::{Event, Supervisor};
 use super::{MSG_MODEL_ACTIVATION, MSG_STATE_CHANGED};
 use crate::health;
 use crate::journal::OutputSink;

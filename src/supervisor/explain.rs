@@ -1,7 +1,7 @@
 //! The `Explain` text: the mode decision with every rule, the override, the policy, the state.
 
 use super::OpError;
-use super::actor::Supervisor;
+use super::table::Supervisor;
 use crate::manifest::Mode;
 
 impl Supervisor {
@@ -50,7 +50,7 @@ impl Supervisor {
     }
 
     /// The footprint, the eviction settings, and the arithmetic of the last decision.
-    fn explain_admission(&self, n: &str, s: &super::actor::Slot) -> String {
+    fn explain_admission(&self, n: &str, s: &super::table::Slot) -> String {
         use crate::manifest::units::format_bytes;
         let (ram, vram, source) = self.footprint_shown(s);
         let r = &s.lc.module().resources;

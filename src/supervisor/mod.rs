@@ -21,6 +21,7 @@
 
 mod activation;
 mod actor;
+mod admission_slot;
 mod admit;
 mod commands;
 mod effects;
@@ -33,6 +34,7 @@ pub mod restart;
 mod run;
 mod sampling;
 mod snapshot;
+mod table;
 
 use std::sync::Arc;
 

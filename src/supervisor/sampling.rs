@@ -1,9 +1,9 @@
 //! Resource sampling: one pass over /proc (and NVML) for all modules, off the actor, never
 //! overlapping; its figures become each module's usage and threshold warning.
 
-use super::actor::{Event, Supervisor};
 use super::module::Input;
 use super::resources;
+use super::table::{Event, Supervisor};
 use crate::monitor::Target;
 use crate::supervisor::MSG_FOREIGN_GPU;
 
@@ -138,7 +138,7 @@ impl Supervisor {
 
 /// Output written since the last sample is progress too (direct children and containers:
 /// modvisord reads their output; a unit's goes to the journal, which is not watched).
-fn output_progress(slot: &mut super::actor::Slot) -> Option<String> {
+fn output_progress(slot: &mut super::table::Slot) -> Option<String> {
     let seq = slot.sink.as_ref().map_or(0, |k| k.seq());
     let wrote = seq.saturating_sub(slot.output_seen.max(slot.output_start));
     slot.output_seen = seq;

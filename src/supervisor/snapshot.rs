@@ -2,7 +2,7 @@
 
 use std::time::UNIX_EPOCH;
 
-use super::actor::{Slot, Supervisor};
+use super::table::{Slot, Supervisor};
 use crate::manifest::{Mode, NativeExec};
 use crate::state::{ModuleStatus, Snapshot};
 
