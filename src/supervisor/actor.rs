@@ -76,6 +76,9 @@ pub fn spawn(
     (handle, ready_rx, task)
 }
 
+/// The most messages handled between two publications of the state.
+const BATCH: usize = 64;
+
 impl Supervisor {
     async fn run(
         mut self,
@@ -92,17 +95,15 @@ impl Supervisor {
         let mut shutdown: Option<oneshot::Sender<()>> = None;
         loop {
             tokio::select! {
-                cmd = cmd_rx.recv(), if shutdown.is_none() => match cmd {
-                    Some(Command::Shutdown(done)) => shutdown = Some(self.shutdown(done)),
-                    Some(c) => self.command(c),
-                    // Every handle is gone: stop as if asked to.
-                    None => shutdown = Some(self.shutdown(oneshot::channel().0)),
-                },
+                cmd = cmd_rx.recv(), if shutdown.is_none() => {
+                    self.command_or_end(cmd, &mut shutdown);
+                }
                 Some(ev) = runtime_rx.recv() => self.runtime(ev),
                 Some(ev) = events_rx.recv() => self.event(ev),
                 // Finished helper tasks of the daemon are reaped here (a JoinSet keeps them).
                 Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => continue,
             }
+            self.drain(&mut cmd_rx, &mut events_rx, &mut runtime_rx, &mut shutdown);
             self.check_pending(None);
             self.publish();
             self.want_samples();
@@ -116,6 +117,41 @@ impl Supervisor {
         self.tasks.abort_all();
         if let Some(done) = shutdown {
             let _ = done.send(());
+        }
+    }
+
+    fn command_or_end(&mut self, cmd: Option<Command>, shutdown: &mut Option<oneshot::Sender<()>>) {
+        match cmd {
+            Some(Command::Shutdown(done)) => *shutdown = Some(self.shutdown(done)),
+            Some(c) => self.command(c),
+            // Every handle is gone: stop as if asked to.
+            None => *shutdown = Some(self.shutdown(oneshot::channel().0)),
+        }
+    }
+
+    /// Handles what is already queued (at most [`BATCH`] messages) before the state is
+    /// published once: a burst, such as hundreds of units starting together, costs one
+    /// projection of the table and one pass of the publisher, not one per event (each is
+    /// O(modules): at 500 modules they were most of modvisord's time).
+    fn drain(
+        &mut self,
+        cmd_rx: &mut mpsc::Receiver<Command>,
+        events_rx: &mut mpsc::UnboundedReceiver<Event>,
+        runtime_rx: &mut mpsc::UnboundedReceiver<RuntimeEvent>,
+        shutdown: &mut Option<oneshot::Sender<()>>,
+    ) {
+        for _ in 1..BATCH {
+            if let Ok(ev) = runtime_rx.try_recv() {
+                self.runtime(ev);
+            } else if let Ok(ev) = events_rx.try_recv() {
+                self.event(ev);
+            } else if shutdown.is_none()
+                && let Ok(c) = cmd_rx.try_recv()
+            {
+                self.command_or_end(Some(c), shutdown);
+            } else {
+                return;
+            }
         }
     }
 
