@@ -3,6 +3,9 @@ use std::process::ExitCode;
 use clap::Parser;
 use modvisor::cli::DaemonArgs as Args;
 
+/// The most threads doing blocking work at once.
+const BLOCKING_THREADS: usize = 8;
+
 fn main() -> ExitCode {
     // The model fetcher child (unprivileged; see store/fetcher.rs), not a daemon.
     if std::env::args().nth(1).as_deref() == Some("--fetch") {
@@ -20,7 +23,14 @@ fn main() -> ExitCode {
         bus_address: args.bus_address,
         embedded_bus: args.embedded_bus,
     };
-    let rt = match tokio::runtime::Runtime::new() {
+    // Blocking work (file checks, NSS lookups, /proc sampling) is short: a few threads keep up
+    // with hundreds of modules starting at once, where tokio's default of 512 made one thread
+    // (and a malloc arena) per start.
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(BLOCKING_THREADS)
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("modvisord: cannot start the async runtime: {e}");

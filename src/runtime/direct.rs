@@ -326,18 +326,7 @@ async fn wait_kill_reap(pid: u32, state: &Mutex<RunState>) -> ExitInfo {
         Some(fd) => {
             let _ = fd.readable().await;
         }
-        None => {
-            let _ = tokio::task::spawn_blocking(move || {
-                loop {
-                    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT;
-                    match waitid(Id::Pid(Pid::from_raw(pid as i32)), flags) {
-                        Err(nix::Error::EINTR) => continue,
-                        _ => return,
-                    }
-                }
-            })
-            .await;
-        }
+        None => wait_without_pidfd(pid).await,
     }
     let mut st = lock(state);
     // Like KillMode=control-group: nothing of the module outlives its main process.
@@ -356,6 +345,34 @@ async fn wait_kill_reap(pid: u32, state: &Mutex<RunState>) -> ExitInfo {
         Err(e) => {
             tracing::error!("waiting for pid {pid}: {e}");
             ExitInfo::Code(-1)
+        }
+    }
+}
+
+/// Without a pidfd (Linux before 5.3): waits for the exit (without reaping) in a thread of
+/// its own for as long as the engine runs (the blocking pool is small and kept for short
+/// work), or polls when no thread can be made.
+async fn wait_without_pidfd(pid: u32) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let waiter = std::thread::Builder::new()
+        .name(format!("wait-{pid}"))
+        .spawn(move || {
+            let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT;
+            while let Err(nix::Error::EINTR) = waitid(Id::Pid(Pid::from_raw(pid as i32)), flags) {}
+            let _ = tx.send(());
+        });
+    match waiter {
+        Ok(_) => {
+            let _ = rx.await;
+        }
+        Err(e) => {
+            tracing::warn!("no thread to wait for {pid} ({e}): polling");
+            let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT | WaitPidFlag::WNOHANG;
+            while let Ok(WaitStatus::StillAlive) | Err(nix::Error::EINTR) =
+                waitid(Id::Pid(Pid::from_raw(pid as i32)), flags)
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
     }
 }
