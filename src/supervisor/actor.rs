@@ -56,6 +56,7 @@ pub fn spawn(
         sampling: false,
         sample_wanted: watch::channel(false).0,
         sample_again: false,
+        again_scheduled: false,
         runs_started: 0,
         machine_total: 0,
         gpus: Vec::new(),
@@ -291,7 +292,10 @@ impl Supervisor {
                 handle,
                 fallback,
             } => self.started(name, generation, backend, handle, fallback),
-            Event::MemoryTick => self.memory_tick(),
+            Event::MemoryTick => {
+                self.again_scheduled = false;
+                self.memory_tick();
+            }
             Event::Scanned(res) => self.scanned(*res),
             Event::RestartChecked {
                 name,
@@ -313,7 +317,7 @@ impl Supervisor {
                 self.sampling = false;
                 self.sampled(*s, started);
                 if std::mem::take(&mut self.sample_again) {
-                    self.memory_tick();
+                    self.sample_soon();
                 }
             }
             Event::Measured {

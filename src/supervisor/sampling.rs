@@ -7,6 +7,9 @@ use super::table::{Event, Supervisor};
 use crate::monitor::Target;
 use crate::supervisor::MSG_FOREIGN_GPU;
 
+/// How long after a pass the pass owed to modules that came up meanwhile runs.
+pub(super) const AGAIN_AFTER: std::time::Duration = std::time::Duration::from_millis(250);
+
 impl Supervisor {
     /// A run whose process is known (started, or its PID reported) or that reached `running`
     /// is sampled at once while it has no figures, not at the next interval: no view shows
@@ -23,12 +26,27 @@ impl Supervisor {
             if let Some(st) = crate::procfs::stat(pid) {
                 s.usage.memory = st.rss_pages * crate::procfs::page_size();
             }
-            if self.sampling {
+            if self.sampling || self.again_scheduled {
                 self.sample_again = true;
             } else {
                 self.memory_tick();
             }
         }
+    }
+
+    /// The pass owed to modules that came up while one was in flight, [`AGAIN_AFTER`] later:
+    /// hundreds of modules starting together are sampled a few times a second, not in
+    /// back-to-back passes over all of them.
+    pub(super) fn sample_soon(&mut self) {
+        if self.again_scheduled {
+            return;
+        }
+        self.again_scheduled = true;
+        let tx = self.events.clone();
+        self.tasks.spawn(async move {
+            tokio::time::sleep(AGAIN_AFTER).await;
+            let _ = tx.send(Event::MemoryTick);
+        });
     }
 
     pub(super) fn memory_tick(&mut self) {

@@ -155,9 +155,11 @@ pub(super) struct Supervisor {
     /// Whether there is anything to sample (a run, or a GPU to watch): the ticker sleeps
     /// without a single wake-up while there is not.
     pub sample_wanted: watch::Sender<bool>,
-    /// A module just came up with no figures yet: sample again as soon as the pass in flight
-    /// (if any) is done.
+    /// A module just came up with no figures yet: sample again once the pass in flight (if
+    /// any) is done, [`AGAIN_AFTER`](super::sampling::AGAIN_AFTER) after it.
     pub sample_again: bool,
+    /// Such a pass is scheduled: more modules coming up wait for it.
+    pub again_scheduled: bool,
     /// Runs started so far: a sample that began before the latest start may have seen its
     /// engine's process without knowing it is a module's.
     pub runs_started: u64,
