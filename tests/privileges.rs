@@ -354,6 +354,7 @@ async fn a_stop_after_the_exit_never_signals_a_reused_process_group() {
         memory_max: None,
         guard_port: None,
         sink: modvisor::journal::OutputSink::new("quick", None, None, 0),
+        found_at_start: false,
     };
     let handle = b.start(req, tx).expect("start");
     let mut pid = 0;

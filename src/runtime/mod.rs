@@ -128,6 +128,10 @@ pub struct RunRequest {
     /// answers there, starting would only make a second copy fight for it.
     pub guard_port: Option<String>,
     pub sink: OutputSink,
+    /// A run of this module was found in this backend when modvisord started: look at it
+    /// before starting (it is adopted when it runs the same spec). Otherwise a backend may
+    /// start at once and look only when its start finds something there.
+    pub found_at_start: bool,
 }
 
 /// A started process.

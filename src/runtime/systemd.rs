@@ -308,6 +308,7 @@ async fn prepare_unit(
 
 const SYSTEMD: &str = "org.freedesktop.systemd1";
 const NO_SUCH_UNIT: &str = "org.freedesktop.systemd1.NoSuchUnit";
+const UNIT_EXISTS: &str = "org.freedesktop.systemd1.UnitExists";
 const UNIT_IFACE: &str = "org.freedesktop.systemd1.Unit";
 const SERVICE_IFACE: &str = "org.freedesktop.systemd1.Service";
 /// What [`UnitStatus`] is made of.
@@ -456,8 +457,7 @@ impl Shared {
                         // After a NoReply, the attempt before may have created it after all.
                         Err(e)
                             if attempt > 0
-                                && calls::error_name(&e).as_deref()
-                                    == Some("org.freedesktop.systemd1.UnitExists") =>
+                                && calls::error_name(&e).as_deref() == Some(UNIT_EXISTS) =>
                         {
                             Ok(None)
                         }
@@ -720,16 +720,14 @@ async fn read_or_gone(sh: &Shared, path: &str, name: &str, last: &UnitStatus) ->
 /// Starts (or adopts) the run's unit, then follows it.
 async fn run_unit(sh: Arc<Shared>, req: RunRequest, unit: String, run: Run) {
     let path = unit_path(&unit);
-    // Subscribe before looking, so that no change falls between the two.
+    // Subscribe before looking or starting, so that no change falls between the two.
     let changes = sh.signals.subscribe(&path);
-    let now = sh.look(&unit).await.unwrap_or_default();
-    if run.stop_asked.asked() {
-        return run.fail_with(ExitInfo::Other("stopped before it started".into()));
-    }
     let launched = match &req.exec {
-        Exec::Native(NativeExec::Unit(_)) => launch_unit(&sh, &req, &unit, &now).await,
+        Exec::Native(NativeExec::Unit(_)) => launch_unit(&sh, &req, &unit, &run.stop_asked).await,
         Exec::Container(_) => Err("containers are not run by systemd".into()),
-        Exec::Native(NativeExec::Command { .. }) => launch_transient(&sh, &req, &unit, &now).await,
+        Exec::Native(NativeExec::Command { .. }) => {
+            launch_transient(&sh, &req, &unit, &run.stop_asked).await
+        }
     };
     // A stop that came while the unit was being made found nothing to stop: stop it now (the
     // follow below sees it end).
@@ -740,20 +738,23 @@ async fn run_unit(sh: Arc<Shared>, req: RunRequest, unit: String, run: Run) {
         tracing::warn!("StopUnit {unit}: {e}");
     }
     match launched {
-        Ok(Launch::Left) => follow(sh, unit, run, changes, First::Known(now)).await,
+        Ok(Launch::Left(now)) => follow(sh, unit, run, changes, First::Known(now)).await,
         Ok(Launch::Started(Some(at))) => follow(sh, unit, run, changes, First::After(at)).await,
         Ok(Launch::Started(None)) => follow(sh, unit, run, changes, First::Read).await,
+        Ok(Launch::Abandoned) => run.fail_with(ExitInfo::Other("stopped before it started".into())),
         Err(why) => run.fail(why),
     }
 }
 
 /// What a launch did to the unit.
 enum Launch {
-    /// Nothing: it runs as it should (adopted, or an existing unit observed).
-    Left,
+    /// Nothing: it runs as it should (adopted, or an existing unit observed), as read.
+    Left(UnitStatus),
     /// Started (or replaced), its reply at this position of the connection's stream (None:
     /// unknown): its state comes from its first changes after that, or a read.
     Started(Option<Sequence>),
+    /// A stop came first: nothing was started.
+    Abandoned,
 }
 
 /// An existing unit: observed when it runs, started otherwise (never a second copy).
@@ -761,11 +762,15 @@ async fn launch_unit(
     sh: &Shared,
     req: &RunRequest,
     unit: &str,
-    now: &UnitStatus,
+    stop: &super::StopAsked,
 ) -> Result<Launch, String> {
-    if is_running(now) {
+    let now = sh.look(unit).await.unwrap_or_default();
+    if stop.asked() {
+        return Ok(Launch::Abandoned);
+    }
+    if is_running(&now) {
         tracing::info!(modvisor_module = %req.name, "{unit} is already running (pid {}): observing it, not starting a second copy", now.main_pid);
-        return Ok(Launch::Left);
+        return Ok(Launch::Left(now));
     }
     if let Some(addr) = req.guard_port.as_deref().filter(|a| super::port_in_use(a)) {
         return Err(format!(
@@ -778,12 +783,44 @@ async fn launch_unit(
         .map_err(|e| format!("StartUnit {unit}: {e}"))
 }
 
-/// A transient unit: adopted when it runs our spec, else (re)created.
+/// A transient unit. Usually none exists yet: it is created at once, and looked at only when
+/// systemd answers that one does (a failed run's unit stays loaded until it is reset). A unit
+/// of ours found when modvisord started, or a port already answering, is looked at first: it is
+/// adopted when it runs our spec, else replaced.
 async fn launch_transient(
     sh: &Shared,
     req: &RunRequest,
     unit: &str,
-    now: &UnitStatus,
+    stop: &super::StopAsked,
+) -> Result<Launch, String> {
+    let port_busy = req.guard_port.as_deref().is_some_and(super::port_in_use);
+    if !req.found_at_start && !port_busy {
+        if stop.asked() {
+            return Ok(Launch::Abandoned);
+        }
+        match create_transient(sh, req, unit).await {
+            Err(CreateError::Start(_, e))
+                if calls::error_name(&e).as_deref() == Some(UNIT_EXISTS) =>
+            {
+                tracing::debug!(modvisor_module = %req.name, "{unit} exists: looking at it");
+            }
+            r => return r.map(Launch::Started).map_err(|e| e.to_string()),
+        }
+    }
+    let now = sh.look(unit).await.unwrap_or_default();
+    if stop.asked() {
+        return Ok(Launch::Abandoned);
+    }
+    replace_transient(sh, req, unit, now).await
+}
+
+/// An existing transient unit: adopted when it runs our spec, else stopped or reset, then
+/// created anew.
+async fn replace_transient(
+    sh: &Shared,
+    req: &RunRequest,
+    unit: &str,
+    now: UnitStatus,
 ) -> Result<Launch, String> {
     let path = unit_path(unit);
     let hash = spec_hash(req, sh.kind);
@@ -791,11 +828,11 @@ async fn launch_transient(
         .environment
         .iter()
         .any(|e| e == &format!("MODVISOR_SPEC={hash}"));
-    if is_running(now) && ours {
+    if is_running(&now) && ours {
         tracing::info!(modvisor_module = %req.name, "adopted {unit} (pid {}), already running with the same spec", now.main_pid);
-        return Ok(Launch::Left);
+        return Ok(Launch::Left(now));
     }
-    if is_running(now) {
+    if is_running(&now) {
         tracing::info!(modvisor_module = %req.name, "{unit} runs an older spec: replacing it");
         let _ = sh.stop_unit(unit).await;
         wait_gone(sh, &path, req.stop_timeout + Duration::from_secs(5)).await;
@@ -809,13 +846,42 @@ async fn launch_transient(
             "{addr} is already in use by another process: not starting a second copy"
         ));
     }
-    let unit_env = prepare_unit(req, sh.kind, &sh.state).await?;
+    create_transient(sh, req, unit)
+        .await
+        .map(Launch::Started)
+        .map_err(|e| e.to_string())
+}
+
+/// Prepares and creates the transient unit (StartTransientUnit).
+async fn create_transient(
+    sh: &Shared,
+    req: &RunRequest,
+    unit: &str,
+) -> Result<Option<Sequence>, CreateError> {
+    let hash = spec_hash(req, sh.kind);
+    let unit_env = prepare_unit(req, sh.kind, &sh.state)
+        .await
+        .map_err(CreateError::Prepare)?;
     sh.start_transient(unit, || {
         SystemdBackend::transient_properties(req, &hash, &sh.owner, &unit_env)
     })
     .await
-    .map(Launch::Started)
-    .map_err(|e| format!("StartTransientUnit {unit}: {e}"))
+    .map_err(|e| CreateError::Start(unit.to_string(), e))
+}
+
+/// Why a transient unit was not created.
+enum CreateError {
+    Prepare(String),
+    Start(String, zbus::Error),
+}
+
+impl std::fmt::Display for CreateError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CreateError::Prepare(why) => f.write_str(why),
+            CreateError::Start(unit, e) => write!(f, "StartTransientUnit {unit}: {e}"),
+        }
+    }
 }
 
 impl Backend for SystemdBackend {

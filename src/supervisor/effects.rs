@@ -178,6 +178,7 @@ impl Supervisor {
             self.cfg.module_log_max_bytes,
         )
         .continuing(s.sink.as_ref());
+        let found_here = s.found.iter().any(|(b, _)| b.kind() == backend.kind());
         let req = RunRequest {
             name: n.to_string(),
             generation,
@@ -188,6 +189,7 @@ impl Supervisor {
             memory_max: m.resources.memory_max,
             guard_port: m.health.probe.as_ref().and_then(|p| p.address()),
             sink: sink.clone(),
+            found_at_start: found_here,
         };
         let fallback = decision.fallback.then(|| decision.reason.clone());
         let Some(s) = self.slots.get_mut(n) else {
