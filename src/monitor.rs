@@ -115,8 +115,8 @@ impl AllProcs {
     }
 
     /// A target's processes and their RSS.
-    fn measure(&self, t: &Target) -> (HashSet<u32>, u64) {
-        let pids = module_pids(t, &self.procs, &self.children);
+    fn measure(&self, t: &Target, cgroups: &mut CgroupFiles) -> (HashSet<u32>, u64) {
+        let pids = module_pids(t, &self.procs, &self.children, cgroups);
         let rss = pids
             .iter()
             .filter_map(|p| self.procs.get(p))
@@ -129,17 +129,57 @@ impl AllProcs {
 /// The processes of a unit or a container and their RSS, from its cgroup alone (what it
 /// forks stays in it): no pass over every process of the machine, which was most of an idle
 /// daemon's CPU time. None when there is no such cgroup or it cannot be read.
-fn cgroup_members(t: &Target) -> Option<Vec<(u32, u64)>> {
+fn cgroup_members(t: &Target, cgroups: &mut CgroupFiles) -> Option<Vec<(u32, u64)>> {
     if !t.own_cgroup || t.pgid > 1 {
         return None;
     }
-    let text = crate::procfs::read_small(cgroup_procs_file(t.main_pid)?, false)?;
+    let pids = cgroups.members(t.main_pid)?;
     let page = crate::procfs::page_size();
-    let pids = text
-        .split_whitespace()
-        .filter_map(|p| p.parse::<u32>().ok());
     Some(
-        pids.filter_map(|pid| Some((pid, crate::procfs::stat(pid)?.rss_pages * page)))
+        pids.into_iter()
+            .filter_map(|pid| Some((pid, crate::procfs::stat(pid)?.rss_pages * page)))
+            .collect(),
+    )
+}
+
+/// Where each main process's `cgroup.procs` is, kept from pass to pass: finding it costs a
+/// read of `/proc/PID/cgroup` and a lookup or two of deep /sys paths, for every unit at every
+/// pass, about half of an idle modvisord's work with 100 units. A kept path is trusted only
+/// while the file still lists the main process (the unit may have ended, and its PID been
+/// reused).
+#[derive(Debug, Default)]
+pub struct CgroupFiles {
+    files: HashMap<u32, PathBuf>,
+}
+
+impl CgroupFiles {
+    /// The processes in the cgroup of `main_pid`.
+    fn members(&mut self, main_pid: u32) -> Option<Vec<u32>> {
+        if let Some(f) = self.files.remove(&main_pid)
+            && let Some(pids) = read_pids(&f)
+            && pids.contains(&main_pid)
+        {
+            self.files.insert(main_pid, f);
+            return Some(pids);
+        }
+        let f = cgroup_procs_file(main_pid)?;
+        let pids = read_pids(&f)?;
+        self.files.insert(main_pid, f);
+        Some(pids)
+    }
+
+    /// Forgets the processes not sampled any more.
+    fn keep_only(&mut self, targets: &[Target]) {
+        self.files
+            .retain(|pid, _| targets.iter().any(|t| t.main_pid == *pid));
+    }
+}
+
+fn read_pids(f: &Path) -> Option<Vec<u32>> {
+    let text = crate::procfs::read_small(f, false)?;
+    Some(
+        text.split_whitespace()
+            .filter_map(|p| p.parse::<u32>().ok())
             .collect(),
     )
 }
@@ -148,13 +188,13 @@ fn module_pids(
     t: &Target,
     procs: &HashMap<u32, Proc>,
     children: &HashMap<u32, Vec<u32>>,
+    cgroups: &mut CgroupFiles,
 ) -> HashSet<u32> {
     let mut set = HashSet::new();
     if t.own_cgroup
-        && let Some(f) = cgroup_procs_file(t.main_pid)
-        && let Some(s) = crate::procfs::read_small(f, false)
+        && let Some(pids) = cgroups.members(t.main_pid)
     {
-        set.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+        set.extend(pids);
     }
     if t.pgid > 1 {
         set.extend(
@@ -297,6 +337,11 @@ pub fn free_memory(gpu: Option<&Gpu>) -> (u64, Vec<(u32, u64, u64)>) {
 
 /// One sampling pass over everything. Blocking.
 pub fn sample(targets: &[Target], gpu: Option<&Gpu>) -> Sample {
+    sample_with(targets, gpu, &mut CgroupFiles::default())
+}
+
+/// [`sample`], with what earlier passes found out about the targets' cgroups.
+pub fn sample_with(targets: &[Target], gpu: Option<&Gpu>, cgroups: &mut CgroupFiles) -> Sample {
     let mut out = Sample::default();
     (out.machine_total, out.machine_available) = meminfo();
     let (gpu_rows, gpu_procs) = match gpu.map(|g| g.sample()) {
@@ -313,7 +358,9 @@ pub fn sample(targets: &[Target], gpu: Option<&Gpu>) -> Sample {
     }
     // The pass over every process of the machine is made only for the targets whose cgroup
     // does not tell their processes (direct children, which share the daemon's).
-    let members: Vec<Option<Vec<(u32, u64)>>> = targets.iter().map(cgroup_members).collect();
+    cgroups.keep_only(targets);
+    let members: Vec<Option<Vec<(u32, u64)>>> =
+        targets.iter().map(|t| cgroup_members(t, cgroups)).collect();
     let all = members.iter().any(Option::is_none).then(AllProcs::scan);
     let mut owned: HashSet<u32> = HashSet::new();
     for (t, m) in targets.iter().zip(members) {
@@ -322,7 +369,7 @@ pub fn sample(targets: &[Target], gpu: Option<&Gpu>) -> Sample {
                 list.iter().map(|(p, _)| *p).collect::<HashSet<u32>>(),
                 list.iter().map(|(_, r)| *r).sum(),
             ),
-            (None, Some(all)) => all.measure(t),
+            (None, Some(all)) => all.measure(t, cgroups),
             (None, None) => (HashSet::new(), 0),
         };
         let mine: Vec<&(u32, u64, u32)> = gpu_procs
@@ -376,15 +423,54 @@ mod tests {
             pgid: 0,
             own_cgroup: true,
         };
+        let mut cg = CgroupFiles::default();
         // None where this test runs in the root cgroup (a container): the full pass then.
-        if let Some(list) = cgroup_members(&t) {
+        if let Some(list) = cgroup_members(&t, &mut cg) {
             assert!(list.iter().any(|(p, rss)| *p == me && *rss > 0), "{list:?}");
+            assert!(
+                cg.files.contains_key(&me),
+                "the path is kept for the next pass"
+            );
         }
         let direct = Target {
             own_cgroup: false,
             ..t
         };
-        assert!(cgroup_members(&direct).is_none());
+        assert!(cgroup_members(&direct, &mut cg).is_none());
+    }
+
+    #[test]
+    fn a_kept_cgroup_file_that_no_longer_lists_the_process_is_not_trusted() {
+        let me = std::process::id();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stale = dir.path().join("cgroup.procs");
+        std::fs::write(&stale, "1\n2\n").expect("write");
+        let mut cg = CgroupFiles::default();
+        cg.files.insert(me, stale.clone());
+        let found = cg.members(me);
+        assert_ne!(
+            found,
+            Some(vec![1, 2]),
+            "the stale file's processes were taken"
+        );
+        assert_ne!(cg.files.get(&me), Some(&stale));
+        if let Some(pids) = found {
+            assert!(pids.contains(&me), "{pids:?}");
+        }
+        let kept = dir.path().join("kept.procs");
+        std::fs::write(&kept, format!("{me}\n")).expect("write");
+        cg.files.insert(me, kept.clone());
+        assert_eq!(
+            cg.members(me),
+            Some(vec![me]),
+            "a file that lists it is kept"
+        );
+        assert_eq!(cg.files.get(&me), Some(&kept));
+        cg.keep_only(&[]);
+        assert!(
+            cg.files.is_empty(),
+            "processes not sampled any more are forgotten"
+        );
     }
 
     #[test]

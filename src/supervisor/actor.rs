@@ -52,6 +52,7 @@ pub fn spawn(
         existing: by_module,
         signals: signals.clone(),
         gpu: gpu.ok(),
+        cgroups: Default::default(),
         gpu_error_logged: false,
         sampling: false,
         sample_wanted: watch::channel(false).0,

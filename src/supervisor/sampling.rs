@@ -78,9 +78,11 @@ impl Supervisor {
         self.sampling = true;
         let tx = self.events.clone();
         let gpu = self.gpu.clone();
+        let cgroups = self.cgroups.clone();
         let started = self.runs_started;
         self.tasks.spawn_blocking(move || {
-            let s = crate::monitor::sample(&targets, gpu.as_deref());
+            let mut cgroups = cgroups.lock().unwrap_or_else(|e| e.into_inner());
+            let s = crate::monitor::sample_with(&targets, gpu.as_deref(), &mut cgroups);
             let _ = tx.send(Event::Sample(Box::new(s), started));
         });
     }

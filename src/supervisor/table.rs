@@ -150,6 +150,8 @@ pub(super) struct Supervisor {
     pub state_tx: watch::Sender<Arc<Snapshot>>,
     pub signals: tokio::sync::broadcast::Sender<ManagerSignal>,
     pub gpu: Option<Arc<crate::monitor::Gpu>>,
+    /// What sampling passes learned about the cgroups they read (passes never overlap).
+    pub cgroups: Arc<std::sync::Mutex<crate::monitor::CgroupFiles>>,
     pub gpu_error_logged: bool,
     pub sampling: bool,
     /// Whether there is anything to sample (a run, or a GPU to watch): the ticker sleeps
