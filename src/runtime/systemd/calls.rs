@@ -44,7 +44,12 @@ pub fn error_name(e: &zbus::Error) -> Option<String> {
     }
 }
 
-/// True when the bus (not systemd) refused or gave up on the call: worth retrying.
+/// True when the bus (not systemd) refused or gave up on the call, or systemd is away from
+/// the bus for a moment: worth retrying. A manager that loses its bus connection comes back
+/// under a new unique name; meanwhile its well-known name has no owner, and a call to it is
+/// answered `ServiceUnknown`, `NameHasNoOwner` or, where the bus tries to activate the name,
+/// `Spawn.*` (seen with 1,000 modules starting at once: the testbed's manager was dropped by
+/// the bus, and 815 starts failed for good before these were retried).
 pub fn bus_busy(e: &zbus::Error) -> bool {
     error_name(e).is_some_and(|n| {
         matches!(
@@ -52,7 +57,9 @@ pub fn bus_busy(e: &zbus::Error) -> bool {
             "org.freedesktop.DBus.Error.LimitsExceeded"
                 | "org.freedesktop.DBus.Error.NoReply"
                 | "org.freedesktop.DBus.Error.Timeout"
-        )
+                | "org.freedesktop.DBus.Error.ServiceUnknown"
+                | "org.freedesktop.DBus.Error.NameHasNoOwner"
+        ) || n.starts_with("org.freedesktop.DBus.Error.Spawn.")
     })
 }
 
@@ -156,6 +163,21 @@ mod tests {
             .await;
         assert!(r.is_err());
         assert_eq!(tries.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_manager_away_from_the_bus_is_waited_for() {
+        use zbus::fdo::Error as E;
+        let away = [
+            E::ServiceUnknown("no owner".into()),
+            E::NameHasNoOwner("no owner".into()),
+            E::SpawnChildExited("Launch helper exited with unknown return code 1".into()),
+        ];
+        for e in away {
+            assert!(bus_busy(&zbus::Error::FDO(Box::new(e))));
+        }
+        let systemd_said = E::AccessDenied("denied".into());
+        assert!(!bus_busy(&zbus::Error::FDO(Box::new(systemd_said))));
     }
 
     #[tokio::test(start_paused = true)]
