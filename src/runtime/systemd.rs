@@ -188,41 +188,20 @@ impl SystemdBackend {
         else {
             return Vec::new();
         };
-        let mut env: Vec<String> = environment
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        env.push(format!("MODVISOR_MODULE={}", req.name));
-        env.push(format!("MODVISOR_SPEC={hash}"));
-        env.push(owner.to_string());
         let usec = |d: Duration| d.as_micros().min(u64::MAX as u128) as u64;
         let ov = |v: Variant<'static>| OwnedVariant::try_from(v).ok();
         let mut p: Vec<(&str, Option<OwnedVariant>)> = vec![
+            ("Description", ov(Variant::from(unit_description(req)))),
+            ("ExecStart", ov(Variant::from(exec_start(argv)))),
             (
-                "Description",
-                ov(Variant::from(format!(
-                    "modvisor module {}{}",
-                    req.name,
-                    if req.description.is_empty() {
-                        String::new()
-                    } else {
-                        format!(": {}", req.description)
-                    }
+                "Environment",
+                ov(Variant::from(unit_environment(
+                    req,
+                    environment,
+                    hash,
+                    owner,
                 ))),
             ),
-            // systemd expands $VAR and $$ in ExecStart at exec time; escape, so that the
-            // engine gets the argv the manifest wrote, as under the direct backend.
-            (
-                "ExecStart",
-                ov(Variant::from(vec![(
-                    argv[0].clone(),
-                    argv.iter()
-                        .map(|a| a.replace('$', "$$"))
-                        .collect::<Vec<_>>(),
-                    false,
-                )])),
-            ),
-            ("Environment", ov(Variant::from(env))),
             ("LimitCORE", ov(Variant::from(0u64))),
             ("LimitCORESoft", ov(Variant::from(0u64))),
             ("KillMode", ov(Variant::from("control-group".to_string()))),
@@ -273,6 +252,39 @@ impl SystemdBackend {
             .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))
             .collect()
     }
+}
+
+fn unit_description(req: &RunRequest) -> String {
+    if req.description.is_empty() {
+        format!("modvisor module {}", req.name)
+    } else {
+        format!("modvisor module {}: {}", req.name, req.description)
+    }
+}
+
+/// systemd expands $VAR and $$ in ExecStart at exec time; escaped, so that the engine gets the
+/// argv the manifest wrote, as under the direct backend.
+fn exec_start(argv: &[String]) -> Vec<(String, Vec<String>, bool)> {
+    let escaped = argv.iter().map(|a| a.replace('$', "$$")).collect();
+    vec![(argv[0].clone(), escaped, false)]
+}
+
+/// The manifest's environment, plus who the unit belongs to: the module, the spec it runs
+/// (adoption compares it) and the modvisord instance (`owner`).
+fn unit_environment(
+    req: &RunRequest,
+    environment: &std::collections::BTreeMap<String, String>,
+    hash: &str,
+    owner: &str,
+) -> Vec<String> {
+    let mut env: Vec<String> = environment
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    env.push(format!("MODVISOR_MODULE={}", req.name));
+    env.push(format!("MODVISOR_SPEC={hash}"));
+    env.push(owner.to_string());
+    env
 }
 
 /// What the properties need besides the request: the manager and the host's devices.
@@ -795,12 +807,13 @@ async fn launch_transient(
     unit: &str,
     stop: &super::StopAsked,
 ) -> Result<Launch, String> {
+    let hash = spec_hash(req, sh.kind);
     let port_busy = req.guard_port.as_deref().is_some_and(super::port_in_use);
     if !req.found_at_start && !port_busy {
         if stop.asked() {
             return Ok(Launch::Abandoned);
         }
-        match create_transient(sh, req, unit).await {
+        match create_transient(sh, req, unit, &hash).await {
             Err(CreateError::Start(_, e))
                 if calls::error_name(&e).as_deref() == Some(UNIT_EXISTS) =>
             {
@@ -813,7 +826,7 @@ async fn launch_transient(
     if stop.asked() {
         return Ok(Launch::Abandoned);
     }
-    replace_transient(sh, req, unit, now).await
+    replace_transient(sh, req, unit, now, &hash).await
 }
 
 /// An existing transient unit: adopted when it runs our spec, else stopped or reset, then
@@ -823,9 +836,9 @@ async fn replace_transient(
     req: &RunRequest,
     unit: &str,
     now: UnitStatus,
+    hash: &str,
 ) -> Result<Launch, String> {
     let path = unit_path(unit);
-    let hash = spec_hash(req, sh.kind);
     let ours = now
         .environment
         .iter()
@@ -848,7 +861,7 @@ async fn replace_transient(
             "{addr} is already in use by another process: not starting a second copy"
         ));
     }
-    create_transient(sh, req, unit)
+    create_transient(sh, req, unit, hash)
         .await
         .map(Launch::Started)
         .map_err(|e| e.to_string())
@@ -859,13 +872,13 @@ async fn create_transient(
     sh: &Shared,
     req: &RunRequest,
     unit: &str,
+    hash: &str,
 ) -> Result<Option<Sequence>, CreateError> {
-    let hash = spec_hash(req, sh.kind);
     let unit_env = prepare_unit(req, sh.kind, &sh.state)
         .await
         .map_err(CreateError::Prepare)?;
     sh.start_transient(unit, || {
-        SystemdBackend::transient_properties(req, &hash, &sh.owner, &unit_env)
+        SystemdBackend::transient_properties(req, hash, &sh.owner, &unit_env)
     })
     .await
     .map_err(|e| CreateError::Start(unit.to_string(), e))
