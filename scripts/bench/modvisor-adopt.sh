@@ -8,7 +8,7 @@
 HERE=$(cd "$(dirname "$0")" && pwd); . "$HERE/lib/common.sh"; . "$HERE/lib/modvisor.sh"
 BULK=${BULK:-200}; REPS=${REPS:-3}
 mv_build
-mv_init "$ANCHOR_WORK/modvisor-adopt"; S=$W/samples.tsv; : >"$S"
+mv_init "$ANCHOR_WORK/modvisor-adopt"; S=$W/samples.tsv; : >"$S"; mv_engine_user
 testbed_up; mv_bus_policy
 stop_bench_units; mv_stop_units
 machine_line
