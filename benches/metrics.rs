@@ -36,7 +36,7 @@ fn synthetic(n: usize) -> Arc<Snapshot> {
         let name = format!("module-{i:03}");
         s.modules.insert(
             name.clone(),
-            ModuleStatus {
+            std::sync::Arc::new(ModuleStatus {
                 name,
                 description: "a synthetic module".into(),
                 mode: "native".into(),
@@ -71,7 +71,7 @@ fn synthetic(n: usize) -> Arc<Snapshot> {
                 pinned: false,
                 priority: 0,
                 evictable: false,
-            },
+            }),
         );
     }
     s.gpus = (0..4)

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum State {
@@ -144,7 +145,9 @@ impl ModuleCounters {
 
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Snapshot {
-    pub modules: BTreeMap<String, ModuleStatus>,
+    /// Shared with the snapshot before when unchanged: an unchanged module costs a pointer
+    /// compare to every reader that looks for changes (`Arc::ptr_eq`).
+    pub modules: BTreeMap<String, Arc<ModuleStatus>>,
     /// (manifest file, error)
     pub manifest_errors: Vec<(String, String)>,
     pub native_backend: String,

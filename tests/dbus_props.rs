@@ -260,7 +260,10 @@ fn too_big() -> String {
 
 fn snapshot(mods: Vec<ModuleStatus>) -> Arc<Snapshot> {
     Arc::new(Snapshot {
-        modules: mods.into_iter().map(|m| (m.name.clone(), m)).collect(),
+        modules: mods
+            .into_iter()
+            .map(|m| (m.name.clone(), m.into()))
+            .collect(),
         native_backend: "direct".into(),
         ..Snapshot::default()
     })

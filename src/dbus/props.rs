@@ -208,7 +208,7 @@ pub(crate) mod tests {
         assert!(changed(manager::TABLE, Some(&old), &new).is_empty());
         new.gpus = vec![(0, "GPU".into(), "GPU-1".into(), 8 << 30, 1 << 30)];
         new.foreign_gpu_processes = vec![(7, "llama".into(), 1 << 30)];
-        new.modules.insert("a".into(), status("a"));
+        new.modules.insert("a".into(), status("a").into());
         assert_eq!(
             keys(&changed(manager::TABLE, Some(&old), &new)),
             ["ForeignGpuProcesses", "Gpus", "ModulesOnline"],

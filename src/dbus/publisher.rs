@@ -36,7 +36,7 @@ struct Shown {
     /// Objects removed whose InterfacesRemoved has not gone out.
     unsent_removals: BTreeSet<String>,
     /// Per module: the status its properties last announced (InterfacesAdded, PropertiesChanged).
-    props: BTreeMap<String, ModuleStatus>,
+    props: BTreeMap<String, Arc<ModuleStatus>>,
     /// Per module: what ModuleChanged last said.
     changes: BTreeMap<String, (State, Health, String)>,
     /// The snapshot the manager's PropertiesChanged last announced (None: nothing yet).
@@ -316,42 +316,74 @@ impl Publisher {
         }
     }
 
-    /// PropertiesChanged and ModuleChanged for each module whose object exists.
+    /// PropertiesChanged and ModuleChanged for each module whose object exists. A module
+    /// whose status is the one announced (the same `Arc`) and whose ModuleChanged went out is
+    /// passed over with a pointer compare.
     async fn announce_modules(&mut self, new: &Snapshot, failed: &mut Vec<String>) {
         for (name, m) in &new.modules {
             let Some(&announced) = self.shown.objects.get(name) else {
                 continue;
             };
-            let old = self.shown.props.get(name);
-            let now = tokio::time::Instant::now();
-            let (send, later) = self.throttle.hold(name, old, m, now);
-            if let Some(t) = later {
-                self.held_until = Some(self.held_until.map_or(t, |h| h.min(t)));
-            }
-            if announced && old != Some(&send) {
-                let body = props::changed(mo::TABLE, old, &send);
-                match properties_changed(&self.conn, &module_path(name), MODULE_IFACE, body).await {
-                    Ok(()) => {
-                        self.throttle.announced(name, old, &send, now);
-                        self.shown.props.insert(name.clone(), send);
-                    }
-                    Err(e) => failed.push(format!("PropertiesChanged for {name}: {e}")),
+            let old = self.shown.props.get(name).cloned();
+            let told = old.as_ref().is_some_and(|o| Arc::ptr_eq(o, m));
+            if !(told && self.changed_told(name, m)) {
+                if announced && !told {
+                    self.announce_props(name, old.as_deref(), m, failed).await;
                 }
+                self.announce_change(name, m, failed).await;
             }
-            let now = (m.state, m.health, m.health_reason.clone());
-            if self.shown.changes.get(name) == Some(&now) {
-                continue;
+        }
+    }
+
+    /// Whether the last ModuleChanged for `name` said what `m` says.
+    fn changed_told(&self, name: &str, m: &ModuleStatus) -> bool {
+        self.shown
+            .changes
+            .get(name)
+            .is_some_and(|(s, h, r)| (*s, *h) == (m.state, m.health) && *r == m.health_reason)
+    }
+
+    /// PropertiesChanged with what changed since `old` (busy properties held back: see
+    /// throttle.rs).
+    async fn announce_props(
+        &mut self,
+        name: &str,
+        old: Option<&ModuleStatus>,
+        m: &Arc<ModuleStatus>,
+        failed: &mut Vec<String>,
+    ) {
+        let now = tokio::time::Instant::now();
+        let (send, later) = self.throttle.hold(name, old, m, now);
+        if let Some(t) = later {
+            self.held_until = Some(self.held_until.map_or(t, |h| h.min(t)));
+        }
+        if old == Some(&*send) {
+            return;
+        }
+        let body = props::changed(mo::TABLE, old, &send);
+        match properties_changed(&self.conn, &module_path(name), MODULE_IFACE, body).await {
+            Ok(()) => {
+                self.throttle.announced(name, old, &send, now);
+                self.shown.props.insert(name.to_string(), send);
             }
-            let (state, health) = (m.state.as_str(), m.health.as_str());
-            match self
-                .module_changed(name, state, health, &m.health_reason)
-                .await
-            {
-                Ok(()) => {
-                    self.shown.changes.insert(name.clone(), now);
-                }
-                Err(e) => failed.push(format!("ModuleChanged for {name}: {e}")),
+            Err(e) => failed.push(format!("PropertiesChanged for {name}: {e}")),
+        }
+    }
+
+    async fn announce_change(&mut self, name: &str, m: &ModuleStatus, failed: &mut Vec<String>) {
+        if self.changed_told(name, m) {
+            return;
+        }
+        let (state, health) = (m.state.as_str(), m.health.as_str());
+        match self
+            .module_changed(name, state, health, &m.health_reason)
+            .await
+        {
+            Ok(()) => {
+                let told = (m.state, m.health, m.health_reason.clone());
+                self.shown.changes.insert(name.to_string(), told);
             }
+            Err(e) => failed.push(format!("ModuleChanged for {name}: {e}")),
         }
     }
 

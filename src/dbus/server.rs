@@ -257,7 +257,7 @@ impl ModuleObject {
             .borrow()
             .modules
             .get(&self.name)
-            .map(f)
+            .map(|m| f(m))
             .unwrap_or_default()
     }
 }

@@ -4,6 +4,7 @@
 //! value; the last change is announced when the second is over.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -30,23 +31,23 @@ impl Throttle {
         &self,
         name: &str,
         old: Option<&ModuleStatus>,
-        new: &ModuleStatus,
+        new: &Arc<ModuleStatus>,
         now: Instant,
-    ) -> (ModuleStatus, Option<Instant>) {
-        let mut send = new.clone();
+    ) -> (Arc<ModuleStatus>, Option<Instant>) {
         let Some(o) = old.filter(|o| busy(o) != busy(new)) else {
-            return (send, None);
+            return (new.clone(), None);
         };
         match self.next.get(name) {
             Some(&at) if at > now => {
+                let mut send = (**new).clone();
                 (
                     send.connections,
                     send.last_activity_us,
                     send.idle_stop_at_us,
                 ) = busy(o);
-                (send, Some(at))
+                (Arc::new(send), Some(at))
             }
-            _ => (send, None),
+            _ => (new.clone(), None),
         }
     }
 
@@ -81,14 +82,16 @@ mod tests {
         a.connections = 0;
         let mut b = a.clone();
         b.connections = 1;
+        let b = Arc::new(b);
         // The first change goes out at once.
         let (send, later) = th.hold("m", Some(&a), &b, t0);
         assert_eq!((send.connections, later), (1, None));
         th.announced("m", Some(&a), &send, t0);
         // The next within the second is held back (other properties are not).
-        let mut c = b.clone();
+        let mut c = (*b).clone();
         c.connections = 2;
         c.memory_bytes = 42;
+        let c = Arc::new(c);
         let (send, later) = th.hold("m", Some(&b), &c, t0 + Duration::from_millis(300));
         assert_eq!(send.connections, 1);
         assert_eq!(send.memory_bytes, 42);

@@ -104,7 +104,7 @@ impl Collector for SnapshotCollector {
     }
 }
 
-type Modules<'a> = std::collections::btree_map::Iter<'a, String, ModuleStatus>;
+type Modules<'a> = std::collections::btree_map::Iter<'a, String, std::sync::Arc<ModuleStatus>>;
 
 /// One gauge per module.
 fn gauges<'a, V: EncodeGaugeValue>(
@@ -415,9 +415,9 @@ mod tests {
         b.counters.evictions = 1;
         let c = module("c", State::Inactive, Health::Standby);
         let mut s = Snapshot::default();
-        s.modules.insert("a".into(), a);
-        s.modules.insert("b".into(), b);
-        s.modules.insert("c".into(), c);
+        s.modules.insert("a".into(), a.into());
+        s.modules.insert("b".into(), b.into());
+        s.modules.insert("c".into(), c.into());
         s.gpus = vec![(0, "Tesla".into(), "GPU-1".into(), 16 << 30, 5 << 30)];
         s.foreign_gpu_processes = vec![(77, "python".into(), 1 << 30), (78, "x".into(), 1)];
         s.manifest_errors = vec![("f.toml".into(), "f.toml:1:1: bad".into())];

@@ -376,9 +376,10 @@ impl Supervisor {
     }
 
     pub fn publish(&self) {
-        let snap = super::snapshot::project(self);
+        let prev = self.state_tx.borrow().clone();
+        let snap = super::snapshot::project(self, &prev);
         self.state_tx.send_if_modified(|cur| {
-            if **cur == snap {
+            if super::snapshot::unchanged(cur, &snap) {
                 false
             } else {
                 *cur = Arc::new(snap);

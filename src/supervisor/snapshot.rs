@@ -1,17 +1,28 @@
 //! The projection of the table into the published [`Snapshot`] (what D-Bus and sd_notify see).
 
+use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 use super::table::{Slot, Supervisor};
 use crate::manifest::{Mode, NativeExec};
 use crate::state::{ModuleStatus, Snapshot};
 
-pub(super) fn project(sup: &Supervisor) -> Snapshot {
+/// `prev` is the snapshot published before: a module whose status did not change keeps its
+/// `Arc`, so that whoever compares the two (the actor before it publishes, the publisher)
+/// skips it with a pointer compare, and the unchanged statuses are not copied again.
+pub(super) fn project(sup: &Supervisor, prev: &Snapshot) -> Snapshot {
     Snapshot {
         modules: sup
             .slots
             .iter()
-            .map(|(n, s)| (n.clone(), status(sup, n, s)))
+            .map(|(n, s)| {
+                let now = status(sup, n, s);
+                let st = match prev.modules.get(n) {
+                    Some(p) if **p == now => p.clone(),
+                    _ => Arc::new(now),
+                };
+                (n.clone(), st)
+            })
             .collect(),
         manifest_errors: sup
             .manifest_errors
@@ -27,6 +38,27 @@ pub(super) fn project(sup: &Supervisor) -> Snapshot {
         gpus: sup.gpus.clone(),
         foreign_gpu_processes: sup.foreign.clone(),
     }
+}
+
+/// Whether a new projection shows nothing new: each unchanged module's status is the
+/// published one's `Arc` (see [`project`]), so this is a pointer compare per module.
+pub(super) fn unchanged(cur: &Snapshot, new: &Snapshot) -> bool {
+    // Every field named: a field added to Snapshot must be added here.
+    let Snapshot {
+        modules,
+        manifest_errors,
+        native_backend,
+        container_engine,
+        gpus,
+        foreign_gpu_processes,
+    } = new;
+    cur.modules.len() == modules.len()
+        && (cur.modules.iter().zip(modules)).all(|((a, x), (b, y))| a == b && Arc::ptr_eq(x, y))
+        && cur.manifest_errors == *manifest_errors
+        && cur.native_backend == *native_backend
+        && cur.container_engine == *container_engine
+        && cur.gpus == *gpus
+        && cur.foreign_gpu_processes == *foreign_gpu_processes
 }
 
 fn us(t: std::time::SystemTime) -> u64 {

@@ -200,11 +200,14 @@ fn paths(p: &Privileges, state_dir: &Path) -> Vec<(&'static str, Option<OwnedVar
         ));
     }
     // The module's state directory stays writable under ProtectSystem=strict ("-": a
-    // missing path would fail the start with 226/NAMESPACE).
-    v.push((
-        "ReadWritePaths",
-        ov(Variant::from(vec![format!("-{}", state_dir.display())])),
-    ));
+    // missing path would fail the start with 226/NAMESPACE). Without it nothing is read-only
+    // to exempt it from, and the directive alone would cost a mount namespace per start.
+    if p.sandbox.protect_system {
+        v.push((
+            "ReadWritePaths",
+            ov(Variant::from(vec![format!("-{}", state_dir.display())])),
+        ));
+    }
     v
 }
 
@@ -337,6 +340,19 @@ mod tests {
                 &Host::default()
             ))
             .contains(&"CapabilityBoundingSet")
+        );
+        assert!(names(&properties(&p, sys, Path::new("/s"), &host)).contains(&"ReadWritePaths"));
+        let writable = Privileges {
+            sandbox: Sandbox {
+                protect_system: false,
+                ..Sandbox::default()
+            },
+            ..Privileges::default()
+        };
+        let w = names(&properties(&writable, sys, Path::new("/s"), &host));
+        assert!(
+            !w.contains(&"ReadWritePaths"),
+            "no namespace for nothing: {w:?}"
         );
     }
 
