@@ -44,7 +44,7 @@ pub fn spawn(
         container: backends.container,
         container_engine: backends.container_engine,
         journal,
-        slots: BTreeMap::new(),
+        slots: Default::default(),
         manifest_errors: Vec::new(),
         events,
         runtime_tx,

@@ -498,9 +498,15 @@ impl Supervisor {
         (need.ram, need.gpu.total(), need.source)
     }
 
-    /// Whether admission could evict `s` now (for the properties and `status`).
+    /// Whether admission could evict `s` now (for the properties and `status`), with the
+    /// connections the module shows (the lifecycle's count; the live counter may be a moment
+    /// ahead, and a change of it alone does not touch the slot: see slots.rs).
     pub(super) fn evictable(&self, name: &str, s: &Slot) -> bool {
-        !s.lc.is_down() && holder(name, s, self.cfg.admission.preempt).keep.is_none()
+        let preempt = self.cfg.admission.preempt;
+        !s.lc.is_down()
+            && holder_with(name, s, preempt, s.lc.connections())
+                .keep
+                .is_none()
     }
 }
 
@@ -511,6 +517,11 @@ fn open_now(s: &Slot) -> u32 {
 
 /// A module as admission sees it.
 fn holder(name: &str, s: &Slot, preempt: bool) -> Holder {
+    holder_with(name, s, preempt, open_now(s))
+}
+
+/// The same, with `open` connections through its listen addresses.
+fn holder_with(name: &str, s: &Slot, preempt: bool, open: u32) -> Holder {
     let m = s.lc.module();
     let starting = s.lc.state() == State::Starting;
     let share = s.adm.admitted.as_ref().filter(|_| starting);
@@ -533,8 +544,8 @@ fn holder(name: &str, s: &Slot, preempt: bool) -> Holder {
         Some("mid-activation".to_string())
     } else if !s.lc.serving() {
         Some(s.lc.state().as_str().to_string())
-    } else if open_now(s) > 0 && !preempt {
-        Some(format!("{} open connections", open_now(s)))
+    } else if open > 0 && !preempt {
+        Some(format!("{open} open connections"))
     } else {
         None
     };

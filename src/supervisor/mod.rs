@@ -14,6 +14,7 @@
 //! | activation.rs  | model activation as a sub-machine                               |
 //! | reconcile.rs   | the pure diff of old and new manifests                          |
 //! | resources.rs   | RAM/VRAM thresholds                                             |
+//! | slots.rs       | the module table, marking each module touched since publishing  |
 //! | snapshot.rs    | the projection into the published `Snapshot`                    |
 //! | explain.rs     | the `Explain` text                                              |
 //! | actor.rs       | the table, routing, publishing                                  |
@@ -33,6 +34,7 @@ mod resources;
 pub mod restart;
 mod run;
 mod sampling;
+mod slots;
 mod snapshot;
 mod table;
 

@@ -9,20 +9,14 @@ use crate::state::{ModuleStatus, Snapshot};
 
 /// `prev` is the snapshot published before: a module whose status did not change keeps its
 /// `Arc`, so that whoever compares the two (the actor before it publishes, the publisher)
-/// skips it with a pointer compare, and the unchanged statuses are not copied again.
+/// skips it with a pointer compare, and the unchanged statuses are not copied again. A
+/// module not touched since (slots.rs) is not even projected again.
 pub(super) fn project(sup: &Supervisor, prev: &Snapshot) -> Snapshot {
     Snapshot {
         modules: sup
             .slots
             .iter()
-            .map(|(n, s)| {
-                let now = status(sup, n, s);
-                let st = match prev.modules.get(n) {
-                    Some(p) if **p == now => p.clone(),
-                    _ => Arc::new(now),
-                };
-                (n.clone(), st)
-            })
+            .map(|(n, s)| (n.clone(), module(sup, n, s, prev.modules.get(n))))
             .collect(),
         manifest_errors: sup
             .manifest_errors
@@ -59,6 +53,29 @@ pub(super) fn unchanged(cur: &Snapshot, new: &Snapshot) -> bool {
         && cur.container_engine == *container_engine
         && cur.gpus == *gpus
         && cur.foreign_gpu_processes == *foreign_gpu_processes
+}
+
+/// One module's status: the one before when its slot was not touched since, else projected
+/// anew (and still the one before when equal to it).
+fn module(
+    sup: &Supervisor,
+    n: &str,
+    s: &Slot,
+    prev: Option<&Arc<ModuleStatus>>,
+) -> Arc<ModuleStatus> {
+    let touched = sup.slots.take_touched(n);
+    match prev {
+        Some(p) if !touched => {
+            // The tests check the promise of slots.rs: nothing changes a status untouched.
+            debug_assert!(**p == status(sup, n, s), "{n} changed without a mark");
+            p.clone()
+        }
+        Some(p) => {
+            let now = status(sup, n, s);
+            if **p == now { p.clone() } else { Arc::new(now) }
+        }
+        None => Arc::new(status(sup, n, s)),
+    }
 }
 
 fn us(t: std::time::SystemTime) -> u64 {

@@ -143,7 +143,7 @@ pub(super) struct Supervisor {
     pub container: Result<Arc<dyn Backend>, String>,
     pub container_engine: String,
     pub journal: Option<Arc<Journal>>,
-    pub slots: BTreeMap<String, Slot>,
+    pub slots: super::slots::Slots<Slot>,
     pub manifest_errors: Vec<ManifestError>,
     pub events: mpsc::UnboundedSender<Event>,
     pub runtime_tx: mpsc::UnboundedSender<RuntimeEvent>,
