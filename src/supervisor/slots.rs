@@ -56,9 +56,12 @@ impl<T> Slots<T> {
         self.map.remove(name)
     }
 
-    /// Whether `name` was touched since the last call for it (and clears the mark).
-    pub fn take_touched(&self, name: &str) -> bool {
-        self.touched.get(name).is_none_or(|t| t.replace(false))
+    /// Every slot in name order with whether it was touched since the last call (the marks
+    /// are cleared). Both maps hold the same names, so they are walked side by side.
+    pub fn take_marked(&self) -> impl Iterator<Item = (&String, &T, bool)> {
+        (self.map.iter())
+            .zip(self.touched.values())
+            .map(|((n, s), t)| (n, s, t.replace(false)))
     }
 }
 
@@ -66,21 +69,39 @@ impl<T> Slots<T> {
 mod tests {
     use super::*;
 
+    fn marks(s: &Slots<u32>) -> Vec<(String, bool)> {
+        s.take_marked().map(|(n, _, t)| (n.clone(), t)).collect()
+    }
+
+    fn m(a: bool, b: bool) -> Vec<(String, bool)> {
+        vec![("a".into(), a), ("b".into(), b)]
+    }
+
     #[test]
     fn every_way_to_change_a_slot_marks_it() {
         let mut s = Slots::<u32>::default();
-        assert!(s.take_touched("a"), "unknown: counts as touched");
-        s.insert("a".into(), 1);
         s.insert("b".into(), 2);
-        assert!(s.take_touched("a") && s.take_touched("b"));
-        assert!(!s.take_touched("a") && !s.take_touched("b"));
+        s.insert("a".into(), 1);
+        assert_eq!(marks(&s), m(true, true), "new: touched");
+        assert_eq!(marks(&s), m(false, false), "the marks are cleared");
         let _ = s.get("a");
-        assert!(!s.take_touched("a"), "a read does not mark");
-        let _ = s.get_mut("a");
-        assert!(s.take_touched("a") && !s.take_touched("b"));
+        assert_eq!(marks(&s), m(false, false), "a read does not mark");
+        if let Some(v) = s.get_mut("b") {
+            *v = 3;
+        }
+        let walked: Vec<_> = s
+            .take_marked()
+            .map(|(n, v, t)| (n.clone(), *v, t))
+            .collect();
+        assert_eq!(walked, [("a".into(), 1, false), ("b".into(), 3, true)]);
         s.values_mut().for_each(|_| {});
-        assert!(s.take_touched("a") && s.take_touched("b"));
+        assert_eq!(marks(&s), m(true, true));
         s.remove("a");
-        assert!(s.take_touched("a"));
+        s.insert("c".into(), 4);
+        let left: Vec<_> = s
+            .take_marked()
+            .map(|(n, v, t)| (n.clone(), *v, t))
+            .collect();
+        assert_eq!(left, [("b".into(), 3, false), ("c".into(), 4, true)]);
     }
 }
