@@ -6,6 +6,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
+mod kept;
+pub use kept::CgroupFiles;
+
 /// What to measure for one running module.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -137,49 +140,7 @@ fn cgroup_members(t: &Target, cgroups: &mut CgroupFiles) -> Option<Vec<(u32, u64
     let page = crate::procfs::page_size();
     Some(
         pids.into_iter()
-            .filter_map(|pid| Some((pid, crate::procfs::stat(pid)?.rss_pages * page)))
-            .collect(),
-    )
-}
-
-/// Where each main process's `cgroup.procs` is, kept from pass to pass: finding it costs a
-/// read of `/proc/PID/cgroup` and a lookup or two of deep /sys paths, for every unit at every
-/// pass, about half of an idle modvisord's work with 100 units. A kept path is trusted only
-/// while the file still lists the main process (the unit may have ended, and its PID been
-/// reused).
-#[derive(Debug, Default)]
-pub struct CgroupFiles {
-    files: HashMap<u32, PathBuf>,
-}
-
-impl CgroupFiles {
-    /// The processes in the cgroup of `main_pid`.
-    fn members(&mut self, main_pid: u32) -> Option<Vec<u32>> {
-        if let Some(f) = self.files.remove(&main_pid)
-            && let Some(pids) = read_pids(&f)
-            && pids.contains(&main_pid)
-        {
-            self.files.insert(main_pid, f);
-            return Some(pids);
-        }
-        let f = cgroup_procs_file(main_pid)?;
-        let pids = read_pids(&f)?;
-        self.files.insert(main_pid, f);
-        Some(pids)
-    }
-
-    /// Forgets the processes not sampled any more.
-    fn keep_only(&mut self, targets: &[Target]) {
-        self.files
-            .retain(|pid, _| targets.iter().any(|t| t.main_pid == *pid));
-    }
-}
-
-fn read_pids(f: &Path) -> Option<Vec<u32>> {
-    let text = crate::procfs::read_small(f, false)?;
-    Some(
-        text.split_whitespace()
-            .filter_map(|p| p.parse::<u32>().ok())
+            .filter_map(|pid| Some((pid, cgroups.rss_pages(pid)? * page)))
             .collect(),
     )
 }
@@ -354,11 +315,11 @@ pub fn sample_with(targets: &[Target], gpu: Option<&Gpu>, cgroups: &mut CgroupFi
     };
     out.gpus = gpu_rows;
     if targets.is_empty() && gpu_procs.is_empty() {
+        cgroups.keep_only(targets);
         return out;
     }
     // The pass over every process of the machine is made only for the targets whose cgroup
     // does not tell their processes (direct children, which share the daemon's).
-    cgroups.keep_only(targets);
     let members: Vec<Option<Vec<(u32, u64)>>> =
         targets.iter().map(|t| cgroup_members(t, cgroups)).collect();
     let all = members.iter().any(Option::is_none).then(AllProcs::scan);
@@ -407,6 +368,7 @@ pub fn sample_with(targets: &[Target], gpu: Option<&Gpu>, cgroups: &mut CgroupFi
         }
     }
     out.foreign.sort();
+    cgroups.keep_only(targets);
     out
 }
 
@@ -428,9 +390,10 @@ mod tests {
         if let Some(list) = cgroup_members(&t, &mut cg) {
             assert!(list.iter().any(|(p, rss)| *p == me && *rss > 0), "{list:?}");
             assert!(
-                cg.files.contains_key(&me),
-                "the path is kept for the next pass"
+                cg.procs.get(&me).is_some_and(|k| k.file.is_some()),
+                "the file is kept open for the next pass"
             );
+            assert!(cg.kept_stats() >= 1, "and the stat of each member");
         }
         let direct = Target {
             own_cgroup: false,
@@ -446,31 +409,62 @@ mod tests {
         let stale = dir.path().join("cgroup.procs");
         std::fs::write(&stale, "1\n2\n").expect("write");
         let mut cg = CgroupFiles::default();
-        cg.files.insert(me, stale.clone());
+        let by_path = |path: &std::path::Path| kept::Kept {
+            path: path.to_path_buf(),
+            file: None,
+        };
+        cg.procs.insert(me, by_path(&stale));
         let found = cg.members(me);
         assert_ne!(
             found,
             Some(vec![1, 2]),
             "the stale file's processes were taken"
         );
-        assert_ne!(cg.files.get(&me), Some(&stale));
+        assert_ne!(cg.procs.get(&me).map(|k| &k.path), Some(&stale));
         if let Some(pids) = found {
             assert!(pids.contains(&me), "{pids:?}");
         }
         let kept = dir.path().join("kept.procs");
         std::fs::write(&kept, format!("{me}\n")).expect("write");
-        cg.files.insert(me, kept.clone());
+        cg.procs.insert(me, by_path(&kept));
         assert_eq!(
             cg.members(me),
             Some(vec![me]),
             "a file that lists it is kept"
         );
-        assert_eq!(cg.files.get(&me), Some(&kept));
+        assert_eq!(cg.procs.get(&me).map(|k| &k.path), Some(&kept));
         cg.keep_only(&[]);
         assert!(
-            cg.files.is_empty(),
+            cg.procs.is_empty(),
             "processes not sampled any more are forgotten"
         );
+    }
+
+    #[test]
+    fn a_kept_stat_answers_for_its_process_only_and_the_budget_holds() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep");
+        let pid = child.id();
+        let mut cg = CgroupFiles::with_budget(1);
+        assert!(cg.rss_pages(pid).is_some());
+        assert_eq!(cg.kept_stats(), 1, "its stat is kept open");
+        let me = std::process::id();
+        assert!(cg.rss_pages(me).is_some(), "read by path beyond the budget");
+        assert_eq!(cg.kept_stats(), 1);
+        child.kill().expect("kill");
+        child.wait().expect("reaped");
+        // The kept file reads nothing once its process is gone (a process that reused the
+        // PID at once would be read by path, anew).
+        let again = cg.rss_pages(pid);
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            assert_eq!(again, None, "the reaped process was still read");
+            assert_eq!(cg.kept_stats(), 0);
+        }
+        cg.keep_only(&[]);
+        cg.keep_only(&[]);
+        assert_eq!(cg.kept_stats(), 0, "a process not seen in a pass is let go");
     }
 
     #[test]
