@@ -233,6 +233,13 @@ fn prepare_process(cfg: &Config) -> Result<(), DaemonError> {
     // units get LimitCORE=0): a core of an engine holds its model and its secrets.
     nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0)
         .map_err(|e| DaemonError::Setup(format!("set RLIMIT_CORE to 0: {e}")))?;
+    match crate::limits::raise_nofile() {
+        Ok((before, now)) if before < now => {
+            tracing::info!("open files: soft limit raised from {before} to {now}");
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("open files: the soft limit stays as it is: {e}"),
+    }
     tokio::spawn(async {
         if let Err(e) = crate::reaper::run().await {
             tracing::error!("reaper: {e}");

@@ -13,6 +13,7 @@ pub mod fdstore;
 pub mod health;
 pub mod host;
 pub mod journal;
+pub mod limits;
 pub mod logging;
 pub mod manifest;
 pub mod metrics;

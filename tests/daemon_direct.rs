@@ -100,6 +100,24 @@ async fn module_limits_show_core_zero_and_own_process_group() {
         .expect("core line");
     let f: Vec<&str> = core.split_whitespace().collect();
     assert_eq!((f[4], f[5]), ("0", "0"), "{core}");
+    // modvisord raised its own open-file limit; the engine got back the one it started with.
+    let nofile = |pid: u32| -> (String, String) {
+        let l = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+        let line = l
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .expect("open files line")
+            .to_string();
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f[3].to_string(), f[4].to_string())
+    };
+    let (soft, hard) = nofile(d.pid());
+    assert_eq!(soft, hard, "modvisord's soft limit is its hard one");
+    assert_eq!(
+        nofile(pid),
+        (common::SERVICE_NOFILE.to_string(), hard),
+        "the engine's"
+    );
     // Its own process group, led by itself.
     let pgid = nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid as i32))).expect("getpgid");
     assert_eq!(pgid.as_raw() as u32, pid);

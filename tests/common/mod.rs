@@ -16,6 +16,9 @@ use futures_util::StreamExt;
 use modvisor::dbus::client::{ManagerProxy, ModuleProxy};
 use zbus::Connection;
 
+/// The soft limit on open files systemd gives a service: test daemons start with it.
+pub const SERVICE_NOFILE: u64 = 1024;
+
 pub use bus::Bus;
 use zbus::proxy::CacheProperties;
 
@@ -129,6 +132,22 @@ impl Daemon {
             .stderr(log);
         for (k, v) in env {
             cmd.env(k, v);
+        }
+        // As systemd starts a service: a soft limit of 1024 open files (modvisord raises it
+        // for itself and gives its children this one back).
+        let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .expect("getrlimit");
+        let soft = SERVICE_NOFILE.min(hard);
+        // SAFETY: only setrlimit (async-signal-safe, no allocation) between fork and exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                nix::sys::resource::setrlimit(
+                    nix::sys::resource::Resource::RLIMIT_NOFILE,
+                    soft,
+                    hard,
+                )
+                .map_err(std::io::Error::from)
+            });
         }
         self.child = Some(cmd.spawn().expect("spawn modvisord"));
         let name = zbus::names::BusName::try_from("org.modvisor1").expect("name");

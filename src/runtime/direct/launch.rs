@@ -127,12 +127,15 @@ pub fn command(
             .env("HOME", &i.home);
     }
     let groups: Vec<libc::gid_t> = id.as_ref().map(|i| i.groups.clone()).unwrap_or_default();
+    let nofile = crate::limits::for_children();
     // std's uid()/gid() drop every supplementary group and `groups()` is not stable, so the
     // identity is applied here: setgroups, setgid, then setuid (which drops all capabilities).
-    // SAFETY: between fork and exec only async-signal-safe system calls are made (setgroups,
-    // setgid, setuid, prctl); `groups` was allocated before the fork and is only read.
+    // SAFETY: between fork and exec only async-signal-safe system calls are made (setrlimit,
+    // setgroups, setgid, setuid, prctl); `groups` was allocated before the fork and is only read.
     unsafe {
         cmd.pre_exec(move || {
+            // The open-file limit modvisord found, not the one it raised for itself.
+            crate::limits::restore_in_child(nofile)?;
             if let Some(i) = &id
                 && (libc::setgroups(groups.len(), groups.as_ptr()) != 0
                     || libc::setgid(i.gid) != 0
