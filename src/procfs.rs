@@ -43,10 +43,19 @@ pub fn stat(pid: u32) -> Option<Stat> {
 pub fn read_small(path: impl AsRef<std::path::Path>, one_line: bool) -> Option<String> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).ok()?;
+    read_chunks(|buf, _| f.read(buf), one_line)
+}
+
+/// A small file through `read(buf, offset)` (a plain read, or a `pread` from offset), in
+/// 2 KiB chunks, until it ends (or, `one_line`, once a chunk ends with a newline).
+pub fn read_chunks(
+    mut read: impl FnMut(&mut [u8], u64) -> std::io::Result<usize>,
+    one_line: bool,
+) -> Option<String> {
     let mut chunk = [0u8; 2048];
     let mut out = Vec::new();
     loop {
-        let n = match f.read(&mut chunk) {
+        let n = match read(&mut chunk, out.len() as u64) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,

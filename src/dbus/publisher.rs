@@ -349,13 +349,10 @@ impl Publisher {
                 continue;
             };
             let old = self.shown.props.get(name).cloned();
-            let told = old.as_ref().is_some_and(|o| Arc::ptr_eq(o, m));
-            if !(told && self.changed_told(name, m)) {
-                if announced && !told {
-                    self.announce_props(name, old.as_deref(), m, failed).await;
-                }
-                self.announce_change(name, m, failed).await;
+            if announced && !old.as_ref().is_some_and(|o| Arc::ptr_eq(o, m)) {
+                self.announce_props(name, old.as_deref(), m, failed).await;
             }
+            self.announce_change(name, m, failed).await;
         }
     }
 
@@ -387,7 +384,7 @@ impl Publisher {
         self.shown
             .changes
             .get(name)
-            .is_some_and(|(s, h, r)| (*s, *h) == (m.state, m.health) && *r == m.health_reason)
+            .is_some_and(|c| same_change(c, m))
     }
 
     /// PropertiesChanged with what changed since `old` (busy properties held back: see

@@ -79,11 +79,10 @@ impl CgroupFiles {
             }
             self.stats.remove(&pid);
         }
-        let path = format!("/proc/{pid}/stat");
         if !self.room() {
             return crate::procfs::stat(pid).map(|s| s.rss_pages);
         }
-        let f = File::open(path).ok()?;
+        let f = File::open(format!("/proc/{pid}/stat")).ok()?;
         let s = read_at_start(&f, true).and_then(|l| crate::procfs::parse(pid, &l))?;
         self.stats.insert(pid, f);
         Some(s.rss_pages)
@@ -120,19 +119,5 @@ fn pids_of(text: &str) -> Option<Vec<u32>> {
 
 /// A whole small file from its start with `pread` (a seq_file begins anew at offset 0).
 fn read_at_start(f: &File, one_line: bool) -> Option<String> {
-    let mut chunk = [0u8; 2048];
-    let mut out = Vec::new();
-    loop {
-        let n = match f.read_at(&mut chunk, out.len() as u64) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => return None,
-        };
-        out.extend_from_slice(&chunk[..n]);
-        if one_line && out.ends_with(b"\n") {
-            break;
-        }
-    }
-    String::from_utf8(out).ok()
+    crate::procfs::read_chunks(|buf, off| f.read_at(buf, off), one_line)
 }
