@@ -1,7 +1,7 @@
 //! Resource sampling: RAM per module from /proc (one pass for all modules), the machine's
 //! memory (/proc/meminfo), VRAM through NVML (nvml-wrapper). Everything here blocks: the supervisor
-//! calls [`sample`] from `spawn_blocking`, once per `monitor.interval`, and not at all when no
-//! module runs.
+//! calls [`sample_with`] from its sampling thread, once per `monitor.interval`, and not at all
+//! when no module runs.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};

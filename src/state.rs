@@ -143,6 +143,45 @@ impl ModuleCounters {
     }
 }
 
+impl ModuleStatus {
+    /// A running direct-backend module, for tests.
+    #[cfg(test)]
+    pub(crate) fn example(name: &str) -> ModuleStatus {
+        ModuleStatus {
+            name: name.into(),
+            description: "d".into(),
+            mode: "native".into(),
+            mode_reason: "native: the only mode of the module".into(),
+            backend: "direct".into(),
+            state: State::Running,
+            health: Health::Online,
+            health_reason: "running".into(),
+            unit: String::new(),
+            container_id: String::new(),
+            main_pid: 42,
+            memory_bytes: 1 << 20,
+            memory_max_bytes: 0,
+            vram_bytes: 0,
+            vram_by_gpu: Vec::new(),
+            restarts: 0,
+            active_model: String::new(),
+            since_us: 1,
+            manifest_path: "/m.toml".into(),
+            counters: Default::default(),
+            connections: 0,
+            last_activity_us: 0,
+            idle_stop_at_us: 0,
+            on_demand: false,
+            ram_peak_bytes: 0,
+            vram_peak_bytes: 0,
+            footprint_source: String::new(),
+            pinned: false,
+            priority: 0,
+            evictable: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Snapshot {
     /// Shared with the snapshot before when unchanged: an unchanged module costs a pointer
@@ -156,6 +195,10 @@ pub struct Snapshot {
     pub gpus: Vec<(u32, String, String, u64, u64)>,
     /// GPU processes that belong to no module: (pid, command, bytes).
     pub foreign_gpu_processes: Vec<(u32, String, u64)>,
+    /// How many runs the supervisor had started when it published this: a sampling pass
+    /// over this snapshot's modules may have seen the processes of runs started after it
+    /// without knowing they are a module's (not on D-Bus).
+    pub runs_started: u64,
 }
 
 impl Snapshot {

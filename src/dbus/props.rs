@@ -144,38 +144,7 @@ pub(crate) mod tests {
     use crate::state::State;
 
     pub(crate) fn status(name: &str) -> ModuleStatus {
-        ModuleStatus {
-            name: name.into(),
-            description: "d".into(),
-            mode: "native".into(),
-            mode_reason: "native: the only mode of the module".into(),
-            backend: "direct".into(),
-            state: State::Running,
-            health: Health::Online,
-            health_reason: "running".into(),
-            unit: String::new(),
-            container_id: String::new(),
-            main_pid: 42,
-            memory_bytes: 1 << 20,
-            memory_max_bytes: 0,
-            vram_bytes: 0,
-            vram_by_gpu: Vec::new(),
-            restarts: 0,
-            active_model: String::new(),
-            since_us: 1,
-            manifest_path: "/m.toml".into(),
-            counters: Default::default(),
-            connections: 0,
-            last_activity_us: 0,
-            idle_stop_at_us: 0,
-            on_demand: false,
-            ram_peak_bytes: 0,
-            vram_peak_bytes: 0,
-            footprint_source: String::new(),
-            pinned: false,
-            priority: 0,
-            evictable: false,
-        }
+        crate::state::ModuleStatus::example(name)
     }
 
     fn keys(m: &HashMap<&'static str, Variant<'static>>) -> Vec<&'static str> {

@@ -11,6 +11,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::module::{Exit, Input, Now, Started};
 use super::resources::Usage;
+use super::sampler::{Ask, Sampler};
+use super::sampling::AGAIN_AFTER;
 use super::table::{Event, RunSlot, Scans, Slot, Supervisor};
 use super::{Backends, Command, Found, Handle, OpError, Reply, ReplyId};
 use crate::config::Config;
@@ -36,6 +38,9 @@ pub fn spawn(
         by_module.entry(o.module.clone()).or_default().push((b, o));
     }
     let (state_tx, state_rx) = watch::channel(Arc::new(Snapshot::default()));
+    let gpu = gpu.ok();
+    let schedule = super::sampler::Schedule::new(cfg.monitor_interval, AGAIN_AFTER);
+    let sampler = Sampler::spawn(schedule, state_rx.clone(), gpu.clone(), events.clone());
     let (ready_tx, ready_rx) = oneshot::channel();
     let (signals, _) = tokio::sync::broadcast::channel(64);
     let sup = Supervisor {
@@ -51,13 +56,11 @@ pub fn spawn(
         state_tx,
         existing: by_module,
         signals: signals.clone(),
-        gpu: gpu.ok(),
-        cgroups: Default::default(),
+        gpu,
         gpu_error_logged: false,
-        sampling: false,
-        sample_wanted: watch::channel(false).0,
-        sample_again: false,
-        again_scheduled: false,
+        sampler,
+        sample_wanted: false,
+        sample_soon: false,
         runs_started: 0,
         machine_total: 0,
         gpus: Vec::new(),
@@ -93,7 +96,6 @@ impl Supervisor {
         self.publish();
         let _ = ready.send(());
         self.want_samples();
-        self.start_ticker();
         let mut shutdown: Option<oneshot::Sender<()>> = None;
         loop {
             tokio::select! {
@@ -157,45 +159,16 @@ impl Supervisor {
         }
     }
 
-    /// The `[monitor] interval` ticker: ticks only while there is something to sample, so an
-    /// idle daemon with nothing running is not woken at all. Its first tick after a pause is
-    /// a full interval later: a run that just started is sampled at once anyway
-    /// ([`Supervisor::sample_fresh`]).
-    fn start_ticker(&mut self) {
-        let tx = self.events.clone();
-        let period = self.cfg.monitor_interval;
-        let mut wanted = self.sample_wanted.subscribe();
-        self.tasks.spawn(async move {
-            loop {
-                if wanted.wait_for(|w| *w).await.is_err() {
-                    return;
-                }
-                let first = tokio::time::Instant::now() + period;
-                let mut t = tokio::time::interval_at(first, period);
-                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tokio::select! {
-                        _ = t.tick() => {
-                            if tx.send(Event::MemoryTick).is_err() {
-                                return;
-                            }
-                        }
-                        r = wanted.changed() => match r {
-                            Ok(()) if !*wanted.borrow_and_update() => break,
-                            Ok(()) => {}
-                            Err(_) => return,
-                        },
-                    }
-                }
-            }
-        });
-    }
-
-    /// Tells the ticker whether there is anything to sample.
+    /// Tells the sampler whether there is anything to sample, and asks for the pass owed to
+    /// modules that came up: after the publication, so that the pass sees them.
     fn want_samples(&mut self) {
         let wanted = self.gpu.is_some() || self.slots.values().any(|s| s.run.is_some());
-        self.sample_wanted
-            .send_if_modified(|w| std::mem::replace(w, wanted) != wanted);
+        if std::mem::replace(&mut self.sample_wanted, wanted) != wanted {
+            self.sampler.ask(Ask::Wanted(wanted));
+        }
+        if std::mem::take(&mut self.sample_soon) {
+            self.sampler.ask(Ask::Soon);
+        }
     }
 
     /// Direct children are stopped (they cannot outlive the daemon); units and containers
@@ -293,10 +266,6 @@ impl Supervisor {
                 handle,
                 fallback,
             } => self.started(name, generation, backend, handle, fallback),
-            Event::MemoryTick => {
-                self.again_scheduled = false;
-                self.memory_tick();
-            }
             Event::Scanned(res) => self.scanned(*res),
             Event::RestartChecked {
                 name,
@@ -314,13 +283,7 @@ impl Supervisor {
                     s.counters.observe_probe(seconds, ok);
                 }
             }
-            Event::Sample(s, started) => {
-                self.sampling = false;
-                self.sampled(*s, started);
-                if std::mem::take(&mut self.sample_again) {
-                    self.sample_soon();
-                }
-            }
+            Event::Sample(s, started) => self.sampled(*s, started),
             Event::Measured {
                 name,
                 generation,

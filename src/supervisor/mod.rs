@@ -33,6 +33,7 @@ mod reconcile;
 mod resources;
 pub mod restart;
 mod run;
+mod sampler;
 mod sampling;
 mod slots;
 mod snapshot;

@@ -1,13 +1,12 @@
-//! Resource sampling: one pass over /proc (and NVML) for all modules, off the actor, never
-//! overlapping; its figures become each module's usage and threshold warning.
+//! Resource sampling, the actor's side: a pass (sampler.rs, on its own thread) becomes each
+//! module's usage and threshold warning.
 
 use super::module::Input;
 use super::resources;
-use super::table::{Event, Supervisor};
-use crate::monitor::Target;
+use super::table::Supervisor;
 use crate::supervisor::MSG_FOREIGN_GPU;
 
-/// How long after a pass the pass owed to modules that came up meanwhile runs.
+/// How long after a pass the pass owed to modules that came up meanwhile runs (sampler.rs).
 pub(super) const AGAIN_AFTER: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl Supervisor {
@@ -15,76 +14,19 @@ impl Supervisor {
     /// is sampled at once while it has no figures, not at the next interval: no view shows
     /// 0 bytes for a running engine.
     pub(super) fn sample_fresh(&mut self, n: &str) {
-        let Some(s) = self.slots.get_mut(n) else {
+        let Some(s) = self.slots.get(n) else {
             return;
         };
         let pid = s.lc.main_pid();
-        let fresh = s.run.is_some() && s.usage.memory == 0 && pid > 1;
-        if fresh {
-            // At once, the main process alone (one small /proc read): a lower bound until the
-            // full pass below (its group or cgroup, and VRAM) lands.
-            if let Some(st) = crate::procfs::stat(pid) {
-                s.usage.memory = st.rss_pages * crate::procfs::page_size();
-            }
-            if self.sampling || self.again_scheduled {
-                self.sample_again = true;
-            } else {
-                self.memory_tick();
-            }
-        }
-    }
-
-    /// The pass owed to modules that came up while one was in flight, [`AGAIN_AFTER`] later:
-    /// hundreds of modules starting together are sampled a few times a second, not in
-    /// back-to-back passes over all of them.
-    pub(super) fn sample_soon(&mut self) {
-        if self.again_scheduled {
+        if s.run.is_none() || s.usage.memory != 0 || pid <= 1 {
             return;
         }
-        self.again_scheduled = true;
-        let tx = self.events.clone();
-        self.tasks.spawn(async move {
-            tokio::time::sleep(AGAIN_AFTER).await;
-            let _ = tx.send(Event::MemoryTick);
-        });
-    }
-
-    pub(super) fn memory_tick(&mut self) {
-        let targets: Vec<Target> = self
-            .slots
-            .iter()
-            .filter_map(|(n, s)| {
-                let r = s.run.as_ref()?;
-                let main_pid = s.lc.main_pid();
-                (main_pid > 1).then(|| Target {
-                    name: n.clone(),
-                    main_pid,
-                    // A direct child leads its own group; its PID arrives after the start.
-                    pgid: if r.handle.pgid > 1 || r.backend.kind() != "direct" {
-                        r.handle.pgid
-                    } else {
-                        main_pid as i32
-                    },
-                    // A unit or a container has a cgroup of its own; a direct child shares
-                    // the daemon's.
-                    own_cgroup: r.backend.kind() != "direct",
-                })
-            })
-            .collect();
-        // Nothing runs and no GPU to watch: sampling costs nothing.
-        if (targets.is_empty() && self.gpu.is_none()) || self.sampling {
-            return;
+        // At once, the main process alone (one small /proc read): a lower bound until the
+        // full pass (its group or cgroup, and VRAM) lands.
+        if let (Some(st), Some(s)) = (crate::procfs::stat(pid), self.slots.get_mut(n)) {
+            s.usage.memory = st.rss_pages * crate::procfs::page_size();
         }
-        self.sampling = true;
-        let tx = self.events.clone();
-        let gpu = self.gpu.clone();
-        let cgroups = self.cgroups.clone();
-        let started = self.runs_started;
-        self.tasks.spawn_blocking(move || {
-            let mut cgroups = cgroups.lock().unwrap_or_else(|e| e.into_inner());
-            let s = crate::monitor::sample_with(&targets, gpu.as_deref(), &mut cgroups);
-            let _ = tx.send(Event::Sample(Box::new(s), started));
-        });
+        self.sample_soon = true;
     }
 
     /// Applies one sample: figures, thresholds (degraded), GPUs, foreign processes.
@@ -94,7 +36,7 @@ impl Supervisor {
             // being known as a module's. Its foreign processes wait for the next pass (now).
             s.foreign.clone_from(&self.foreign);
             s.foreign_gpu.clone_from(&self.foreign_gpu);
-            self.sample_again = true;
+            self.sample_soon = true;
         }
         self.machine_total = s.machine_total;
         if !s.gpu_error.is_empty() && !self.gpu_error_logged {

@@ -36,6 +36,7 @@ pub(super) fn project(sup: &Supervisor, prev: &Snapshot) -> Snapshot {
         container_engine: sup.container_engine.clone(),
         gpus: sup.gpus.clone(),
         foreign_gpu_processes: sup.foreign.clone(),
+        runs_started: sup.runs_started,
     }
 }
 
@@ -50,6 +51,7 @@ pub(super) fn unchanged(cur: &Snapshot, new: &Snapshot) -> bool {
         container_engine,
         gpus,
         foreign_gpu_processes,
+        runs_started,
     } = new;
     cur.modules.len() == modules.len()
         && (cur.modules.iter().zip(modules)).all(|((a, x), (b, y))| a == b && Arc::ptr_eq(x, y))
@@ -58,6 +60,7 @@ pub(super) fn unchanged(cur: &Snapshot, new: &Snapshot) -> bool {
         && cur.container_engine == *container_engine
         && cur.gpus == *gpus
         && cur.foreign_gpu_processes == *foreign_gpu_processes
+        && cur.runs_started == *runs_started
 }
 
 /// One module's status: the one before when its slot was not touched since, else projected

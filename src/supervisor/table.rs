@@ -33,7 +33,6 @@ pub(super) enum Event {
         handle: RunHandle,
         fallback: Option<String>,
     },
-    MemoryTick,
     /// A sampling pass, and the number of runs started before it began.
     Sample(Box<crate::monitor::Sample>, u64),
     /// A RestartModule whose model was checked first (off the actor): None, or why not.
@@ -59,10 +58,7 @@ pub(super) enum Event {
         round: u8,
     },
     /// A start waiting for evictions has waited long enough: decide again now.
-    PendingDue {
-        name: String,
-        generation: u64,
-    },
+    PendingDue { name: String, generation: u64 },
 }
 
 /// Manifest scans: one at a time; replies wait for the scan that started after they asked.
@@ -150,18 +146,14 @@ pub(super) struct Supervisor {
     pub state_tx: watch::Sender<Arc<Snapshot>>,
     pub signals: tokio::sync::broadcast::Sender<ManagerSignal>,
     pub gpu: Option<Arc<crate::monitor::Gpu>>,
-    /// What sampling passes learned about the cgroups they read (passes never overlap).
-    pub cgroups: Arc<std::sync::Mutex<crate::monitor::CgroupFiles>>,
     pub gpu_error_logged: bool,
-    pub sampling: bool,
-    /// Whether there is anything to sample (a run, or a GPU to watch): the ticker sleeps
-    /// without a single wake-up while there is not.
-    pub sample_wanted: watch::Sender<bool>,
-    /// A module just came up with no figures yet: sample again once the pass in flight (if
-    /// any) is done, [`AGAIN_AFTER`](super::sampling::AGAIN_AFTER) after it.
-    pub sample_again: bool,
-    /// Such a pass is scheduled: more modules coming up wait for it.
-    pub again_scheduled: bool,
+    /// The sampling thread (sampler.rs).
+    pub sampler: super::sampler::Sampler,
+    /// Whether the sampler was last told there is anything to sample.
+    pub sample_wanted: bool,
+    /// A module came up with no figures yet: the sampler is asked for a pass once the
+    /// snapshot that shows it is published.
+    pub sample_soon: bool,
     /// Runs started so far: a sample that began before the latest start may have seen its
     /// engine's process without knowing it is a module's.
     pub runs_started: u64,
@@ -176,7 +168,7 @@ pub(super) struct Supervisor {
     pub existing: BTreeMap<String, Vec<Found>>,
     pub replies: HashMap<ReplyId, Reply<()>>,
     pub next_reply: ReplyId,
-    /// Helper tasks of the daemon itself (the sampling ticker, stops of unclaimed runs).
+    /// Helper tasks of the daemon itself (stops of unclaimed runs, footprint writes).
     pub tasks: tokio::task::JoinSet<()>,
     pub scan: Scans,
 }
