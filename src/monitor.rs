@@ -394,6 +394,11 @@ mod tests {
                 "the file is kept open for the next pass"
             );
             assert!(cg.kept_stats() >= 1, "and the stat of each member");
+            let (counted, kept) = cg.kept_open();
+            assert_eq!(counted, kept, "counted as kept");
+            assert!(cgroup_members(&t, &mut cg).is_some());
+            let (counted, kept) = cg.kept_open();
+            assert_eq!(counted, kept, "read again: still counted as kept");
         }
         let direct = Target {
             own_cgroup: false,
@@ -453,6 +458,7 @@ mod tests {
         let me = std::process::id();
         assert!(cg.rss_pages(me).is_some(), "read by path beyond the budget");
         assert_eq!(cg.kept_stats(), 1);
+        assert_eq!(cg.kept_open(), (1, 1), "the open files are counted as kept");
         child.kill().expect("kill");
         child.wait().expect("reaped");
         // The kept file reads nothing once its process is gone (a process that reused the
@@ -461,6 +467,7 @@ mod tests {
         if !Path::new(&format!("/proc/{pid}")).exists() {
             assert_eq!(again, None, "the reaped process was still read");
             assert_eq!(cg.kept_stats(), 0);
+            assert_eq!(cg.kept_open(), (0, 0), "a closed file is not counted");
         }
         cg.keep_only(&[]);
         cg.keep_only(&[]);

@@ -27,6 +27,9 @@ pub struct CgroupFiles {
     stats: HashMap<u32, File>,
     /// The processes read in the current pass (the others' files are closed after it).
     seen: HashSet<u32>,
+    /// Files kept open now (`procs` with a file, and `stats`): counted, not recounted at
+    /// each open, which made the first pass over 1,000 units quadratic.
+    open: usize,
     budget: usize,
 }
 
@@ -44,29 +47,43 @@ impl CgroupFiles {
             procs: HashMap::new(),
             stats: HashMap::new(),
             seen: HashSet::new(),
+            open: 0,
             budget,
         }
     }
 
     fn room(&self) -> bool {
-        self.procs.values().filter(|k| k.file.is_some()).count() + self.stats.len() < self.budget
+        self.open < self.budget
+    }
+
+    fn insert_procs(&mut self, main_pid: u32, k: Kept) {
+        self.open += usize::from(k.file.is_some());
+        if let Some(old) = self.procs.insert(main_pid, k) {
+            self.open -= usize::from(old.file.is_some());
+        }
+    }
+
+    fn remove_procs(&mut self, main_pid: u32) -> Option<Kept> {
+        let k = self.procs.remove(&main_pid)?;
+        self.open -= usize::from(k.file.is_some());
+        Some(k)
     }
 
     /// The processes in the cgroup of `main_pid`. A kept file is trusted only while it
     /// still lists the main process (the unit may have ended, and its PID been reused).
     pub(super) fn members(&mut self, main_pid: u32) -> Option<Vec<u32>> {
-        if let Some(k) = self.procs.remove(&main_pid)
+        if let Some(k) = self.remove_procs(main_pid)
             && let Some(pids) = read_kept(&k).as_deref().and_then(pids_of)
             && pids.contains(&main_pid)
         {
-            self.procs.insert(main_pid, k);
+            self.insert_procs(main_pid, k);
             return Some(pids);
         }
         let path = super::cgroup_procs_file(main_pid)?;
         let file = self.room().then(|| File::open(&path).ok()).flatten();
         let k = Kept { path, file };
         let pids = read_kept(&k).as_deref().and_then(pids_of)?;
-        self.procs.insert(main_pid, k);
+        self.insert_procs(main_pid, k);
         Some(pids)
     }
 
@@ -78,27 +95,37 @@ impl CgroupFiles {
                 return Some(s.rss_pages);
             }
             self.stats.remove(&pid);
+            self.open -= 1;
         }
         if !self.room() {
             return crate::procfs::stat(pid).map(|s| s.rss_pages);
         }
         let f = File::open(format!("/proc/{pid}/stat")).ok()?;
         let s = read_at_start(&f, true).and_then(|l| crate::procfs::parse(pid, &l))?;
-        self.stats.insert(pid, f);
+        if self.stats.insert(pid, f).is_none() {
+            self.open += 1;
+        }
         Some(s.rss_pages)
     }
 
     /// After a pass: forgets the targets not sampled any more and the processes not seen.
     pub(super) fn keep_only(&mut self, targets: &[Target]) {
-        self.procs
-            .retain(|pid, _| targets.iter().any(|t| t.main_pid == *pid));
+        let sampled: HashSet<u32> = targets.iter().map(|t| t.main_pid).collect();
+        self.procs.retain(|pid, _| sampled.contains(pid));
         let seen = std::mem::take(&mut self.seen);
         self.stats.retain(|pid, _| seen.contains(pid));
+        self.open = self.procs.values().filter(|k| k.file.is_some()).count() + self.stats.len();
     }
 
     #[cfg(test)]
     pub(super) fn kept_stats(&self) -> usize {
         self.stats.len()
+    }
+
+    #[cfg(test)]
+    pub(super) fn kept_open(&self) -> (usize, usize) {
+        let counted = self.procs.values().filter(|k| k.file.is_some()).count() + self.stats.len();
+        (self.open, counted)
     }
 }
 
