@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use super::serve::{Claim, claims};
-use super::trust::{Opened, open_manifest};
+use super::trust::{Opened, Walked, open_manifest, open_manifest_in};
 use super::{Containment, ManifestError, Module, ServeAddr, parse_manifest_with};
 
 /// The winning file for a manifest stem.
@@ -98,12 +98,13 @@ pub fn load_dirs_with(dirs: &[PathBuf], check_trust: bool, rules: &Containment) 
     let found = scan_dirs(dirs, &mut res.errors);
     let mut owner: BTreeMap<String, PathBuf> = BTreeMap::new();
     let mut bound = Bound::default();
+    let mut walked = Walked::default();
     for (stem, src) in found {
         let fail = |res: &mut LoadResult, e: ManifestError| {
             res.errors.push(e);
             res.broken_stems.insert(stem.clone());
         };
-        let bytes = match open_manifest(&src.path, check_trust) {
+        let bytes = match open_manifest_in(&mut walked, &src.path, check_trust) {
             Ok(Opened::Mask) => {
                 res.masked.push(src.path);
                 continue;
