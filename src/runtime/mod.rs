@@ -219,6 +219,8 @@ pub trait Backend: Send + Sync {
     fn unit_for(&self, _req: &RunRequest) -> String {
         String::new()
     }
+    /// Starts a run. Called on a blocking thread inside the runtime: it may fork, look
+    /// users up or check files, and spawn tasks.
     fn start(
         &self,
         req: RunRequest,

@@ -294,9 +294,10 @@ struct UnitEnv {
     host: sandbox::Host,
 }
 
-/// The blocking checks before a transient unit (identity, secret files, devices), off the
-/// supervisor actor; logs a warning for a root engine.
-async fn prepare_unit(
+/// The blocking checks before a transient unit (identity, secret files, devices); logs a
+/// warning for a root engine. Blocking: [`SystemdBackend::start`] runs it on the blocking
+/// thread it is called on, [`prepare_unit`] on one of its own.
+fn prepare_now(
     req: &RunRequest,
     kind: ManagerKind,
     state: &std::path::Path,
@@ -304,10 +305,7 @@ async fn prepare_unit(
     let Exec::Native(NativeExec::Command { privileges, .. }) = &req.exec else {
         return Err("not a native command".into());
     };
-    let p = privileges.clone();
-    let host = tokio::task::spawn_blocking(move || sandbox::prepare(&p, kind))
-        .await
-        .map_err(|e| format!("preparing the unit: {e}"))??;
+    let host = sandbox::prepare(privileges, kind)?;
     if privileges.runs_as_root() {
         tracing::warn!(modvisor_module = %req.name, "{} runs as root (user = \"root\" in its manifest): a crafted model would run code as root", req.name);
     }
@@ -316,6 +314,19 @@ async fn prepare_unit(
         state: state.to_path_buf(),
         host,
     })
+}
+
+/// [`prepare_now`] off the runtime, for a unit created again (it existed) or not prepared at
+/// the start (adoption was expected).
+async fn prepare_unit(
+    req: &RunRequest,
+    kind: ManagerKind,
+    state: &std::path::Path,
+) -> Result<UnitEnv, String> {
+    let (req, state) = (req.clone(), state.to_path_buf());
+    tokio::task::spawn_blocking(move || prepare_now(&req, kind, &state))
+        .await
+        .map_err(|e| format!("preparing the unit: {e}"))?
 }
 
 const SYSTEMD: &str = "org.freedesktop.systemd1";
@@ -732,7 +743,13 @@ async fn read_or_gone(sh: &Shared, path: &str, name: &str, last: &UnitStatus) ->
 }
 
 /// Starts (or adopts) the run's unit, then follows it.
-async fn run_unit(sh: Arc<Shared>, req: RunRequest, unit: String, run: Run) {
+async fn run_unit(
+    sh: Arc<Shared>,
+    req: RunRequest,
+    unit: String,
+    run: Run,
+    mut prepared: Option<Result<UnitEnv, String>>,
+) {
     let path = unit_path(&unit);
     // Subscribe before looking or starting, so that no change falls between the two.
     let changes = sh.signals.subscribe(&path);
@@ -740,7 +757,7 @@ async fn run_unit(sh: Arc<Shared>, req: RunRequest, unit: String, run: Run) {
         Exec::Native(NativeExec::Unit(_)) => launch_unit(&sh, &req, &unit, &run.stop_asked).await,
         Exec::Container(_) => Err("containers are not run by systemd".into()),
         Exec::Native(NativeExec::Command { .. }) => {
-            launch_transient(&sh, &req, &unit, &run.stop_asked).await
+            launch_transient(&sh, &req, &unit, &run.stop_asked, &mut prepared).await
         }
     };
     // A stop that came while the unit was being made found nothing to stop: stop it now (the
@@ -806,6 +823,7 @@ async fn launch_transient(
     req: &RunRequest,
     unit: &str,
     stop: &super::StopAsked,
+    prepared: &mut Option<Result<UnitEnv, String>>,
 ) -> Result<Launch, String> {
     let hash = spec_hash(req, sh.kind);
     let port_busy = req.guard_port.as_deref().is_some_and(super::port_in_use);
@@ -813,7 +831,7 @@ async fn launch_transient(
         if stop.asked() {
             return Ok(Launch::Abandoned);
         }
-        match create_transient(sh, req, unit, &hash).await {
+        match create_transient(sh, req, unit, &hash, prepared.take()).await {
             Err(CreateError::Start(_, e))
                 if calls::error_name(&e).as_deref() == Some(UNIT_EXISTS) =>
             {
@@ -861,7 +879,7 @@ async fn replace_transient(
             "{addr} is already in use by another process: not starting a second copy"
         ));
     }
-    create_transient(sh, req, unit, hash)
+    create_transient(sh, req, unit, hash, None)
         .await
         .map(Launch::Started)
         .map_err(|e| e.to_string())
@@ -873,10 +891,13 @@ async fn create_transient(
     req: &RunRequest,
     unit: &str,
     hash: &str,
+    prepared: Option<Result<UnitEnv, String>>,
 ) -> Result<Option<Sequence>, CreateError> {
-    let unit_env = prepare_unit(req, sh.kind, &sh.state)
-        .await
-        .map_err(CreateError::Prepare)?;
+    let unit_env = match prepared {
+        Some(r) => r,
+        None => prepare_unit(req, sh.kind, &sh.state).await,
+    }
+    .map_err(CreateError::Prepare)?;
     sh.start_transient(unit, || {
         SystemdBackend::transient_properties(req, hash, &sh.owner, &unit_env)
     })
@@ -942,7 +963,13 @@ impl Backend for SystemdBackend {
             ends_final: matches!(req.exec, Exec::Native(NativeExec::Command { .. }))
                 && req.restart.policy.as_str() == "no",
         };
-        tokio::spawn(run_unit(self.sh.clone(), req, unit, run));
+        // A unit about to be created is prepared here, on the blocking thread this is called
+        // on: 200 modules starting together used to wait for every start's hop through the
+        // blocking pool before the first preparation (a second hop) could run.
+        let prepared = (matches!(req.exec, Exec::Native(NativeExec::Command { .. }))
+            && !req.found_at_start)
+            .then(|| prepare_now(&req, self.sh.kind, &self.sh.state));
+        tokio::spawn(run_unit(self.sh.clone(), req, unit, run, prepared));
         Ok(handle)
     }
 

@@ -375,7 +375,11 @@ async fn run_start(
     tokio::task::spawn_blocking(move || {
         // The model is checked again before every start: a member may have swapped it.
         check.run()?;
-        if let Err(err) = std::fs::create_dir_all(&state_dir) {
+        // Looked at first: `mkdir` takes the parent directory's lock even when the directory
+        // exists, and hundreds of starts at once queued on it.
+        if !state_dir.is_dir()
+            && let Err(err) = std::fs::create_dir_all(&state_dir)
+        {
             tracing::warn!(modvisor_module = %req.name, "cannot create {}: {err}", state_dir.display());
         }
         backend.start(req, events).map_err(|e| e.to_string())
