@@ -26,6 +26,28 @@ impl Identity {
 /// Looks the engine's user (default `modvisor-engine`) and group up. Refuses a name other than
 /// "root" that resolves to uid 0: running as root must be written as `user = "root"`.
 pub fn resolve(p: &Privileges) -> Result<Identity, String> {
+    let (user, gid) = user_and_group(p)?;
+    let name = p.user_name();
+    let cname = std::ffi::CString::new(name).map_err(|_| format!("bad user name {name}"))?;
+    let groups = nix::unistd::getgrouplist(&cname, gid)
+        .map_err(|e| format!("looking up the groups of {name}: {e}"))?;
+    Ok(Identity {
+        user: name.to_string(),
+        uid: user.uid.as_raw(),
+        gid: gid.as_raw(),
+        groups: groups.into_iter().map(Gid::as_raw).collect(),
+        home: user.dir.display().to_string(),
+    })
+}
+
+/// What [`resolve`] refuses, without the supplementary groups: for a unit, systemd looks
+/// those up itself when it starts the engine. (`getgrouplist` was the costliest lookup of a
+/// start: glibc asks every NSS source, and systemd's walks its userdb directories.)
+pub fn check(p: &Privileges) -> Result<(), String> {
+    user_and_group(p).map(|_| ())
+}
+
+fn user_and_group(p: &Privileges) -> Result<(User, Gid), String> {
     let name = p.user_name();
     let user = User::from_name(name)
         .map_err(|e| format!("looking up user {name}: {e}"))?
@@ -52,16 +74,7 @@ pub fn resolve(p: &Privileges) -> Result<Identity, String> {
                 .gid
         }
     };
-    let cname = std::ffi::CString::new(name).map_err(|_| format!("bad user name {name}"))?;
-    let groups = nix::unistd::getgrouplist(&cname, gid)
-        .map_err(|e| format!("looking up the groups of {name}: {e}"))?;
-    Ok(Identity {
-        user: name.to_string(),
-        uid: user.uid.as_raw(),
-        gid: gid.as_raw(),
-        groups: groups.into_iter().map(Gid::as_raw).collect(),
-        home: user.dir.display().to_string(),
-    })
+    Ok((user, gid))
 }
 
 #[cfg(test)]
@@ -86,5 +99,24 @@ mod tests {
                 .unwrap_err()
                 .contains("no-such-user-xyz (native.user) does not exist")
         );
+    }
+
+    #[test]
+    fn check_refuses_what_resolve_refuses() {
+        let cases = [
+            (Some("root"), None, true),
+            (Some("no-such-user-xyz"), None, false),
+            (Some("root"), Some("no-such-group-xyz"), false),
+            (Some("root"), Some("root"), true),
+        ];
+        for (user, group, ok) in cases {
+            let p = Privileges {
+                user: user.map(Into::into),
+                group: group.map(Into::into),
+                ..Privileges::default()
+            };
+            assert_eq!(check(&p).is_ok(), ok, "{user:?} {group:?}");
+            assert_eq!(check(&p).err(), resolve(&p).err(), "{user:?} {group:?}");
+        }
     }
 }

@@ -233,11 +233,11 @@ fn secrets(p: &Privileges) -> Vec<(&'static str, Option<OwnedVariant>)> {
     v
 }
 
-/// Checks done before `StartTransientUnit` (blocking: NSS and files; run in spawn_blocking).
+/// Checks done before `StartTransientUnit` (blocking: NSS and files; run off the runtime).
 /// Returns what the properties need from the host.
 pub fn prepare(p: &Privileges, mgr: ManagerKind) -> Result<Host, String> {
     if mgr.can_switch_users() {
-        crate::privileges::resolve(p)?;
+        crate::privileges::check(p)?;
     } else if p.user.is_some() {
         return Err(format!(
             "{} cannot run units as user {}: native.user needs a system manager",
