@@ -40,7 +40,10 @@ pub fn spawn(
     let (state_tx, state_rx) = watch::channel(Arc::new(Snapshot::default()));
     let gpu = gpu.ok();
     let schedule = super::sampler::Schedule::new(cfg.monitor_interval, AGAIN_AFTER);
-    let sampler = Sampler::spawn(schedule, state_rx.clone(), gpu.clone(), events.clone());
+    let to_actor = events.clone();
+    let deliver =
+        Box::new(move |s, started| to_actor.send(Event::Sample(Box::new(s), started)).is_ok());
+    let sampler = Sampler::spawn(schedule, state_rx.clone(), gpu.clone(), deliver);
     let (ready_tx, ready_rx) = oneshot::channel();
     let (signals, _) = tokio::sync::broadcast::channel(64);
     let sup = Supervisor {

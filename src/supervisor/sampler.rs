@@ -15,10 +15,9 @@ use std::sync::Arc;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc::UnboundedSender, watch};
+use tokio::sync::watch;
 
-use super::table::Event;
-use crate::monitor::{CgroupFiles, Gpu, Target};
+use crate::monitor::{CgroupFiles, Gpu, Sample, Target};
 use crate::state::Snapshot;
 
 /// What the actor asks of the thread.
@@ -91,6 +90,10 @@ impl Schedule {
     }
 }
 
+/// Where a pass goes, with the runs started before it: false once nobody takes passes any
+/// more (the thread then ends).
+pub(super) type Deliver = Box<dyn Fn(Sample, u64) -> bool + Send>;
+
 /// The actor's side: asks go to the thread, which ends when this is dropped.
 pub(super) struct Sampler {
     tx: Option<mpsc::Sender<Ask>>,
@@ -103,12 +106,12 @@ impl Sampler {
         schedule: Schedule,
         state: watch::Receiver<Arc<Snapshot>>,
         gpu: Option<Arc<Gpu>>,
-        events: UnboundedSender<Event>,
+        deliver: Deliver,
     ) -> Sampler {
         let (tx, rx) = mpsc::channel();
         let spawned = std::thread::Builder::new()
             .name("modvisor-sample".into())
-            .spawn(move || run(schedule, rx, state, gpu, events));
+            .spawn(move || run(schedule, rx, state, gpu, deliver));
         match spawned {
             Ok(_) => Sampler { tx: Some(tx) },
             Err(e) => {
@@ -130,7 +133,7 @@ fn run(
     rx: mpsc::Receiver<Ask>,
     state: watch::Receiver<Arc<Snapshot>>,
     gpu: Option<Arc<Gpu>>,
-    events: UnboundedSender<Event>,
+    deliver: Deliver,
 ) {
     let mut cgroups = CgroupFiles::default();
     loop {
@@ -147,10 +150,7 @@ fn run(
                 let targets = targets(&snap);
                 if !targets.is_empty() || gpu.is_some() {
                     let s = crate::monitor::sample_with(&targets, gpu.as_deref(), &mut cgroups);
-                    if events
-                        .send(Event::Sample(Box::new(s), snap.runs_started))
-                        .is_err()
-                    {
+                    if !deliver(s, snap.runs_started) {
                         return;
                     }
                 }
