@@ -364,40 +364,22 @@ fn host(enc: &mut DescriptorEncoder, s: &Snapshot, me: SelfStats) -> fmt::Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::ModuleCounters;
 
     fn module(name: &str, state: State, health: Health) -> ModuleStatus {
         ModuleStatus {
-            name: name.into(),
             description: String::new(),
-            mode: "native".into(),
             mode_reason: "preferred".into(),
-            backend: "direct".into(),
             state,
             health,
             health_reason: "GET http://127.0.0.1:1/health: HTTP 503 \"quoted\"".into(),
-            unit: String::new(),
-            container_id: String::new(),
             main_pid: 4242,
-            memory_bytes: 1 << 20,
-            memory_max_bytes: 0,
             vram_bytes: 3 << 20,
             vram_by_gpu: vec![(0, 3 << 20)],
             restarts: 2,
             active_model: "/srv/models/tiny.gguf".into(),
             since_us: 0,
             manifest_path: "/etc/modvisor/modules.d/x.toml".into(),
-            counters: ModuleCounters::default(),
-            connections: 0,
-            last_activity_us: 0,
-            idle_stop_at_us: 0,
-            on_demand: false,
-            ram_peak_bytes: 0,
-            vram_peak_bytes: 0,
-            footprint_source: String::new(),
-            pinned: false,
-            priority: 0,
-            evictable: false,
+            ..ModuleStatus::example(name)
         }
     }
 

@@ -114,7 +114,12 @@ impl CgroupFiles {
         self.procs.retain(|pid, _| sampled.contains(pid));
         let seen = std::mem::take(&mut self.seen);
         self.stats.retain(|pid, _| seen.contains(pid));
-        self.open = self.procs.values().filter(|k| k.file.is_some()).count() + self.stats.len();
+        self.open = self.count_open();
+    }
+
+    /// The kept files, counted one by one.
+    fn count_open(&self) -> usize {
+        self.procs.values().filter(|k| k.file.is_some()).count() + self.stats.len()
     }
 
     #[cfg(test)]
@@ -124,8 +129,7 @@ impl CgroupFiles {
 
     #[cfg(test)]
     pub(super) fn kept_open(&self) -> (usize, usize) {
-        let counted = self.procs.values().filter(|k| k.file.is_some()).count() + self.stats.len();
-        (self.open, counted)
+        (self.open, self.count_open())
     }
 }
 

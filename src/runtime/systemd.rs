@@ -748,7 +748,7 @@ async fn run_unit(
     req: RunRequest,
     unit: String,
     run: Run,
-    mut prepared: Option<Result<UnitEnv, String>>,
+    prepared: Option<Result<UnitEnv, String>>,
 ) {
     let path = unit_path(&unit);
     // Subscribe before looking or starting, so that no change falls between the two.
@@ -757,7 +757,7 @@ async fn run_unit(
         Exec::Native(NativeExec::Unit(_)) => launch_unit(&sh, &req, &unit, &run.stop_asked).await,
         Exec::Container(_) => Err("containers are not run by systemd".into()),
         Exec::Native(NativeExec::Command { .. }) => {
-            launch_transient(&sh, &req, &unit, &run.stop_asked, &mut prepared).await
+            launch_transient(&sh, &req, &unit, &run.stop_asked, prepared).await
         }
     };
     // A stop that came while the unit was being made found nothing to stop: stop it now (the
@@ -823,7 +823,7 @@ async fn launch_transient(
     req: &RunRequest,
     unit: &str,
     stop: &super::StopAsked,
-    prepared: &mut Option<Result<UnitEnv, String>>,
+    prepared: Option<Result<UnitEnv, String>>,
 ) -> Result<Launch, String> {
     let hash = spec_hash(req, sh.kind);
     let port_busy = req.guard_port.as_deref().is_some_and(super::port_in_use);
@@ -831,7 +831,7 @@ async fn launch_transient(
         if stop.asked() {
             return Ok(Launch::Abandoned);
         }
-        match create_transient(sh, req, unit, &hash, prepared.take()).await {
+        match create_transient(sh, req, unit, &hash, prepared).await {
             Err(CreateError::Start(_, e))
                 if calls::error_name(&e).as_deref() == Some(UNIT_EXISTS) =>
             {

@@ -11,8 +11,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::module::{Exit, Input, Now, Started};
 use super::resources::Usage;
-use super::sampler::{Ask, Sampler};
-use super::sampling::AGAIN_AFTER;
+use super::sampler::{AGAIN_AFTER, Ask, Sampler};
 use super::table::{Event, RunSlot, Scans, Slot, Supervisor};
 use super::{Backends, Command, Found, Handle, OpError, Reply, ReplyId};
 use crate::config::Config;

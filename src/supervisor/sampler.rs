@@ -20,6 +20,9 @@ use tokio::sync::watch;
 use crate::monitor::{CgroupFiles, Gpu, Sample, Target};
 use crate::state::Snapshot;
 
+/// How long after a pass the pass owed to modules that came up meanwhile runs.
+pub(super) const AGAIN_AFTER: Duration = Duration::from_millis(250);
+
 /// What the actor asks of the thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Ask {

@@ -6,9 +6,6 @@ use super::resources;
 use super::table::Supervisor;
 use crate::supervisor::MSG_FOREIGN_GPU;
 
-/// How long after a pass the pass owed to modules that came up meanwhile runs (sampler.rs).
-pub(super) const AGAIN_AFTER: std::time::Duration = std::time::Duration::from_millis(250);
-
 impl Supervisor {
     /// A run whose process is known (started, or its PID reported) or that reached `running`
     /// is sampled at once while it has no figures, not at the next interval: no view shows
