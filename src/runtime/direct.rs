@@ -21,7 +21,7 @@ use std::time::Duration;
 use nix::sys::signal::{Signal, killpg};
 use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
 use nix::unistd::Pid;
-use tokio::io::AsyncRead;
+use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, watch};
 
 use super::{
@@ -150,8 +150,19 @@ fn signal_group(pgid: i32, sig: Signal) {
 
 /// Forwards a pipe line by line, in bounded chunks (lines split at 64 KiB): a module writing
 /// without newlines cannot grow modvisord.
-async fn forward<R: AsyncRead + Unpin>(r: R, sink: OutputSink, stream: Stream) {
+async fn forward(r: pipe::Receiver, sink: OutputSink, stream: Stream) {
     crate::bounded::forward_lines(r, |line| sink.line(stream, line)).await;
+}
+
+/// A child's output pipe as a readiness-driven receiver (read only when there is output).
+fn receiver(fd: std::io::Result<std::os::fd::OwnedFd>) -> Option<pipe::Receiver> {
+    match fd.and_then(pipe::Receiver::from_owned_fd) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::warn!("cannot read an engine's output: {e}");
+            None
+        }
+    }
 }
 
 impl DirectBackend {
@@ -188,84 +199,142 @@ struct Launch {
     exited: watch::Sender<bool>,
 }
 
-impl Launch {
+/// What the end of a run reports, and to whom.
+struct Ending {
+    name: String,
+    generation: u64,
+    events: mpsc::UnboundedSender<RuntimeEvent>,
+    exited: watch::Sender<bool>,
+}
+
+impl Ending {
     fn end(self, info: ExitInfo) {
         let _ = self.exited.send(true);
         let _ = self.events.send(RuntimeEvent::Exited {
-            name: self.req.name.clone(),
-            generation: self.req.generation,
+            name: self.name,
+            generation: self.generation,
             info,
         });
     }
 }
 
+/// A spawned child and what goes when it has ended.
+struct Spawned {
+    pid: u32,
+    child: tokio::process::Child,
+    pid_file: Option<PathBuf>,
+    credentials: Option<PathBuf>,
+    forwarders: Vec<tokio::task::JoinHandle<()>>,
+}
+
 /// The life of one direct child: prepare (blocking, off the actor), spawn, report the PID,
-/// await the exit on a pidfd, kill the group, reap.
-async fn run(l: Launch, backend_record: impl FnOnce(u32) -> Option<PathBuf> + Send) {
+/// await the exit on a pidfd, kill the group, reap. The start (the request, the command, its
+/// preparation) is on the heap only while it runs: the task that waits for the exit for as
+/// long as the engine runs holds what the end needs.
+fn run(
+    l: Launch,
+    backend_record: impl FnOnce(u32) -> Option<PathBuf> + Send + 'static,
+) -> impl Future<Output = ()> + Send + 'static {
+    let Launch {
+        req,
+        cred_dir,
+        state,
+        events,
+        exited,
+    } = l;
+    let ending = Ending {
+        name: req.name.clone(),
+        generation: req.generation,
+        events: events.clone(),
+        exited,
+    };
+    let starting = Box::pin(spawn_run(
+        req,
+        cred_dir,
+        state.clone(),
+        events,
+        backend_record,
+    ));
+    async move {
+        let s = match starting.await {
+            Ok(s) => s,
+            Err(info) => return ending.end(info),
+        };
+        let info = wait_kill_reap(s.pid, &state).await;
+        // The Child is only dropped once reaped: tokio never waits for it.
+        drop(s.child);
+        reaper::forget(s.pid);
+        if let Some(f) = s.pid_file {
+            let _ = std::fs::remove_file(f);
+        }
+        remove_credentials(s.credentials.as_deref());
+        drain(s.forwarders).await;
+        ending.end(info);
+    }
+}
+
+/// Prepares and spawns the child, forwards its output and reports its PID.
+async fn spawn_run(
+    req: RunRequest,
+    cred_dir: Option<PathBuf>,
+    state: Arc<Mutex<RunState>>,
+    events: mpsc::UnboundedSender<RuntimeEvent>,
+    backend_record: impl FnOnce(u32) -> Option<PathBuf> + Send,
+) -> Result<Spawned, ExitInfo> {
     let Exec::Native(NativeExec::Command {
         argv,
         environment,
         working_directory,
         privileges,
-    }) = l.req.exec.clone()
+    }) = &req.exec
     else {
-        return l.end(ExitInfo::Other("not a native command".into()));
+        return Err(ExitInfo::Other("not a native command".into()));
     };
-    let (name, cred_dir) = (l.req.name.clone(), l.cred_dir.clone());
-    let p2 = privileges.clone();
+    let (name, p2) = (req.name.clone(), privileges.clone());
     let prep =
         tokio::task::spawn_blocking(move || launch::prepare(&name, &p2, cred_dir.as_deref()))
             .await
             .unwrap_or_else(|e| Err(format!("preparing the start: {e}")));
-    let prep = match prep {
-        Ok(p) => p,
-        Err(why) => {
-            tracing::error!(modvisor_module = %l.req.name, "not starting {}: {why}", l.req.name);
-            return l.end(ExitInfo::Refused(why));
-        }
-    };
+    let prep = prep.map_err(|why| {
+        tracing::error!(modvisor_module = %req.name, "not starting {}: {why}", req.name);
+        ExitInfo::Refused(why)
+    })?;
     if privileges.runs_as_root() && prep.identity.as_ref().is_some_and(|i| i.is_root()) {
-        tracing::warn!(modvisor_module = %l.req.name, "{} runs as root (user = \"root\" in its manifest): a crafted model would run code as root", l.req.name);
+        tracing::warn!(modvisor_module = %req.name, "{} runs as root (user = \"root\" in its manifest): a crafted model would run code as root", req.name);
     }
     let mut cmd = launch::command(
-        &argv,
-        &environment,
+        argv,
+        environment,
         working_directory.as_deref(),
-        &l.req.name,
+        &req.name,
         &prep,
         privileges.sandbox.no_new_privileges,
     );
-    let mut child = match spawn_locked(&l.state, &mut cmd, &argv[0]) {
-        Ok(c) => c,
-        Err(why) => {
-            remove_credentials(prep.credentials.as_deref());
-            return l.end(ExitInfo::Refused(why));
-        }
-    };
+    let mut child = spawn_locked(&state, &mut cmd, &argv[0]).map_err(|why| {
+        remove_credentials(prep.credentials.as_deref());
+        ExitInfo::Refused(why)
+    })?;
     let pid = child.id().unwrap_or(0);
     let pid_file = backend_record(pid);
-    let forwarders = forward_output(&mut child, &l.req.sink);
+    let forwarders = forward_output(&mut child, &req.sink);
     if let Some(i) = &prep.identity {
-        tracing::info!(modvisor_module = %l.req.name, "started pid {pid} as {} (uid {})", i.user, i.uid);
+        tracing::info!(modvisor_module = %req.name, "started pid {pid} as {} (uid {})", i.user, i.uid);
     }
-    let _ = l.events.send(RuntimeEvent::Status {
-        name: l.req.name.clone(),
-        generation: l.req.generation,
+    let _ = events.send(RuntimeEvent::Status {
+        name: req.name.clone(),
+        generation: req.generation,
         main_pid: pid,
         restarts: None,
         phase: RunPhase::Running,
         container_id: None,
     });
-    let info = wait_kill_reap(pid, &l.state).await;
-    // The Child is only dropped once reaped: tokio never waits for it.
-    drop(child);
-    reaper::forget(pid);
-    if let Some(f) = pid_file {
-        let _ = std::fs::remove_file(f);
-    }
-    remove_credentials(prep.credentials.as_deref());
-    drain(forwarders).await;
-    l.end(info);
+    Ok(Spawned {
+        pid,
+        child,
+        pid_file,
+        credentials: prep.credentials,
+        forwarders,
+    })
 }
 
 /// Forwards the child's stdout and stderr to the module's sink, a task each.
@@ -274,10 +343,18 @@ fn forward_output(
     sink: &OutputSink,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::new();
-    if let Some(out) = child.stdout.take() {
+    if let Some(out) = child
+        .stdout
+        .take()
+        .and_then(|o| receiver(o.into_owned_fd()))
+    {
         tasks.push(tokio::spawn(forward(out, sink.clone(), Stream::Stdout)));
     }
-    if let Some(err) = child.stderr.take() {
+    if let Some(err) = child
+        .stderr
+        .take()
+        .and_then(|e| receiver(e.into_owned_fd()))
+    {
         tasks.push(tokio::spawn(forward(err, sink.clone(), Stream::Stderr)));
     }
     tasks
