@@ -639,8 +639,9 @@ async fn follow(sh: Arc<Shared>, unit: String, run: Run, mut changes: Subscripti
     loop {
         let st = match (next.take(), after.take()) {
             (Some(st), _) => st,
-            (None, Some(at)) => first_picture(&sh, &path, &run, &mut changes, at).await,
-            (None, None) => read_or_gone(&sh, &path, &run.name, &last).await,
+            // Once per run, and rarely: on the heap while they last, not in the task.
+            (None, Some(at)) => Box::pin(first_picture(&sh, &path, &run, &mut changes, at)).await,
+            (None, None) => Box::pin(read_or_gone(&sh, &path, &run.name, &last)).await,
         };
         if st != last {
             tracing::debug!(modvisor_module = %run.name, "{unit}: {} {} result={} pid={} restarts={} job={}", st.active_state, st.sub_state, st.result, st.main_pid, st.n_restarts, st.job_pending);
@@ -713,16 +714,19 @@ async fn next_picture(
     last: &UnitStatus,
     ends_final: bool,
 ) -> Option<Option<UnitStatus>> {
-    let mut cur = last.clone();
+    // Copied from `last` at the first change, not held while nothing changes.
+    let mut cur: Option<Box<UnitStatus>> = None;
     loop {
         let first = changes.changed().await?;
+        let now = cur.get_or_insert_with(|| Box::new(last.clone()));
         let batch: Vec<_> = std::iter::once(first).chain(changes.pending()).collect();
-        let applied = payload::apply_all(&mut cur, batch.iter().map(|c| &**c));
+        let applied = payload::apply_all(now, batch.iter().map(|c| &**c));
         if applied.reread {
             return Some(None);
         }
         if applied.unit_changed {
-            return Some(payload::enough(&cur, ends_final).then_some(cur));
+            let enough = payload::enough(now, ends_final);
+            return Some(cur.filter(|_| enough).map(|b| *b));
         }
     }
 }
@@ -742,38 +746,56 @@ async fn read_or_gone(sh: &Shared, path: &str, name: &str, last: &UnitStatus) ->
     }
 }
 
-/// Starts (or adopts) the run's unit, then follows it.
-async fn run_unit(
+/// Starts (or adopts) the run's unit, then follows it. The launch (the request, the calls'
+/// futures) is on the heap only while it runs: the task that then follows the unit for as long
+/// as it runs holds what following needs, not 3.8 KiB of a start long done.
+fn run_unit(
     sh: Arc<Shared>,
     req: RunRequest,
     unit: String,
     run: Run,
     prepared: Option<Result<UnitEnv, String>>,
-) {
-    let path = unit_path(&unit);
+) -> impl Future<Output = ()> + Send + 'static {
     // Subscribe before looking or starting, so that no change falls between the two.
-    let changes = sh.signals.subscribe(&path);
-    let launched = match &req.exec {
-        Exec::Native(NativeExec::Unit(_)) => launch_unit(&sh, &req, &unit, &run.stop_asked).await,
+    let changes = sh.signals.subscribe(&unit_path(&unit));
+    let stop = run.stop_asked.clone();
+    let launching = Box::pin(launch(sh.clone(), req, unit.clone(), stop, prepared));
+    async move {
+        let launched = launching.await;
+        // A stop that came while the unit was being made found nothing to stop: stop it now
+        // (the follow below sees it end).
+        if matches!(launched, Ok(Launch::Started(_)))
+            && run.stop_asked.asked()
+            && let Err(e) = Box::pin(sh.stop_unit(&unit)).await
+        {
+            tracing::warn!("StopUnit {unit}: {e}");
+        }
+        match launched {
+            Ok(Launch::Left(now)) => follow(sh, unit, run, changes, First::Known(now)).await,
+            Ok(Launch::Started(Some(at))) => follow(sh, unit, run, changes, First::After(at)).await,
+            Ok(Launch::Started(None)) => follow(sh, unit, run, changes, First::Read).await,
+            Ok(Launch::Abandoned) => {
+                run.fail_with(ExitInfo::Other("stopped before it started".into()))
+            }
+            Err(why) => run.fail(why),
+        }
+    }
+}
+
+/// Makes the run's unit: an existing unit, or a transient one.
+async fn launch(
+    sh: Arc<Shared>,
+    req: RunRequest,
+    unit: String,
+    stop: super::StopAsked,
+    prepared: Option<Result<UnitEnv, String>>,
+) -> Result<Launch, String> {
+    match &req.exec {
+        Exec::Native(NativeExec::Unit(_)) => launch_unit(&sh, &req, &unit, &stop).await,
         Exec::Container(_) => Err("containers are not run by systemd".into()),
         Exec::Native(NativeExec::Command { .. }) => {
-            launch_transient(&sh, &req, &unit, &run.stop_asked, prepared).await
+            launch_transient(&sh, &req, &unit, &stop, prepared).await
         }
-    };
-    // A stop that came while the unit was being made found nothing to stop: stop it now (the
-    // follow below sees it end).
-    if matches!(launched, Ok(Launch::Started(_)))
-        && run.stop_asked.asked()
-        && let Err(e) = sh.stop_unit(&unit).await
-    {
-        tracing::warn!("StopUnit {unit}: {e}");
-    }
-    match launched {
-        Ok(Launch::Left(now)) => follow(sh, unit, run, changes, First::Known(now)).await,
-        Ok(Launch::Started(Some(at))) => follow(sh, unit, run, changes, First::After(at)).await,
-        Ok(Launch::Started(None)) => follow(sh, unit, run, changes, First::Read).await,
-        Ok(Launch::Abandoned) => run.fail_with(ExitInfo::Other("stopped before it started".into())),
-        Err(why) => run.fail(why),
     }
 }
 
