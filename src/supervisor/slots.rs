@@ -10,9 +10,11 @@ use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::ops::Deref;
 
-/// The table of [`Slot`](super::table::Slot)s (generic for its tests).
+/// The table of [`Slot`](super::table::Slot)s (generic for its tests). A slot is boxed: the
+/// tree's nodes then hold names and pointers (a node of eleven 2.4 KiB slots inline was
+/// 27 KiB, mostly empty, about half again the slots' own size).
 pub(super) struct Slots<T> {
-    map: BTreeMap<String, T>,
+    map: BTreeMap<String, Box<T>>,
     /// Per module: touched since the last projection.
     touched: BTreeMap<String, Cell<bool>>,
 }
@@ -27,7 +29,7 @@ impl<T> Default for Slots<T> {
 }
 
 impl<T> Deref for Slots<T> {
-    type Target = BTreeMap<String, T>;
+    type Target = BTreeMap<String, Box<T>>;
     fn deref(&self) -> &Self::Target {
         &self.map
     }
@@ -38,22 +40,22 @@ impl<T> Slots<T> {
         if let Some(t) = self.touched.get(name) {
             t.set(true);
         }
-        self.map.get_mut(name)
+        self.map.get_mut(name).map(|b| &mut **b)
     }
 
     pub fn values_mut(&mut self) -> impl Iterator<Item = &mut T> {
         self.touched.values().for_each(|t| t.set(true));
-        self.map.values_mut()
+        self.map.values_mut().map(|b| &mut **b)
     }
 
     pub fn insert(&mut self, name: String, slot: T) -> Option<T> {
         self.touched.insert(name.clone(), Cell::new(true));
-        self.map.insert(name, slot)
+        self.map.insert(name, Box::new(slot)).map(|b| *b)
     }
 
     pub fn remove(&mut self, name: &str) -> Option<T> {
         self.touched.remove(name);
-        self.map.remove(name)
+        self.map.remove(name).map(|b| *b)
     }
 
     /// Every slot in name order with whether it was touched since the last call (the marks
@@ -61,7 +63,7 @@ impl<T> Slots<T> {
     pub fn take_marked(&self) -> impl Iterator<Item = (&String, &T, bool)> {
         (self.map.iter())
             .zip(self.touched.values())
-            .map(|((n, s), t)| (n, s, t.replace(false)))
+            .map(|((n, s), t)| (n, &**s, t.replace(false)))
     }
 }
 
