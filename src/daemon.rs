@@ -141,17 +141,32 @@ async fn native_backend(cfg: &Config) -> Result<Arc<dyn Backend>, DaemonError> {
     Ok(Arc::new(direct))
 }
 
-/// The model store's pulls; the fetcher child is this executable (`modvisord --fetch`).
+/// The model store's pulls; the fetcher child is `modvisor-fetch` (see [`fetcher_path`]).
 fn model_puller(cfg: &Config) -> Result<Arc<crate::store::Puller>, DaemonError> {
     let exe = std::env::current_exe()
         .map_err(|e| DaemonError::Setup(format!("find our own executable: {e}")))?;
-    // After a package upgrade replaced the binary, the new one serves --fetch just as well.
+    // After a package upgrade replaced the binary, its directory is still the package's.
     let exe = match exe.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
         Some(s) => PathBuf::from(s),
         None => exe,
     };
+    let fetcher = fetcher_path(&exe);
+    tracing::debug!("model fetcher: {}", fetcher.display());
     let store = crate::store::Store::new(crate::store::Settings::from_config(cfg));
-    Ok(crate::store::Puller::new(Arc::new(store), exe))
+    Ok(crate::store::Puller::new(Arc::new(store), fetcher))
+}
+
+/// Where `modvisor-fetch` is, from where modvisord is: beside it (a build tree), else in
+/// `../libexec/modvisor/` (the package: /usr/bin -> /usr/libexec/modvisor). Both are as trusted
+/// as modvisord's own directory. When neither exists, the first: a pull's error names it.
+pub fn fetcher_path(daemon: &Path) -> PathBuf {
+    let dir = daemon.parent().unwrap_or(Path::new("/"));
+    let beside = dir.join(crate::store::FETCHER);
+    let libexec = dir.join("../libexec/modvisor").join(crate::store::FETCHER);
+    if !beside.exists() && libexec.exists() {
+        return libexec;
+    }
+    beside
 }
 
 /// Sends WATCHDOG=1 at half the watchdog interval, but only while the supervisor answers.
@@ -384,5 +399,29 @@ async fn serve_until_signal(handle: &Handle, sig: &mut Signals) -> &'static str 
                 notify(&[NotifyState::Status(&s)]);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod fetcher_tests {
+    use super::fetcher_path;
+
+    #[test]
+    fn the_fetcher_is_beside_the_daemon_else_in_libexec() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let bin = root.path().join("bin");
+        let libexec = root.path().join("libexec/modvisor");
+        std::fs::create_dir_all(&bin).expect("mkdir");
+        std::fs::create_dir_all(&libexec).expect("mkdir");
+        let daemon = bin.join("modvisord");
+        // Neither: the first place, which a pull's error then names.
+        assert_eq!(fetcher_path(&daemon), bin.join("modvisor-fetch"));
+        std::fs::write(libexec.join("modvisor-fetch"), "").expect("write");
+        assert_eq!(
+            fetcher_path(&daemon),
+            bin.join("../libexec/modvisor/modvisor-fetch")
+        );
+        std::fs::write(bin.join("modvisor-fetch"), "").expect("write");
+        assert_eq!(fetcher_path(&daemon), bin.join("modvisor-fetch"));
     }
 }

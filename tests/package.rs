@@ -34,6 +34,7 @@ fn the_deb_installs_where_the_contract_says_and_verifies() {
     for f in [
         "/usr/bin/modvisord",
         "/usr/bin/modvisorctl",
+        "/usr/libexec/modvisor/modvisor-fetch",
         "/usr/lib/systemd/system/modvisord.service",
         "/usr/share/dbus-1/system.d/org.modvisor1.conf",
         "/usr/lib/sysusers.d/modvisor.conf",
@@ -46,6 +47,12 @@ fn the_deb_installs_where_the_contract_says_and_verifies() {
     ] {
         assert!(Path::new(f).exists(), "{f} is installed");
     }
+    // The installed daemon finds the installed fetcher (not one beside it).
+    let fetcher = modvisor::daemon::fetcher_path(Path::new("/usr/bin/modvisord"));
+    assert_eq!(
+        std::fs::canonicalize(&fetcher).expect("the fetcher modvisord looks for"),
+        PathBuf::from("/usr/libexec/modvisor/modvisor-fetch")
+    );
     assert!(
         Path::new("/etc/modvisor/modules.d").is_dir(),
         "postinst creates the admin's manifest directory"

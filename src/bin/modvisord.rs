@@ -7,10 +7,6 @@ use modvisor::cli::DaemonArgs as Args;
 const BLOCKING_THREADS: usize = 8;
 
 fn main() -> ExitCode {
-    // The model fetcher child (unprivileged; see store/fetcher.rs), not a daemon.
-    if std::env::args().nth(1).as_deref() == Some("--fetch") {
-        return modvisor::store::fetcher::main();
-    }
     // The listening sockets systemd kept for us across a restart, taken before any thread
     // runs (the LISTEN_* variables are removed, so engines do not inherit them).
     // SAFETY: no other thread exists yet.

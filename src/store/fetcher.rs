@@ -1,4 +1,4 @@
-//! The fetcher: a child process (`modvisord --fetch`) that runs as an unprivileged user and
+//! The fetcher: a child process (`modvisor-fetch`, a binary of its own) that runs as an unprivileged user and
 //! does everything that touches remote data: registry manifests, HTTP, writing the bytes,
 //! parsing the GGUF headers of what it downloaded. It writes only `*.part` files into the one
 //! directory it is given (owned by its user); modvisord takes them over without trusting that
@@ -26,7 +26,7 @@ use super::wire::{Msg, PlanFile, Request, Wire, emit, part_name};
 /// Files downloaded at once within one pull.
 const PARALLEL: usize = 3;
 const MAX_MANIFEST: usize = 1 << 20;
-/// The entry point of `modvisord --fetch`.
+/// The entry point of `modvisor-fetch`.
 pub fn main() -> ExitCode {
     let mut line = String::new();
     if std::io::stdin().lock().read_line(&mut line).is_err() {

@@ -3,7 +3,7 @@
 //! | file        | one job                                                              |
 //! |-------------|----------------------------------------------------------------------|
 //! | source.rs   | parsing and checking sources (`ollama:`, `https://…#sha256=`)         |
-//! | fetcher.rs  | the unprivileged child that talks to the network (`modvisord --fetch`)|
+//! | fetcher.rs  | the unprivileged child that talks to the network (`modvisor-fetch`)  |
 //! | pull.rs     | jobs: one per model, quota, verification, moving files into place    |
 //! | adopt.rs    | taking a fetcher's file over through a checked descriptor (no paths) |
 //! | hf.rs       | the Hugging Face source in the fetcher (and why not the hf-hub crate)|
@@ -31,6 +31,10 @@ use sha2::{Digest, Sha256};
 
 pub use pull::{Job, JobState, JobStatus, PullOptions, Puller};
 pub use source::Source;
+
+/// The fetcher's executable (src/bin/modvisor-fetch.rs): beside modvisord, or in
+/// `../libexec/modvisor/` from it.
+pub const FETCHER: &str = "modvisor-fetch";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {

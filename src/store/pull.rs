@@ -112,7 +112,7 @@ struct Fetched {
 }
 
 impl Puller {
-    /// `fetcher`: the executable that serves `--fetch` (modvisord itself).
+    /// `fetcher`: the `modvisor-fetch` executable.
     pub fn new(store: Arc<Store>, fetcher: PathBuf) -> Arc<Puller> {
         Arc::new(Puller {
             store,
@@ -312,7 +312,8 @@ impl Puller {
     ) -> Result<Fetched, Option<StoreError>> {
         let failed = |m: String| Some(StoreError::Failed(m));
         let wire = req.source.clone();
-        let mut child = spawn_fetcher(&self.fetcher, user).map_err(|e| failed(e.to_string()))?;
+        let mut child = spawn_fetcher(&self.fetcher, user)
+            .map_err(|e| failed(format!("cannot start {}: {e}", self.fetcher.display())))?;
         let pid = child.id();
         let r = tokio::select! {
             r = self.converse(&mut child, &req, &wire, o, tx) => r,
@@ -544,8 +545,7 @@ fn prepare_dirs(root: &Path, part: &Path, user: Option<(u32, u32)>) -> Result<()
 fn spawn_fetcher(exe: &Path, user: Option<(u32, u32)>) -> std::io::Result<tokio::process::Child> {
     use std::process::Stdio;
     let mut cmd = tokio::process::Command::new(exe);
-    cmd.arg("--fetch")
-        .env_clear()
+    cmd.env_clear()
         .env("PATH", "/usr/bin:/bin")
         .current_dir("/")
         .stdin(Stdio::piped())

@@ -1,4 +1,4 @@
-//! What modvisord and its fetcher (`modvisord --fetch`) say to each other.
+//! What modvisord and its fetcher (`modvisor-fetch`) say to each other.
 //!
 //! Protocol, one JSON object per line: modvisord writes a [`Request`]; the fetcher answers
 //! [`Msg::Plan`], waits for `go` (anything else or EOF: it stops), then sends
