@@ -7,6 +7,15 @@ use modvisor::cli::DaemonArgs as Args;
 const BLOCKING_THREADS: usize = 8;
 
 fn main() -> ExitCode {
+    // One malloc arena: a thread's own arena (glibc makes up to 8 per core) keeps what the
+    // start of hundreds of modules freed scattered in its pages; with one, VmRSS with 100
+    // modules is 0.3 MiB lower. The daemon's threads mostly wait, and each has glibc's
+    // per-thread cache for small blocks, so they rarely meet on the arena's lock.
+    // SAFETY: no other thread exists yet.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
     // The listening sockets systemd kept for us across a restart, taken before any thread
     // runs (the LISTEN_* variables are removed, so engines do not inherit them).
     // SAFETY: no other thread exists yet.
