@@ -617,7 +617,7 @@ fn final_exit(st: &UnitStatus, last: &UnitStatus) -> ExitInfo {
 /// How [`follow`] learns the unit's state first.
 enum First {
     /// Just read, and nothing was done to the unit since (adopted or observed).
-    Known(UnitStatus),
+    Known(Box<UnitStatus>),
     /// Started; the reply came at this position: its changes after it, or a read.
     After(Sequence),
     /// Read it.
@@ -638,7 +638,7 @@ async fn follow(sh: Arc<Shared>, unit: String, run: Run, mut changes: Subscripti
     };
     loop {
         let st = match (next.take(), after.take()) {
-            (Some(st), _) => st,
+            (Some(st), _) => *st,
             // Once per run, and rarely: on the heap while they last, not in the task.
             (None, Some(at)) => Box::pin(first_picture(&sh, &path, &run, &mut changes, at)).await,
             (None, None) => Box::pin(read_or_gone(&sh, &path, &run.name, &last)).await,
@@ -713,7 +713,7 @@ async fn next_picture(
     changes: &mut Subscription,
     last: &UnitStatus,
     ends_final: bool,
-) -> Option<Option<UnitStatus>> {
+) -> Option<Option<Box<UnitStatus>>> {
     // Copied from `last` at the first change, not held while nothing changes.
     let mut cur: Option<Box<UnitStatus>> = None;
     loop {
@@ -726,7 +726,7 @@ async fn next_picture(
         }
         if applied.unit_changed {
             let enough = payload::enough(now, ends_final);
-            return Some(cur.filter(|_| enough).map(|b| *b));
+            return Some(cur.filter(|_| enough));
         }
     }
 }
@@ -802,7 +802,7 @@ async fn launch(
 /// What a launch did to the unit.
 enum Launch {
     /// Nothing: it runs as it should (adopted, or an existing unit observed), as read.
-    Left(UnitStatus),
+    Left(Box<UnitStatus>),
     /// Started (or replaced), its reply at this position of the connection's stream (None:
     /// unknown): its state comes from its first changes after that, or a read.
     Started(Option<Sequence>),
@@ -823,7 +823,7 @@ async fn launch_unit(
     }
     if is_running(&now) {
         tracing::info!(modvisor_module = %req.name, "{unit} is already running (pid {}): observing it, not starting a second copy", now.main_pid);
-        return Ok(Launch::Left(now));
+        return Ok(Launch::Left(Box::new(now)));
     }
     if let Some(addr) = req.guard_port.as_deref().filter(|a| super::port_in_use(a)) {
         return Err(format!(
@@ -885,7 +885,7 @@ async fn replace_transient(
         .any(|e| e == &format!("MODVISOR_SPEC={hash}"));
     if is_running(&now) && ours {
         tracing::info!(modvisor_module = %req.name, "adopted {unit} (pid {}), already running with the same spec", now.main_pid);
-        return Ok(Launch::Left(now));
+        return Ok(Launch::Left(Box::new(now)));
     }
     if is_running(&now) {
         tracing::info!(modvisor_module = %req.name, "{unit} runs an older spec: replacing it");

@@ -207,7 +207,14 @@ impl Supervisor {
         let (tx, rtx, name) = (self.events.clone(), self.runtime_tx.clone(), n.to_string());
         let check = ModelCheck::of(s.lc.module(), mode, model);
         self.spawn_for(n, async move {
-            let r = run_start(backend.clone(), req, rtx, state_dir, check).await;
+            let job = Box::new(StartJob {
+                backend: backend.clone(),
+                req,
+                events: rtx,
+                state_dir,
+                check,
+            });
+            let r = run_start(job).await;
             let ev = match r {
                 Ok(handle) => Event::Started {
                     name,
@@ -365,14 +372,26 @@ impl Supervisor {
 
 /// Creates the module's state directory and starts the backend, off the actor (a start may
 /// fork, look up the port it will listen on, or talk to systemd).
-async fn run_start(
+/// What a start takes to the blocking pool. Boxed: the task that carries it holds a pointer
+/// until it is done, and the task's memory (kept while the module holds its abort handle) is
+/// a few words, not the request.
+struct StartJob {
     backend: Arc<dyn Backend>,
     req: RunRequest,
     events: tokio::sync::mpsc::UnboundedSender<crate::runtime::RuntimeEvent>,
     state_dir: PathBuf,
     check: ModelCheck,
-) -> Result<crate::runtime::RunHandle, String> {
+}
+
+async fn run_start(job: Box<StartJob>) -> Result<crate::runtime::RunHandle, String> {
     tokio::task::spawn_blocking(move || {
+        let StartJob {
+            backend,
+            req,
+            events,
+            state_dir,
+            check,
+        } = *job;
         // The model is checked again before every start: a member may have swapped it.
         check.run()?;
         // Looked at first: `mkdir` takes the parent directory's lock even when the directory
