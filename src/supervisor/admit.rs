@@ -134,6 +134,17 @@ impl Supervisor {
         if !self.cfg.admission.enabled || !s.found.is_empty() {
             return self.start(n, generation, model, Vec::new());
         }
+        // Without GPUs, what is free is one read of /proc/meminfo, which the kernel makes up
+        // from its counters (no disk, no waiting): read here, where a round through the
+        // blocking pool and back cost two thread wake-ups before every start.
+        if self.gpu.is_none() {
+            let (mem_available, _) = crate::monitor::free_memory(None);
+            let live = Live {
+                mem_available,
+                gpus: Vec::new(),
+            };
+            return self.measured(n, generation, model, live, 0);
+        }
         self.measure(n, generation, model, None, Duration::ZERO);
     }
 
