@@ -31,6 +31,40 @@ fn the_deb_installs_where_the_contract_says_and_verifies() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    assert_files_installed();
+    assert!(
+        Path::new("/etc/modvisor/modules.d").is_dir(),
+        "postinst creates the admin's manifest directory"
+    );
+    let group = Command::new("getent")
+        .args(["group", "modvisor"])
+        .output()
+        .expect("getent");
+    assert!(group.status.success(), "postinst creates group modvisor");
+    assert_units_verify();
+    // The installed default config is valid and is the contract's defaults.
+    let c = modvisor::config::Config::load(Some(Path::new("/etc/modvisor/modvisor.toml")))
+        .expect("installed config parses");
+    assert_eq!(c.state, PathBuf::from("/var/lib/modvisor"));
+    // The installed tools work: the examples validate, the man page renders.
+    let out = Command::new("/usr/bin/modvisorctl")
+        .args(["validate", "/usr/share/doc/modvisor/examples"])
+        .output()
+        .expect("validate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new("/usr/bin/modvisord")
+        .arg("--version")
+        .output()
+        .expect("version");
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+/// Every file the package ships where the contract says, and the daemon finding its fetcher.
+fn assert_files_installed() {
     for f in [
         "/usr/bin/modvisord",
         "/usr/bin/modvisorctl",
@@ -53,16 +87,10 @@ fn the_deb_installs_where_the_contract_says_and_verifies() {
         std::fs::canonicalize(&fetcher).expect("the fetcher modvisord looks for"),
         PathBuf::from("/usr/libexec/modvisor/modvisor-fetch")
     );
-    assert!(
-        Path::new("/etc/modvisor/modules.d").is_dir(),
-        "postinst creates the admin's manifest directory"
-    );
-    let group = Command::new("getent")
-        .args(["group", "modvisor"])
-        .output()
-        .expect("getent");
-    assert!(group.status.success(), "postinst creates group modvisor");
-    // Every unit file shipped passes systemd-analyze verify.
+}
+
+/// Every unit file shipped passes systemd-analyze verify.
+fn assert_units_verify() {
     let units: Vec<PathBuf> =
         std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("units"))
             .expect("units/")
@@ -84,23 +112,4 @@ fn the_deb_installs_where_the_contract_says_and_verifies() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    // The installed default config is valid and is the contract's defaults.
-    let c = modvisor::config::Config::load(Some(Path::new("/etc/modvisor/modvisor.toml")))
-        .expect("installed config parses");
-    assert_eq!(c.state, PathBuf::from("/var/lib/modvisor"));
-    // The installed tools work: the examples validate, the man page renders.
-    let out = Command::new("/usr/bin/modvisorctl")
-        .args(["validate", "/usr/share/doc/modvisor/examples"])
-        .output()
-        .expect("validate");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = Command::new("/usr/bin/modvisord")
-        .arg("--version")
-        .output()
-        .expect("version");
-    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
 }

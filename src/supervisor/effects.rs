@@ -1,12 +1,12 @@
 //! Carrying out the machines' effects: backends, probes, timers, model I/O, journal lookups.
 //! Everything that can take time runs in a task whose result comes back as an input.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::module::{Effect, Input, Timer};
-use super::table::{Event, Supervisor};
+use super::table::{Event, Slot, Supervisor};
 use super::{MSG_MODEL_ACTIVATION, MSG_STATE_CHANGED};
 use crate::health;
 use crate::journal::OutputSink;
@@ -166,11 +166,53 @@ impl Supervisor {
             Err(why) => return back(fail(why)),
         };
         let state_dir = self.state_dir(n);
-        let m = s.lc.module();
-        let Some(mut exec) = m.render(mode, &state_dir, model.as_deref()) else {
-            return back(fail(format!("the manifest has no [{mode}] section")));
+        let found_here = s.found.iter().any(|(b, _)| b.kind() == backend.kind());
+        let mut req =
+            match self.run_request(n, s, generation, mode, &state_dir, model.as_deref(), &gpus) {
+                Ok(req) => req,
+                Err(why) => return back(fail(why)),
+            };
+        req.found_at_start = found_here;
+        let fallback = decision.fallback.then(|| decision.reason.clone());
+        let Some(s) = self.slots.get_mut(n) else {
+            return;
         };
-        exec.place_gpus(&gpus);
+        s.decision = decision;
+        s.output_start = req.sink.seq();
+        s.sink = Some(req.sink.clone());
+        // A run left in another backend than the one chosen now would be a second copy.
+        for (b, o) in std::mem::take(&mut s.found) {
+            if b.kind() != backend.kind() {
+                tokio::spawn(b.stop_unit(&o.id));
+            }
+        }
+        let job = Box::new(StartJob {
+            backend,
+            req,
+            events: self.runtime_tx.clone(),
+            state_dir,
+            check: ModelCheck::of(s.lc.module(), mode, model),
+        });
+        self.spawn_start(n, generation, job, fallback);
+    }
+
+    /// What to run for `n`: its rendered exec (GPUs placed), output sink and limits.
+    #[allow(clippy::too_many_arguments)]
+    fn run_request(
+        &self,
+        n: &str,
+        s: &Slot,
+        generation: u64,
+        mode: Mode,
+        state_dir: &Path,
+        model: Option<&Path>,
+        gpus: &[u32],
+    ) -> Result<RunRequest, String> {
+        let m = s.lc.module();
+        let Some(mut exec) = m.render(mode, state_dir, model) else {
+            return Err(format!("the manifest has no [{mode}] section"));
+        };
+        exec.place_gpus(gpus);
         let sink = OutputSink::new(
             n,
             self.journal.clone(),
@@ -178,8 +220,7 @@ impl Supervisor {
             self.cfg.module_log_max_bytes,
         )
         .continuing(s.sink.as_ref());
-        let found_here = s.found.iter().any(|(b, _)| b.kind() == backend.kind());
-        let req = RunRequest {
+        Ok(RunRequest {
             name: n.to_string(),
             generation,
             description: m.description.clone(),
@@ -188,34 +229,24 @@ impl Supervisor {
             stop_timeout: m.stop_timeout,
             memory_max: m.resources.memory_max,
             guard_port: m.health.probe.as_ref().and_then(|p| p.address()),
-            sink: sink.clone(),
-            found_at_start: found_here,
-        };
-        let fallback = decision.fallback.then(|| decision.reason.clone());
-        let Some(s) = self.slots.get_mut(n) else {
-            return;
-        };
-        s.decision = decision;
-        s.output_start = sink.seq();
-        s.sink = Some(sink);
-        // A run left in another backend than the one chosen now would be a second copy.
-        for (b, o) in std::mem::take(&mut s.found) {
-            if b.kind() != backend.kind() {
-                tokio::spawn(b.stop_unit(&o.id));
-            }
-        }
-        let (tx, rtx, name) = (self.events.clone(), self.runtime_tx.clone(), n.to_string());
-        let check = ModelCheck::of(s.lc.module(), mode, model);
+            sink,
+            // Set by the caller, which knows the backend.
+            found_at_start: false,
+        })
+    }
+
+    /// Carries the start to the blocking pool; its outcome comes back as an event. The task
+    /// holds the boxed job, not the request.
+    fn spawn_start(
+        &mut self,
+        n: &str,
+        generation: u64,
+        job: Box<StartJob>,
+        fallback: Option<String>,
+    ) {
+        let (tx, name, backend) = (self.events.clone(), n.to_string(), job.backend.clone());
         self.spawn_for(n, async move {
-            let job = Box::new(StartJob {
-                backend: backend.clone(),
-                req,
-                events: rtx,
-                state_dir,
-                check,
-            });
-            let r = run_start(job).await;
-            let ev = match r {
+            let ev = match run_start(job).await {
                 Ok(handle) => Event::Started {
                     name,
                     generation,
