@@ -311,7 +311,9 @@ test("stopping a module from the page stops the real unit; the badge follows liv
     await row("mvck-stop").locator("button[data-action=stop]").click();
     await waitHealth("mvck-stop", "offline", "inactive");
     await until("the unit is stopped", () => ["inactive", "unloaded"].includes(unitState(unit)));
-    assert.equal(await row("mvck-stop").locator("button[data-action=start]").isDisabled(), false);
+    // The buttons follow StopModule's reply, the badge follows PropertiesChanged: two paths
+    // whose order on the bus is not fixed. Wait (bounded) for the reply, do not assume it came first.
+    await row("mvck-stop").locator("button[data-action=start]:enabled").waitFor({ timeout: T });
     assert.equal(await row("mvck-stop").locator("button[data-action=stop]").isDisabled(), true);
     assert.ok(await page.evaluate(() => window.__mvck.disabled["mvck-stop"]), "buttons disabled while the stop was in flight");
     await shot("03-stopped");
@@ -319,6 +321,73 @@ test("stopping a module from the page stops the real unit; the badge follows liv
     await waitHealth("mvck-stop", "online", "running");
     await until("the unit runs again", () => unitState(unit) === "active");
     await sameDocument();
+});
+
+/// A second tab whose Cockpit socket passes through here, so that a test decides the order in
+/// which the page hears things: the reply to a call of `method` is held back (every other
+/// message goes on) until `release()`. Cockpit frames are "channel\n{json}".
+async function tabHoldingReplyOf(method) {
+    const tab = await context.newPage();
+    const held = { id: null, reply: null, release: null };
+    await tab.routeWebSocket(/\/cockpit\/socket$/, ws => {
+        const server = ws.connectToServer();
+        const frame = m => {
+            const text = typeof m === "string" ? m : m.toString("utf8");
+            const nl = text.indexOf("\n");
+            try {
+                return JSON.parse(text.slice(nl + 1));
+            } catch {
+                return null;
+            }
+        };
+        ws.onMessage(m => {
+            const f = frame(m);
+            if (f && Array.isArray(f.call) && f.call[2] === method)
+                held.id = f.id;
+            server.send(m);
+        });
+        server.onMessage(m => {
+            const f = frame(m);
+            if (held.id !== null && f && f.id === held.id && ("reply" in f || "error" in f)) {
+                held.reply = m;
+                held.release = () => ws.send(m);
+                return;
+            }
+            ws.send(m);
+        });
+    });
+    return { tab, held };
+}
+
+test("the buttons follow the operation, not the badge: a StopModule answered after the badge turned keeps them disabled until it is", async () => {
+    const unit = "modvisor-mvck-stop.service";
+    assert.equal(unitState(unit), "active");
+    const { tab, held } = await tabHoldingReplyOf("StopModule");
+    try {
+        await tab.goto(ROOT_URL + PAGE_PATH, { timeout: T });
+        await tab.waitForSelector("#app[data-status=ready][data-ready=true]", { timeout: T });
+        const r = tab.locator('tr[data-module="mvck-stop"]');
+        await r.locator("button[data-action=stop]").click();
+        // The unit stops and the badge turns while the reply is held.
+        await until("the reply to StopModule arrived and is held", () => held.reply !== null);
+        await until("the unit is stopped", () => ["inactive", "unloaded"].includes(unitState(unit)));
+        await tab.waitForFunction(() => {
+            const r = document.querySelector('tr[data-module="mvck-stop"]');
+            return r.dataset.health === "offline" && r.dataset.state === "inactive";
+        }, null, { timeout: T });
+        assert.equal(await r.locator("button[data-action=start]").isDisabled(), true, "start waits for the reply");
+        assert.equal(await r.locator("button[data-action=restart]").isDisabled(), true);
+        assert.match(await r.locator(".mv-state").innerText(), /\(stop…\)/);
+        held.release();
+        await r.locator("button[data-action=start]:enabled").waitFor({ timeout: T });
+        assert.doesNotMatch(await r.locator(".mv-state").innerText(), /…/);
+        await r.locator("button[data-action=start]").click();
+        await tab.waitForFunction(() => document.querySelector('tr[data-module="mvck-stop"]').dataset.health === "online", null, { timeout: T });
+        await until("the unit runs again", () => unitState(unit) === "active");
+    } finally {
+        await tab.close();
+    }
+    await waitHealth("mvck-stop", "online", "running");
 });
 
 test("kill -9 of an engine from outside: offline, then online again, without a reload", async () => {
