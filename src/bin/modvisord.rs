@@ -1,7 +1,6 @@
 use std::process::ExitCode;
 
-use clap::Parser;
-use modvisor::cli::DaemonArgs as Args;
+use modvisor::cli::daemon_argv::{self, Request};
 
 /// The most threads doing blocking work at once.
 const BLOCKING_THREADS: usize = 8;
@@ -20,7 +19,10 @@ fn main() -> ExitCode {
     // runs (the LISTEN_* variables are removed, so engines do not inherit them).
     // SAFETY: no other thread exists yet.
     let kept = unsafe { modvisor::fdstore::take_inherited() };
-    let args = Args::parse();
+    let args = match read_args() {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
     let sink = modvisor::logging::init();
     let explicit = args.config.as_os_str() != modvisor::config::DEFAULT_CONFIG;
     let opts = modvisor::daemon::Options {
@@ -52,6 +54,27 @@ fn main() -> ExitCode {
             tracing::error!("{e}");
             eprintln!("modvisord: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// The command line; help, version and a refusal end the program with their exit code.
+fn read_args() -> Result<daemon_argv::Args, ExitCode> {
+    let env = || std::env::var_os(daemon_argv::BUS_ADDRESS_ENV);
+    match daemon_argv::parse(std::env::args_os().skip(1), env()) {
+        Ok(Request::Run(args)) => Ok(args),
+        Ok(Request::Help) => {
+            let shown = env().map(|v| v.to_string_lossy().into_owned());
+            print!("{}", daemon_argv::help(shown.as_deref()));
+            Err(ExitCode::SUCCESS)
+        }
+        Ok(Request::Version) => {
+            println!("{}", daemon_argv::version());
+            Err(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            Err(ExitCode::from(2))
         }
     }
 }

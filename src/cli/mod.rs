@@ -1,5 +1,8 @@
 //! The command lines of `modvisord` and `modvisorctl` (clap), shared with the generator of
-//! man pages and shell completions (`examples/gen-docs.rs`).
+//! man pages and shell completions (`examples/gen-docs.rs`). modvisord itself reads its three
+//! options with [`daemon_argv`], checked against [`DaemonArgs`] by its tests.
+
+pub mod daemon_argv;
 
 use std::path::PathBuf;
 
