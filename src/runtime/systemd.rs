@@ -124,6 +124,8 @@ struct Shared {
     conn: Connection,
     manager: ManagerProxy<'static>,
     calls: Calls,
+    /// Bounds the creations among the calls ([`calls::MAX_CREATING`]).
+    creating: tokio::sync::Semaphore,
     signals: UnitSignals,
     /// `MODVISOR_OWNER=STATE_DIR` in each transient unit's environment: which modvisord
     /// instance a unit belongs to (one per manager in production; many in tests).
@@ -160,6 +162,7 @@ impl SystemdBackend {
             conn,
             manager,
             calls: Calls::default(),
+            creating: tokio::sync::Semaphore::new(calls::MAX_CREATING),
             signals,
             owner: format!("MODVISOR_OWNER={}", state_dir.display()),
             state: state_dir.to_path_buf(),
@@ -466,6 +469,8 @@ impl Shared {
         unit: &str,
         props: impl Fn() -> Vec<(String, OwnedVariant)>,
     ) -> zbus::Result<Option<Sequence>> {
+        // Never closed; were it, creations would just go unbounded.
+        let _creating = self.creating.acquire().await.ok();
         self.calls
             .run("StartTransientUnit", |attempt| {
                 let aux: Vec<(String, Vec<(String, OwnedVariant)>)> = Vec::new();
