@@ -27,6 +27,7 @@ use zbus_systemd::systemd1::ManagerProxy;
 use crate::manifest::NativeExec;
 
 pub mod calls;
+mod changed_body;
 mod payload;
 pub mod sandbox;
 pub mod signals;

@@ -21,7 +21,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use zbus::message::{Message, Sequence, Type};
-use zbus::{Connection, MatchRule, MessageStream, OwnedObjectPath, OwnedVariant, Variant};
+use zbus::{Connection, MatchRule, MessageStream, OwnedObjectPath, OwnedVariant};
+
+use super::changed_body::Wanted;
 
 const SYSTEMD: &str = "org.freedesktop.systemd1";
 const UNIT_NAMESPACE: &str = "/org/freedesktop/systemd1/unit";
@@ -155,19 +157,17 @@ fn classify(msg: &Message) -> Option<Signal> {
 }
 
 /// The body of a `PropertiesChanged` (anything unreadable: read the unit anew), keeping only
-/// the properties a unit's state is made of: systemd sends dozens per change, and a burst of
-/// hundreds of starts would otherwise queue them all.
+/// the properties a unit's state is made of ([`super::changed_body`]): systemd sends dozens
+/// per change, and a burst of hundreds of starts would otherwise queue them all.
 fn props_of(msg: &Message) -> Change {
-    // Borrowed from the message: only the properties kept are copied.
-    type Body<'b> = (&'b str, HashMap<&'b str, Variant<'b>>, Vec<&'b str>);
-    let wanted = |k: &str| super::UNIT_PROPS.contains(&k) || super::SERVICE_PROPS.contains(&k);
+    type Body<'b> = (&'b str, Wanted<'b>, Vec<&'b str>);
     let body = msg.body();
-    let Ok((interface, values, invalidated)) = body.deserialize::<Body<'_>>() else {
+    let Ok((interface, wanted, invalidated)) = body.deserialize::<Body<'_>>() else {
         return Change::Reread;
     };
-    let values = values
+    let values = wanted
+        .values
         .into_iter()
-        .filter(|(k, _)| wanted(k))
         .filter_map(|(k, v)| Some((k.to_string(), OwnedVariant::try_from(v).ok()?)))
         .collect();
     Change::Props {
