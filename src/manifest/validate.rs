@@ -7,11 +7,11 @@ use toml::Spanned;
 
 use super::container::validate_container;
 use super::containment::{Containment, check_untrusted};
-use super::ctx::{Ctx, MAX_DURATION, is_absolute_clean};
+use super::ctx::{Ctx, is_absolute_clean};
 use super::health::validate_health;
 use super::native::validate_native;
 use super::raw::*;
-use super::units::{parse_duration, parse_size};
+use super::units::parse_size;
 use super::*;
 
 /// Checks a module name against `[a-z0-9][a-z0-9_-]{0,62}`.
@@ -398,17 +398,12 @@ fn validate_restart(cx: &Ctx<'_>, r: Option<&RawRestart>) -> Result<RestartSpec,
             Some(RawRestartPolicy::No) => RestartPolicy::No,
             Some(RawRestartPolicy::Always) => RestartPolicy::Always,
         },
-        delay: match r.and_then(|r| r.delay.as_ref()) {
-            None => Duration::from_secs(2),
-            Some(s) => match parse_duration(s.get_ref()) {
-                Ok(d) if d > MAX_DURATION => cx.err(
-                    s.span().start,
-                    "restart.delay: expected a duration of at most 366d",
-                )?,
-                Ok(d) => d,
-                Err(e) => cx.err(s.span().start, format!("restart.delay: {e}"))?,
-            },
-        },
+        // Not zero, as no duration is: a restart at once, in a loop, until the budget is spent.
+        delay: cx.duration(
+            &r.and_then(|r| r.delay.clone()),
+            "restart.delay",
+            Duration::from_secs(2),
+        )?,
         max_delay: Duration::ZERO,
         max: cx.count(&r.and_then(|r| r.max.clone()), "restart.max", 0, 10_000, 5)?,
         window: cx.duration(
