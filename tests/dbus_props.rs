@@ -285,16 +285,21 @@ fn module_changes<'a>(seen: &'a [Sig], name: &str) -> Vec<&'a str> {
         .collect()
 }
 
-#[tokio::test]
-async fn a_failed_pass_is_retried_and_loses_no_object_or_signal() {
+/// A manager served on a private bus with its publisher running from `first`, and a client
+/// that follows the signals.
+struct Published {
+    _bus: Bus,
+    _server: Connection,
+    client: Connection,
+    stream: MessageStream,
+    tx: watch::Sender<Arc<Snapshot>>,
+}
+
+async fn publish(first: Arc<Snapshot>) -> Published {
     let bus = Bus::start();
     let conn = bus.connect().await;
     let client = bus.connect().await;
-    let mut stream = signals(&client).await;
-    let first = snapshot(vec![
-        status("big", too_big()),
-        status("small", "small".into()),
-    ]);
+    let stream = signals(&client).await;
     let (tx, rx) = watch::channel(first);
     let handle = Handle {
         commands: mpsc::channel(1).0,
@@ -302,75 +307,23 @@ async fn a_failed_pass_is_retried_and_loses_no_object_or_signal() {
         signals: broadcast::channel(4).0,
     };
     let published = serve(&conn, handle.clone()).await.expect("serve");
-    // Pass 1: big's InterfacesAdded fails (too large); nothing else may be lost.
     let publisher = Publisher::new(conn.clone(), rx, published)
         .await
         .expect("publisher");
     conn.request_name("org.modvisor1").await.expect("own name");
     tokio::spawn(publisher.run(handle.signals.subscribe()));
-    let mut seen = Vec::new();
-    until(&mut stream, &mut seen, |s| {
-        module_changes(s, "big") == ["running"]
-            && module_changes(s, "small") == ["running"]
-            && added(s, "/org/modvisor1/module/small").is_some()
-            && manager_changed(s, "NativeBackend")
-    })
-    .await;
-    let proxy = modvisor::dbus::client::ManagerProxy::new(&client)
-        .await
-        .expect("manager");
-    let rows = proxy.list_modules().await.expect("ListModules");
-    let names: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
-    assert_eq!(names, ["big", "small"], "both objects exist");
-    assert!(added(&seen, "/org/modvisor1/module/big").is_none());
+    Published {
+        _bus: bus,
+        _server: conn,
+        client,
+        stream,
+        tx,
+    }
+}
 
-    // Pass 2: big's description fits again: its InterfacesAdded goes out, with it.
-    tx.send_replace(snapshot(vec![
-        status("big", "fits".into()),
-        status("small", "small".into()),
-    ]));
-    until(&mut stream, &mut seen, |s| {
-        added(s, "/org/modvisor1/module/big").is_some()
-    })
-    .await;
-    let big = added(&seen, "/org/modvisor1/module/big").unwrap_or_default();
-    assert_eq!(
-        big.get("Description").map(|v| v.to_string()).as_deref(),
-        Some("\"fits\"")
-    );
-
-    // Pass 3: small fails and gets a description too large: its PropertiesChanged fails,
-    // its ModuleChanged and the manager's PropertiesChanged still go out.
-    let mut failed = status("small", too_big());
-    (failed.state, failed.health, failed.main_pid) = (State::Failed, Health::Offline, 0);
-    tx.send_replace(snapshot(vec![status("big", "fits".into()), failed]));
-    until(&mut stream, &mut seen, |s| {
-        module_changes(s, "small") == ["running", "failed"] && manager_changed(s, "ModulesOffline")
-    })
-    .await;
-
-    // Pass 4: the description fits: the PropertiesChanged carries what was never announced
-    // (State, MainPID), not only what changed since pass 3.
-    let mut fits = status("small", "fits".into());
-    (fits.state, fits.health, fits.main_pid) = (State::Failed, Health::Offline, 0);
-    tx.send_replace(snapshot(vec![status("big", "fits".into()), fits]));
-    let small_changed = |s: &[Sig]| {
-        s.iter().find_map(|x| match x {
-            Sig::Changed(p, _, c) if p == "/org/modvisor1/module/small" => Some(c.clone()),
-            _ => None,
-        })
-    };
-    until(&mut stream, &mut seen, |s| small_changed(s).is_some()).await;
-    let body = small_changed(&seen).unwrap_or_default();
-    let mut keys: Vec<&str> = body.keys().map(String::as_str).collect();
-    keys.sort_unstable();
-    assert_eq!(keys, ["Description", "Health", "MainPID", "State"]);
-    assert_eq!(
-        module_changes(&seen, "small"),
-        ["running", "failed"],
-        "no ModuleChanged twice"
-    );
-    let om = zbus::fdo::ObjectManagerProxy::builder(&client)
+/// The module objects GetManagedObjects lists, sorted.
+async fn managed_modules(client: &Connection) -> Vec<String> {
+    let om = zbus::fdo::ObjectManagerProxy::builder(client)
         .destination("org.modvisor1")
         .path("/org/modvisor1")
         .build()
@@ -383,9 +336,85 @@ async fn a_failed_pass_is_retried_and_loses_no_object_or_signal() {
         .map(|(p, _)| p.to_string())
         .collect();
     modules.sort();
+    modules
+}
+
+/// The first PropertiesChanged of the object at `path`.
+fn changed_of(seen: &[Sig], path: &str) -> Option<HashMap<String, OwnedVariant>> {
+    seen.iter().find_map(|x| match x {
+        Sig::Changed(p, _, c) if p == path => Some(c.clone()),
+        _ => None,
+    })
+}
+
+/// `name`, failed and offline, with `description`.
+fn failed(name: &str, description: String) -> ModuleStatus {
+    let mut m = status(name, description);
+    (m.state, m.health, m.main_pid) = (State::Failed, Health::Offline, 0);
+    m
+}
+
+#[tokio::test]
+async fn a_failed_pass_is_retried_and_loses_no_object_or_signal() {
+    let first = snapshot(vec![
+        status("big", too_big()),
+        status("small", "small".into()),
+    ]);
+    let mut p = publish(first).await;
+    // Pass 1: big's InterfacesAdded fails (too large); nothing else may be lost.
+    let mut seen = Vec::new();
+    until(&mut p.stream, &mut seen, |s| {
+        module_changes(s, "big") == ["running"]
+            && module_changes(s, "small") == ["running"]
+            && added(s, "/org/modvisor1/module/small").is_some()
+            && manager_changed(s, "NativeBackend")
+    })
+    .await;
+    let proxy = modvisor::dbus::client::ManagerProxy::new(&p.client)
+        .await
+        .expect("manager");
+    let rows = proxy.list_modules().await.expect("ListModules");
+    let names: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(names, ["big", "small"], "both objects exist");
+    assert!(added(&seen, "/org/modvisor1/module/big").is_none());
+
+    // Pass 2: big's description fits again: its InterfacesAdded goes out, with it.
+    let fits = || status("big", "fits".into());
+    p.tx.send_replace(snapshot(vec![fits(), status("small", "small".into())]));
+    until(&mut p.stream, &mut seen, |s| {
+        added(s, "/org/modvisor1/module/big").is_some()
+    })
+    .await;
+    let big = added(&seen, "/org/modvisor1/module/big").unwrap_or_default();
     assert_eq!(
-        modules,
-        ["/org/modvisor1/module/big", "/org/modvisor1/module/small"],
-        "{objects:?}"
+        big.get("Description").map(|v| v.to_string()).as_deref(),
+        Some("\"fits\"")
+    );
+
+    // Pass 3: small fails and gets a description too large: its PropertiesChanged fails,
+    // its ModuleChanged and the manager's PropertiesChanged still go out.
+    p.tx.send_replace(snapshot(vec![fits(), failed("small", too_big())]));
+    until(&mut p.stream, &mut seen, |s| {
+        module_changes(s, "small") == ["running", "failed"] && manager_changed(s, "ModulesOffline")
+    })
+    .await;
+
+    // Pass 4: the description fits: the PropertiesChanged carries what was never announced
+    // (State, MainPID), not only what changed since pass 3.
+    p.tx.send_replace(snapshot(vec![fits(), failed("small", "fits".into())]));
+    let small = "/org/modvisor1/module/small";
+    until(&mut p.stream, &mut seen, |s| changed_of(s, small).is_some()).await;
+    let body = changed_of(&seen, small).unwrap_or_default();
+    let mut keys: Vec<&str> = body.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["Description", "Health", "MainPID", "State"]);
+    assert_eq!(
+        module_changes(&seen, "small"),
+        ["running", "failed"],
+        "no ModuleChanged twice"
+    );
+    assert_eq!(
+        managed_modules(&p.client).await,
+        ["/org/modvisor1/module/big", "/org/modvisor1/module/small"]
     );
 }
