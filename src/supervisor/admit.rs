@@ -436,11 +436,14 @@ impl Supervisor {
     }
 
     /// Every other module that holds memory or is starting with an admitted share.
+    /// Every other module that holds memory or will take some. One that holds nothing (a
+    /// module starting without a footprint, before its first sample) counts nowhere in a
+    /// decision: left out, a cold start's admissions no longer list every module each.
     fn holders(&self, n: &str) -> Vec<Holder> {
         let preempt = self.cfg.admission.preempt;
         self.slots
             .iter()
-            .filter(|(name, s)| name.as_str() != n && !s.lc.is_down())
+            .filter(|(name, s)| name.as_str() != n && !s.lc.is_down() && holds_something(s))
             .map(|(name, s)| holder(name, s, preempt))
             .collect()
     }
@@ -519,6 +522,18 @@ impl Supervisor {
                 .keep
                 .is_none()
     }
+}
+
+/// Whether any figure admission takes from `s` can be above zero: its use, its VRAM, a
+/// start's share or its footprint (a superset of what [`holder`] counts).
+fn holds_something(s: &Slot) -> bool {
+    s.usage.memory > 0
+        || s.adm.vram_now.values().any(|&b| b > 0)
+        || s.adm
+            .admitted
+            .as_ref()
+            .is_some_and(|n| n.ram > 0 || n.gpu.total() > 0)
+        || slot_need(s, s.lc.active_model().map(|p| p.as_path()), &[]).ram > 0
 }
 
 /// Connections open through the module's listen addresses right now.
