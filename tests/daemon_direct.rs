@@ -63,19 +63,7 @@ async fn modules_appear_start_and_report_state() {
     );
 
     // The ObjectManager lists both module objects.
-    let om = zbus::fdo::ObjectManagerProxy::builder(&d.conn)
-        .destination("org.modvisor1")
-        .path("/org/modvisor1")
-        .build()
-        .await
-        .expect("object manager");
-    let objs = om.get_managed_objects().await.expect("GetManagedObjects");
-    let mut paths: Vec<String> = objs
-        .iter()
-        .filter(|(_, ifaces)| ifaces.keys().any(|i| i.as_str() == "org.modvisor1.Module"))
-        .map(|(p, _)| p.to_string())
-        .collect();
-    paths.sort();
+    let paths = managed_module_paths(&d.conn).await;
     assert_eq!(
         paths,
         vec!["/org/modvisor1/module/alpha", "/org/modvisor1/module/beta"]

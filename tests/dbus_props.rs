@@ -321,24 +321,6 @@ async fn publish(first: Arc<Snapshot>) -> Published {
     }
 }
 
-/// The module objects GetManagedObjects lists, sorted.
-async fn managed_modules(client: &Connection) -> Vec<String> {
-    let om = zbus::fdo::ObjectManagerProxy::builder(client)
-        .destination("org.modvisor1")
-        .path("/org/modvisor1")
-        .build()
-        .await
-        .expect("object manager");
-    let objects = om.get_managed_objects().await.expect("GetManagedObjects");
-    let mut modules: Vec<String> = objects
-        .iter()
-        .filter(|(_, ifaces)| ifaces.keys().any(|i| i.as_str() == MODULE))
-        .map(|(p, _)| p.to_string())
-        .collect();
-    modules.sort();
-    modules
-}
-
 /// The first PropertiesChanged of the object at `path`.
 fn changed_of(seen: &[Sig], path: &str) -> Option<HashMap<String, OwnedVariant>> {
     seen.iter().find_map(|x| match x {
@@ -414,7 +396,7 @@ async fn a_failed_pass_is_retried_and_loses_no_object_or_signal() {
         "no ModuleChanged twice"
     );
     assert_eq!(
-        managed_modules(&p.client).await,
+        managed_module_paths(&p.client).await,
         ["/org/modvisor1/module/big", "/org/modvisor1/module/small"]
     );
 }

@@ -7,6 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::run_ok;
 use common::sysmgr::deb;
 
 struct Purge;
@@ -20,17 +21,7 @@ impl Drop for Purge {
 fn the_deb_installs_where_the_contract_says_and_verifies() {
     let deb = deb();
     let _p = Purge;
-    let out = Command::new("dpkg")
-        .arg("-i")
-        .arg(&deb)
-        .output()
-        .expect("dpkg");
-    assert!(
-        out.status.success(),
-        "dpkg -i: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(Command::new("dpkg").arg("-i").arg(&deb));
     assert_files_installed();
     assert!(
         Path::new("/etc/modvisor/modules.d").is_dir(),
@@ -47,14 +38,8 @@ fn the_deb_installs_where_the_contract_says_and_verifies() {
         .expect("installed config parses");
     assert_eq!(c.state, PathBuf::from("/var/lib/modvisor"));
     // The installed tools work: the examples validate, the man page renders.
-    let out = Command::new("/usr/bin/modvisorctl")
-        .args(["validate", "/usr/share/doc/modvisor/examples"])
-        .output()
-        .expect("validate");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new("/usr/bin/modvisorctl").args(["validate", "/usr/share/doc/modvisor/examples"]),
     );
     let out = Command::new("/usr/bin/modvisord")
         .arg("--version")
@@ -99,17 +84,6 @@ fn assert_units_verify() {
             .collect();
     assert!(!units.is_empty());
     for u in units {
-        let out = Command::new("systemd-analyze")
-            .arg("verify")
-            .arg(&u)
-            .output()
-            .expect("systemd-analyze");
-        assert!(
-            out.status.success(),
-            "systemd-analyze verify {}: {}{}",
-            u.display(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run_ok(Command::new("systemd-analyze").arg("verify").arg(&u));
     }
 }

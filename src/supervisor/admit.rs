@@ -435,7 +435,6 @@ impl Supervisor {
         (need, d)
     }
 
-    /// Every other module that holds memory or is starting with an admitted share.
     /// Every other module that holds memory or will take some. One that holds nothing (a
     /// module starting without a footprint, before its first sample) counts nowhere in a
     /// decision: left out, a cold start's admissions no longer list every module each.

@@ -401,8 +401,6 @@ impl Supervisor {
     }
 }
 
-/// Creates the module's state directory and starts the backend, off the actor (a start may
-/// fork, look up the port it will listen on, or talk to systemd).
 /// What a start takes to the blocking pool. Boxed: the task that carries it holds a pointer
 /// until it is done, and the task's memory (kept while the module holds its abort handle) is
 /// a few words, not the request.
@@ -414,6 +412,8 @@ struct StartJob {
     check: ModelCheck,
 }
 
+/// Creates the module's state directory and starts the backend, off the actor (a start may
+/// fork, look up the port it will listen on, or talk to systemd).
 async fn run_start(job: Box<StartJob>) -> Result<crate::runtime::RunHandle, String> {
     tokio::task::spawn_blocking(move || {
         let StartJob {

@@ -100,10 +100,10 @@ async function until(what, fn, ms = T) {
     }
 }
 
-const row = name => page.locator(`tr[data-module="${name}"]`);
+const row = (name, p = page) => p.locator(`tr[data-module="${name}"]`);
 
-async function waitHealth(name, health, state) {
-    await page.waitForFunction(([n, h, s]) => {
+async function waitHealth(name, health, state, p = page) {
+    await p.waitForFunction(([n, h, s]) => {
         const r = document.querySelector(`tr[data-module="${n}"]`);
         return r && r.dataset.health === h && (!s || r.dataset.state === s) &&
             r.querySelector(".mv-health").dataset.health === h;
@@ -138,10 +138,10 @@ async function record() {
     });
 }
 
-async function openPage(base, hash = "") {
-    await page.goto(base + PAGE_PATH + hash, { timeout: T });
-    await page.waitForSelector("#app[data-status=ready][data-ready=true]", { timeout: T });
-    await page.evaluate(() => { window.__mvckMarker = "same document" });
+async function openPage(base, hash = "", p = page) {
+    await p.goto(base + PAGE_PATH + hash, { timeout: T });
+    await p.waitForSelector("#app[data-status=ready][data-ready=true]", { timeout: T });
+    await p.evaluate(() => { window.__mvckMarker = "same document" });
 }
 
 async function sameDocument() {
@@ -328,7 +328,7 @@ test("stopping a module from the page stops the real unit; the badge follows liv
 /// message goes on) until `release()`. Cockpit frames are "channel\n{json}".
 async function tabHoldingReplyOf(method) {
     const tab = await context.newPage();
-    const held = { id: null, reply: null, release: null };
+    const held = { id: null, release: null };
     await tab.routeWebSocket(/\/cockpit\/socket$/, ws => {
         const server = ws.connectToServer();
         const frame = m => {
@@ -349,7 +349,6 @@ async function tabHoldingReplyOf(method) {
         server.onMessage(m => {
             const f = frame(m);
             if (held.id !== null && f && f.id === held.id && ("reply" in f || "error" in f)) {
-                held.reply = m;
                 held.release = () => ws.send(m);
                 return;
             }
@@ -364,17 +363,13 @@ test("the buttons follow the operation, not the badge: a StopModule answered aft
     assert.equal(unitState(unit), "active");
     const { tab, held } = await tabHoldingReplyOf("StopModule");
     try {
-        await tab.goto(ROOT_URL + PAGE_PATH, { timeout: T });
-        await tab.waitForSelector("#app[data-status=ready][data-ready=true]", { timeout: T });
-        const r = tab.locator('tr[data-module="mvck-stop"]');
+        await openPage(ROOT_URL, "", tab);
+        const r = row("mvck-stop", tab);
         await r.locator("button[data-action=stop]").click();
         // The unit stops and the badge turns while the reply is held.
-        await until("the reply to StopModule arrived and is held", () => held.reply !== null);
+        await until("the reply to StopModule arrived and is held", () => held.release !== null);
         await until("the unit is stopped", () => ["inactive", "unloaded"].includes(unitState(unit)));
-        await tab.waitForFunction(() => {
-            const r = document.querySelector('tr[data-module="mvck-stop"]');
-            return r.dataset.health === "offline" && r.dataset.state === "inactive";
-        }, null, { timeout: T });
+        await waitHealth("mvck-stop", "offline", "inactive", tab);
         assert.equal(await r.locator("button[data-action=start]").isDisabled(), true, "start waits for the reply");
         assert.equal(await r.locator("button[data-action=restart]").isDisabled(), true);
         assert.match(await r.locator(".mv-state").innerText(), /\(stop…\)/);
@@ -382,7 +377,7 @@ test("the buttons follow the operation, not the badge: a StopModule answered aft
         await r.locator("button[data-action=start]:enabled").waitFor({ timeout: T });
         assert.doesNotMatch(await r.locator(".mv-state").innerText(), /…/);
         await r.locator("button[data-action=start]").click();
-        await tab.waitForFunction(() => document.querySelector('tr[data-module="mvck-stop"]').dataset.health === "online", null, { timeout: T });
+        await waitHealth("mvck-stop", "online", undefined, tab);
         await until("the unit runs again", () => unitState(unit) === "active");
     } finally {
         await tab.close();

@@ -380,6 +380,38 @@ pub fn children_of(pid: u32) -> Vec<u32> {
         .collect()
 }
 
+/// The module objects modvisord's ObjectManager lists on `conn`, sorted.
+pub async fn managed_module_paths(conn: &Connection) -> Vec<String> {
+    let om = zbus::fdo::ObjectManagerProxy::builder(conn)
+        .destination("org.modvisor1")
+        .path("/org/modvisor1")
+        .build()
+        .await
+        .expect("object manager");
+    let objects = om.get_managed_objects().await.expect("GetManagedObjects");
+    let mut paths: Vec<String> = objects
+        .iter()
+        .filter(|(_, ifaces)| ifaces.keys().any(|i| i.as_str() == "org.modvisor1.Module"))
+        .map(|(p, _)| p.to_string())
+        .collect();
+    paths.sort();
+    paths
+}
+
+/// Runs `cmd` and asserts it succeeded, showing its output when it did not.
+pub fn run_ok(cmd: &mut Command) -> std::process::Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{:?}: {e}", cmd.get_program()));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 pub fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
         && std::fs::read_to_string(format!("/proc/{pid}/stat"))

@@ -53,10 +53,7 @@ pub fn apply(st: &mut UnitStatus, change: &Change) -> Applied {
             reread: true,
         };
     };
-    let ours = |p: &String| {
-        super::UNIT_PROPS.contains(&p.as_str()) || super::SERVICE_PROPS.contains(&p.as_str())
-    };
-    let reread = invalidated.iter().any(ours);
+    let reread = invalidated.iter().any(|p| super::changed_body::wanted(p));
     match interface.as_str() {
         UNIT_IFACE => {
             take(values, "LoadState", &mut st.load_state);
